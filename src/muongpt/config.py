@@ -1,0 +1,97 @@
+"""Structured config schemas, registered in Hydra's ConfigStore.
+
+The yaml tree under ``muongpt/conf`` is merged onto these dataclasses, so a misspelled key or a
+value of the wrong type is an error before anything runs. Groups: model (with model/gpt sizes),
+mixing_layer, optimizer, data, training, experiment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from muongpt.optim.config import OptimizerConfig
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+@dataclass
+class GPTSizeConfig:
+    n_layer: int = MISSING
+    n_head: int = MISSING
+    n_embd: int = MISSING
+
+
+@dataclass
+class ModelConfig:
+    gpt: GPTSizeConfig = field(default_factory=GPTSizeConfig)
+    vocab_size: int = 50257
+    mlp_ratio: int = 4
+    rope_base: float = 10000.0
+    logit_softcap: str = "none"  # none | tanh | sigmoid
+    softcap_value: float = 15.0
+    fp8_head: bool = False
+
+
+@dataclass
+class MixingLayerConfig:
+    name: str = MISSING
+    pattern: list[str] = field(default_factory=lambda: ["attention"])  # cycled over the layers
+    pom_degree: int = 2
+    pom_expand: int = 2
+    pom_n_sel_heads: int = 1
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    source: str = MISSING  # "text": one text file split into train/val; "shards": .bin files
+    text_path: str = ""  # empty: the tiny-Shakespeare text shipped in the package
+    val_fraction: float = 0.1  # held-out tail of the text
+    train_files: str = ""  # glob, folder or file of .bin shards
+    val_files: str = ""
+    align_to_bos: bool = False
+
+
+@dataclass
+class TrainingConfig:
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda
+    autocast_bf16: bool = True  # bf16 autocast on CUDA (CPU always runs fp32)
+    compile: bool = False
+    seq_len: int = 1024
+    batch_size: int = 8  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 8  # sequences per forward pass on one rank
+    max_steps: int = 1000
+    warmup_steps: int = 0
+    cooldown_steps: int = 0
+    final_lr_frac: float = 0.0
+    grad_clip: float = 0.0  # 0 disables clipping
+    eval_every: int = 100
+    eval_tokens: int = 65536
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: only the final checkpoint
+    keep_checkpoints: int = 2
+    resume: str = "none"  # none | auto | path to a checkpoint
+    sample_tokens: int = 64
+    sample_prompt: str = "\n"
+    sample_temperature: float = 0.8
+    sample_top_k: int = 50
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    experiment_name: str = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mixing_layer: MixingLayerConfig = field(default_factory=MixingLayerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="muongpt_schema", node=Config)

@@ -1,0 +1,95 @@
+"""Causal self-attention with rotary position embedding, QK-norm and an optional KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from muongpt import MuonGPTError
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    """RMSNorm over the last dimension, without a learned scale."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021) on the last dim of (B, T, H, head_dim) tensors."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise MuonGPTError(f"rotary embedding needs an even head dimension, got {head_dim}")
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cache: tuple[int, torch.device, Tensor, Tensor] | None = None
+
+    def cos_sin(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        # The tables are recomputed only when a longer sequence (or another device) shows up.
+        if self._cache is None or self._cache[0] < seq_len or self._cache[1] != device:
+            t = torch.arange(seq_len, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.to(device))
+            self._cache = (seq_len, device, freqs.cos(), freqs.sin())
+        return self._cache[2], self._cache[3]
+
+    def forward(self, x: Tensor, start: int = 0) -> Tensor:
+        T = x.size(1)
+        cos, sin = self.cos_sin(start + T, x.device)
+        cos = cos[start : start + T, None, :].to(x.dtype)
+        sin = sin[start : start + T, None, :].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for incremental decoding of one layer."""
+
+    def __init__(self, batch_size: int, n_head: int, head_dim: int, max_len: int, device, dtype):
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = self.pos + k.size(2)
+        if end > self.k.size(2):
+            raise MuonGPTError(f"KV cache is full: {end} positions requested, {self.k.size(2)} allocated")
+        self.k[:, :, self.pos : end] = k
+        self.v[:, :, self.pos : end] = v
+        self.pos = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, n_head: int, rope_base: float = 10000.0):
+        super().__init__()
+        if dim % n_head:
+            raise MuonGPTError(f"n_embd ({dim}) must be divisible by n_head ({n_head})")
+        self.n_head, self.head_dim = n_head, dim // n_head
+        # Separate q, k, v matrices: Muon orthogonalizes each one on its own.
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.rotary = Rotary(self.head_dim, rope_base)
+
+    def new_cache(self, batch_size: int, max_len: int, device, dtype) -> KVCache:
+        return KVCache(batch_size, self.n_head, self.head_dim, max_len, device, dtype)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        B, T, D = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k(x).view(B, T, self.n_head, self.head_dim)
+        v = self.v(x).view(B, T, self.n_head, self.head_dim)
+        start = cache.pos if cache is not None else 0
+        q, k = self.rotary(rms_norm(q), start), self.rotary(rms_norm(k), start)  # QK-norm, then RoPE
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v = cache.append(k, v)
+            # New queries sit at the end of the cache: query i may see keys 0 .. start + i.
+            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))

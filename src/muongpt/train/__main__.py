@@ -1,0 +1,55 @@
+"""`muongpt-train` / `python -m muongpt.train`: the Hydra application that trains a GPT."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from muongpt import MuonGPTError
+from muongpt.config import CONF_DIR, register_configs
+
+register_configs()
+
+
+def run(cfg: DictConfig) -> dict:
+    from muongpt.train.trainer import Trainer
+
+    run_dir = HydraConfig.get().runtime.output_dir
+    trainer = Trainer(cfg, run_dir)
+    try:
+        if trainer.ctx.is_main:
+            (trainer.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            print(f"run directory: {run_dir}")
+        summary = trainer.run()
+        if trainer.ctx.is_main:
+            sample = trainer.sample()
+            print("\n--- sample ---\n" + sample.strip() + "\n--------------")
+            print(
+                f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in "
+                f"{summary['train_seconds']:.1f} s of training\n"
+                f"final val loss {summary['final_val_loss']:.4f} nats/token; "
+                f"unigram entropy of the training tokens {summary['unigram_entropy']:.4f} nats/token"
+            )
+        return summary
+    finally:
+        trainer.close()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except MuonGPTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

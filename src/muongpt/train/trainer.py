@@ -1,0 +1,319 @@
+"""The training loop: config -> model + optimizer + loader -> steps -> metrics and checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from muongpt import MuonGPTError
+from muongpt.data.loader import TokenLoader
+from muongpt.data.shards import open_shard, resolve_shards
+from muongpt.data.tokenizer import EOT_TOKEN, decode, encode
+from muongpt.model.gpt import GPT, GPTConfig
+from muongpt.optim import build_optimizer
+from muongpt.optim.schedule import lr_multiplier
+from muongpt.train import checkpoint as ckpt
+from muongpt.train.distributed import DistContext, all_reduce_mean, init_distributed, shutdown
+
+
+def build_model_config(cfg: DictConfig) -> GPTConfig:
+    m, mix = cfg.model, cfg.mixing_layer
+    return GPTConfig(
+        vocab_size=m.vocab_size,
+        n_layer=m.gpt.n_layer,
+        n_head=m.gpt.n_head,
+        n_embd=m.gpt.n_embd,
+        mlp_ratio=m.mlp_ratio,
+        rope_base=m.rope_base,
+        logit_softcap=m.logit_softcap,
+        softcap_value=m.softcap_value,
+        fp8_head=m.fp8_head,
+        mixer_pattern=list(mix.pattern),
+        pom_degree=mix.pom_degree,
+        pom_expand=mix.pom_expand,
+        pom_n_sel_heads=mix.pom_n_sel_heads,
+    )
+
+
+def load_text_tokens(data: DictConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize one text file (default: the shipped tiny Shakespeare); the tail is validation."""
+    from muongpt.assets import TINY_SHAKESPEARE
+
+    path = Path(data.text_path) if data.text_path else TINY_SHAKESPEARE
+    if not path.is_file():
+        raise MuonGPTError(f"data.text_path: file not found: {path}")
+    if not 0.0 < data.val_fraction < 1.0:
+        raise MuonGPTError(f"data.val_fraction must be in (0, 1), got {data.val_fraction}")
+    tokens = np.array([EOT_TOKEN] + encode(path.read_text(encoding="utf-8")), dtype=np.uint16)
+    split = int(len(tokens) * (1.0 - data.val_fraction))
+    return tokens[:split], tokens[split:]
+
+
+def unigram_entropy(tokens: np.ndarray) -> float:
+    """Entropy (nats) of the token frequency distribution: the loss of the best context-free model."""
+    counts = np.bincount(np.asarray(tokens, dtype=np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def check_batch_config(t: DictConfig, world_size: int) -> int:
+    """Return the number of gradient-accumulation micro-steps, or explain why the batch is impossible."""
+    for name in ("seq_len", "batch_size", "micro_batch_size", "max_steps"):
+        if t[name] < 1:
+            raise MuonGPTError(f"training.{name} must be >= 1, got {t[name]}")
+    per_step = t.micro_batch_size * world_size
+    if t.batch_size % per_step:
+        raise MuonGPTError(
+            f"training.batch_size ({t.batch_size}) must be a multiple of micro_batch_size x world size "
+            f"({t.micro_batch_size} x {world_size} = {per_step})"
+        )
+    if t.warmup_steps + t.cooldown_steps > t.max_steps:
+        raise MuonGPTError(
+            f"warmup_steps + cooldown_steps ({t.warmup_steps} + {t.cooldown_steps}) exceed max_steps "
+            f"({t.max_steps})"
+        )
+    return t.batch_size // per_step
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, run_dir: str | Path):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        t = cfg.training
+        self.ctx: DistContext = init_distributed(t.device)
+        self.device = self.ctx.device
+        self.grad_accum = check_batch_config(t, self.ctx.world_size)
+        self.tokens_per_step = t.batch_size * t.seq_len
+
+        torch.manual_seed(t.seed)
+        np.random.seed(t.seed)
+        if self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+        self.model_config = build_model_config(cfg)
+        self.model = GPT(self.model_config).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.use_bf16 = t.autocast_bf16 and self.device.type == "cuda"
+
+        self.train_loader, self.val_sources, self.entropy = self._build_data()
+        self.step, self.tokens_seen, self.train_seconds = 0, 0, 0.0
+        self.metrics_file = self.run_dir / "metrics.jsonl"
+
+    # ---------------------------------------------------------------- setup
+    def _build_data(self):
+        data, t = self.cfg.data, self.cfg.training
+        if data.source == "text":
+            train_tokens, val_tokens = load_text_tokens(data)
+            train_sources, val_sources = [train_tokens], [val_tokens]
+            entropy = unigram_entropy(train_tokens)
+        elif data.source == "shards":
+            if not data.train_files or not data.val_files:
+                raise MuonGPTError("data.train_files and data.val_files must be set for shard data")
+            train_sources = resolve_shards(data.train_files)
+            val_sources = resolve_shards(data.val_files)
+            entropy = unigram_entropy(open_shard(train_sources[0]))  # first shard: a fair estimate
+        else:
+            raise MuonGPTError(f"data.source must be 'text' or 'shards', got {data.source!r}")
+        loader = TokenLoader(
+            train_sources,
+            t.micro_batch_size,
+            t.seq_len,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            device=self.device,
+            align_to_bos=data.align_to_bos,
+            vocab_size=self.model_config.vocab_size,
+        )
+        return loader, val_sources, entropy
+
+    def autocast(self):
+        if self.use_bf16:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def log(self, message: str) -> None:
+        if self.ctx.is_main:
+            tqdm.write(message)
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over the first eval_tokens of the validation data (fp32 sum)."""
+        t = self.cfg.training
+        loader = TokenLoader(
+            self.val_sources,
+            t.micro_batch_size,
+            t.seq_len,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            device=self.device,
+            epochs=1,
+            prefetch=False,
+        )
+        n_batches = max(1, t.eval_tokens // loader.tokens_per_batch)
+        self.model.eval()
+        total = torch.zeros((), device=self.device, dtype=torch.float32)
+        count = 0
+        for inputs, targets in loader:
+            with self.autocast():
+                total += self.forward(inputs, targets).float()
+            count += 1
+            if count == n_batches:
+                break
+        self.model.train()
+        if count == 0:
+            raise MuonGPTError("the validation data is shorter than one batch; lower seq_len or batch")
+        return float(all_reduce_mean(total / count, self.ctx))
+
+    # ---------------------------------------------------------------- training
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over grad_accum micro-batches; returns the mean loss (on device)."""
+        t = self.cfg.training
+        self.optimizer.update_schedule(
+            self.step,
+            lr_multiplier(self.step, t.max_steps, t.warmup_steps, t.cooldown_steps, t.final_lr_frac),
+        )
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(self.grad_accum):
+            inputs, targets = next(self.train_loader)
+            with self.autocast():
+                loss = self.forward(inputs, targets)
+            (loss / self.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        return loss_sum / self.grad_accum
+
+    def write_metrics(self, record: dict) -> None:
+        if self.ctx.is_main:
+            with open(self.metrics_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.optimizers[0].param_groups[0]["lr"])
+
+    def run(self) -> dict:
+        t = self.cfg.training
+        self.log(
+            f"model: {self.model.num_params():,} parameters "
+            f"({self.model.num_params(non_embedding=True):,} without the embedding); "
+            f"{self.model_config.n_layer} layers, {self.model_config.n_embd} wide, "
+            f"{self.model_config.n_head} heads, mixers {list(self.model_config.mixer_pattern)}"
+        )
+        self.log(self.optimizer.summary())
+        self.log(
+            f"batch: {self.tokens_per_step:,} tokens/step = {t.batch_size} x {t.seq_len} "
+            f"({self.grad_accum} micro-steps x {self.ctx.world_size} ranks); device {self.device}"
+        )
+        bar = tqdm(
+            total=t.max_steps,
+            initial=self.step,
+            disable=not (t.progress_bar and self.ctx.is_main),
+            unit="step",
+            dynamic_ncols=True,
+        )
+        val_loss = float("nan")
+        window_start, window_tokens = time.perf_counter(), 0
+        while self.step < t.max_steps:
+            step_start = time.perf_counter()
+            loss = self.train_step()
+            if self.device.type == "cuda" and (self.step % t.log_every == 0):
+                torch.cuda.synchronize()
+            self.train_seconds += time.perf_counter() - step_start
+            window_tokens += self.tokens_per_step
+            record = None
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                train_loss = float(all_reduce_mean(loss, self.ctx))
+                if not math.isfinite(train_loss):
+                    raise MuonGPTError(f"non-finite training loss ({train_loss}) at step {self.step}")
+                tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                window_start, window_tokens = time.perf_counter(), 0
+                record = self._record(train_loss, tok_s)
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                val_loss = self.evaluate()
+                record = record or self._record(None, None)
+                record["val_loss"] = val_loss
+                self.log(f"step {self.step}: val loss {val_loss:.4f}")
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+            if record is not None:
+                self.write_metrics(record)
+            bar.update(1)
+        bar.close()
+        final = self.save_final()
+        summary = {
+            "steps": self.step,
+            "tokens": self.tokens_seen,
+            "train_seconds": round(self.train_seconds, 2),
+            "final_val_loss": val_loss,
+            "unigram_entropy": self.entropy,
+            "checkpoint": str(final) if final else None,
+        }
+        return summary
+
+    def _record(self, train_loss: float | None, tok_s: float | None) -> dict:
+        record = {
+            "step": self.step,
+            "tokens": self.tokens_seen,
+            "lr": self.current_lr(),
+            "elapsed_s": round(self.train_seconds, 3),
+        }
+        if train_loss is not None:
+            record["train_loss"] = train_loss
+            record["tokens_per_s"] = round(tok_s, 1)
+        if self.device.type == "cuda":
+            record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        return record
+
+    # ---------------------------------------------------------------- checkpoints & samples
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loader": self.train_loader.state_dict(),
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+    def save_final(self) -> Path | None:
+        if not self.ctx.is_main:
+            return None
+        path = ckpt.save_checkpoint(ckpt.checkpoint_path(self.run_dir, self.step), self.state_dict())
+        ckpt.prune_checkpoints(self.run_dir, self.cfg.training.keep_checkpoints)
+        self.log(f"checkpoint: {path}")
+        return path
+
+    def sample(self) -> str:
+        from muongpt.generate import generate_tokens
+
+        t = self.cfg.training
+        prompt = [EOT_TOKEN] + encode(t.sample_prompt)
+        self.model.eval()
+        new = list(
+            generate_tokens(
+                self.model,
+                prompt,
+                t.sample_tokens,
+                temperature=t.sample_temperature,
+                top_k=t.sample_top_k,
+                seed=t.seed,
+            )
+        )
+        self.model.train()
+        return t.sample_prompt + decode(new)
+
+    def close(self) -> None:
+        shutdown(self.ctx)

@@ -1,0 +1,139 @@
+"""The GPT model: shapes, sizes, causality, soft-caps, caches and bad configs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from muongpt import MuonGPTError
+from muongpt.generate import generate_tokens
+from muongpt.model.attention import Rotary
+from muongpt.model.gpt import GPT, GPTConfig
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=300, n_layer=2, n_head=2, n_embd=32)
+    cfg.update(kw)
+    model = GPT(GPTConfig(**cfg))
+    # Output projections start at zero; give them weights so every path carries signal.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(std=0.05)
+    return model
+
+
+@pytest.mark.parametrize(
+    "size,shape,expected_millions",
+    [
+        # Non-embedding transformer parameters: 12 * n_layer * n_embd^2 (GPT-2's count, no biases).
+        ("d12", (12, 12, 768), 12 * 12 * 768**2 / 1e6),
+        ("d24", (24, 16, 1024), 12 * 24 * 1024**2 / 1e6),
+        ("d36", (36, 20, 1280), 12 * 36 * 1280**2 / 1e6),
+        ("d48", (48, 25, 1600), 12 * 48 * 1600**2 / 1e6),
+    ],
+)
+def test_gpt2_sizes(size, shape, expected_millions):
+    n_layer, n_head, n_embd = shape
+    with torch.device("meta"):
+        model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd))
+    blocks = sum(p.numel() for p in model.blocks.parameters())
+    assert blocks == pytest.approx(expected_millions * 1e6)
+    assert model.embed.weight.shape == (50304, n_embd)  # 50257 padded to a multiple of 128
+    assert model.lm_head.weight.shape == (50304, n_embd)
+
+
+def test_untied_head_and_zero_init():
+    model = GPT(GPTConfig(vocab_size=300, n_layer=2, n_head=2, n_embd=32))
+    assert model.lm_head.weight is not model.embed.weight
+    for block in model.blocks:
+        assert block.mixer.proj.weight.abs().sum() == 0
+        assert block.mlp.proj.weight.abs().sum() == 0
+    # With zero output projections and a zero head, every logit is 0: loss = ln(padded vocab).
+    idx = torch.randint(0, 300, (2, 8))
+    assert model(idx, idx).item() == pytest.approx(math.log(384), rel=1e-6)
+
+
+def test_logits_fp32_and_unpadded():
+    model = tiny()
+    logits = model(torch.randint(0, 300, (2, 8)))
+    assert logits.dtype == torch.float32 and logits.shape == (2, 8, 300)
+
+
+def test_causality_of_whole_model():
+    model = tiny(n_layer=3)
+    idx = torch.randint(0, 300, (1, 16))
+    changed = idx.clone()
+    changed[0, 9:] = (changed[0, 9:] + 7) % 300
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :9], b[:, :9], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_loss_matches_reference_cross_entropy():
+    model = tiny()
+    idx = torch.randint(0, 300, (2, 8))
+    logits = model.softcap(model.lm_head(F.rms_norm(_hidden(model, idx), (32,))).float())
+    ref = F.cross_entropy(logits.view(-1, logits.size(-1)), idx.view(-1))
+    torch.testing.assert_close(model(idx, idx), ref)
+
+
+def _hidden(model, idx):
+    x = model.embed(idx)
+    for block in model.blocks:
+        x = block(x)
+    return x
+
+
+@pytest.mark.parametrize("mode", ["tanh", "sigmoid"])
+def test_softcap_formulas(mode):
+    model = tiny(logit_softcap=mode, softcap_value=15.0)
+    x = torch.linspace(-100, 100, 101)
+    expected = 15 * torch.tanh(x / 15) if mode == "tanh" else 30 * torch.sigmoid(x / 7.5)
+    torch.testing.assert_close(model.softcap(x), expected)
+    logits = model(torch.randint(0, 300, (1, 4)))
+    assert logits.max() <= (15 if mode == "tanh" else 30)
+
+
+def test_rotary_is_a_rotation_with_relative_positions():
+    rot = Rotary(8)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    # Norm preserved, and <R_m q, R_n k> depends only on m - n.
+    qm = rot(q.expand(1, 10, 1, 8).contiguous())
+    kn = rot(k.expand(1, 10, 1, 8).contiguous())
+    torch.testing.assert_close(qm.norm(dim=-1), q.norm(dim=-1).expand(1, 10, 1))
+    dots = (qm[0, :, 0] @ kn[0, :, 0].T)
+    torch.testing.assert_close(dots[5, 3], dots[7, 5], rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_equals_full_forward():
+    model = tiny(n_layer=3).eval()
+    idx = torch.randint(0, 300, (2, 12))
+    full = model(idx)
+    caches = model.new_caches(2, 12)
+    parts = [model(idx[:, :5], caches=caches)]
+    parts += [model(idx[:, t : t + 1], caches=caches) for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_generation_with_and_without_cache_agree():
+    model = tiny().eval()
+    a = list(generate_tokens(model, [1, 2, 3], 10, temperature=0.9, top_k=20, seed=3))
+    b = list(generate_tokens(model, [1, 2, 3], 10, temperature=0.9, top_k=20, seed=3, use_cache=False))
+    assert a == b and len(a) == 10 and all(0 <= t < 300 for t in a)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(n_embd=30, n_head=4), "divisible by n_head"),
+        (dict(logit_softcap="cube"), "logit_softcap"),
+        (dict(mixer_pattern=["conv"]), "mixer_pattern"),
+        (dict(n_layer=0), "n_layer"),
+    ],
+)
+def test_bad_configs(bad, match):
+    with pytest.raises(MuonGPTError, match=match):
+        GPTConfig(**{**dict(vocab_size=300, n_layer=2, n_head=2, n_embd=32), **bad})
