@@ -104,7 +104,7 @@ def test_rotary_is_a_rotation_with_relative_positions():
     qm = rot(q.expand(1, 10, 1, 8).contiguous())
     kn = rot(k.expand(1, 10, 1, 8).contiguous())
     torch.testing.assert_close(qm.norm(dim=-1), q.norm(dim=-1).expand(1, 10, 1))
-    dots = (qm[0, :, 0] @ kn[0, :, 0].T)
+    dots = qm[0, :, 0] @ kn[0, :, 0].T
     torch.testing.assert_close(dots[5, 3], dots[7, 5], rtol=1e-5, atol=1e-5)
 
 
@@ -121,7 +121,9 @@ def test_kv_cache_equals_full_forward():
 def test_generation_with_and_without_cache_agree():
     model = tiny().eval()
     a = list(generate_tokens(model, [1, 2, 3], 10, temperature=0.9, top_k=20, seed=3))
-    b = list(generate_tokens(model, [1, 2, 3], 10, temperature=0.9, top_k=20, seed=3, use_cache=False))
+    b = list(
+        generate_tokens(model, [1, 2, 3], 10, temperature=0.9, top_k=20, seed=3, use_cache=False)
+    )
     assert a == b and len(a) == 10 and all(0 <= t < 300 for t in a)
 
 

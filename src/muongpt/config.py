@@ -34,6 +34,10 @@ class ModelConfig:
     logit_softcap: str = "none"  # none | tanh | sigmoid
     softcap_value: float = 15.0
     fp8_head: bool = False
+    fp8_scales: list[float] = field(default_factory=lambda: [2.0, 32.0, 2.0**29])  # x, W, grad
+    value_embeds: int = 0  # value-embedding tables, for the first and last n attention layers
+    unet_skips: bool = False  # first-half block outputs added to second-half block inputs
+    x0_mix: bool = False  # each block mixes in the embedding output: a x + b x0
 
 
 @dataclass
@@ -81,6 +85,9 @@ class TrainingConfig:
     sample_temperature: float = 0.8
     sample_top_k: int = 50
     progress_bar: bool = True
+    # Steps run (and then undone: weights, optimizer state, data position restored) before the
+    # timed run, so compilation and autotuning stay out of train_seconds. 0: none.
+    compile_warmup_steps: int = 0
 
 
 @dataclass

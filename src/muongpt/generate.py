@@ -1,14 +1,71 @@
-"""Autoregressive sampling with per-layer caches (KV for attention, running state for PoM)."""
+"""Inference: load a trained model, sample from it with per-layer caches, stream the text.
+
+Decoding keeps one cache per layer (``model.new_caches``): the keys and values of the tokens so
+far for attention, the constant-size running state for PoM. The prompt goes through the model
+once; each new token then costs one single-position forward pass.
+"""
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from muongpt import MuonGPTError
 from muongpt.model.gpt import GPT
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else must be a device torch knows."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MuonGPTError(f"--device: unknown device {name!r} (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MuonGPTError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
+    """Rebuild the GPT of a training checkpoint in eval mode; returns (model, checkpoint dict)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from muongpt.train.checkpoint import CheckpointError, load_checkpoint
+    from muongpt.train.trainer import build_model_config
+
+    try:
+        state = load_checkpoint(path)
+    except MuonGPTError:
+        raise
+    except Exception as e:  # garbage bytes can trip the unpickler in many ways
+        raise CheckpointError(
+            f"{path}: not a muongpt checkpoint (unreadable: {type(e).__name__})"
+        ) from None
+    if not isinstance(state["config"], dict) or not isinstance(state["model"], dict):
+        raise CheckpointError(f"{path}: not a muongpt checkpoint (config or weights malformed)")
+    try:
+        config = build_model_config(OmegaConf.create(state["config"]))
+    except (OmegaConfBaseException, TypeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: not a muongpt checkpoint (bad model config: {first})"
+        ) from None
+    model = GPT(config)
+    # A state dict saved from a torch.compile'd module carries an "_orig_mod." prefix.
+    weights = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match the model config "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    return model.to(device).eval(), state
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -18,11 +75,22 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # tokens entirely past the nucleus
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # tokens entirely past the nucleus
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
+
+
+def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    if max_new_tokens < 0:
+        raise MuonGPTError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise MuonGPTError(f"temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise MuonGPTError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise MuonGPTError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
 
 
 @torch.no_grad()
@@ -36,14 +104,22 @@ def generate_tokens(
     seed: int | None = None,
     use_cache: bool = True,
 ) -> Iterator[int]:
-    """Yield new token ids one at a time. temperature 0 means greedy decoding."""
+    """Yield new token ids one at a time. temperature 0 means greedy decoding.
+
+    The same seed gives the same tokens; ``seed=None`` draws a fresh one. ``use_cache=False``
+    re-reads the whole sequence at every step (the reference the cached path must equal).
+    """
     if not prompt:
         raise MuonGPTError("empty prompt: give at least one token (e.g. the end-of-text token)")
-    if temperature < 0:
-        raise MuonGPTError(f"temperature must be >= 0, got {temperature}")
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    vocab = model.config.vocab_size
+    if any(not 0 <= t < vocab for t in prompt):
+        raise MuonGPTError(f"prompt token ids must lie in [0, {vocab})")
     device = model.embed.weight.device
     generator = torch.Generator(device=device)
-    if seed is not None:
+    if seed is None:
+        generator.seed()
+    else:
         generator.manual_seed(seed)
     tokens = torch.tensor([prompt], dtype=torch.long, device=device)
     caches = model.new_caches(1, len(prompt) + max_new_tokens) if use_cache else None
@@ -58,3 +134,24 @@ def generate_tokens(
         tokens = torch.cat([tokens, next_token], dim=1)
         inputs = next_token if use_cache else tokens
         yield int(next_token)
+
+
+class TextStreamer:
+    """Turns token ids into text as they come, holding back a UTF-8 character split across tokens.
+
+    GPT-2 tokens are byte sequences: one emoji may span two tokens, and neither half is text on
+    its own. ``push`` returns only complete characters; ``finish`` flushes the rest (an
+    incomplete tail becomes U+FFFD).
+    """
+
+    def __init__(self):
+        from muongpt.data.tokenizer import get_tokenizer
+
+        self.token_bytes = get_tokenizer().decode_single_token_bytes
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self.decoder.decode(self.token_bytes(token))
+
+    def finish(self) -> str:
+        return self.decoder.decode(b"", final=True)

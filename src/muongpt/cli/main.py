@@ -6,7 +6,10 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("muongpt.train.__main__", "train a model (Hydra overrides follow; same as muongpt-train)"),
+    "train": (
+        "muongpt.train.__main__",
+        "train a model (Hydra overrides follow; same as muongpt-train)",
+    ),
     "data": ("muongpt.cli.data", "download FineWeb, tokenize a corpus into shards, inspect shards"),
     "sample": ("muongpt.cli.sample", "generate text from a checkpoint"),
     "eval": ("muongpt.cli.evaluate", "validation loss and bits per byte of a checkpoint"),

@@ -146,8 +146,15 @@ def iter_documents(
                 yield f.read()
     except UnicodeDecodeError as e:
         raise CorpusError(f"{path}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
-    except (OSError, EOFError, lzma.LZMAError) as e:
+    except _read_errors() as e:
         raise CorpusError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean 'this file cannot be read' (I/O, truncated or corrupt compression)."""
+    import zstandard
+
+    return (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError)
 
 
 def _jsonl_documents(f, path: Path, text_field: str) -> Iterator[str]:
@@ -159,7 +166,8 @@ def _jsonl_documents(f, path: Path, text_field: str) -> Iterator[str]:
         except json.JSONDecodeError as e:
             raise CorpusError(f"{path}:{line_no}: unreadable JSON ({e.msg})") from None
         if not isinstance(record, dict):
-            raise CorpusError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+            kind = type(record).__name__
+            raise CorpusError(f"{path}:{line_no}: expected a JSON object, got a JSON {kind}")
         text = record.get(text_field)
         if not isinstance(text, str):
             problem = "no" if text_field not in record else f"a non-string ({type(text).__name__})"
@@ -195,7 +203,8 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
     for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
         for text in batch.column(0).to_pylist():
             if not isinstance(text, str):
-                raise CorpusError(f"{path}: row {row} of column '{text_field}' is not text: {text!r}")
+                what = f"row {row} of column '{text_field}'"
+                raise CorpusError(f"{path}: {what} is not text but {type(text).__name__}")
             row += 1
             yield text
 
@@ -204,15 +213,22 @@ def _doc_batches(files: list[Path], text_field: str, split_blank_lines: bool):
     """Group documents into batches for the workers (bounded by documents and characters)."""
     batch: list[str] = []
     chars = 0
-    for path in files:
-        for doc in iter_documents(path, text_field=text_field, split_blank_lines=split_blank_lines):
-            if not doc:
-                continue
-            batch.append(doc)
-            chars += len(doc)
-            if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCS:
-                yield batch
-                batch, chars = [], 0
+    try:
+        for path in files:
+            for doc in iter_documents(
+                path, text_field=text_field, split_blank_lines=split_blank_lines
+            ):
+                if not doc:
+                    continue
+                batch.append(doc)
+                chars += len(doc)
+                if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCS:
+                    yield batch
+                    batch, chars = [], 0
+    except CorpusError:
+        if batch:  # the documents before the bad input still count (see _ordered_results)
+            yield batch
+        raise
     if batch:
         yield batch
 
@@ -225,7 +241,6 @@ def encode_documents(docs: list[str]) -> tuple[list[np.ndarray], int]:
     enc = get_tokenizer()
     out = []
     for doc in docs:
-        tokens = np.empty(0, dtype=np.uint16)
         ids = enc.encode_ordinary(doc)
         tokens = np.empty(len(ids) + 1, dtype=np.uint16)
         tokens[0] = EOT_TOKEN
@@ -242,32 +257,41 @@ def _ordered_results(batches, processes: int):
     """
     if processes <= 1:
         for batch in batches:
-            yield len(batch), encode_documents(batch)
+            yield encode_documents(batch)
         return
+    get_tokenizer()  # load the BPE once here: forked workers inherit it
     with multiprocessing.get_context().Pool(processes) as pool:
         pending: collections.deque = collections.deque()
-        for batch in batches:
-            pending.append((len(batch), pool.apply_async(encode_documents, (batch,))))
-            if len(pending) >= 4 * processes:
-                n, result = pending.popleft()
-                yield n, result.get()
+        try:
+            for batch in batches:
+                pending.append(pool.apply_async(encode_documents, (batch,)))
+                if len(pending) >= 4 * processes:
+                    yield pending.popleft().get()
+        except CorpusError:  # bad input: what was read before it is still written
+            while pending:
+                yield pending.popleft().get()
+            raise
         while pending:
-            n, result = pending.popleft()
-            yield n, result.get()
+            yield pending.popleft().get()
 
 
 class _ShardWriter:
     """Accumulates the token stream of one split and writes full shards as they fill."""
 
     def __init__(self, split: str, out_dir: Path, shard_size: int, counter: list[int]):
-        self.split, self.out_dir, self.shard_size, self.counter = split, out_dir, shard_size, counter
+        self.split, self.out_dir, self.shard_size = split, out_dir, shard_size
+        self.counter = counter
         self.parts: list[np.ndarray] = []
-        self.size = 0
+        self.size = 0  # tokens buffered, not yet written
+        self.total = 0  # tokens ever added
         self.written: list[Path] = []
 
     def add(self, tokens: np.ndarray) -> None:
+        if not len(tokens):
+            return
         self.parts.append(tokens)
         self.size += len(tokens)
+        self.total += len(tokens)
         while self.size >= self.shard_size:
             self._write(self.shard_size)
 
@@ -295,8 +319,13 @@ def tokenize_corpus(
     split_blank_lines: bool = False,
     processes: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> TokenizeSummary:
-    """Tokenize the inputs into shards in ``out_dir``; see the module doc."""
+    """Tokenize the inputs into shards in ``out_dir``; see the module doc.
+
+    Shards already in ``out_dir`` (val_*.bin, train_*.bin) would mix with the new ones, so they
+    are an error unless ``overwrite`` (which deletes them first).
+    """
     if shard_size < 1:
         raise CorpusError(f"shard_size must be >= 1 token, got {shard_size}")
     if val_fraction is not None and not 0 < val_fraction <= 0.5:
@@ -304,12 +333,20 @@ def tokenize_corpus(
     files = corpus_files(inputs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    old = sorted([*out_dir.glob("val_*.bin"), *out_dir.glob("train_*.bin")])
+    if old and not overwrite:
+        raise CorpusError(
+            f"{out_dir} already holds {len(old)} shards ({old[0].name}, ...): "
+            "choose another folder or overwrite them"
+        )
+    for path in old:
+        path.unlink()
     processes = processes or min(os.cpu_count() or 1, 8)
     val_every = None if val_fraction is None else max(1, round(1 / val_fraction))
 
     from tqdm import tqdm
 
-    counter = [0]  # shared shard index across both splits, in writing order
+    counter = [0]  # one shard index across both splits, in writing order
     val = _ShardWriter("val", out_dir, shard_size, counter)
     train = _ShardWriter("train", out_dir, shard_size, counter)
     docs = tokens = text_bytes = 0
@@ -317,33 +354,31 @@ def tokenize_corpus(
     bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=not progress)
     try:
         batches = _doc_batches(files, text_field, split_blank_lines)
-        for _, (encoded, nbytes) in _ordered_results(batches, processes):
+        for encoded, nbytes in _ordered_results(batches, processes):
+            batch_tokens = 0
             for doc in encoded:
                 if val_every is not None:
-                    to_val = docs % val_every == 0
-                else:  # the first shard_size tokens are the validation split
-                    to_val = val.size + len(val.written) * shard_size < shard_size
-                    if to_val and val.size + len(doc) > shard_size:  # split this document
-                        cut = shard_size - val.size
-                        val.add(doc[:cut])
-                        train.add(doc[cut:])
-                        doc, to_val = doc[:0], True
-                (val if to_val else train).add(doc)
+                    (val if docs % val_every == 0 else train).add(doc)
+                else:  # the first shard_size tokens of the stream are the validation split
+                    room = shard_size - val.total
+                    if room > 0:
+                        val.add(doc[:room])
+                    if len(doc) > room:
+                        train.add(doc[max(room, 0) :])
                 docs += 1
-                tokens += len(doc) if len(doc) else 0
-            tokens_before = bar.n
+                batch_tokens += len(doc)
+            tokens += batch_tokens
             text_bytes += nbytes
-            bar.update(_total(val, train, tokens_before))
+            bar.update(batch_tokens)
             bar.set_postfix(docs=docs, shards=counter[0], refresh=False)
         val.flush()
         train.flush()
     finally:
         bar.close()
-    total_tokens = sum(_shard_len(p) for p in val.written + train.written)
     return TokenizeSummary(
         documents=docs,
-        tokens=total_tokens,
+        tokens=tokens,
         text_bytes=text_bytes,
-        shards=sorted(val.written + train.written),
+        shards=sorted(val.written + train.written, key=lambda p: p.name.split("_")[-1]),
         seconds=time.perf_counter() - start,
     )

@@ -205,13 +205,13 @@ class _BatchMaker:
         if self.exhausted(cur):
             return None
         rows = self._row_starts(cur.position)
-        if rows is None:  # end of a pass: the partial tail is dropped, restart at token 0
+        if rows is None and cur.position > 0:  # end of a pass: drop the tail, restart at 0
             cur = _Cursor(cur.epoch + 1, 0, cur.tokens_consumed)
             if self.exhausted(cur):
                 return None
             rows = self._row_starts(0)
-            if rows is None:
-                raise LoaderError(f"{self.stream.describe()}: no room for one BOS-aligned batch")
+        if rows is None:  # not one batch in a whole pass (only possible with align_to_bos)
+            raise LoaderError(f"{self.stream.describe()}: no room for one BOS-aligned batch")
         starts, next_position = rows
         mine = starts[self.rank * self.B : (self.rank + 1) * self.B]
         batch = torch.empty((2, self.B, self.T), dtype=torch.int64, pin_memory=self.pin)
@@ -235,6 +235,7 @@ class _Prefetcher:
     def __init__(self, maker: _BatchMaker, cursor: _Cursor, depth: int = 2):
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
+        self.final = None  # the end marker or the error, once the thread has sent it
         self.thread = threading.Thread(
             target=_prefetch_loop, args=(maker, cursor, self.queue, self.stop), daemon=True,
             name="muongpt-loader-prefetch",
@@ -242,7 +243,9 @@ class _Prefetcher:
         self.thread.start()
 
     def get(self):
-        item = self.queue.get()
+        item = self.final if self.final is not None else self.queue.get()
+        if item is self._END or isinstance(item, BaseException):
+            self.final = item  # the thread has finished: answer the same from now on
         if isinstance(item, BaseException):
             raise item
         return None if item is self._END else item
@@ -336,7 +339,9 @@ class TokenLoader:
         if self.prefetch:
             if self._prefetcher is None:
                 self._prefetcher = _Prefetcher(self._maker, self._cursor)
-                weakref.finalize(self, self._prefetcher.stop.set)  # a dropped loader stops it
+                # A dropped loader (or interpreter exit) stops and joins the thread: a daemon
+                # thread still inside torch while Python shuts down can abort the process.
+                self._finalizer = weakref.finalize(self, self._prefetcher.close)
             made = self._prefetcher.get()
         else:
             made = self._maker.make(self._cursor)
@@ -350,7 +355,7 @@ class TokenLoader:
     def close(self) -> None:
         """Stop the prefetch thread (a new one starts on the next ``next()``)."""
         if self._prefetcher is not None:
-            self._prefetcher.close()
+            self._finalizer()  # runs _prefetcher.close once
             self._prefetcher = None
 
     def state_dict(self) -> dict:

@@ -31,11 +31,11 @@ def read_header(path: str | Path) -> tuple[int, int, int]:
         raise ShardError(f"shard not found: {path}")
     size = path.stat().st_size
     if size < HEADER_BYTES:
-        raise ShardError(f"{path}: file is {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+        raise ShardError(f"{path}: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     magic, version, count = int(header[0]), int(header[1]), int(header[2])
     if magic != SHARD_MAGIC:
-        raise ShardError(f"{path}: bad magic number {magic} (expected {SHARD_MAGIC}); not a token shard")
+        raise ShardError(f"{path}: bad magic number {magic} (expected {SHARD_MAGIC}), not a shard")
     if version != SHARD_VERSION:
         raise ShardError(f"{path}: unsupported shard version {version} (expected {SHARD_VERSION})")
     expected = HEADER_BYTES + 2 * count
@@ -83,10 +83,7 @@ def resolve_shards(pattern: str | Path) -> list[Path]:
     import glob
 
     p = Path(os.path.expanduser(str(pattern)))
-    if p.is_dir():
-        files = sorted(p.glob("*.bin"))
-    else:
-        files = sorted(Path(f) for f in glob.glob(str(p)))
+    files = sorted(p.glob("*.bin")) if p.is_dir() else sorted(map(Path, glob.glob(str(p))))
     if not files:
         raise ShardError(f"no shard files match {pattern}")
     return files

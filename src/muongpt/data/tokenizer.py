@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 from functools import lru_cache
+from pathlib import Path
 
 import tiktoken
-import tiktoken.load
 
 from muongpt.assets import GPT2_TIKTOKEN
 
@@ -16,13 +17,27 @@ GPT2_VOCAB_SIZE = 50257
 _GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
+def _load_ranks(path: Path) -> dict[bytes, int]:
+    """Read a tiktoken rank file (lines of ``base64(token) rank``) straight from ``path``.
+
+    tiktoken.load.load_tiktoken_bpe would also copy it into a cache in the temp folder, keyed by
+    path and trusted without a hash, so a stale copy there could shadow the shipped file.
+    """
+    ranks = {}
+    for line in path.read_bytes().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
 @lru_cache(maxsize=1)
 def get_tokenizer() -> tiktoken.Encoding:
-    """Return the GPT-2 encoder; identical to ``tiktoken.get_encoding("gpt2")``, with no download."""
+    """The GPT-2 encoder: identical to ``tiktoken.get_encoding("gpt2")``, with no download."""
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=_GPT2_PATTERN,
-        mergeable_ranks=tiktoken.load.load_tiktoken_bpe(str(GPT2_TIKTOKEN)),
+        mergeable_ranks=_load_ranks(GPT2_TIKTOKEN),
         special_tokens={"<|endoftext|>": EOT_TOKEN},
     )
 

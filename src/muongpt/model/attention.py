@@ -54,7 +54,9 @@ class KVCache:
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         end = self.pos + k.size(2)
         if end > self.k.size(2):
-            raise MuonGPTError(f"KV cache is full: {end} positions requested, {self.k.size(2)} allocated")
+            raise MuonGPTError(
+                f"KV cache is full: {end} positions requested, {self.k.size(2)} allocated"
+            )
         self.k[:, :, self.pos : end] = k
         self.v[:, :, self.pos : end] = v
         self.pos = end
@@ -62,7 +64,9 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, n_head: int, rope_base: float = 10000.0):
+    def __init__(
+        self, dim: int, n_head: int, rope_base: float = 10000.0, value_embed: bool = False
+    ):
         super().__init__()
         if dim % n_head:
             raise MuonGPTError(f"n_embd ({dim}) must be divisible by n_head ({n_head})")
@@ -73,17 +77,25 @@ class CausalSelfAttention(nn.Module):
         self.v = nn.Linear(dim, dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
         self.rotary = Rotary(self.head_dim, rope_base)
+        # v <- a v + b ve with a value embedding ve of the tokens (GPT(value_embeds=n))
+        self.ve_lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if value_embed else None
 
     def new_cache(self, batch_size: int, max_len: int, device, dtype) -> KVCache:
         return KVCache(batch_size, self.n_head, self.head_dim, max_len, device, dtype)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None, ve: Tensor | None = None) -> Tensor:
         B, T, D = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim)
         k = self.k(x).view(B, T, self.n_head, self.head_dim)
-        v = self.v(x).view(B, T, self.n_head, self.head_dim)
+        v = self.v(x)
+        if self.ve_lambdas is not None and ve is not None:
+            v = self.ve_lambdas[0] * v + self.ve_lambdas[1] * ve.to(v.dtype)
+        v = v.view(B, T, self.n_head, self.head_dim)
         start = cache.pos if cache is not None else 0
-        q, k = self.rotary(rms_norm(q), start), self.rotary(rms_norm(k), start)  # QK-norm, then RoPE
+        q, k = (
+            self.rotary(rms_norm(q), start),
+            self.rotary(rms_norm(k), start),
+        )  # QK-norm, then RoPE
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -7,6 +7,14 @@
 
 RMSNorm has no learned scale, there are no biases, output projections start at zero (each block
 begins as the identity), and the lm_head is not tied to the embedding.
+
+Optional speedrun tricks (modded-nanogpt, late 2024), each off by default:
+
+- ``value_embeds = n``: n extra embedding tables; table i is mixed into the attention values of
+  layer i and of layer L - n + i:  v <- a v + b ve_i(idx)  (a, b learned, start at 0.5).
+- ``unet_skips``: the first L/2 blocks' outputs are added back, last in first out, to the inputs
+  of the last L/2 blocks, each with a learned weight (starts at 1).
+- ``x0_mix``: every block first mixes in the embedding output: x <- a x + b x0 (a=1, b=0 at start).
 """
 
 from __future__ import annotations
@@ -42,6 +50,10 @@ class GPTConfig:
     pom_expand: int = 2
     pom_n_sel_heads: int = 1
     fp8_head: bool = False
+    fp8_scales: list[float] = field(default_factory=lambda: [2.0, 32.0, 2.0**29])  # x, W, grad
+    value_embeds: int = 0
+    unet_skips: bool = False
+    x0_mix: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
@@ -52,9 +64,18 @@ class GPTConfig:
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
         if self.logit_softcap not in SOFTCAPS:
-            raise MuonGPTError(f"logit_softcap must be one of {SOFTCAPS}, got {self.logit_softcap!r}")
+            raise MuonGPTError(
+                f"logit_softcap must be one of {SOFTCAPS}, got {self.logit_softcap!r}"
+            )
         if not self.mixer_pattern or any(m not in MIXERS for m in self.mixer_pattern):
-            raise MuonGPTError(f"mixer_pattern entries must be in {MIXERS}, got {self.mixer_pattern}")
+            raise MuonGPTError(
+                f"mixer_pattern entries must be in {MIXERS}, got {self.mixer_pattern}"
+            )
+        if not 0 <= 2 * self.value_embeds <= self.n_layer:
+            raise MuonGPTError(
+                f"model.value_embeds must be in [0, n_layer / 2 = {self.n_layer // 2}], "
+                f"got {self.value_embeds}"
+            )
 
     @property
     def padded_vocab_size(self) -> int:
@@ -62,6 +83,17 @@ class GPTConfig:
 
     def mixer_of_layer(self, i: int) -> str:
         return self.mixer_pattern[i % len(self.mixer_pattern)]
+
+    def value_embed_of_layer(self, i: int) -> int | None:
+        """Index of the value-embedding table layer i uses (first n and last n layers), or None."""
+        n = self.value_embeds
+        if self.mixer_of_layer(i) != "attention" or n == 0:
+            return None
+        if i < n:
+            return i
+        if i >= self.n_layer - n:
+            return i - (self.n_layer - n)
+        return None
 
 
 class MLP(nn.Module):
@@ -79,7 +111,12 @@ class Block(nn.Module):
         super().__init__()
         self.kind = config.mixer_of_layer(layer)
         if self.kind == "attention":
-            self.mixer = CausalSelfAttention(config.n_embd, config.n_head, config.rope_base)
+            self.mixer = CausalSelfAttention(
+                config.n_embd,
+                config.n_head,
+                config.rope_base,
+                value_embed=config.value_embed_of_layer(layer) is not None,
+            )
         else:
             from muongpt.model.pom import PoM
 
@@ -87,9 +124,16 @@ class Block(nn.Module):
                 config.n_embd, config.pom_degree, config.pom_expand, config.pom_n_sel_heads
             )
         self.mlp = MLP(config.n_embd, config.mlp_ratio)
+        # x <- a x + b x0 before the block (x0_mix); a scalar-group parameter, no weight decay
+        self.x0_lambdas = nn.Parameter(torch.tensor([1.0, 0.0])) if config.x0_mix else None
 
-    def forward(self, x: Tensor, cache=None) -> Tensor:
-        x = x + self.mixer(rms_norm(x), cache=cache)
+    def forward(self, x: Tensor, cache=None, x0: Tensor | None = None, ve: Tensor | None = None):
+        if self.x0_lambdas is not None:
+            x = self.x0_lambdas[0] * x + self.x0_lambdas[1] * x0
+        if ve is None:
+            x = x + self.mixer(rms_norm(x), cache=cache)
+        else:
+            x = x + self.mixer(rms_norm(x), cache=cache, ve=ve)
         return x + self.mlp(rms_norm(x))
 
 
@@ -99,10 +143,18 @@ class GPT(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.value_embeds = nn.ModuleList(
+            nn.Embedding(config.padded_vocab_size, config.n_embd)
+            for _ in range(config.value_embeds)
+        )
+        n_skips = config.n_layer // 2 if config.unet_skips else 0
+        self.skip_weights = nn.Parameter(torch.ones(n_skips)) if n_skips else None
         if config.fp8_head:
             from muongpt.model.fp8 import make_head
 
-            self.lm_head = make_head(config.n_embd, config.padded_vocab_size)
+            self.lm_head = make_head(
+                config.n_embd, config.padded_vocab_size, tuple(config.fp8_scales)
+            )
         else:
             self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.reset_parameters()
@@ -110,7 +162,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         for name, p in self.named_parameters():
-            if name.startswith("embed"):
+            if name.startswith(("embed", "value_embeds")):
                 nn.init.normal_(p, std=1.0)  # followed by RMSNorm, so the scale is free
             elif p.ndim == 2:
                 # Uniform with std 0.5/sqrt(fan_in): keeps activations O(1) through the residual stream.
@@ -127,7 +179,9 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
-        return n - self.embed.weight.numel() if non_embedding else n
+        if non_embedding:  # every embedding table: lookups, not matmuls
+            n -= self.embed.weight.numel() + sum(e.weight.numel() for e in self.value_embeds)
+        return n
 
     def new_caches(self, batch_size: int, max_len: int, device=None, dtype=None) -> list:
         """Per-layer decoding state: a KV cache for attention, a constant-size state for PoM."""
@@ -152,9 +206,22 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, caches: list | None = None):
         """Mean cross-entropy over ``targets`` (ids < 0 are ignored), or fp32 logits (B, T, vocab)."""
-        x = self.embed(idx)
+        x = x0 = self.embed(idx)
+        ves = [e(idx) for e in self.value_embeds]
+        n_enc = len(self.skip_weights) if self.skip_weights is not None else 0
+        skips = []
         for i, block in enumerate(self.blocks):
-            x = block(x, cache=None if caches is None else caches[i])
+            if n_enc and i >= self.config.n_layer - n_enc:  # U-net: decoder half takes the skips
+                x = x + self.skip_weights[i - (self.config.n_layer - n_enc)] * skips.pop()
+            v = self.config.value_embed_of_layer(i)
+            x = block(
+                x,
+                cache=None if caches is None else caches[i],
+                x0=x0,
+                ve=None if v is None else ves[v],
+            )
+            if i < n_enc:
+                skips.append(x)
         logits = self.softcap(self.lm_head(rms_norm(x)).float())
         if targets is None:
             return logits[..., : self.config.vocab_size]

@@ -62,16 +62,19 @@ def causal_mean(
     n_chunks = -(-T // L)
     if n_chunks * L != T:
         h = F.pad(h, (0, 0, 0, n_chunks * L - T))  # zeros at the end change no prefix sum
-    sums = torch.cumsum(h.view(B, n_chunks, L, S), dim=2, dtype=acc_dtype)
-    totals = sums[:, :, -1]  # (B, n_chunks, S)
-    # Sum of everything before each chunk: exclusive prefix sum of the totals (+ the cache).
-    before = F.pad(torch.cumsum(totals[:, :-1], dim=1), (0, 0, 1, 0))
+    sums = torch.cumsum(h.reshape(B, n_chunks, L, S), dim=2, dtype=acc_dtype)
+    # Sum of everything before each chunk: exclusive prefix sum of the chunk totals (+ the cache).
+    before = F.pad(torch.cumsum(sums[:, :-1, -1], dim=1), (0, 0, 1, 0))  # (B, n_chunks, S)
     if prev_sum is not None:
         before = before + prev_sum.to(acc_dtype).unsqueeze(1)
-    sums = (sums + before.unsqueeze(2)).view(B, n_chunks * L, S)[:, :T]
-    counts = torch.arange(prev_count + 1, prev_count + T + 1, device=h.device, dtype=acc_dtype)
-    means = (sums / counts.view(1, T, 1)).to(h.dtype)
-    return means, sums[:, -1]
+    # In place from here on: the one fp32 (B, T, S) buffer is the only large temporary.
+    sums = sums.add_(before.unsqueeze(2)).view(B, n_chunks * L, S)
+    total = sums[:, T - 1].clone()
+    counts = torch.arange(
+        prev_count + 1, prev_count + n_chunks * L + 1, device=h.device, dtype=acc_dtype
+    )
+    means = sums.div_(counts.view(1, -1, 1))[:, :T].to(h.dtype)
+    return means, total
 
 
 def _check_positive_int(name: str, value: object) -> None:
@@ -141,15 +144,16 @@ class PoM(nn.Module):
 
     def forward(self, x: Tensor, cache: PoMCache | None = None) -> Tensor:
         B, T, D = x.shape
-        if D != self.dim:
+        if self.dim != D:
             raise MuonGPTError(f"PoM expects inputs of width {self.dim}, got {D}")
         h = self.polynomial_state(x)
         if cache is None:
             m, _ = causal_mean(h, chunk=self.scan_chunk)
         else:
-            if tuple(cache.sum.shape) != (B, self.state_dim):
+            expected = (B, self.state_dim)
+            if tuple(cache.sum.shape) != expected:
                 raise MuonGPTError(
-                    f"PoM cache has shape {tuple(cache.sum.shape)}, expected ({B}, {self.state_dim})"
+                    f"PoM cache has shape {tuple(cache.sum.shape)}, expected {expected}"
                 )
             m, total = causal_mean(h, cache.sum, cache.count, chunk=self.scan_chunk)
             with torch.no_grad():

@@ -1,7 +1,7 @@
 """OptimizerConfig: the structured schema of the Hydra ``optimizer`` group.
 
-One dataclass serves the three yaml files (``conf/optimizer/{muon,soap,adamw}.yaml``); each file sets
-only the fields its optimizer reads, and a field means the same thing wherever it is used:
+One dataclass serves the three yaml files (``conf/optimizer/{muon,soap,adamw}.yaml``); each file
+sets only the fields its optimizer reads, and a field means the same thing wherever it is used:
 
 - ``lr``, ``weight_decay``: the hidden-matrix optimizer (``blocks.*`` matrices). With
   ``name: adamw`` there is no separate matrix optimizer and ``lr`` is the lr of every group.

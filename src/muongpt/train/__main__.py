@@ -47,7 +47,34 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def _one_line(error: Exception) -> str:
+    """Hydra's composition errors span several lines; keep what names the problem."""
+    noise = ("Set the environment variable HYDRA_FULL_ERROR", "Config search path", "provider=")
+    lines = [ln.strip() for ln in str(error).splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(noise)]
+    return " ".join(lines) or type(error).__name__
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Compose the config once before Hydra does, so a bad override is a one-line error.
+
+    Sweeps (-m) and Hydra's own flags are left to Hydra, which reports them itself.
+    """
+    if any(arg.startswith("-") for arg in argv):
+        return
+    from hydra import compose, initialize_config_dir
+
+    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            compose(config_name="config", overrides=overrides)
+    except Exception as e:  # Hydra raises several types; all mean a bad config
+        print(f"error: invalid config: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main() -> None:
+    check_overrides(sys.argv[1:])
     _hydra_main()
 
 

@@ -87,7 +87,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({first[:160]})") from None
+        raise CheckpointError(
+            f"{path}: unreadable or truncated checkpoint ({first[:160]})"
+        ) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not a muongpt checkpoint (no model weights and config)")
     return state

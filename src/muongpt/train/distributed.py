@@ -48,16 +48,22 @@ def init_distributed(requested_device: str) -> DistContext:
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl" and not dist.is_nccl_available():
-            raise MuonGPTError("NCCL is not available in this PyTorch build; cannot train on several GPUs")
+            raise MuonGPTError(
+                "NCCL is not available in this PyTorch build; cannot train on several GPUs"
+            )
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend=backend, device_id=device if device.type == "cuda" else None
+        )
     return DistContext(rank, local_rank, world_size, device)
 
 
 def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.enabled:
-        dist.all_reduce(value, op=dist.ReduceOp.AVG if ctx.device.type == "cuda" else dist.ReduceOp.SUM)
+        dist.all_reduce(
+            value, op=dist.ReduceOp.AVG if ctx.device.type == "cuda" else dist.ReduceOp.SUM
+        )
         if ctx.device.type != "cuda":  # gloo has no AVG
             value /= ctx.world_size
     return value

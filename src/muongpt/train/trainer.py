@@ -36,6 +36,10 @@ def build_model_config(cfg: DictConfig) -> GPTConfig:
         logit_softcap=m.logit_softcap,
         softcap_value=m.softcap_value,
         fp8_head=m.fp8_head,
+        fp8_scales=list(m.fp8_scales),
+        value_embeds=m.value_embeds,
+        unet_skips=m.unet_skips,
+        x0_mix=m.x0_mix,
         mixer_pattern=list(mix.pattern),
         pom_degree=mix.pom_degree,
         pom_expand=mix.pom_expand,
@@ -170,7 +174,9 @@ class Trainer:
                 break
         self.model.train()
         if count == 0:
-            raise MuonGPTError("the validation data is shorter than one batch; lower seq_len or batch")
+            raise MuonGPTError(
+                "the validation data is shorter than one batch; lower seq_len or batch"
+            )
         return float(all_reduce_mean(total / count, self.ctx))
 
     # ---------------------------------------------------------------- training
@@ -179,7 +185,9 @@ class Trainer:
         t = self.cfg.training
         self.optimizer.update_schedule(
             self.step,
-            lr_multiplier(self.step, t.max_steps, t.warmup_steps, t.cooldown_steps, t.final_lr_frac),
+            lr_multiplier(
+                self.step, t.max_steps, t.warmup_steps, t.cooldown_steps, t.final_lr_frac
+            ),
         )
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(self.grad_accum):
@@ -217,6 +225,8 @@ class Trainer:
             f"batch: {self.tokens_per_step:,} tokens/step = {t.batch_size} x {t.seq_len} "
             f"({self.grad_accum} micro-steps x {self.ctx.world_size} ranks); device {self.device}"
         )
+        if t.compile_warmup_steps > 0 and self.step == 0:
+            compile_warmup(self, t.compile_warmup_steps)
         bar = tqdm(
             total=t.max_steps,
             initial=self.step,
@@ -225,6 +235,10 @@ class Trainer:
             dynamic_ncols=True,
         )
         val_loss = float("nan")
+        if self.step == 0:  # the untrained baseline, so every run shows how far val loss fell
+            val_loss = self.evaluate()
+            self.write_metrics({**self._record(None, None), "val_loss": val_loss})
+            self.log(f"step 0: val loss {val_loss:.4f}")
         window_start, window_tokens = time.perf_counter(), 0
         while self.step < t.max_steps:
             step_start = time.perf_counter()
@@ -237,7 +251,9 @@ class Trainer:
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 train_loss = float(all_reduce_mean(loss, self.ctx))
                 if not math.isfinite(train_loss):
-                    raise MuonGPTError(f"non-finite training loss ({train_loss}) at step {self.step}")
+                    raise MuonGPTError(
+                        f"non-finite training loss ({train_loss}) at step {self.step}"
+                    )
                 tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                 window_start, window_tokens = time.perf_counter(), 0
                 record = self._record(train_loss, tok_s)
@@ -291,7 +307,9 @@ class Trainer:
     def save_final(self) -> Path | None:
         if not self.ctx.is_main:
             return None
-        path = ckpt.save_checkpoint(ckpt.checkpoint_path(self.run_dir, self.step), self.state_dict())
+        path = ckpt.save_checkpoint(
+            ckpt.checkpoint_path(self.run_dir, self.step), self.state_dict()
+        )
         ckpt.prune_checkpoints(self.run_dir, self.cfg.training.keep_checkpoints)
         self.log(f"checkpoint: {path}")
         return path
@@ -317,3 +335,30 @@ class Trainer:
 
     def close(self) -> None:
         shutdown(self.ctx)
+
+
+# ---------------------------------------------------------------- compile warm-up (speed runs)
+def compile_warmup(trainer: Trainer, steps: int) -> float:
+    """Run ``steps`` training steps, then undo them; returns their wall seconds.
+
+    The first steps of a compiled model compile (and autotune) its kernels. Running them before
+    the timed run and then restoring the initial weights, optimizer state and data position keeps
+    compilation out of ``train_seconds`` without changing what the run computes.
+    """
+    import copy
+
+    start = time.perf_counter()
+    model_state = copy.deepcopy(trainer.model.state_dict())
+    optim_state = copy.deepcopy(trainer.optimizer.state_dict())
+    loader_state = trainer.train_loader.state_dict()
+    for _ in range(steps):
+        trainer.train_step()
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    trainer.model.load_state_dict(model_state)
+    trainer.optimizer.load_state_dict(optim_state)
+    trainer.train_loader.load_state_dict(loader_state)
+    trainer.step, trainer.tokens_seen = 0, 0
+    seconds = time.perf_counter() - start
+    trainer.log(f"compile warm-up: {steps} steps in {seconds:.1f} s (undone)")
+    return seconds

@@ -1,0 +1,6 @@
+# Sourced at the start of every device call: wheels, data, environment.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+(cd .devdata/bench && for f in *.xz; do [ -f "${f%.xz}" ] || xz -dk -T0 "$f"; done)
+export D="data.train_files=.devdata/bench/train_000001.bin data.val_files=.devdata/bench/val_000000.bin"
+python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"

@@ -1,0 +1,223 @@
+"""Time one optimizer step over the d12 parameter set, and the optimizer state it holds.
+
+    python benchmarks/optimizer_step.py --out results/optimizer_step.json           # one GPU
+    python benchmarks/optimizer_step.py --device cpu --small --out /tmp/opt.json    # smoke test
+
+The parameters are those of muongpt's GPT d12 (built directly, no forward pass): 12 blocks, each
+with q, k, v, proj 768x768 (the model keeps q, k, v separate), mlp fc 3072x768 and mlp proj
+768x3072; embed and lm_head 50304x768. Gradients are fixed random tensors. Entries:
+
+- muongpt Muon (polar_express, and classic) over the 72 block matrices
+- torch.optim.Muon (torch >= 2.9; it loops over the matrices one by one) over the same matrices
+- torch.optim.AdamW fused, over every parameter
+- muongpt SOAP over the block matrices (refresh every 10 steps: median = a plain step,
+  mean = amortised over refreshes)
+- the muongpt hybrids (build_optimizer with optimizer=muon / soap) over every parameter
+
+Each entry: warm-up steps, then per-step times (CUDA events on GPU) -> median and mean. Memory:
+``state_bytes`` sums the optimizer's state tensors; on CUDA ``peak_bytes`` is the peak allocation
+of a step above what was allocated before the optimizer existed (state + step temporaries).
+``--train-step-ms`` (a measured d12 training step of 131,072 tokens) adds each entry's share of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from muongpt.optim import SOAP, Muon, OptimizerConfig, build_optimizer
+
+
+class ParamSet(nn.Module):
+    """GPT-shaped parameters with muongpt's names, so build_optimizer routes them as in training."""
+
+    def __init__(self, n_layer: int, n_embd: int, vocab: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, n_embd)
+        self.blocks = nn.ModuleList()
+        for _ in range(n_layer):
+            block = nn.Module()
+            block.mixer = nn.Module()
+            for name in ("q", "k", "v", "proj"):
+                setattr(block.mixer, name, nn.Linear(n_embd, n_embd, bias=False))
+            block.mlp = nn.Module()
+            block.mlp.fc = nn.Linear(n_embd, 4 * n_embd, bias=False)
+            block.mlp.proj = nn.Linear(4 * n_embd, n_embd, bias=False)
+            self.blocks.append(block)
+        self.lm_head = nn.Linear(n_embd, vocab, bias=False)
+
+    def block_matrices(self) -> list[nn.Parameter]:
+        return list(self.blocks.parameters())
+
+
+def state_bytes(optimizers) -> int:
+    total = 0
+    for opt in optimizers:
+        for state in opt.state.values():
+            stack = list(state.values())
+            while stack:
+                value = stack.pop()
+                if isinstance(value, torch.Tensor):
+                    total += value.numel() * value.element_size()
+                elif isinstance(value, list | tuple):
+                    stack.extend(value)
+    return total
+
+
+def time_steps(step, device: torch.device, warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        events = [(torch.cuda.Event(True), torch.cuda.Event(True)) for _ in range(steps)]
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        torch.cuda.synchronize()
+        times = [start.elapsed_time(end) for start, end in events]
+    else:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def run_entry(name, make, params, device, args) -> dict:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+    opt = make()
+    optimizers = getattr(opt, "optimizers", [opt])
+    times = time_steps(opt.step, device, args.warmup, args.steps)
+    result = {
+        "name": name,
+        "tensors": len(params),
+        "params": sum(p.numel() for p in params),
+        "median_ms": statistics.median(times),
+        "mean_ms": statistics.fmean(times),
+        "min_ms": min(times),
+        "state_bytes": state_bytes(optimizers),
+        "peak_bytes": None,
+    }
+    if device.type == "cuda":
+        result["peak_bytes"] = torch.cuda.max_memory_allocated(device) - baseline
+    del opt, optimizers
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--small", action="store_true", help="tiny shapes, for a CPU smoke test")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--train-step-ms", type=float, default=None)
+    parser.add_argument("--out", default="results/optimizer_step.json")
+    args = parser.parse_args()
+    if args.small and args.steps == 50:
+        args.steps, args.warmup = 5, 2
+
+    device = torch.device(args.device)
+    n_layer, n_embd, vocab = (2, 64, 512) if args.small else (12, 768, 50304)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = ParamSet(n_layer, n_embd, vocab).to(getattr(torch, args.param_dtype))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    everything = list(model.parameters())
+    matrices = model.block_matrices()
+
+    entries = [
+        ("muongpt Muon polar_express", lambda: Muon(matrices, lr=0.05), matrices),
+        (
+            "muongpt Muon classic",
+            lambda: Muon(matrices, lr=0.05, ns_coefficients="classic"),
+            matrices,
+        ),
+    ]
+    if hasattr(torch.optim, "Muon"):
+        entries.append(
+            (
+                "torch.optim.Muon",
+                lambda: torch.optim.Muon(
+                    matrices, lr=0.05, weight_decay=0.0, adjust_lr_fn="original"
+                ),
+                matrices,
+            )
+        )
+    fused = device.type == "cuda"
+    entries += [
+        (
+            f"torch AdamW{' fused' if fused else ''} (all)",
+            lambda: torch.optim.AdamW(everything, lr=3e-3, fused=fused or None),
+            everything,
+        ),
+        ("muongpt SOAP", lambda: SOAP(matrices, lr=3e-3), matrices),
+        (
+            "hybrid muon (all)",
+            lambda: build_optimizer(model, OptimizerConfig(name="muon")),
+            everything,
+        ),
+        (
+            "hybrid soap (all)",
+            lambda: build_optimizer(model, OptimizerConfig(name="soap", lr=3e-3)),
+            everything,
+        ),
+    ]
+    results = [run_entry(name, make, params, device, args) for name, make, params in entries]
+
+    by_name = {r["name"]: r for r in results}
+    reference = by_name.get("torch.optim.Muon")
+    for r in results:
+        r["vs_torch_muon"] = r["median_ms"] / reference["median_ms"] if reference else None
+        r["frac_of_train_step"] = (
+            r["median_ms"] / args.train_step_ms if args.train_step_ms else None
+        )
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    )
+    report = {
+        "device": device_name or device.type,
+        "torch": torch.__version__,
+        "shapes": {"n_layer": n_layer, "n_embd": n_embd, "vocab": vocab, "qkv": "separate"},
+        "param_dtype": args.param_dtype,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "train_step_ms": args.train_step_ms,
+        "results": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+    print(f"optimizer step, {report['device']}, torch {torch.__version__}, {args.param_dtype}")
+    header = f"{'optimizer':<28}{'tensors':>8}{'params':>13}{'median ms':>11}{'mean ms':>10}"
+    header += f"{'state MiB':>11}{'peak MiB':>10}{'/torch':>8}{'/train':>8}"
+    print(header)
+    for r in results:
+        peak = f"{r['peak_bytes'] / 2**20:.1f}" if r["peak_bytes"] is not None else "-"
+        ratio = f"{r['vs_torch_muon']:.2f}" if r["vs_torch_muon"] is not None else "-"
+        frac = f"{r['frac_of_train_step']:.1%}" if r["frac_of_train_step"] is not None else "-"
+        print(
+            f"{r['name']:<28}{r['tensors']:>8}{r['params']:>13,}{r['median_ms']:>11.2f}"
+            f"{r['mean_ms']:>10.2f}{r['state_bytes'] / 2**20:>11.1f}{peak:>10}{ratio:>8}{frac:>8}"
+        )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

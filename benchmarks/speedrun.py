@@ -1,0 +1,73 @@
+"""One full speed run (training + final validation) of an experiment; writes a JSON summary.
+
+    python benchmarks/speedrun.py --out benchmarks/results/x.json experiment=speedrun_bench \
+        data.train_files=.devdata/bench/train_*.bin data.val_files=.devdata/bench/val_*.bin
+
+Everything after the options is a Hydra override. Prints a one-line table row last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from muongpt.cli.bench import compose_config, flops_per_token
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--name", default="")
+    args, overrides = ap.parse_known_args()
+    from muongpt.train.trainer import Trainer
+
+    cfg = compose_config(overrides)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="muongpt-speedrun-") as run_dir:
+        cfg.training.keep_checkpoints = 1
+        trainer = Trainer(cfg, run_dir)
+        summary = trainer.run()
+        metrics = [
+            json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+        ]
+        trainer.close()
+    steps, secs = summary["steps"], summary["train_seconds"]
+    tok_s = summary["tokens"] / secs
+    fpt = flops_per_token(trainer.model, cfg.training.seq_len)
+    result = {
+        "name": args.name or cfg.experiment_name,
+        "overrides": overrides,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "steps": steps,
+        "tokens": summary["tokens"],
+        "train_seconds": secs,
+        "ms_per_step": 1e3 * secs / steps,
+        "tokens_per_s": tok_s,
+        "mfu": fpt * tok_s / 989e12,
+        "val_loss": summary["final_val_loss"],
+        "wall_seconds_total": time.perf_counter() - start,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30
+        if torch.cuda.is_available()
+        else None,
+        "train_loss_curve": [
+            (m["step"], round(m["train_loss"], 4)) for m in metrics if "train_loss" in m
+        ],
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(
+        f"RESULT {result['name']}: val {result['val_loss']:.4f}  train {secs:.1f} s  "
+        f"{result['ms_per_step']:.1f} ms/step  {tok_s:,.0f} tok/s  MFU {100 * result['mfu']:.1f}%"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""`muongpt bench`: time the training steps of any experiment.
+
+    muongpt bench experiment=speedrun_bench bench.steps=20 bench.warmup=3 bench.out=bench.json
+
+Every argument is a Hydra override of the training config, except the ``bench.*`` ones:
+
+    bench.steps=N      timed optimizer steps (default 20)
+    bench.warmup=N     untimed steps first: compilation, autotuning, allocator warm-up (default 3)
+    bench.split=N      extra steps timed segment by segment (default 5; 0 skips the split)
+    bench.out=PATH     JSON report (default: none)
+
+Reported: tokens/s over the timed steps (no synchronisation inside them), model FLOPs
+utilisation, peak memory, compile seconds, and the split of a step into data / forward+backward /
+optimizer, measured on separate steps with a device synchronisation around each segment.
+
+FLOPs per token (PaLM appendix B convention, counting the full attention matrix):
+
+    6 * N + 12 * L * T * d
+
+N: the parameters of every matmul, the lm_head included (embedding tables excluded: they are
+lookups); L layers, T = seq_len, d = n_embd. MFU = FLOPs/token * tokens/s / peak, peak = 989e12
+(H100 SXM dense bf16) unless ``MUONGPT_PEAK_FLOPS`` is set. Training state is not restored:
+benchmark a fresh run, never one you mean to keep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from muongpt import MuonGPTError
+
+H100_BF16_DENSE_FLOPS = 989e12
+BENCH_DEFAULTS = {"steps": 20, "warmup": 3, "split": 5, "out": ""}
+
+
+def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
+    """Split ``bench.key=value`` arguments from the Hydra overrides."""
+    opts, overrides = dict(BENCH_DEFAULTS), []
+    for arg in argv:
+        if not arg.startswith("bench."):
+            overrides.append(arg)
+            continue
+        key, sep, value = arg[len("bench.") :].partition("=")
+        if not sep or key not in BENCH_DEFAULTS:
+            raise MuonGPTError(
+                f"bad argument {arg!r}: expected bench.KEY=VALUE with KEY in {list(BENCH_DEFAULTS)}"
+            )
+        if key == "out":
+            opts[key] = value
+        else:
+            try:
+                opts[key] = int(value)
+            except ValueError:
+                raise MuonGPTError(f"{arg}: expected an integer") from None
+    if opts["steps"] < 1 or opts["warmup"] < 0 or opts["split"] < 0:
+        raise MuonGPTError("bench.steps must be >= 1, bench.warmup and bench.split >= 0")
+    return opts, overrides
+
+
+def compose_config(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from muongpt.config import CONF_DIR, register_configs
+
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides)
+    except Exception as e:  # Hydra raises several types; all mean a bad override
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise MuonGPTError(f"invalid config: {first}") from None
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in a matmul: all of them but embedding tables and vectors."""
+    import torch.nn as nn
+
+    embeddings = {
+        id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
+    }
+    return sum(p.numel() for p in model.parameters() if p.ndim >= 2 and id(p) not in embeddings)
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    c = model.config
+    return 6.0 * matmul_params(model) + 12.0 * c.n_layer * seq_len * c.n_embd
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def split_step(trainer) -> dict[str, float]:
+    """One training step with a synchronisation around each segment: seconds per segment."""
+    import torch
+
+    from muongpt.optim.schedule import lr_multiplier
+
+    t, dev = trainer.cfg.training, trainer.device
+    trainer.optimizer.update_schedule(
+        trainer.step,
+        lr_multiplier(trainer.step, t.max_steps, t.warmup_steps, t.cooldown_steps, t.final_lr_frac),
+    )
+    data_s = fb_s = 0.0
+    for _ in range(trainer.grad_accum):
+        _sync(dev)
+        t0 = time.perf_counter()
+        inputs, targets = next(trainer.train_loader)
+        _sync(dev)
+        t1 = time.perf_counter()
+        with trainer.autocast():
+            loss = trainer.forward(inputs, targets)
+        (loss / trainer.grad_accum).backward()
+        _sync(dev)
+        data_s += t1 - t0
+        fb_s += time.perf_counter() - t1
+    t2 = time.perf_counter()
+    if t.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), t.grad_clip)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    _sync(dev)
+    trainer.step += 1
+    return {"data": data_s, "forward_backward": fb_s, "optimizer": time.perf_counter() - t2}
+
+
+def run_bench(opts: dict, overrides: list[str]) -> dict:
+    import torch
+
+    from muongpt.train.trainer import Trainer
+
+    cfg = compose_config(overrides)
+    need = opts["warmup"] + opts["steps"] + opts["split"]
+    if cfg.training.max_steps < need:  # the lr schedule must cover every benchmarked step
+        cfg.training.max_steps = need
+        cfg.training.warmup_steps = min(cfg.training.warmup_steps, need)
+        cfg.training.cooldown_steps = min(
+            cfg.training.cooldown_steps, need - cfg.training.warmup_steps
+        )
+    with tempfile.TemporaryDirectory(prefix="muongpt-bench-") as run_dir:
+        trainer = Trainer(cfg, run_dir)
+        dev = trainer.device
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        warm_times = []
+        for _ in range(opts["warmup"]):
+            t0 = time.perf_counter()
+            trainer.train_step()
+            _sync(dev)
+            warm_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(opts["steps"]):
+            last_loss = trainer.train_step()
+        _sync(dev)
+        timed = time.perf_counter() - t0
+        splits = [split_step(trainer) for _ in range(opts["split"])]
+        peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
+        trainer.train_loader.close()
+        model = trainer.model
+        tokens_per_s = trainer.tokens_per_step * opts["steps"] / timed
+        step_s = timed / opts["steps"]
+        fpt = flops_per_token(model, cfg.training.seq_len)
+        peak_flops = float(os.environ.get("MUONGPT_PEAK_FLOPS", H100_BF16_DENSE_FLOPS))
+        report = {
+            "experiment": cfg.experiment_name,
+            "overrides": overrides,
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "tokens_per_step": trainer.tokens_per_step,
+            "grad_accum": trainer.grad_accum,
+            "warmup_steps": opts["warmup"],
+            "timed_steps": opts["steps"],
+            "ms_per_step": 1e3 * step_s,
+            "tokens_per_s": tokens_per_s,
+            "flops_per_token": fpt,
+            "flop_formula": "6*N_matmul_params + 12*n_layer*seq_len*n_embd per token",
+            "matmul_params": matmul_params(model),
+            "peak_flops": peak_flops,
+            "mfu": fpt * tokens_per_s / peak_flops,
+            "peak_mem_gib": peak,
+            # the first warm-up step compiles; the others autotune / settle the allocator
+            "compile_s": sum(warm_times) - step_s * len(warm_times) if warm_times else 0.0,
+            "warmup_step_s": warm_times,
+            "last_train_loss": float(last_loss),
+            "fp8_head": bool(getattr(model.lm_head, "fp8_ok", False)),
+        }
+        if splits:
+            report["split_ms"] = {
+                k: 1e3 * statistics.median(s[k] for s in splits) for k in splits[0]
+            }
+        trainer.close()
+    return report
+
+
+def print_table(r: dict) -> None:
+    rows = [
+        ("experiment", r["experiment"]),
+        ("device / torch", f"{r['device']} / {r['torch']}"),
+        ("tokens/step", f"{r['tokens_per_step']:,} ({r['grad_accum']} micro-steps)"),
+        ("ms/step", f"{r['ms_per_step']:.1f}"),
+        ("tokens/s", f"{r['tokens_per_s']:,.0f}"),
+        ("MFU", f"{100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e12:.0f} TFLOP/s"),
+        ("peak memory", "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f} GiB"),
+        ("compile", f"{r['compile_s']:.1f} s"),
+        ("fp8 head", str(r["fp8_head"])),
+    ]
+    if "split_ms" in r:
+        s = r["split_ms"]
+        rows.append(
+            (
+                "split (synced)",
+                f"data {s['data']:.1f} / fwd+bwd {s['forward_backward']:.1f} / "
+                f"optimizer {s['optimizer']:.1f} ms",
+            )
+        )
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        opts, overrides = parse_args(argv)
+        report = run_bench(opts, overrides)
+    except MuonGPTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if opts["out"]:
+        out = Path(opts["out"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""FP8 lm_head: ``y = x W^T`` on the fp8 tensor-core path (Hopper, Ada: compute capability 8.9+).
+
+Forward, e4m3 operands, bf16 output:
+
+    x8 = e4m3(x * x_scale)      W8 = e4m3(W * w_scale)
+    y  = (x8 @ W8^T) / (x_scale * w_scale)            # torch._scaled_mm, fast accumulation
+
+Backward, the output gradient g in e5m2 (wider range, less precision):
+
+    g8 = e5m2(g * grad_scale)
+    dx = (g8 @ W8) / (grad_scale * w_scale)           # bf16
+    dW = (g8^T @ x8) / (grad_scale * x_scale)         # fp32 (the weight's master copy)
+
+The scales are *quantization* multipliers; ``torch._scaled_mm`` takes *dequantization* scales
+(it computes (a * scale_a) @ (b * scale_b)), so it is given their inverses. Values past the fp8
+range are clamped (e4m3fn has no infinity: an overflowing cast would give NaN). The seed scales
+(input x2, weight x32, gradient x2^29, modded-nanogpt Jan 2025) suit a post-RMSNorm input
+(entries ~1), a head weight of ~0.01-0.1 and the gradient of a mean loss over ~10^5 tokens.
+
+Both matmuls are ``torch.library`` custom ops with fake kernels (shapes, dtypes and contiguous
+strides exactly as the real kernels return them), so ``torch.compile`` treats them as opaque
+nodes; the gradient's scale-and-cast sits in the traced backward formula, where the compiler fuses
+it into the kernel that produced the gradient. Where fp8 is unavailable (CPU, GPUs before
+compute capability 8.9, shapes not multiples of 16) ``FP8Linear`` is a plain (bf16 under
+autocast) ``nn.Linear``, and says so once in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+E4M3_MAX = 448.0
+E5M2_MAX = 57344.0
+DEFAULT_SCALES = (2.0, 32.0, 2.0**29)  # input, weight, gradient
+
+
+def fp8_available(device: torch.device | str | None = None) -> bool:
+    """True when ``device`` (default: the current CUDA device) can run fp8 ``_scaled_mm``."""
+    if not torch.cuda.is_available():
+        return False
+    device = torch.device("cuda") if device is None else torch.device(device)
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _inv_scale(like: Tensor, scale: float) -> Tensor:
+    # A fill kernel, not torch.tensor(..., device=cuda): no host-to-device copy, no sync.
+    return torch.full((), 1.0 / scale, device=like.device, dtype=torch.float32)
+
+
+def _to_fp8(t: Tensor, scale: float, dtype: torch.dtype, limit: float) -> Tensor:
+    return (t.float() * scale).clamp(-limit, limit).to(dtype)
+
+
+@torch.library.custom_op("muongpt::fp8_matmul", mutates_args=())
+def fp8_matmul(
+    x: Tensor, w: Tensor, x_scale: float, w_scale: float, grad_scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x (M, K) @ w (N, K)^T -> (y bf16 (M, N), x8, w8); x8 and w8 are kept for the backward."""
+    x8 = _to_fp8(x, x_scale, torch.float8_e4m3fn, E4M3_MAX)
+    w8 = _to_fp8(w, w_scale, torch.float8_e4m3fn, E4M3_MAX)
+    y = torch._scaled_mm(
+        x8,
+        w8.t(),  # (K, N) column-major, as _scaled_mm wants its second operand
+        scale_a=_inv_scale(x, x_scale),
+        scale_b=_inv_scale(x, w_scale),
+        out_dtype=torch.bfloat16,
+        use_fast_accum=True,
+    )
+    return y, x8, w8
+
+
+@fp8_matmul.register_fake
+def _fp8_matmul_fake(x, w, x_scale, w_scale, grad_scale):
+    M, N = x.size(0), w.size(0)
+    return (
+        x.new_empty((M, N), dtype=torch.bfloat16),
+        x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
+        w.new_empty(w.shape, dtype=torch.float8_e4m3fn),
+    )
+
+
+@torch.library.custom_op("muongpt::fp8_matmul_backward", mutates_args=())
+def fp8_matmul_backward(
+    g8: Tensor, x8: Tensor, w8: Tensor, x_scale: float, w_scale: float, grad_scale: float
+) -> tuple[Tensor, Tensor]:
+    """From g8 (M, N) e5m2: (dx bf16 (M, K), dW fp32 (N, K)), both contiguous."""
+    inv_g = _inv_scale(g8, grad_scale)
+    dx = torch._scaled_mm(
+        g8,
+        w8.t().contiguous().t(),  # (N, K) column-major
+        scale_a=inv_g,
+        scale_b=_inv_scale(g8, w_scale),
+        out_dtype=torch.bfloat16,
+        use_fast_accum=False,
+    )
+    dw = torch._scaled_mm(
+        g8.t().contiguous(),  # (N, M) row-major
+        x8.t().contiguous().t(),  # (M, K) column-major
+        scale_a=inv_g,
+        scale_b=_inv_scale(g8, x_scale),
+        out_dtype=torch.float32,
+        use_fast_accum=False,
+    )
+    return dx, dw
+
+
+@fp8_matmul_backward.register_fake
+def _fp8_matmul_backward_fake(g8, x8, w8, x_scale, w_scale, grad_scale):
+    M, K, N = x8.size(0), x8.size(1), w8.size(0)
+    return (
+        g8.new_empty((M, K), dtype=torch.bfloat16),
+        g8.new_empty((N, K), dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, x_scale, w_scale, grad_scale = inputs
+    _, x8, w8 = output
+    ctx.save_for_backward(x8, w8)
+    ctx.scales = (x_scale, w_scale, grad_scale)
+    ctx.dtypes = (x.dtype, w.dtype)
+
+
+def _backward(ctx, grad_y, _grad_x8, _grad_w8):
+    x8, w8 = ctx.saved_tensors
+    x_scale, w_scale, grad_scale = ctx.scales
+    g8 = _to_fp8(grad_y.contiguous(), grad_scale, torch.float8_e5m2, E5M2_MAX)
+    dx, dw = fp8_matmul_backward(g8, x8, w8, x_scale, w_scale, grad_scale)
+    return dx.to(ctx.dtypes[0]), dw.to(ctx.dtypes[1]), None, None, None
+
+
+fp8_matmul.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fp8_linear(x: Tensor, w: Tensor, scales: tuple[float, float, float] = DEFAULT_SCALES) -> Tensor:
+    """``x @ w.T`` in fp8 for x (..., K), w (N, K); bf16 output (..., N)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.size(-1)).contiguous()
+    y = fp8_matmul(x2, w.contiguous(), *scales)[0]
+    return y.view(*lead, w.size(0))
+
+
+_fallback_logged = False
+
+
+def _log_fallback(reason: str) -> None:
+    global _fallback_logged
+    if not _fallback_logged:
+        _fallback_logged = True
+        log.warning("fp8 head: %s; using the bf16/regular matmul instead", reason)
+
+
+class FP8Linear(nn.Linear):
+    """A bias-free ``nn.Linear`` whose matmul runs in fp8 where the device supports it."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        scales: tuple[float, float, float] = DEFAULT_SCALES,
+    ):
+        super().__init__(in_features, out_features, bias=False)
+        if len(scales) != 3 or any(not s > 0 for s in scales):
+            from muongpt import MuonGPTError
+
+            raise MuonGPTError(f"model.fp8_scales must be 3 positive numbers, got {list(scales)}")
+        self.scales = tuple(float(s) for s in scales)
+        self.shapes_ok = in_features % 16 == 0 and out_features % 16 == 0
+        # Decided once, at construction, for the machine's GPU: a capability query inside a
+        # compiled forward would break the graph. The forward also needs the input on CUDA.
+        self.fp8_ok = fp8_available() and self.shapes_ok
+        if not self.fp8_ok:
+            reason = (
+                f"features {in_features}x{out_features} not multiples of 16"
+                if not self.shapes_ok
+                else "no FP8-capable GPU (CPU, or CUDA compute capability < 8.9)"
+            )
+            _log_fallback(reason)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // max(x.size(-1), 1)
+        if self.fp8_ok and x.is_cuda and rows % 16 == 0:
+            return fp8_linear(x, self.weight, self.scales)
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fp8={self.fp8_ok}, scales={self.scales}"
+
+
+def make_head(
+    n_embd: int, vocab_size: int, scales: tuple[float, float, float] = DEFAULT_SCALES
+) -> FP8Linear:
+    """The lm_head of ``GPT`` with ``fp8_head: true``."""
+    return FP8Linear(n_embd, vocab_size, scales)

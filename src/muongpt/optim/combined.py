@@ -1,0 +1,303 @@
+"""The hybrid optimizer: routing parameters to Muon / SOAP / AdamW, and one object over them.
+
+Routing rule of ``build_optimizer(model, cfg)``, applied to ``model.named_parameters()`` that
+require grad, first match wins:
+
+1. ``ndim < 2`` (scalars, vectors, norm gains, biases, wherever they live) -> AdamW ``scalar`` group
+2. a parameter of an ``nn.Embedding`` (the token embedding, any other embedding, even inside a
+   block) -> AdamW ``embed`` group
+3. ``lm_head.*`` -> AdamW ``head`` group
+4. ``blocks.*`` (the transformer's hidden matrices, ndim >= 2) -> ``matrix`` group of the matrix
+   optimizer: Muon (``name: muon``), SOAP (``name: soap``) or AdamW (``name: adamw``)
+5. anything else -> AdamW ``embed`` group
+
+Every AdamW group's lr (for ``adamw``: every group's) is multiplied by (n_embd / 768) ** -0.5,
+n_embd read from ``model.embed.embedding_dim``; AdamW side groups have no weight decay
+(``weight_decay`` is the matrix group's). Each parameter lands in exactly one group (checked).
+AdamW is ``fused`` when every parameter is on CUDA. Each group remembers its ``base_lr``;
+``update_schedule(step, lr_scale)`` sets lr = base_lr * lr_scale for every group and warms the
+Muon momentum up from ``momentum_start`` to ``momentum`` over ``momentum_warmup_steps``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from muongpt.optim.config import (
+    OPTIMIZER_NAMES,
+    OptimizerConfig,
+    OptimizerError,
+    check_betas,
+    check_lr,
+    check_nonnegative,
+    check_unit,
+)
+from muongpt.optim.muon import Muon
+from muongpt.optim.schedule import muon_momentum
+from muongpt.optim.soap import SOAP
+
+REFERENCE_WIDTH = 768
+GROUP_NAMES = ("matrix", "embed", "head", "scalar")
+
+
+class CombinedOptimizer:
+    """Several torch optimizers stepped as one; ``optimizers`` lists them."""
+
+    def __init__(
+        self,
+        optimizers: list[torch.optim.Optimizer],
+        momentum_start: float = 0.85,
+        momentum_end: float = 0.95,
+        momentum_warmup_steps: int = 300,
+        header: str = "",
+    ):
+        if not optimizers:
+            raise OptimizerError("CombinedOptimizer got no optimizers")
+        self.optimizers = list(optimizers)
+        self.momentum_start = momentum_start
+        self.momentum_end = momentum_end
+        self.momentum_warmup_steps = momentum_warmup_steps
+        self.header = header
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in self.optimizers:
+            opt.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def update_schedule(self, step: int, lr_scale: float) -> None:
+        momentum = muon_momentum(
+            step, self.momentum_start, self.momentum_end, self.momentum_warmup_steps
+        )
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_scale
+                if isinstance(opt, Muon):
+                    group["momentum"] = momentum
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kinds": [type(opt).__name__ for opt in self.optimizers],
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the optimizer state (moments, bases); hyperparameters stay as configured now."""
+        kinds = [type(opt).__name__ for opt in self.optimizers]
+        if state_dict.get("kinds") != kinds:
+            raise OptimizerError(
+                f"optimizer state is for {state_dict.get('kinds')}, this run builds {kinds}"
+            )
+        for opt, saved in zip(self.optimizers, state_dict["optimizers"]):
+            sizes = [len(g["params"]) for g in opt.param_groups]
+            saved_sizes = [len(g["params"]) for g in saved["param_groups"]]
+            if sizes != saved_sizes:
+                raise OptimizerError(
+                    f"{type(opt).__name__} state has groups of {saved_sizes} tensors, "
+                    f"this run has {sizes}"
+                )
+            hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            opt.load_state_dict(saved)
+            for group, configured in zip(opt.param_groups, hyper):
+                group.update(configured)
+
+    def summary(self) -> str:
+        lines = [self.header] if self.header else []
+        total_tensors = total_params = 0
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                n_tensors = len(group["params"])
+                n_params = sum(p.numel() for p in group["params"])
+                total_tensors += n_tensors
+                total_params += n_params
+                lines.append(
+                    f"  {type(opt).__name__:<6} {group.get('name', '?'):<7} {n_tensors:>5} tensors "
+                    f"{n_params:>13,} params  lr {group['base_lr']:.4g}"
+                )
+        lines.append(f"  {'total':<14} {total_tensors:>5} tensors {total_params:>13,} params")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"CombinedOptimizer({', '.join(type(o).__name__ for o in self.optimizers)})"
+
+
+def as_optimizer_config(cfg: Any) -> OptimizerConfig:
+    """An OptimizerConfig from itself, a DictConfig (structured or not) or a plain mapping."""
+    if isinstance(cfg, OptimizerConfig):
+        return cfg
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(cfg, Mapping):
+        raise OptimizerError(f"optimizer config must be a mapping, got {type(cfg).__name__}")
+    known = {f.name for f in dataclasses.fields(OptimizerConfig)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise OptimizerError(f"unknown optimizer config key(s): {', '.join(unknown)}")
+    return OptimizerConfig(**cfg)
+
+
+def route_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """(name, parameter) pairs of each group name, by the rule in the module docstring."""
+    embedding_params = {
+        id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
+    }
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {name: [] for name in GROUP_NAMES}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2:
+            groups["scalar"].append((name, p))
+        elif id(p) in embedding_params:
+            groups["embed"].append((name, p))
+        elif name.startswith("lm_head."):
+            groups["head"].append((name, p))
+        elif name.startswith("blocks."):
+            groups["matrix"].append((name, p))
+        else:
+            groups["embed"].append((name, p))
+    return groups
+
+
+def validate_config(cfg: OptimizerConfig) -> None:
+    if cfg.name not in OPTIMIZER_NAMES:
+        raise OptimizerError(f"optimizer.name must be one of {OPTIMIZER_NAMES}, got {cfg.name!r}")
+    check_lr(cfg.lr, "optimizer.lr")
+    check_nonnegative(cfg.weight_decay, "optimizer.weight_decay")
+    if cfg.name in ("adamw", "soap"):
+        check_betas(cfg.betas, "optimizer.betas")
+        check_nonnegative(cfg.eps, "optimizer.eps")
+    if cfg.name in ("muon", "soap"):
+        for key in ("embed_lr", "head_lr", "scalar_lr"):
+            check_lr(getattr(cfg, key), f"optimizer.{key}")
+        check_betas(cfg.adam_betas, "optimizer.adam_betas")
+        check_nonnegative(cfg.adam_eps, "optimizer.adam_eps")
+    if cfg.name == "muon":
+        check_unit(cfg.momentum, "optimizer.momentum")
+        check_unit(cfg.momentum_start, "optimizer.momentum_start")
+        if cfg.momentum_warmup_steps < 0:
+            raise OptimizerError(
+                f"optimizer.momentum_warmup_steps must be >= 0, got {cfg.momentum_warmup_steps}"
+            )
+
+
+def _group(name: str, pairs: list, lr: float, **options) -> dict[str, Any]:
+    return {
+        "params": [p for _, p in pairs],
+        "param_names": [n for n, _ in pairs],
+        "name": name,
+        "lr": lr,
+        "base_lr": lr,
+        **options,
+    }
+
+
+def _adamw(groups: list[dict], betas, eps: float) -> torch.optim.AdamW:
+    params = [p for g in groups for p in g["params"]]
+    fused = True if all(p.is_cuda for p in params) else None
+    return torch.optim.AdamW(
+        groups, lr=groups[0]["lr"], betas=tuple(betas), eps=eps, weight_decay=0.0, fused=fused
+    )
+
+
+def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
+    """The optimizer a config describes, over ``model``'s trainable parameters."""
+    cfg = as_optimizer_config(cfg)
+    validate_config(cfg)
+    embed = getattr(model, "embed", None)
+    if not isinstance(embed, nn.Embedding):
+        raise OptimizerError("model has no `embed` nn.Embedding to read n_embd from")
+    n_embd = embed.embedding_dim
+    adam_scale = (n_embd / REFERENCE_WIDTH) ** -0.5
+    routed = route_parameters(model)
+    if not any(routed.values()):
+        raise OptimizerError("model has no trainable parameters (empty parameter list)")
+
+    optimizers: list[torch.optim.Optimizer] = []
+    if cfg.name == "adamw":
+        lr = cfg.lr * adam_scale
+        groups = [
+            _group(name, routed[name], lr, weight_decay=cfg.weight_decay if name == "matrix" else 0)
+            for name in GROUP_NAMES
+            if routed[name]
+        ]
+        optimizers.append(_adamw(groups, cfg.betas, cfg.eps))
+    else:
+        matrices = routed["matrix"]
+        if matrices and cfg.name == "muon":
+            group = _group("matrix", matrices, cfg.lr)
+            optimizers.append(
+                Muon(
+                    [group],
+                    lr=cfg.lr,
+                    momentum=cfg.momentum,
+                    nesterov=cfg.nesterov,
+                    weight_decay=cfg.weight_decay,
+                    ns_steps=cfg.ns_steps,
+                    ns_coefficients=cfg.ns_coefficients,
+                    scale_mode=cfg.scale_mode,
+                )
+            )
+        elif matrices:
+            group = _group("matrix", matrices, cfg.lr)
+            optimizers.append(
+                SOAP(
+                    [group],
+                    lr=cfg.lr,
+                    betas=tuple(cfg.betas),
+                    shampoo_beta=cfg.shampoo_beta,
+                    eps=cfg.eps,
+                    weight_decay=cfg.weight_decay,
+                    precondition_frequency=cfg.precondition_frequency,
+                    max_precond_dim=cfg.max_precond_dim,
+                    merge_dims=cfg.merge_dims,
+                    precondition_1d=cfg.precondition_1d,
+                    normalize_grads=cfg.normalize_grads,
+                    data_format=cfg.data_format,
+                    correct_bias=cfg.correct_bias,
+                )
+            )
+        side_lrs = {"embed": cfg.embed_lr, "head": cfg.head_lr, "scalar": cfg.scalar_lr}
+        groups = [
+            _group(name, routed[name], lr * adam_scale, weight_decay=0.0)
+            for name, lr in side_lrs.items()
+            if routed[name]
+        ]
+        if groups:
+            optimizers.append(_adamw(groups, cfg.adam_betas, cfg.adam_eps))
+
+    _check_partition(model, optimizers)
+    header = f"optimizer {cfg.name}: routing (n_embd {n_embd}, AdamW lrs x {adam_scale:.3f})"
+    momentum = {}
+    if cfg.name == "muon":
+        momentum = dict(
+            momentum_start=cfg.momentum_start,
+            momentum_end=cfg.momentum,
+            momentum_warmup_steps=cfg.momentum_warmup_steps,
+        )
+    return CombinedOptimizer(optimizers, header=header, **momentum)
+
+
+def _check_partition(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
+    """Every trainable parameter is in exactly one group of one optimizer."""
+    placed = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
+    trainable = [id(p) for p in model.parameters() if p.requires_grad]
+    if len(placed) != len(set(placed)) or set(placed) != set(trainable):
+        raise AssertionError("optimizer routing does not place every parameter exactly once")

@@ -1,0 +1,49 @@
+"""Learning-rate and Muon-momentum schedules, as plain functions of the step."""
+
+from __future__ import annotations
+
+from muongpt.optim.config import OptimizerError
+
+
+def lr_multiplier(
+    step: int,
+    total_steps: int,
+    warmup_steps: int = 0,
+    cooldown_steps: int = 0,
+    final_lr_frac: float = 0.0,
+) -> float:
+    """Trapezoid: linear warmup, constant 1, linear cooldown to ``final_lr_frac``.
+
+    Warmup gives (step + 1) / warmup_steps for step < warmup_steps (0 -> 1, never a wasted zero-lr
+    step); the last ``cooldown_steps`` steps go linearly from 1 down towards ``final_lr_frac``,
+    reached at step == total_steps.
+    """
+    if total_steps < 1:
+        raise OptimizerError(f"total_steps must be >= 1, got {total_steps}")
+    if warmup_steps < 0 or cooldown_steps < 0:
+        raise OptimizerError(
+            f"warmup_steps and cooldown_steps must be >= 0, got {warmup_steps}, {cooldown_steps}"
+        )
+    if warmup_steps + cooldown_steps > total_steps:
+        raise OptimizerError(
+            f"warmup_steps + cooldown_steps ({warmup_steps} + {cooldown_steps}) exceed "
+            f"total_steps ({total_steps})"
+        )
+    if not 0.0 <= final_lr_frac <= 1.0:
+        raise OptimizerError(f"final_lr_frac must be in [0, 1], got {final_lr_frac}")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if cooldown_steps == 0 or step < total_steps - cooldown_steps:
+        return 1.0
+    remaining = max(total_steps - step, 0) / cooldown_steps  # 1 at the start, 0 at the end
+    return final_lr_frac + (1.0 - final_lr_frac) * remaining
+
+
+def muon_momentum(
+    step: int, start: float = 0.85, end: float = 0.95, warmup_steps: int = 300
+) -> float:
+    """Momentum warmed up linearly from ``start`` to ``end`` over ``warmup_steps`` steps."""
+    if warmup_steps <= 0:
+        return end
+    frac = min(max(step, 0) / warmup_steps, 1.0)
+    return (1.0 - frac) * start + frac * end

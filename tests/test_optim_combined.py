@@ -1,0 +1,329 @@
+"""The hybrid: routing, schedules, state bytes, exact resume, configs and bad input."""
+
+import copy
+import dataclasses
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from muongpt import MuonGPTError
+from muongpt.optim import (
+    SOAP,
+    CombinedOptimizer,
+    Muon,
+    OptimizerConfig,
+    build_optimizer,
+    lr_multiplier,
+    muon_momentum,
+)
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "src" / "muongpt" / "conf"
+VOCAB, DIM = 64, 16
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny matmuls: one thread avoids OpenMP hand-off stalls on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(DIM, DIM, bias=False) for _ in range(3))
+        self.proj = nn.Linear(DIM, DIM, bias=False)
+
+    def forward(self, x):
+        att = (self.q(x) @ self.k(x).mT / DIM**0.5).softmax(-1)
+        return self.proj(att @ self.v(x))
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mixer = Attention()
+        self.mlp = nn.Sequential(nn.Linear(DIM, 4 * DIM), nn.ReLU(), nn.Linear(4 * DIM, DIM))
+        self.norm = nn.LayerNorm(DIM)  # weight and bias: vectors
+        self.gate = nn.Parameter(torch.tensor(0.5))  # a scalar
+        self.value_embed = nn.Embedding(VOCAB, DIM)  # an embedding inside a block
+
+    def forward(self, x, idx):
+        x = x + self.gate * self.mixer(self.norm(x) + self.value_embed(idx))
+        return x + self.mlp(x)
+
+
+class TinyModel(nn.Module):
+    """The naming of muongpt's GPT: embed, blocks.*, lm_head, plus odd extras."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.blocks = nn.ModuleList(Block() for _ in range(2))
+        self.x0_lambdas = nn.Parameter(torch.ones(2))
+        self.extra_proj = nn.Parameter(torch.randn(DIM, DIM) * 0.1)  # ndim 2 outside blocks
+        self.lm_head = nn.Linear(DIM, VOCAB, bias=False)
+        self.frozen = nn.Parameter(torch.ones(DIM, DIM), requires_grad=False)
+
+    def forward(self, idx, targets):
+        x = x0 = self.embed(idx) @ self.extra_proj
+        for lam, block in zip(self.x0_lambdas, self.blocks):
+            x = block(x + lam * x0, idx)
+        return nn.functional.cross_entropy(self.lm_head(x).flatten(0, 1), targets.flatten())
+
+
+EXPECTED_GROUP = {  # name prefix / suffix -> group
+    "embed.weight": "embed",
+    "extra_proj": "embed",
+    "x0_lambdas": "scalar",
+    "lm_head.weight": "head",
+}
+
+
+def expected_group(name, p):
+    if name in EXPECTED_GROUP:
+        return EXPECTED_GROUP[name]
+    if p.ndim < 2:
+        return "scalar"
+    if "value_embed" in name:
+        return "embed"
+    return "matrix"
+
+
+def batch(seed):
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, VOCAB, (2, 8), generator=gen)
+    return idx, torch.roll(idx, -1, dims=1)
+
+
+def train_steps(model, opt, seeds):
+    for s in seeds:
+        opt.update_schedule(s, lr_multiplier(s, 20, 2, 5, 0.1))
+        model(*batch(s)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def config(yaml_name, **overrides):
+    path = CONF_DIR / "optimizer" / f"{yaml_name}.yaml"
+    fields = OmegaConf.to_container(OmegaConf.load(path))
+    fields.update(overrides)
+    return OptimizerConfig(**fields)
+
+
+@pytest.mark.parametrize("name", ["muon", "soap", "adamw"])
+def test_routing_covers_every_parameter_once(name):
+    model = TinyModel()
+    opt = build_optimizer(model, config(name))
+    seen = {}
+    for inner in opt.optimizers:
+        for group in inner.param_groups:
+            for pname, p in zip(group["param_names"], group["params"]):
+                assert pname not in seen, f"{pname} in two groups"
+                seen[pname] = (type(inner), group["name"])
+                assert group["name"] == expected_group(pname, p), pname
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(seen) == trainable and "frozen" not in seen
+    matrix_kind = {"muon": Muon, "soap": SOAP, "adamw": torch.optim.AdamW}[name]
+    for kind, group in seen.values():
+        assert kind is (matrix_kind if group == "matrix" else torch.optim.AdamW)
+
+
+def test_routing_on_the_real_gpt():
+    gpt = pytest.importorskip("muongpt.model.gpt")
+    model = gpt.GPT(gpt.GPTConfig(vocab_size=200, n_layer=2, n_head=2, n_embd=32))
+    opt = build_optimizer(model, config("muon"))
+    placed = {
+        n: (type(o), g["name"])
+        for o in opt.optimizers
+        for g in o.param_groups
+        for n in g["param_names"]
+    }
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(placed) == sorted(names) and len(names) == sum(
+        len(g["params"]) for g in opt.param_groups
+    )
+    for n, p in model.named_parameters():
+        kind, group = placed[n]
+        if n.startswith("blocks.") and p.ndim >= 2:
+            assert kind is Muon and group == "matrix"
+        else:
+            assert kind is torch.optim.AdamW and group != "matrix"
+    assert placed["embed.weight"][1] == "embed" and placed["lm_head.weight"][1] == "head"
+
+
+def test_adamw_lr_scaling_schedule_and_summary():
+    model = TinyModel()
+    opt = build_optimizer(model, config("muon"))
+    scale = (DIM / 768) ** -0.5
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["matrix"]["base_lr"] == 0.05  # Muon lr is not width-scaled
+    assert groups["embed"]["base_lr"] == pytest.approx(0.6 * scale)
+    assert groups["head"]["base_lr"] == pytest.approx(0.008 * scale)
+    assert groups["scalar"]["base_lr"] == pytest.approx(0.04 * scale)
+    assert all(
+        g["betas"] == (0.8, 0.95) and g["eps"] == 1e-10 for g in opt.optimizers[1].param_groups
+    )
+
+    opt.update_schedule(150, 0.25)
+    for g in opt.param_groups:
+        assert g["lr"] == g["base_lr"] * 0.25
+    assert groups["matrix"]["momentum"] == pytest.approx(0.9)
+    opt.update_schedule(0, 1.0)
+    assert groups["matrix"]["momentum"] == pytest.approx(0.85)
+    opt.update_schedule(1000, 1.0)
+    assert groups["matrix"]["momentum"] == pytest.approx(0.95)
+
+    summary = opt.summary()
+    for g in opt.param_groups:
+        n_params = sum(p.numel() for p in g["params"])
+        line = next(li for li in summary.splitlines() if f" {g['name']} " in li)
+        assert f"{len(g['params'])} tensors" in line and f"{n_params:,} params" in line
+
+
+def test_adamw_state_is_two_buffers_per_parameter():
+    model = TinyModel()
+    opt = build_optimizer(model, config("adamw"))
+    train_steps(model, opt, [0])
+    (adamw,) = opt.optimizers
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(adamw.state) == len(trainable)
+    for p in trainable:
+        buffers = {k: t for k, t in adamw.state[p].items() if k != "step"}
+        assert all(t.shape == p.shape for t in buffers.values())
+        assert sorted(buffers) == ["exp_avg", "exp_avg_sq"]
+        assert all(t.dtype == torch.float32 for t in buffers.values())
+    bytes_ = sum(t.nbytes for s in adamw.state.values() for k, t in s.items() if k != "step")
+    assert bytes_ == 2 * 4 * sum(p.numel() for p in trainable)
+
+
+def test_muon_hybrid_state_bytes():
+    model = TinyModel()
+    opt = build_optimizer(model, config("muon"))
+    train_steps(model, opt, [0])
+    muon, adamw = opt.optimizers
+    matrices = muon.param_groups[0]["params"]
+    assert sum(t.nbytes for s in muon.state.values() for t in s.values()) == 4 * sum(
+        p.numel() for p in matrices
+    )
+    others = [p for g in adamw.param_groups for p in g["params"]]
+    adam_bytes = sum(t.nbytes for s in adamw.state.values() for k, t in s.items() if k != "step")
+    assert adam_bytes == 8 * sum(p.numel() for p in others)
+
+
+@pytest.mark.parametrize(
+    "name,overrides",
+    [("muon", {}), ("soap", {"precondition_frequency": 2}), ("adamw", {"weight_decay": 0.1})],
+)
+def test_state_dict_resume_is_bit_identical(name, overrides):
+    torch.manual_seed(0)
+    model = TinyModel()
+    opt = build_optimizer(model, config(name, **overrides))
+    train_steps(model, opt, range(4))
+
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_model = copy.deepcopy(model)
+    resumed = build_optimizer(resumed_model, config(name, **overrides))
+    resumed.load_state_dict(saved)
+
+    train_steps(model, opt, [4])
+    train_steps(resumed_model, resumed, [4])
+    for (n, a), b in zip(model.named_parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_load_state_dict_refuses_a_different_optimizer():
+    model = TinyModel()
+    saved = build_optimizer(model, config("muon")).state_dict()
+    with pytest.raises(MuonGPTError, match="optimizer state"):
+        build_optimizer(model, config("soap")).load_state_dict(saved)
+
+
+def test_dictconfig_and_hydra_override():
+    hydra = pytest.importorskip("hydra")
+    from muongpt.config import CONF_DIR as LEAD_CONF_DIR
+    from muongpt.config import register_configs
+
+    register_configs()
+    with hydra.initialize_config_dir(config_dir=str(LEAD_CONF_DIR), version_base=None):
+        cfg = hydra.compose("config", overrides=["optimizer=soap", "optimizer.lr=0.003"])
+    opt = build_optimizer(TinyModel(), cfg.optimizer)
+    soap = opt.optimizers[0]
+    assert isinstance(soap, SOAP) and soap.param_groups[0]["lr"] == 0.003
+
+
+class RecordingConfig(OptimizerConfig):
+    """Records which fields the builder reads."""
+
+    def __getattribute__(self, key):
+        if key in {f.name for f in dataclasses.fields(OptimizerConfig)}:
+            object.__getattribute__(self, "_read").add(key)
+        return object.__getattribute__(self, key)
+
+
+@pytest.mark.parametrize("name", ["muon", "soap", "adamw"])
+def test_each_yaml_holds_exactly_the_fields_its_optimizer_reads(name):
+    yaml_fields = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "optimizer" / f"{name}.yaml"))
+    assert yaml_fields["name"] == name
+    cfg = RecordingConfig(**yaml_fields)
+    object.__setattr__(cfg, "_read", set())
+    build_optimizer(TinyModel(), cfg)
+    assert object.__getattribute__(cfg, "_read") == set(yaml_fields)
+
+
+def test_bad_config_and_model():
+    model = TinyModel()
+    cases = [
+        ({"lr": 0.0}, "optimizer.lr"),
+        ({"embed_lr": -1.0}, "optimizer.embed_lr"),
+        ({"adam_betas": [0.9, 1.0]}, r"optimizer.adam_betas\[1\]"),
+        ({"momentum": 1.0}, "optimizer.momentum"),
+        ({"name": "sgd"}, "optimizer.name"),
+        ({"scale_mode": "big"}, "scale_mode"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(MuonGPTError, match=message):
+            build_optimizer(model, config("muon", **overrides))
+    with pytest.raises(MuonGPTError, match=r"optimizer.betas\[0\]"):
+        build_optimizer(model, config("soap", betas=[-0.1, 0.9]))
+    with pytest.raises(MuonGPTError, match="unknown optimizer config key"):
+        build_optimizer(model, {"name": "adamw", "lr": 1e-3, "learning_rate": 1e-3})
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(MuonGPTError, match="empty parameter list"):
+        build_optimizer(model, config("adamw"))
+    with pytest.raises(MuonGPTError, match="no optimizers"):
+        CombinedOptimizer([])
+
+
+def test_lr_multiplier_and_momentum_schedules():
+    total, warmup, cooldown, final = 100, 10, 40, 0.1
+    for step in range(total + 1):
+        got = lr_multiplier(step, total, warmup, cooldown, final)
+        if step < warmup:
+            want = (step + 1) / warmup
+        elif step < total - cooldown:
+            want = 1.0
+        else:
+            want = final + (1 - final) * (total - step) / cooldown
+        assert got == pytest.approx(want)
+    assert lr_multiplier(60, total, warmup, cooldown, final) == 1.0
+    assert lr_multiplier(100, total, warmup, cooldown, final) == pytest.approx(final)
+    assert lr_multiplier(5, 10) == 1.0  # no warmup, no cooldown
+    assert muon_momentum(0, 0.85, 0.95, 300) == 0.85
+    assert muon_momentum(150, 0.85, 0.95, 300) == pytest.approx(0.90)
+    assert muon_momentum(10_000, 0.85, 0.95, 300) == 0.95
+    assert muon_momentum(3, 0.85, 0.95, 0) == 0.95
+    with pytest.raises(MuonGPTError, match="exceed"):
+        lr_multiplier(0, 10, 6, 6)
+    with pytest.raises(MuonGPTError, match="final_lr_frac"):
+        lr_multiplier(0, 10, 0, 0, 1.5)

@@ -1,0 +1,223 @@
+"""Muon: a step equals a plain float64 loop, one batched call per shape, one fp32 buffer each."""
+
+import io
+import math
+
+import pytest
+import torch
+
+from muongpt import MuonGPTError
+from muongpt.optim import Muon
+from muongpt.optim import muon as muon_module
+from muongpt.optim.newton_schulz import (
+    CLASSIC_COEFFICIENTS,
+    POLAR_EXPRESS_COEFFICIENTS,
+    POLAR_EXPRESS_SAFETY,
+)
+
+SHAPES = [(8, 16), (8, 16), (16, 8), (12, 12), (4, 3, 5)]
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny matmuls: one thread avoids OpenMP hand-off stalls on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_params(dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=gen, dtype=dtype).requires_grad_() for s in SHAPES]
+
+
+def make_grads(step, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(*s, generator=gen, dtype=dtype) for s in SHAPES]
+
+
+def reference_orthogonalize(M, coefficients):
+    """Newton-Schulz for one matrix, float64, written out."""
+    if coefficients == "classic":
+        table, safety = [CLASSIC_COEFFICIENTS] * 5, 1.0
+    else:
+        table, safety = POLAR_EXPRESS_COEFFICIENTS, POLAR_EXPRESS_SAFETY
+    tall = M.shape[0] > M.shape[1]
+    X = M.T if tall else M
+    X = X / (math.sqrt((X * X).sum().item()) * safety + 1e-7)
+    for a, b, c in table:
+        A = X @ X.T
+        X = a * X + b * A @ X + c * A @ A @ X
+    return X.T if tall else X
+
+
+def reference_muon(params, grads_per_step, lr, momentum, nesterov, wd, coefficients, scale_mode):
+    """Plain loop over parameters and steps, all float64."""
+    weights = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(w) for w in weights]
+    for grads in grads_per_step:
+        for i, (w, g) in enumerate(zip(weights, grads)):
+            bufs[i] = momentum * bufs[i] + (1 - momentum) * g
+            u = (1 - momentum) * g + momentum * bufs[i] if nesterov else bufs[i]
+            rows, cols = w.shape[0], w.numel() // w.shape[0]
+            o = reference_orthogonalize(u.reshape(rows, cols), coefficients).reshape(w.shape)
+            if scale_mode == "spectral":
+                scale = max(1.0, rows / cols) ** 0.5
+            else:
+                scale = 0.2 * max(rows, cols) ** 0.5
+            weights[i] = w * (1 - lr * wd) - lr * scale * o
+    return weights
+
+
+@pytest.mark.parametrize(
+    "nesterov,wd,coefficients,scale_mode",
+    [
+        (True, 0.0, "polar_express", "spectral"),
+        (False, 0.1, "classic", "match_adamw"),
+        (True, 0.05, "classic", "spectral"),
+    ],
+)
+def test_steps_equal_float64_reference(nesterov, wd, coefficients, scale_mode):
+    params = make_params()
+    grads_per_step = [make_grads(s) for s in range(3)]
+    expected = reference_muon(
+        params, grads_per_step, 0.02, 0.9, nesterov, wd, coefficients, scale_mode
+    )
+    opt = Muon(
+        params,
+        lr=0.02,
+        momentum=0.9,
+        nesterov=nesterov,
+        weight_decay=wd,
+        ns_coefficients=coefficients,
+        scale_mode=scale_mode,
+        ns_dtype=torch.float64,
+    )
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-10, atol=1e-12)
+
+
+def test_bf16_orthogonalization_close_to_reference():
+    params = make_params(torch.float32)
+    start = [p.detach().double() for p in params]
+    grads = make_grads(0, torch.float32)
+    expected = reference_muon(
+        [p.double() for p in params],
+        [[g.double() for g in grads]],
+        0.02,
+        0.95,
+        True,
+        0.0,
+        "polar_express",
+        "spectral",
+    )
+    opt = Muon(params, lr=0.02)
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    for p, s, e in zip(params, start, expected):
+        got, want = p.detach().double() - s, e - s
+        cosine = (got * want).sum() / (got.norm() * want.norm())
+        assert cosine > 0.99
+
+
+def test_one_batched_call_per_shape(monkeypatch):
+    calls = []
+    real = muon_module.newton_schulz
+
+    def counting(G, *args, **kwargs):
+        calls.append(tuple(G.shape))
+        return real(G, *args, **kwargs)
+
+    monkeypatch.setattr(muon_module, "newton_schulz", counting)
+    params = make_params(torch.float32)
+    opt = Muon(params, lr=0.02)
+    for p, g in zip(params, make_grads(0, torch.float32)):
+        p.grad = g
+    opt.step()
+    # (8, 16) twice -> one call of batch 2; the 3-D parameter flattened to (4, 15)
+    assert sorted(calls) == sorted([(2, 8, 16), (1, 16, 8), (1, 12, 12), (1, 4, 15)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_is_one_fp32_buffer_per_matrix(dtype):
+    params = make_params(dtype)
+    opt = Muon(params, lr=0.02)
+    for p, g in zip(params, make_grads(0, dtype)):
+        p.grad = g
+    opt.step()
+    assert len(opt.state) == len(params)
+    for p in params:
+        state = opt.state[p]
+        assert list(state) == ["momentum_buffer"]
+        assert state["momentum_buffer"].dtype == torch.float32
+        assert state["momentum_buffer"].shape == p.shape
+    state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values())
+    assert state_bytes == 4 * sum(p.numel() for p in params)
+
+
+def test_state_dict_roundtrip_bit_identical_with_bf16_params():
+    params = make_params(torch.bfloat16)
+    opt = Muon(params, lr=0.02)
+    for step in range(2):
+        for p, g in zip(params, make_grads(step, torch.bfloat16)):
+            p.grad = g
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    clones = [p.detach().clone().requires_grad_() for p in params]
+    resumed = Muon(clones, lr=0.02)
+    resumed.load_state_dict(saved)
+    for p in clones:  # torch would cast state to bf16; Muon keeps the fp32 buffer
+        assert resumed.state[p]["momentum_buffer"].dtype == torch.float32
+    grads = make_grads(2, torch.bfloat16)
+    for group in (params, clones):
+        for p, g in zip(group, grads):
+            p.grad = g.clone()
+    opt.step()
+    resumed.step()
+    for a, b in zip(params, clones):
+        assert torch.equal(a, b)
+
+
+def test_skips_params_without_grad():
+    params = make_params(torch.float32)
+    before = [p.detach().clone() for p in params]
+    opt = Muon(params, lr=0.02)
+    params[0].grad = torch.ones_like(params[0])
+    opt.step()
+    assert not torch.equal(params[0], before[0])
+    for p, b in zip(params[1:], before[1:]):
+        assert torch.equal(p, b)
+    assert len(opt.state) == 1
+
+
+def test_bad_input():
+    w = torch.zeros(4, 4, requires_grad=True)
+    with pytest.raises(MuonGPTError, match="empty parameter list"):
+        Muon([])
+    with pytest.raises(MuonGPTError, match="lr"):
+        Muon([w], lr=0.0)
+    with pytest.raises(MuonGPTError, match="lr"):
+        Muon([w], lr=-1e-3)
+    with pytest.raises(MuonGPTError, match="momentum"):
+        Muon([w], momentum=1.0)
+    with pytest.raises(MuonGPTError, match="scale_mode"):
+        Muon([w], scale_mode="huge")
+    with pytest.raises(MuonGPTError, match="coefficients"):
+        Muon([w], ns_coefficients="cubic")
+    gain = torch.ones(4, requires_grad=True)
+    with pytest.raises(MuonGPTError, match="blocks.0.norm.weight"):
+        Muon([("blocks.0.mlp.fc.weight", w), ("blocks.0.norm.weight", gain)])
+    with pytest.raises(MuonGPTError, match=r"param_groups\[0\]\[0\]"):
+        Muon([torch.tensor(1.0, requires_grad=True)])
+    with pytest.raises(ValueError):  # OptimizerError is a ValueError too
+        Muon([gain])
