@@ -26,4 +26,4 @@ muongpt-train -m "experiment=${experiment}" "optimizer=${optimizers}" "$@" \
     "hydra.sweep.dir=${sweep_dir}" 'hydra.sweep.subdir=${hydra.job.num}_${optimizer.name}'
 
 muongpt plot "$sweep_dir" --out "$sweep_dir/comparison.png" --table "$sweep_dir/comparison.md"
-echo "plot: $sweep_dir/comparison.png  table: $sweep_dir/comparison.md"
+echo "table: $sweep_dir/comparison.md"

@@ -182,5 +182,9 @@ def test_bad_inputs(checkpoint, tmp_path, capsys):
     bad_shard.write_bytes(np.arange(300, dtype=np.int32).tobytes())
     assert_clear_error(evaluate([str(checkpoint), "--data", str(bad_shard)], capsys), "bad.bin")
 
+    packed = tmp_path / "val.bin.xz"
+    packed.write_bytes(b"\xfd7zXZ\x00")
+    assert_clear_error(evaluate([str(checkpoint), "--data", str(packed)], capsys), "unpack")
+
     argv = [str(checkpoint), "--data", str(text_file), "--seq-len", "0"]
     assert_clear_error(evaluate(argv, capsys), "--seq-len")

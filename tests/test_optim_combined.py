@@ -327,3 +327,21 @@ def test_lr_multiplier_and_momentum_schedules():
         lr_multiplier(0, 10, 6, 6)
     with pytest.raises(MuonGPTError, match="final_lr_frac"):
         lr_multiplier(0, 10, 0, 0, 1.5)
+
+
+@pytest.mark.parametrize("name", ["muon", "soap"])
+def test_loading_a_fresh_state_undoes_steps(name):
+    """The trainer's compile warm-up: save the empty state, step, load it back, start over."""
+    torch.manual_seed(0)
+    model = TinyModel()
+    start = copy.deepcopy(model)
+    opt = build_optimizer(model, config(name))
+    fresh_state = copy.deepcopy(opt.state_dict())
+    train_steps(model, opt, range(3))
+    model.load_state_dict(start.state_dict())
+    opt.load_state_dict(fresh_state)
+    train_steps(model, opt, range(2))
+    reference = build_optimizer(start, config(name))
+    train_steps(start, reference, range(2))
+    for (n, a), b in zip(model.named_parameters(), start.parameters()):
+        assert torch.equal(a, b), n

@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from muongpt.optim.config import OptimizerConfig
+from muongpt.train.sinks import LoggingConfig
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
@@ -38,6 +39,7 @@ class ModelConfig:
     value_embeds: int = 0  # value-embedding tables, for the first and last n attention layers
     unet_skips: bool = False  # first-half block outputs added to second-half block inputs
     x0_mix: bool = False  # each block mixes in the embedding output: a x + b x0
+    embed_norm: bool = False  # RMSNorm on the embedding output
 
 
 @dataclass
@@ -78,8 +80,12 @@ class TrainingConfig:
     eval_tokens: int = 65536
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only the final checkpoint
-    keep_checkpoints: int = 2
-    resume: str = "none"  # none | auto | path to a checkpoint
+    keep_checkpoints: int = 2  # the newest K checkpoints are kept; 0 keeps all
+    resume: str = "none"  # none | auto (newest in the run dir) | a checkpoint file or run dir
+    export_safetensors: bool = True  # model.safetensors (weights only) beside the final checkpoint
+    # Non-finite losses: 0 stops at the first (no per-step sync); N > 0 skips up to N steps
+    # (their update is not applied), at the cost of one device->host sync per step.
+    max_bad_steps: int = 0
     sample_tokens: int = 64
     sample_prompt: str = "\n"
     sample_temperature: float = 0.8
@@ -98,6 +104,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def register_configs() -> None:

@@ -83,6 +83,8 @@ def load_tokens(path: Path) -> np.ndarray:
         raise MuonGPTError(f"--data: file not found: {path}")
     if path.suffix == ".bin":
         return open_shard(path)
+    if path.suffix in (".xz", ".gz", ".zst", ".bz2"):
+        raise MuonGPTError(f"--data {path}: compressed; unpack it first (e.g. `xz -dk {path}`)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -2,8 +2,9 @@
 
 Files come through huggingface_hub's own cache (so HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE and a
 cache filled earlier all work as usual) and are then hard-linked into the output folder (copied
-when the cache is on another file system). A file already in the folder with a valid shard
-header is skipped; a corrupt one is replaced. Each file appears in the folder atomically.
+when the cache is on another file system; a hard link shares the cache's bytes, so treat the
+shards as read-only). A file already in the folder with a valid shard header is skipped; a
+corrupt one is replaced. Each file appears in the folder atomically.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def _is_valid_shard(path: Path) -> bool:
 def _fetch(repo: FineWebRepo, filename: str, cache_dir: str | None) -> Path:
     """Path of ``filename`` in the huggingface_hub cache, downloading it if needed."""
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (
+    from huggingface_hub.utils import (
         EntryNotFoundError,
         GatedRepoError,
         HfHubHTTPError,

@@ -89,9 +89,16 @@ def _fp8_matmul_fake(x, w, x_scale, w_scale, grad_scale):
 
 @torch.library.custom_op("muongpt::fp8_matmul_backward", mutates_args=())
 def fp8_matmul_backward(
-    g8: Tensor, x8: Tensor, w8: Tensor, x_scale: float, w_scale: float, grad_scale: float
+    g8: Tensor,
+    g8_t: Tensor,
+    x8: Tensor,
+    w8: Tensor,
+    x_scale: float,
+    w_scale: float,
+    grad_scale: float,
 ) -> tuple[Tensor, Tensor]:
-    """From g8 (M, N) e5m2: (dx bf16 (M, K), dW fp32 (N, K)), both contiguous."""
+    """From g8 (M, N) and its transpose g8_t (N, M), both e5m2 and contiguous:
+    (dx bf16 (M, K), dW fp32 (N, K)), both contiguous."""
     inv_g = _inv_scale(g8, grad_scale)
     dx = torch._scaled_mm(
         g8,
@@ -102,7 +109,7 @@ def fp8_matmul_backward(
         use_fast_accum=False,
     )
     dw = torch._scaled_mm(
-        g8.t().contiguous(),  # (N, M) row-major
+        g8_t,  # (N, M) row-major
         x8.t().contiguous().t(),  # (M, K) column-major
         scale_a=inv_g,
         scale_b=_inv_scale(g8, x_scale),
@@ -113,7 +120,7 @@ def fp8_matmul_backward(
 
 
 @fp8_matmul_backward.register_fake
-def _fp8_matmul_backward_fake(g8, x8, w8, x_scale, w_scale, grad_scale):
+def _fp8_matmul_backward_fake(g8, g8_t, x8, w8, x_scale, w_scale, grad_scale):
     M, K, N = x8.size(0), x8.size(1), w8.size(0)
     return (
         g8.new_empty((M, K), dtype=torch.bfloat16),
@@ -132,8 +139,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, _grad_x8, _grad_w8):
     x8, w8 = ctx.saved_tensors
     x_scale, w_scale, grad_scale = ctx.scales
-    g8 = _to_fp8(grad_y.contiguous(), grad_scale, torch.float8_e5m2, E5M2_MAX)
-    dx, dw = fp8_matmul_backward(g8, x8, w8, x_scale, w_scale, grad_scale)
+    # Traced (and under torch.compile fused into the kernel that made grad_y): the scaled cast,
+    # in both layouts. cuBLAS fp8 wants each operand contiguous along the reduced dimension,
+    # and dW reduces over the tokens: transposing here beats an fp8 transpose kernel later.
+    g8 = _to_fp8(grad_y, grad_scale, torch.float8_e5m2, E5M2_MAX).contiguous()
+    g8_t = _to_fp8(grad_y.t(), grad_scale, torch.float8_e5m2, E5M2_MAX).contiguous()
+    dx, dw = fp8_matmul_backward(g8, g8_t, x8, w8, x_scale, w_scale, grad_scale)
     return dx.to(ctx.dtypes[0]), dw.to(ctx.dtypes[1]), None, None, None
 
 

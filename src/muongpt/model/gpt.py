@@ -15,6 +15,8 @@ Optional speedrun tricks (modded-nanogpt, late 2024), each off by default:
 - ``unet_skips``: the first L/2 blocks' outputs are added back, last in first out, to the inputs
   of the last L/2 blocks, each with a learned weight (starts at 1).
 - ``x0_mix``: every block first mixes in the embedding output: x <- a x + b x0 (a=1, b=0 at start).
+- ``embed_norm``: x0 = RMSNorm(embed(idx)). Keeps the residual stream at unit scale however far a
+  high-lr (AdamW 0.6) embedding drifts; without it the embedding can swamp the blocks' outputs.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class GPTConfig:
     value_embeds: int = 0
     unet_skips: bool = False
     x0_mix: bool = False
+    embed_norm: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
@@ -206,7 +209,10 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, caches: list | None = None):
         """Mean cross-entropy over ``targets`` (ids < 0 are ignored), or fp32 logits (B, T, vocab)."""
-        x = x0 = self.embed(idx)
+        x = self.embed(idx)
+        if self.config.embed_norm:
+            x = rms_norm(x)
+        x0 = x
         ves = [e(idx) for e in self.value_embeds]
         n_enc = len(self.skip_weights) if self.skip_weights is not None else 0
         skips = []

@@ -24,6 +24,8 @@ def run(cfg: DictConfig) -> dict:
             (trainer.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
             print(f"run directory: {run_dir}")
         summary = trainer.run()
+        if summary.get("interrupted"):  # stopped by SIGTERM/SIGINT after saving a checkpoint
+            return summary
         if trainer.ctx.is_main:
             sample = trainer.sample()
             print("\n--- sample ---\n" + sample.strip() + "\n--------------")
@@ -41,10 +43,14 @@ def run(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
-        run(cfg)
+        summary = run(cfg)
     except MuonGPTError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if summary.get("interrupted"):
+        from muongpt.train.resilience import EXIT_INTERRUPTED
+
+        sys.exit(EXIT_INTERRUPTED)  # 75: a checkpoint was saved; rerun with training.resume=auto
 
 
 def _one_line(error: Exception) -> str:

@@ -1,16 +1,27 @@
-"""Checkpoints: written atomically, loaded without arbitrary unpickling.
+"""Checkpoints: written atomically, loaded without arbitrary unpickling, found again on resume.
 
-A checkpoint is one ``torch.save`` file holding only tensors and plain Python values, so it loads
-with ``torch.load(weights_only=True)``. Files are named ``step_000123.pt`` inside the run's
-``checkpoints/`` folder; a save goes to a temporary name, is fsynced, then renamed, so a crash
-during a save leaves the previous checkpoint intact.
+A checkpoint is one ``torch.save`` file holding only tensors and plain Python values (dicts,
+lists, tuples, str, int, float, bool, None), so it loads with ``torch.load(weights_only=True)``;
+a file that needs anything else (a pickled class, a function call) is refused before any of it
+runs. Files are named ``step_000123.pt`` inside the run's ``checkpoints/`` folder.
+
+Every write goes to a temporary name beside the target, is fsynced, then renamed over the target
+(and the folder fsynced), so a crash or kill during a save leaves the previous file intact. A
+temporary left by a killed process is named ``.step_000123.pt.tmp-PID`` and ignored (and removed
+on the next resume or prune).
+
+``model.safetensors`` (the weights alone, for sampling and sharing) is exported next to the final
+checkpoint; its metadata holds the step and the resolved config as JSON.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,7 +29,13 @@ import torch
 from muongpt import MuonGPTError
 
 CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_FORMAT = 1  # bumped when the layout of the saved dict changes
+EXPORT_NAME = "model.safetensors"
+RESUME_KEYS = ("model", "optimizer", "loader", "step", "tokens_seen", "config")
 _NAME = re.compile(r"^step_(\d+)\.pt$")
+_TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")
+_REFUSED = re.compile(r"Unsupported (global: GLOBAL [\w.]+|operand \d+|class [\w.]+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class CheckpointError(MuonGPTError):
@@ -29,15 +46,24 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:06d}.pt"
 
 
-def save_checkpoint(path: str | Path, state: dict) -> Path:
+def step_of(path: str | Path) -> int | None:
+    m = _NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+# ---------------------------------------------------------------- atomic writes
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(temporary_path)``, fsync it, rename it to ``path``: all or nothing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -53,43 +79,194 @@ def _fsync_dir(folder: Path) -> None:
         return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 
 
+def save_checkpoint(path: str | Path, state: dict) -> Path:
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+# ---------------------------------------------------------------- the checkpoints of a run
+def _folder(run_dir: str | Path) -> Path:
+    """``run_dir/checkpoints``; a path that already is a checkpoints folder is taken as it is."""
+    run_dir = Path(run_dir)
+    if run_dir.name == CHECKPOINT_DIR and not (run_dir / CHECKPOINT_DIR).is_dir():
+        return run_dir
+    return run_dir / CHECKPOINT_DIR
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Checkpoints of a run, oldest first (by step)."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
+    folder = _folder(run_dir)
     if not folder.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
     return [p for _, p in sorted(found)]
 
 
+def remove_stale_temporaries(run_dir: str | Path) -> None:
+    """Delete temporaries that a killed save left behind (never this process's own)."""
+    folder = _folder(run_dir)
+    if not folder.is_dir():
+        return
+    mine = f".tmp-{os.getpid()}"
+    for p in folder.iterdir():
+        if _TEMPORARY.match(p.name) and not p.name.endswith(mine):
+            p.unlink(missing_ok=True)
+
+
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints (0 or less: keep all)."""
+    remove_stale_temporaries(run_dir)
     if keep <= 0:
         return
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
 
 
+# ---------------------------------------------------------------- safe loading
+def _describe_load_error(e: Exception) -> str:
+    text = _ANSI.sub("", str(e))
+    if isinstance(e, pickle.UnpicklingError) and "weights only" in text.lower():
+        m = _REFUSED.search(text)
+        what = m.group(0) if m else "a non-tensor object"
+        return (
+            f"refused: loading it would need arbitrary unpickling ({what}); muongpt loads only "
+            "tensors and plain values (torch.load weights_only=True)"
+        )
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    detail = f"{type(e).__name__}: {first[:160]}" if first else type(e).__name__
+    return f"unreadable or truncated checkpoint ({detail})"
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load a checkpoint safely; a file that needs arbitrary unpickling is refused."""
+    """Load a checkpoint safely; a file that needs arbitrary unpickling is refused unexecuted."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path}: refused, the file needs arbitrary unpickling ({first[:160]})"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path}: unreadable or truncated checkpoint ({first[:160]})"
-        ) from None
+    except Exception as e:  # the zip reader and the restricted unpickler fail in many ways
+        raise CheckpointError(f"{path}: {_describe_load_error(e)}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not a muongpt checkpoint (no model weights and config)")
+    if int(state.get("format", CHECKPOINT_FORMAT)) > CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path}: checkpoint format {state['format']} is newer than this muongpt reads "
+            f"({CHECKPOINT_FORMAT}); upgrade muongpt"
+        )
     return state
+
+
+def load_resumable(path: str | Path, map_location="cpu") -> dict:
+    """``load_checkpoint`` plus a check that the file holds a full training state."""
+    state = load_checkpoint(path, map_location)
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path}: cannot resume from it, it lacks {', '.join(missing)} (a weights-only file?)"
+        )
+    return state
+
+
+def print_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def find_resume_checkpoint(
+    resume: str,
+    run_dir: str | Path,
+    *,
+    warn: Callable[[str], None] = print_warning,
+    move_aside: bool = True,
+) -> tuple[Path, dict] | None:
+    """The checkpoint ``training.resume`` names, loaded: (path, state), or None to start fresh.
+
+    ``none``: None. ``auto``: the newest loadable checkpoint of ``run_dir`` (None if it has none).
+    A file: that checkpoint (any failure is an error). A folder (a run directory or its
+    checkpoints/ folder): its newest loadable checkpoint. Newer files that fail to load (truncated,
+    corrupt, refused) are skipped with a warning and, if ``move_aside``, renamed to
+    ``<name>.unreadable`` so later resumes and pruning do not meet them again.
+    """
+    if resume in ("", "none"):
+        return None
+    if resume == "auto":
+        folder = Path(run_dir)
+    else:
+        given = Path(resume)
+        if given.is_file():
+            return given, load_resumable(given)
+        if not given.is_dir():
+            raise CheckpointError(
+                f"training.resume={resume}: no such checkpoint file or run directory "
+                "(use none, auto, a step_NNNNNN.pt file or a run directory)"
+            )
+        folder = given
+    candidates = list_checkpoints(folder)
+    if not candidates:
+        if resume == "auto":
+            return None
+        raise CheckpointError(f"training.resume={resume}: no step_NNNNNN.pt checkpoints there")
+    for path in reversed(candidates):
+        try:
+            return path, load_resumable(path)
+        except CheckpointError as e:
+            aside = ""
+            if move_aside:
+                bad = path.with_name(path.name + ".unreadable")
+                try:
+                    os.replace(path, bad)
+                    aside = f" (moved to {bad.name})"
+                except OSError:
+                    pass
+            warn(f"skipping {e}{aside}; trying the previous checkpoint")
+    raise CheckpointError(
+        f"no loadable checkpoint in {_folder(folder)} ({len(candidates)} tried); "
+        "remove them or start a new run directory"
+    )
+
+
+# ---------------------------------------------------------------- weights-only export
+def export_safetensors(
+    weights: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None
+) -> Path:
+    """Write model weights alone as safetensors (atomically); ``metadata`` is stored as JSON."""
+    from safetensors.torch import save_file
+
+    tensors, seen = {}, set()
+    for name, value in weights.items():
+        value = value.detach().to("cpu").contiguous()
+        key = (value.untyped_storage().data_ptr(), value.storage_offset())
+        if key in seen:  # safetensors refuses tensors that share memory
+            value = value.clone()
+        seen.add(key)
+        tensors[name] = value
+    header = {"format": "muongpt", **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+
+
+def read_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The weights and the metadata (JSON-decoded) of a file ``export_safetensors`` wrote."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            weights = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({type(e).__name__})") from None
+    meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
+    return weights, meta
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> Path:
+    """Export a checkpoint's weights to safetensors (default: model.safetensors beside it)."""
+    checkpoint = Path(checkpoint)
+    state = load_checkpoint(checkpoint)
+    out = Path(out) if out is not None else checkpoint.with_name(EXPORT_NAME)
+    meta = {"step": state.get("step"), "config": state["config"]}
+    return export_safetensors(state["model"], out, meta)

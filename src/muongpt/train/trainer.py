@@ -21,7 +21,9 @@ from muongpt.model.gpt import GPT, GPTConfig
 from muongpt.optim import build_optimizer
 from muongpt.optim.schedule import lr_multiplier
 from muongpt.train import checkpoint as ckpt
+from muongpt.train import resilience
 from muongpt.train.distributed import DistContext, all_reduce_mean, init_distributed, shutdown
+from muongpt.train.sinks import make_sinks
 
 
 def build_model_config(cfg: DictConfig) -> GPTConfig:
@@ -40,6 +42,7 @@ def build_model_config(cfg: DictConfig) -> GPTConfig:
         value_embeds=m.value_embeds,
         unet_skips=m.unet_skips,
         x0_mix=m.x0_mix,
+        embed_norm=m.embed_norm,
         mixer_pattern=list(mix.pattern),
         pom_degree=mix.pom_degree,
         pom_expand=mix.pom_expand,
@@ -110,6 +113,17 @@ class Trainer:
         self.train_loader, self.val_sources, self.entropy = self._build_data()
         self.step, self.tokens_seen, self.train_seconds = 0, 0, 0.0
         self.metrics_file = self.run_dir / "metrics.jsonl"
+        self.sinks = (
+            make_sinks(
+                cfg.logging, self.run_dir, run_config=OmegaConf.to_container(cfg, resolve=True)
+            )
+            if self.ctx.is_main
+            else []
+        )
+        self.guard = resilience.NonFiniteGuard(t.max_bad_steps, self.ctx, log=self.log)
+        self.preemption = resilience.PreemptionHandler()
+        self.last_checkpoint_step: int | None = None
+        self.resumed_from = self.resume(t.resume)  # keep last: it restores the RNG states
 
     # ---------------------------------------------------------------- setup
     def _build_data(self):
@@ -196,24 +210,29 @@ class Trainer:
                 loss = self.forward(inputs, targets)
             (loss / self.grad_accum).backward()
             loss_sum += loss.detach().float()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.optimizer.step()
+        mean_loss = loss_sum / self.grad_accum
+        if self.guard.observe(mean_loss, self.step + 1):  # False: a non-finite step to skip
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        return loss_sum / self.grad_accum
+        return mean_loss
 
     def write_metrics(self, record: dict) -> None:
         if self.ctx.is_main:
             with open(self.metrics_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            for sink in self.sinks:
+                sink.log(record)
 
     def current_lr(self) -> float:
         return float(self.optimizer.optimizers[0].param_groups[0]["lr"])
 
     def run(self) -> dict:
         t = self.cfg.training
+        self.preemption.install()  # SIGTERM/SIGINT: checkpoint at the next step boundary, exit
         self.log(
             f"model: {self.model.num_params():,} parameters "
             f"({self.model.num_params(non_embedding=True):,} without the embedding); "
@@ -250,15 +269,13 @@ class Trainer:
             record = None
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 train_loss = float(all_reduce_mean(loss, self.ctx))
-                if not math.isfinite(train_loss):
-                    raise MuonGPTError(
-                        f"non-finite training loss ({train_loss}) at step {self.step}"
-                    )
+                self.guard.check(self.step)  # a non-finite loss at any step so far stops here
                 tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                 window_start, window_tokens = time.perf_counter(), 0
-                record = self._record(train_loss, tok_s)
+                record = self._record(train_loss if math.isfinite(train_loss) else None, tok_s)
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
             if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                self.guard.check(self.step)
                 val_loss = self.evaluate()
                 record = record or self._record(None, None)
                 record["val_loss"] = val_loss
@@ -266,7 +283,14 @@ class Trainer:
                 window_start = time.perf_counter()  # evaluation time is not training throughput
             if record is not None:
                 self.write_metrics(record)
+            last = self.step == t.max_steps  # the final checkpoint is saved after the loop
+            if not last and t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0:
+                self.save_checkpoint()
+                window_start = time.perf_counter()  # saving is not training throughput
             bar.update(1)
+            if not last and self.preemption.should_stop(self.ctx, self.step, t.log_every):
+                bar.close()
+                return self.interrupted()
         bar.close()
         final = self.save_final()
         summary = {
@@ -296,23 +320,71 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints & samples
     def state_dict(self) -> dict:
         return {
+            "format": ckpt.CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "loader": self.train_loader.state_dict(),
             "step": self.step,
             "tokens_seen": self.tokens_seen,
+            "train_seconds": self.train_seconds,
+            "rng": resilience.capture_rng_state(self.device),
+            **self.guard.state_dict(),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
 
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state_dict(): weights, optimizer, data position, counters, RNG states."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.train_loader.load_state_dict(state["loader"])
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.guard.load_state_dict(state)
+        if "rng" in state:
+            resilience.restore_rng_state(state["rng"], self.device)
+
+    def resume(self, resume: str) -> Path | None:
+        """Load what training.resume names (none | auto | a file | a run directory), if anything."""
+        return resilience.resume_trainer(self, resume)
+
+    def save_checkpoint(self) -> Path:
+        """Save the full training state of this step (main rank); keep the newest K files."""
+        self.guard.check(self.step)  # never save a state that a non-finite loss has touched
+        path = ckpt.checkpoint_path(self.run_dir, self.step)
+        if self.last_checkpoint_step == self.step:
+            return path
+        if self.ctx.is_main:
+            ckpt.save_checkpoint(path, self.state_dict())
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.training.keep_checkpoints)
+            self.log(f"checkpoint: {path}")
+        self.guard.last_checkpoint, self.last_checkpoint_step = path, self.step
+        return path
+
     def save_final(self) -> Path | None:
+        path = self.save_checkpoint()
         if not self.ctx.is_main:
             return None
-        path = ckpt.save_checkpoint(
-            ckpt.checkpoint_path(self.run_dir, self.step), self.state_dict()
-        )
-        ckpt.prune_checkpoints(self.run_dir, self.cfg.training.keep_checkpoints)
-        self.log(f"checkpoint: {path}")
+        if self.cfg.training.export_safetensors:
+            meta = {"step": self.step, "config": OmegaConf.to_container(self.cfg, resolve=True)}
+            export = path.with_name(ckpt.EXPORT_NAME)
+            ckpt.export_safetensors(self.model.state_dict(), export, meta)
+            self.log(f"weights only: {export}")
         return path
+
+    def interrupted(self) -> dict:
+        """After a SIGTERM/SIGINT: save this step and say how to continue."""
+        path = self.save_checkpoint()
+        self.log(
+            f"stopped by {self.preemption.name} after step {self.step}: checkpoint {path}; "
+            f"continue with training.resume=auto hydra.run.dir={self.run_dir}"
+        )
+        return {
+            "steps": self.step,
+            "tokens": self.tokens_seen,
+            "train_seconds": round(self.train_seconds, 2),
+            "interrupted": self.preemption.name,
+            "checkpoint": str(path),
+        }
 
     def sample(self) -> str:
         from muongpt.generate import generate_tokens
@@ -334,6 +406,9 @@ class Trainer:
         return t.sample_prompt + decode(new)
 
     def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.preemption.restore()
         shutdown(self.ctx)
 
 
