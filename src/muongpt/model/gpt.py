@@ -15,6 +15,10 @@ Optional speedrun tricks (modded-nanogpt, late 2024), each off by default:
 - ``unet_skips``: the first L/2 blocks' outputs are added back, last in first out, to the inputs
   of the last L/2 blocks, each with a learned weight (starts at 1).
 - ``x0_mix``: every block first mixes in the embedding output: x <- a x + b x0 (a=1, b=0 at start).
+- ``attention = "flex"``: FlexAttention with a block mask: causal, plus ``doc_mask`` (a token
+  sees only its own document: documents start at the end-of-text token) and ``attn_window``
+  (sliding window of that many tokens; 0 = unbounded). Long packed sequences then cost no more
+  than short ones. Training / full-sequence scoring only; decoding with caches uses SDPA.
 - ``embed_norm``: x0 = RMSNorm(embed(idx)). Keeps the residual stream at unit scale however far a
   high-lr (AdamW 0.6) embedding drifts; without it the embedding can swamp the blocks' outputs.
 """
@@ -57,6 +61,10 @@ class GPTConfig:
     unet_skips: bool = False
     x0_mix: bool = False
     embed_norm: bool = False
+    attention: str = "sdpa"  # sdpa | flex
+    doc_mask: bool = False  # flex only
+    attn_window: int = 0  # flex only; 0 = full causal
+    bos_token: int = 50256
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
@@ -74,6 +82,12 @@ class GPTConfig:
             raise MuonGPTError(
                 f"mixer_pattern entries must be in {MIXERS}, got {self.mixer_pattern}"
             )
+        if self.attention not in ("sdpa", "flex"):
+            raise MuonGPTError(f"model.attention must be 'sdpa' or 'flex', got {self.attention!r}")
+        if self.attention == "sdpa" and (self.doc_mask or self.attn_window):
+            raise MuonGPTError("model.doc_mask and model.attn_window need model.attention=flex")
+        if self.attn_window < 0:
+            raise MuonGPTError(f"model.attn_window must be >= 0, got {self.attn_window}")
         if not 0 <= 2 * self.value_embeds <= self.n_layer:
             raise MuonGPTError(
                 f"model.value_embeds must be in [0, n_layer / 2 = {self.n_layer // 2}], "
@@ -130,13 +144,15 @@ class Block(nn.Module):
         # x <- a x + b x0 before the block (x0_mix); a scalar-group parameter, no weight decay
         self.x0_lambdas = nn.Parameter(torch.tensor([1.0, 0.0])) if config.x0_mix else None
 
-    def forward(self, x: Tensor, cache=None, x0: Tensor | None = None, ve: Tensor | None = None):
+    def forward(
+        self, x: Tensor, cache=None, x0: Tensor | None = None, ve: Tensor | None = None, mask=None
+    ):
         if self.x0_lambdas is not None:
             x = self.x0_lambdas[0] * x + self.x0_lambdas[1] * x0
-        if ve is None:
-            x = x + self.mixer(rms_norm(x), cache=cache)
-        else:
-            x = x + self.mixer(rms_norm(x), cache=cache, ve=ve)
+        extra = {} if ve is None else {"ve": ve}
+        if mask is not None and self.kind == "attention":
+            extra["block_mask"] = mask
+        x = x + self.mixer(rms_norm(x), cache=cache, **extra)
         return x + self.mlp(rms_norm(x))
 
 
@@ -198,6 +214,25 @@ class GPT(nn.Module):
                 caches.append(b.mixer.new_cache(batch_size, device))
         return caches
 
+    def block_mask(self, idx: Tensor):
+        """FlexAttention block mask of a (B, T) batch: causal, document and window limits."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        c = self.config
+        B, T = idx.shape
+        docs = (idx == c.bos_token).cumsum(-1) if c.doc_mask else None
+        window = c.attn_window
+
+        def mask_mod(b, h, q, kv):
+            keep = q >= kv
+            if docs is not None:
+                keep = keep & (docs[b, q] == docs[b, kv])
+            if window:
+                keep = keep & (q - kv < window)
+            return keep
+
+        return create_block_mask(mask_mod, B, None, T, T, device=idx.device)
+
     def softcap(self, logits: Tensor) -> Tensor:
         mode = self.config.logit_softcap
         if mode == "tanh":
@@ -214,6 +249,9 @@ class GPT(nn.Module):
             x = rms_norm(x)
         x0 = x
         ves = [e(idx) for e in self.value_embeds]
+        mask = None
+        if self.config.attention == "flex" and caches is None:
+            mask = self.block_mask(idx)
         n_enc = len(self.skip_weights) if self.skip_weights is not None else 0
         skips = []
         for i, block in enumerate(self.blocks):
@@ -225,6 +263,7 @@ class GPT(nn.Module):
                 cache=None if caches is None else caches[i],
                 x0=x0,
                 ve=None if v is None else ves[v],
+                mask=mask,
             )
             if i < n_enc:
                 skips.append(x)

@@ -46,6 +46,11 @@ REFERENCE_WIDTH = 768
 GROUP_NAMES = ("matrix", "embed", "head", "scalar")
 
 
+def optimizer_kind(opt: torch.optim.Optimizer) -> str:
+    """The name a checkpoint records; a sharded optimizer saves its single-process kind's state."""
+    return getattr(opt, "state_kind", type(opt).__name__)
+
+
 class CombinedOptimizer:
     """Several torch optimizers stepped as one; ``optimizers`` lists them."""
 
@@ -83,6 +88,14 @@ class CombinedOptimizer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=set_to_none)
 
+    def reduce_during_next_backward(self) -> None:
+        """Called before the last micro-step's backward; only sharded optimizers use it."""
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip the gradients to global norm ``max_norm`` (over ranks when distributed)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
     def update_schedule(self, step: int, lr_scale: float) -> None:
         momentum = muon_momentum(
             step, self.momentum_start, self.momentum_end, self.momentum_warmup_steps
@@ -95,13 +108,13 @@ class CombinedOptimizer:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "kinds": [type(opt).__name__ for opt in self.optimizers],
+            "kinds": [optimizer_kind(opt) for opt in self.optimizers],
             "optimizers": [opt.state_dict() for opt in self.optimizers],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load the optimizer state (moments, bases); hyperparameters stay as configured now."""
-        kinds = [type(opt).__name__ for opt in self.optimizers]
+        kinds = [optimizer_kind(opt) for opt in self.optimizers]
         if state_dict.get("kinds") != kinds:
             raise OptimizerError(
                 f"optimizer state is for {state_dict.get('kinds')}, this run builds {kinds}"
@@ -292,7 +305,13 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
             momentum_end=cfg.momentum,
             momentum_warmup_steps=cfg.momentum_warmup_steps,
         )
-    return CombinedOptimizer(optimizers, header=header, **momentum)
+    combined = CombinedOptimizer(optimizers, header=header, **momentum)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from muongpt.optim.distributed import distribute
+
+        return distribute(combined, model)  # no DDP: the sharded optimizers reduce the grads
+    return combined
 
 
 def _check_partition(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:

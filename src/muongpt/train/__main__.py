@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import hydra
@@ -10,6 +11,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from muongpt import MuonGPTError
 from muongpt.config import CONF_DIR, register_configs
+from muongpt.train.distributed import (
+    agree_on_startup,
+    broadcast_parameters,
+    env_rank,
+    env_world_size,
+)
 
 register_configs()
 
@@ -18,7 +25,13 @@ def run(cfg: DictConfig) -> dict:
     from muongpt.train.trainer import Trainer
 
     run_dir = HydraConfig.get().runtime.output_dir
-    trainer = Trainer(cfg, run_dir)
+    trainer, error = None, None
+    try:
+        trainer = Trainer(cfg, run_dir)
+    except Exception as e:  # under torchrun every rank must hear of it, or the others would hang
+        error = e
+    agree_on_startup(OmegaConf.to_container(cfg, resolve=True), error)  # raises on every rank
+    broadcast_parameters(trainer.model)
     try:
         if trainer.ctx.is_main:
             (trainer.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -40,12 +53,21 @@ def run(cfg: DictConfig) -> dict:
         trainer.close()
 
 
+def report(error: MuonGPTError) -> None:
+    """One line on stderr; under torchrun, an error every rank shares is printed by rank 0 only."""
+    rank = env_rank()
+    if rank != 0 and getattr(error, "reported_by_rank0", False):
+        return
+    where = f" (rank {rank})" if rank != 0 else ""
+    print(f"error{where}: {error}", file=sys.stderr)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         summary = run(cfg)
     except MuonGPTError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         sys.exit(2)
     if summary.get("interrupted"):
         from muongpt.train.resilience import EXIT_INTERRUPTED
@@ -75,12 +97,68 @@ def check_overrides(argv: list[str]) -> None:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             compose(config_name="config", overrides=overrides)
     except Exception as e:  # Hydra raises several types; all mean a bad config
-        print(f"error: invalid config: {_one_line(e)}", file=sys.stderr)
+        if env_rank() == 0:  # every rank composes the same overrides: one message is enough
+            print(f"error: invalid config: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _hydra_value(value: str) -> str:
+    """``value`` as a Hydra override value (quoted unless it is a plain path)."""
+    if re.fullmatch(r"[\w./-]+", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def distributed_overrides(argv: list[str]) -> list[str]:
+    """Under torchrun: start the process group and give every rank rank 0's run directory.
+
+    Each rank would otherwise resolve ``hydra.run.dir`` (``${now:...}``) itself and could get a
+    directory of its own. Rank 0 resolves it, broadcasts it, and every rank runs with it as an
+    explicit ``hydra.run.dir``; the other ranks write no ``.hydra/`` files and no log file there.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.utils import setup_globals
+
+    from muongpt.train.distributed import broadcast_object, init_distributed
+
+    if any(a in ("-m", "--multirun") for a in argv):
+        report(MuonGPTError("sweeps (-m) cannot run under torchrun; start one torchrun per run"))
+        sys.exit(2)
+    if any(a.startswith("-") for a in argv):
+        return argv  # --help, --cfg, ...: Hydra answers them without running
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=argv, return_hydra_config=True)
+    try:
+        init_distributed(cfg.training.device)
+    except MuonGPTError as e:
+        report(e)
+        sys.exit(2)
+    run_dir = None
+    if env_rank() == 0:
+        setup_globals()  # the ${now:...} resolver
+        try:
+            run_dir = str(cfg.hydra.run.dir)
+        except Exception as e:
+            run_dir = MuonGPTError(
+                f"hydra.run.dir could not be resolved before the run ({_one_line(e)}); "
+                "give hydra.run.dir=PATH explicitly"
+            )
+    run_dir = broadcast_object(run_dir)
+    if isinstance(run_dir, MuonGPTError):
+        run_dir.reported_by_rank0 = True
+        report(run_dir)
+        sys.exit(2)
+    ours = {"hydra.run.dir": _hydra_value(run_dir)}
+    if env_rank() != 0:  # rank 0 alone writes .hydra/ and the log file
+        ours.update({"hydra.output_subdir": "null", "hydra/job_logging": "none"})
+    argv = [a for a in argv if a.lstrip("+~").split("=", 1)[0] not in ours]
+    return argv + [f"{key}={value}" for key, value in ours.items()]
 
 
 def main() -> None:
     check_overrides(sys.argv[1:])
+    if env_world_size() > 1:
+        sys.argv[1:] = distributed_overrides(sys.argv[1:])
     _hydra_main()
 
 

@@ -21,6 +21,7 @@ import os
 import pickle
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -148,7 +149,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning is noise here
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # the zip reader and the restricted unpickler fail in many ways
         raise CheckpointError(f"{path}: {_describe_load_error(e)}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
@@ -245,7 +248,12 @@ def export_safetensors(
         seen.add(key)
         tensors[name] = value
     header = {"format": "muongpt", **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=header)
+        os.chmod(tmp, 0o644)  # safetensors creates 0600; this file is meant to be shared
+
+    return atomic_write(path, write)
 
 
 def read_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

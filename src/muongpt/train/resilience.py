@@ -235,7 +235,12 @@ def config_differences(saved: dict, requested: dict) -> tuple[list[str], list[st
         if old == new or key in IGNORED_ON_RESUME:
             continue
         line = f"{key} (checkpoint {old!r}, requested {new!r})"
-        is_arch = key.startswith(("model.", "mixing_layer.")) and key not in NOT_ARCHITECTURE
+        # A key on one side only (a setting added since the checkpoint) is listed, not refused.
+        is_arch = (
+            key.startswith(("model.", "mixing_layer."))
+            and key not in NOT_ARCHITECTURE
+            and absent not in (old, new)
+        )
         (arch if is_arch else other).append(line)
     return arch, other
 

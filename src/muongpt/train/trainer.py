@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import time
 from pathlib import Path
 
@@ -43,6 +44,9 @@ def build_model_config(cfg: DictConfig) -> GPTConfig:
         unet_skips=m.unet_skips,
         x0_mix=m.x0_mix,
         embed_norm=m.embed_norm,
+        attention=m.attention,
+        doc_mask=m.doc_mask,
+        attn_window=m.attn_window,
         mixer_pattern=list(mix.pattern),
         pom_degree=mix.pom_degree,
         pom_expand=mix.pom_expand,
@@ -101,8 +105,9 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         np.random.seed(t.seed)
-        if self.device.type == "cpu":
-            torch.use_deterministic_algorithms(True, warn_only=True)
+        random.seed(t.seed)
+        # CPU kernels are already deterministic for a fixed thread count (the resume tests check
+        # bit-identical runs); torch.use_deterministic_algorithms would make CPU steps ~4x slower.
 
         self.model_config = build_model_config(cfg)
         self.model = GPT(self.model_config).to(self.device)
@@ -204,16 +209,18 @@ class Trainer:
             ),
         )
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(self.grad_accum):
+        for micro in range(self.grad_accum):
             inputs, targets = next(self.train_loader)
             with self.autocast():
                 loss = self.forward(inputs, targets)
+            if micro == self.grad_accum - 1:  # sharded optimizers reduce grads during backward
+                self.optimizer.reduce_during_next_backward()
             (loss / self.grad_accum).backward()
             loss_sum += loss.detach().float()
         mean_loss = loss_sum / self.grad_accum
         if self.guard.observe(mean_loss, self.step + 1):  # False: a non-finite step to skip
             if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                self.optimizer.clip_grad_norm_(t.grad_clip)  # of the mean grad over ranks
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -353,8 +360,9 @@ class Trainer:
         path = ckpt.checkpoint_path(self.run_dir, self.step)
         if self.last_checkpoint_step == self.step:
             return path
+        state = self.state_dict() if self.ctx.enabled else None  # collective: gathers shards
         if self.ctx.is_main:
-            ckpt.save_checkpoint(path, self.state_dict())
+            ckpt.save_checkpoint(path, state or self.state_dict())
             ckpt.prune_checkpoints(self.run_dir, self.cfg.training.keep_checkpoints)
             self.log(f"checkpoint: {path}")
         self.guard.last_checkpoint, self.last_checkpoint_step = path, self.step

@@ -1,0 +1,815 @@
+"""Sharded optimizers for torchrun: DistributedMuon, ZeRO2AdamW, and the gradient reduction they own.
+
+There is no DDP wrapper: nothing else averages gradients across ranks. Each rank's ``p.grad`` is
+the mean over its own micro-batches, and every parameter belongs to exactly one *bucket* whose
+collective turns it into the mean over all ranks, once per step:
+
+- ``DistributedMuon`` (hidden matrices): same-shape matrices are stacked into blocks of W*k
+  (W ranks, the last block zero-padded); one reduce-scatter (mean) per block leaves rank r the
+  mean gradients of matrices r*k .. r*k+k-1 of that block, whole. Consecutive blocks of a shape
+  cycle over the ranks again, so ownership is block-cyclic. The owner alone keeps their momentum, runs Newton-Schulz
+  and applies the update; one all-gather per block brings every rank the new matrices (into the
+  block's preallocated flat buffer, which also served as the reduce-scatter input).
+- ``ZeRO2AdamW`` (embeddings, head, scalars; every group for ``optimizer=adamw``): a tensor of
+  ``min_shard_numel`` elements or more is split along dim 0 (rows padded up to a multiple of W);
+  a reduce-scatter gives each rank the mean gradient of its rows, an inner ``torch.optim.AdamW``
+  (fused on CUDA, as single-process) holds the moments of those rows only and updates them, and
+  an all-gather rebuilds the parameter. Smaller tensors are all-reduced in flat buckets and
+  updated identically on every rank.
+- Any other optimizer (SOAP) is *replicated*: its gradients are all-reduced (mean) in flat
+  buckets and every rank runs it on the same gradients, holding the full state.
+
+Overlap: ``reduce_during_next_backward()`` arms post-accumulate-grad hooks for the last
+micro-step's backward; a bucket's collective is launched asynchronously as soon as its last
+gradient is final, while backward keeps computing. Buckets launch in one fixed order on every
+rank (the order backward is expected to finish them; a bucket that is ready early waits for its
+predecessors), as NCCL needs. ``step()`` takes the buckets of all optimizers in that order and
+starts each all-gather right after its bucket's update, so it overlaps the next bucket's
+compute; the all-gathers are waited for at the end of ``step()``.
+A gradient that is ``None`` counts as zeros (all ranks must join every collective), where a
+single-process optimizer would skip the parameter.
+
+Clipping: ``clip_grad_norm_`` waits for every reduction, sums the squared norms of the shards
+each rank owns (replicated tensors counted once) with one all-reduce, and scales the shards.
+
+Checkpoints: ``state_dict()`` is a collective (every rank must call it) that gathers the shards
+into exactly the single-process format (``Muon`` / ``AdamW`` state, fp32 tensors on the CPU, on
+every rank); ``load_state_dict()`` takes that format and keeps this rank's part. So a checkpoint
+written with N ranks resumes on any M (1 included) and vice versa.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from muongpt.optim.combined import CombinedOptimizer
+from muongpt.optim.config import OptimizerError
+from muongpt.optim.muon import Muon, as_matrix_shape, state_dtype, update_scale
+from muongpt.optim.newton_schulz import newton_schulz
+
+# torch 2.13 renamed the flat collectives (the old names warn); 2.11 has only the old ones.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+BUCKET_BYTES = 32 * 2**20  # target size of one collective (a Muon block, a flat all-reduce)
+MIN_SHARD_NUMEL = 1 << 14  # ZeRO2AdamW: smaller tensors are all-reduced, not sharded
+
+
+# ---------------------------------------------------------------- collectives
+class Pending:
+    """An async collective; ``wait()`` finishes it (and divides by W where the backend sums)."""
+
+    def __init__(self, work, after: Callable[[], None] | None = None):
+        self.work, self.after = work, after
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+            if self.after is not None:
+                self.after()
+
+
+class Comm:
+    """The three collectives the optimizers use, async, over one process group.
+
+    NCCL averages natively (ReduceOp.AVG); other backends (gloo) sum, then divide by W.
+    ``local_only`` replaces each collective by its local part: for benchmarks that time the same
+    step without communication (the results are then wrong), never for training.
+    """
+
+    def __init__(self, group=None):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.native_avg = dist.get_backend(group) == "nccl"
+        self.local_only = False
+
+    def _op(self):
+        return dist.ReduceOp.AVG if self.native_avg else dist.ReduceOp.SUM
+
+    def _divide(self, t: Tensor) -> Callable[[], None] | None:
+        return None if self.native_avg else (lambda: t.div_(self.world_size))
+
+    def reduce_scatter_mean(self, out: Tensor, inp: Tensor) -> Pending:
+        """out (n) <- mean over ranks of inp (W*n), chunk ``rank``."""
+        if self.local_only:
+            out.view(-1).copy_(inp.view(self.world_size, -1)[self.rank])
+            return Pending(None)
+        work = _reduce_scatter(out, inp, op=self._op(), group=self.group, async_op=True)
+        return Pending(work, self._divide(out))
+
+    def all_reduce_mean(self, buf: Tensor) -> Pending:
+        if self.local_only:
+            return Pending(None)
+        work = dist.all_reduce(buf, op=self._op(), group=self.group, async_op=True)
+        return Pending(work, self._divide(buf))
+
+    def all_gather(self, out: Tensor, inp: Tensor) -> Pending:
+        """out (W*n) <- every rank's inp (n), in rank order."""
+        if self.local_only:
+            out.view(self.world_size, -1)[self.rank].copy_(inp.view(-1))
+            return Pending(None)
+        return Pending(_all_gather(out, inp, group=self.group, async_op=True))
+
+
+# ---------------------------------------------------------------- gradient buckets
+class Bucket:
+    """Parameters whose gradients one collective reduces; launched at most once per step."""
+
+    params: list[Tensor]
+
+    def __init__(self, comm: Comm, free_grads: bool):
+        self.comm, self.free_grads = comm, free_grads
+        self.pending: Pending | None = None
+        self.launched = False
+        self.remaining = 0  # gradients still to come in an armed backward
+
+    def launch(self) -> None:
+        if not self.launched:
+            self.launched = True
+            self._launch()
+
+    def wait(self) -> None:
+        self.launch()
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+            self._done()
+
+    def reset(self) -> None:
+        """After the step (or a skipped one): finish anything in flight, forget it."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+        self.launched = False
+
+    def _grads(self) -> list[Tensor]:
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+
+    def _release_grads(self) -> None:
+        if self.free_grads:  # the reduced copy is all the optimizer needs (ZeRO-2)
+            for p in self.params:
+                p.grad = None
+
+    def _launch(self) -> None:
+        raise NotImplementedError
+
+    def _done(self) -> None:
+        pass
+
+    def local_sq_norm(self) -> Tensor:
+        """Squared norm of the reduced gradient elements this rank holds and no other rank counts."""
+        raise NotImplementedError
+
+    def scale_(self, factor: Tensor) -> None:
+        raise NotImplementedError
+
+
+class MatrixBlock(Bucket):
+    """Up to W*k same-shape matrices: reduce-scattered so that rank r owns matrices r*k..r*k+k-1."""
+
+    def __init__(self, params: list[Tensor], group: dict, k: int, comm: Comm):
+        super().__init__(comm, free_grads=True)
+        self.params, self.group, self.k = params, group, k
+        W, r, p0 = comm.world_size, comm.rank, params[0]
+        self.shape = p0.shape
+        # One flat buffer: the stacked local gradients (reduce-scatter input), then the gathered
+        # updated matrices (all-gather output). Slots past len(params) are padding, kept zero.
+        self.flat = torch.zeros(W * k, *self.shape, dtype=p0.dtype, device=p0.device)
+        self.grad_shard = torch.zeros(k, *self.shape, dtype=p0.dtype, device=p0.device)
+        self.update_shard = torch.zeros(k, *self.shape, dtype=p0.dtype, device=p0.device)
+        self.owned = params[r * k : (r + 1) * k]  # may be fewer than k, or none
+        self.momentum: Tensor | None = None  # (len(owned), *shape), created at the first step
+        self.gather: Pending | None = None
+
+    def _launch(self) -> None:
+        n = len(self.params)
+        torch.stack(self._grads(), out=self.flat[:n])
+        self.flat[n:].zero_()
+        self._release_grads()
+        self.pending = self.comm.reduce_scatter_mean(self.grad_shard, self.flat)
+
+    def local_sq_norm(self) -> Tensor:
+        return self.grad_shard.float().square().sum()
+
+    def scale_(self, factor: Tensor) -> None:
+        self.grad_shard.mul_(factor.to(self.grad_shard.dtype))
+
+    def momentum_buffer(self) -> Tensor:
+        if self.momentum is None:
+            p0 = self.params[0]
+            self.momentum = torch.zeros(
+                len(self.owned), *self.shape, dtype=state_dtype(p0), device=p0.device
+            )
+        return self.momentum
+
+    def update(self, ns_dtype: torch.dtype) -> None:
+        """The owner's Muon step on its matrices (the single-process math), then the all-gather."""
+        g = self.group
+        j = len(self.owned)
+        if j:
+            beta, lr, wd = g["momentum"], g["lr"], g["weight_decay"]
+            buf = self.momentum_buffer()
+            grad = self.grad_shard[:j].to(buf.dtype)
+            buf.lerp_(grad, 1 - beta)  # m <- beta m + (1 - beta) g
+            u = grad.lerp(buf, beta) if g["nesterov"] else buf
+            rows, cols = as_matrix_shape(self.shape)
+            ortho = newton_schulz(
+                u.view(j, rows, cols), g["ns_steps"], g["ns_coefficients"], dtype=ns_dtype
+            )
+            new = self.update_shard[:j]
+            torch.stack(self.owned, out=new)  # the current weights (they may have been reloaded)
+            if wd != 0:
+                new.mul_(1 - lr * wd)
+            scale = update_scale(rows, cols, g["scale_mode"])
+            new.add_(ortho.to(new.dtype).view_as(new), alpha=-lr * scale)
+        self.gather = self.comm.all_gather(self.flat, self.update_shard)
+
+    def finish(self) -> None:
+        if self.gather is not None:
+            self.gather.wait()
+            self.gather = None
+            n = len(self.params)
+            torch._foreach_copy_([p.detach() for p in self.params], list(self.flat[:n].unbind(0)))
+
+
+class RowShard(Bucket):
+    """One tensor split along dim 0 (rows padded to a multiple of W): rank r owns chunk r."""
+
+    def __init__(self, param: Tensor, comm: Comm):
+        super().__init__(comm, free_grads=True)
+        self.params = [param]
+        W, r = comm.world_size, comm.rank
+        self.rows = param.shape[0]
+        self.chunk = math.ceil(self.rows / W)
+        self.lo, self.hi = min(r * self.chunk, self.rows), min((r + 1) * self.chunk, self.rows)
+        shard_shape = (self.chunk, *param.shape[1:])
+        # The rows this rank updates: a working copy the inner AdamW steps (pad rows stay zero).
+        self.shard = torch.zeros(shard_shape, dtype=param.dtype, device=param.device)
+        self.shard.grad = torch.zeros_like(self.shard)
+        self.padded = None
+        if self.chunk * W != self.rows:  # a full-size buffer with zero pad rows
+            self.padded = torch.zeros(
+                (self.chunk * W, *param.shape[1:]), dtype=param.dtype, device=param.device
+            )
+        self.inflight: Tensor | None = None
+        self.gather: Pending | None = None
+
+    def _launch(self) -> None:
+        grad = self._grads()[0]
+        if self.padded is not None:
+            self.padded[: self.rows].copy_(grad)
+            self.padded[self.rows :].zero_()
+            grad = self.padded
+        self.inflight = grad.contiguous()  # kept alive until the collective is done
+        self._release_grads()
+        self.pending = self.comm.reduce_scatter_mean(self.shard.grad, self.inflight)
+
+    def _done(self) -> None:
+        self.inflight = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.inflight = None
+
+    def local_sq_norm(self) -> Tensor:
+        return self.shard.grad.float().square().sum()
+
+    def scale_(self, factor: Tensor) -> None:
+        self.shard.grad.mul_(factor.to(self.shard.grad.dtype))
+
+    def load_rows(self) -> None:
+        """shard <- this rank's rows of the parameter (the parameter is the truth: it may have
+        been reloaded since the last step)."""
+        n = self.hi - self.lo
+        self.shard[:n].copy_(self.params[0].detach()[self.lo : self.hi])
+
+    def start_gather(self) -> None:
+        out = self.padded if self.padded is not None else self.params[0].detach()
+        self.gather = self.comm.all_gather(out, self.shard)
+
+    def finish(self) -> None:
+        if self.gather is not None:
+            self.gather.wait()
+            self.gather = None
+            if self.padded is not None:
+                self.params[0].detach().copy_(self.padded[: self.rows])
+
+
+class FlatAllReduce(Bucket):
+    """Small or replicated tensors: one flat all-reduce (mean), written back into ``p.grad``."""
+
+    def __init__(self, params: list[Tensor], comm: Comm):
+        super().__init__(comm, free_grads=False)
+        self.params = params
+        p0 = params[0]
+        self.flat = torch.zeros(sum(p.numel() for p in params), dtype=p0.dtype, device=p0.device)
+
+    def _launch(self) -> None:
+        views = [v.view_as(p) for v, p in zip(self._views(), self.params)]
+        torch._foreach_copy_(views, self._grads())
+        self.pending = self.comm.all_reduce_mean(self.flat)
+
+    def _views(self) -> list[Tensor]:
+        return list(self.flat.split([p.numel() for p in self.params]))
+
+    def _done(self) -> None:
+        for p, v in zip(self.params, self._views()):
+            if p.grad is None:
+                p.grad = torch.empty_like(p)
+            p.grad.copy_(v.view_as(p))
+
+    def local_sq_norm(self) -> Tensor:
+        if self.comm.rank != 0:  # replicated: counted once, by rank 0
+            return torch.zeros((), device=self.flat.device)
+        return self.flat.float().square().sum()
+
+    def scale_(self, factor: Tensor) -> None:
+        torch._foreach_mul_([p.grad for p in self.params], factor.to(self.flat.dtype))
+
+
+def flat_buckets(params: list[Tensor], comm: Comm, bucket_bytes: int) -> list[FlatAllReduce]:
+    """Consecutive params of one dtype/device packed into flat all-reduce buckets of ~bucket_bytes."""
+    buckets, current, size = [], [], 0
+    for p in params:
+        if current and (
+            size + p.numel() * p.element_size() > bucket_bytes
+            or (p.dtype, p.device) != (current[0].dtype, current[0].device)
+        ):
+            buckets.append(FlatAllReduce(current, comm))
+            current, size = [], 0
+        current.append(p)
+        size += p.numel() * p.element_size()
+    if current:
+        buckets.append(FlatAllReduce(current, comm))
+    return buckets
+
+
+def _packed_state_dict(opt: torch.optim.Optimizer) -> dict:
+    """torch's state_dict layout (param_groups with parameter indices), with no state yet."""
+    saved_state, opt.state = opt.state, {}
+    try:
+        packed = torch.optim.Optimizer.state_dict(opt)
+    finally:
+        opt.state = saved_state
+    packed["state"] = {}
+    return packed
+
+
+def _saved_states(opt: torch.optim.Optimizer, state_dict: dict) -> dict[int, dict]:
+    """id(param) -> its saved state; checks that the groups line up."""
+    groups, saved_groups = opt.param_groups, state_dict["param_groups"]
+    sizes = [len(g["params"]) for g in groups]
+    saved_sizes = [len(g["params"]) for g in saved_groups]
+    if sizes != saved_sizes:
+        raise OptimizerError(
+            f"{type(opt).__name__} state has groups of {saved_sizes} tensors, this has {sizes}"
+        )
+    out = {}
+    for group, saved in zip(groups, saved_groups):
+        for p, pid in zip(group["params"], saved["params"]):
+            if pid in state_dict["state"]:
+                out[id(p)] = state_dict["state"][pid]
+        group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
+    return out
+
+
+def _gathered(comm: Comm, local: Tensor) -> Tensor:
+    """Every rank's ``local`` (same shape everywhere), concatenated along dim 0."""
+    out = torch.empty(
+        (comm.world_size * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device
+    )
+    if comm.local_only:
+        raise OptimizerError("state_dict() needs real collectives (comm.local_only is set)")
+    comm.all_gather(out, local.contiguous()).wait()
+    return out
+
+
+# ---------------------------------------------------------------- DistributedMuon
+class DistributedMuon(Muon):
+    """Muon with gradients reduce-scattered by blocks of whole matrices; see the module doc.
+
+    Same hyperparameters, same math and the same checkpoint format as ``Muon``; momentum lives
+    only on the rank that owns a matrix.
+    """
+
+    state_kind = "Muon"
+
+    def __init__(self, params: Iterable, comm: Comm, bucket_bytes: int = BUCKET_BYTES, **kwargs):
+        super().__init__(params, **kwargs)
+        self.comm = comm
+        self.has_state = False  # momentum exists (after the first step); equal on every rank
+        self.blocks: list[MatrixBlock] = []
+        W = comm.world_size
+        for group in self.param_groups:
+            by_shape: dict[tuple, list[Tensor]] = {}
+            for p in reversed(group["params"]):  # backward finishes the last layers first
+                by_shape.setdefault((p.shape, p.dtype, p.device), []).append(p)
+            for params in by_shape.values():
+                nbytes = params[0].numel() * params[0].element_size()
+                k_max = max(1, bucket_bytes // (W * nbytes))
+                for start in range(0, len(params), W * k_max):
+                    chunk = params[start : start + W * k_max]
+                    self.blocks.append(MatrixBlock(chunk, group, math.ceil(len(chunk) / W), comm))
+
+    @property
+    def buckets(self) -> list[Bucket]:
+        return list(self.blocks)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.update()
+        self.finish()
+        return loss
+
+    def update(self) -> None:
+        for block in self.blocks:
+            block.launch()
+        for block in self.blocks:
+            self.update_bucket(block)
+
+    def update_bucket(self, block: MatrixBlock) -> None:
+        """Wait for the block's gradients, update the owned matrices, start the all-gather."""
+        block.wait()
+        block.update(self.ns_dtype)
+        self.has_state = True
+
+    def finish(self) -> None:
+        for block in self.blocks:
+            block.finish()
+            block.reset()
+
+    def state_dict(self) -> dict:
+        """Collective: every rank gets the ``Muon.state_dict()`` of the whole model (CPU)."""
+        packed = _packed_state_dict(self)
+        if not self.has_state:  # the same on every rank: before the first step, or a fresh load
+            return packed
+        index = {id(p): i for i, p in enumerate(chain(*(g["params"] for g in self.param_groups)))}
+        for block in self.blocks:
+            local = torch.zeros_like(block.grad_shard, dtype=state_dtype(block.params[0]))
+            local[: len(block.owned)] = block.momentum_buffer()
+            full = _gathered(self.comm, local)
+            for i, p in enumerate(block.params):
+                packed["state"][index[id(p)]] = {"momentum_buffer": full[i].cpu()}
+        return packed
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Keep this rank's part of a ``Muon`` state (saved with any number of ranks)."""
+        saved = _saved_states(self, state_dict)
+        for block in self.blocks:
+            block.momentum = None
+            for j, p in enumerate(block.owned):
+                if id(p) in saved:
+                    block.momentum_buffer()[j].copy_(saved[id(p)]["momentum_buffer"])
+        self.has_state = bool(saved)
+
+
+# ---------------------------------------------------------------- ZeRO2AdamW
+class ZeRO2AdamW(torch.optim.Optimizer):
+    """AdamW whose moments exist only for this rank's rows; see the module doc.
+
+    ``param_groups`` are AdamW groups (``lr``, ``betas``, ``eps``, ``weight_decay``, ...); each
+    bucket (one sharded tensor, or a flat bucket of small ones) has an inner ``torch.optim.AdamW``
+    over what this rank updates, handed its group's values at every step, so schedules work as
+    usual and each bucket can be updated as soon as its gradients arrive. The checkpoint format
+    is ``torch.optim.AdamW``'s.
+    """
+
+    state_kind = "AdamW"
+
+    def __init__(
+        self,
+        params: Iterable,
+        comm: Comm,
+        defaults: dict | None = None,
+        min_shard_numel: int = MIN_SHARD_NUMEL,
+        bucket_bytes: int = BUCKET_BYTES,
+    ):
+        defaults = dict(defaults or torch.optim.AdamW([torch.zeros(1)]).defaults)
+        super().__init__(params, defaults)
+        self.comm = comm
+        self.shards: list[RowShard] = []
+        self.replicated: list[FlatAllReduce] = []
+        self.inner: dict[int, torch.optim.AdamW] = {}  # id(bucket) -> AdamW over its tensors
+        self.group_of: dict[int, dict] = {}  # id(bucket) -> its param group
+        self.where: dict[int, tuple[Bucket, Tensor]] = {}  # id(param) -> bucket, tensor stepped
+        for group in self.param_groups:
+            if group.get("amsgrad"):
+                raise OptimizerError("ZeRO2AdamW does not support amsgrad")
+            small = []
+            for p in group["params"]:
+                if p.numel() >= min_shard_numel:
+                    shard = RowShard(p, comm)
+                    self.shards.append(shard)
+                    self._add(shard, group, [shard.shard])
+                    self.where[id(p)] = (shard, shard.shard)
+                else:
+                    small.append(p)
+            for bucket in flat_buckets(small[::-1], comm, bucket_bytes):
+                self.replicated.append(bucket)
+                self._add(bucket, group, bucket.params)
+                self.where.update({id(p): (bucket, p) for p in bucket.params})
+
+    def _add(self, bucket: Bucket, group: dict, tensors: list[Tensor]) -> None:
+        self.inner[id(bucket)] = torch.optim.AdamW([{**self._hyper(group), "params": tensors}])
+        self.group_of[id(bucket)] = group
+
+    @staticmethod
+    def _hyper(group: dict) -> dict:
+        return {k: v for k, v in group.items() if k not in ("params", "param_names")}
+
+    @property
+    def buckets(self) -> list[Bucket]:
+        return [*self.shards, *self.replicated]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.update()
+        self.finish()
+        return loss
+
+    def update(self) -> None:
+        for bucket in self.buckets:
+            bucket.launch()
+        for bucket in self.buckets:
+            self.update_bucket(bucket)
+
+    def update_bucket(self, bucket: Bucket) -> None:
+        """Wait for the bucket's gradients, update this rank's part, start the all-gather."""
+        bucket.wait()
+        inner = self.inner[id(bucket)]
+        inner.param_groups[0].update(self._hyper(self.group_of[id(bucket)]))
+        if isinstance(bucket, RowShard):
+            bucket.load_rows()
+        inner.step()
+        if isinstance(bucket, RowShard):
+            bucket.start_gather()
+
+    def finish(self) -> None:
+        for shard in self.shards:
+            shard.finish()
+        for bucket in self.buckets:
+            bucket.reset()
+
+    def local_state(self) -> list[dict]:
+        return [dict(inner.state) for inner in self.inner.values()]
+
+    def state_dict(self) -> dict:
+        """Collective: every rank gets the ``torch.optim.AdamW`` state of the whole model (CPU)."""
+        packed = _packed_state_dict(self)
+        params = chain(*(g["params"] for g in self.param_groups))
+        for i, p in enumerate(params):
+            bucket, stepped = self.where[id(p)]
+            state = self.inner[id(bucket)].state.get(stepped)
+            if not state:  # the same on every rank: state appears at the first step
+                continue
+            out = {"step": state["step"].detach().to("cpu", torch.float32).clone()}
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = state[key]
+                if isinstance(bucket, RowShard):
+                    value = _gathered(self.comm, value)[: p.shape[0]]
+                out[key] = value.detach().to("cpu", copy=True)
+            packed["state"][i] = out
+        return packed
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Keep this rank's rows of a ``torch.optim.AdamW`` state (saved with any number of ranks)."""
+        saved = _saved_states(self, state_dict)
+        for bucket in self.buckets:
+            inner = self.inner[id(bucket)]
+            inner_state = {}
+            for j, p in enumerate(bucket.params):
+                if id(p) not in saved:
+                    continue
+                # copies: torch would keep the caller's tensors (e.g. a live optimizer's) as state
+                s = {k: v.clone() if isinstance(v, Tensor) else v for k, v in saved[id(p)].items()}
+                if isinstance(bucket, RowShard):
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        rows = torch.zeros_like(bucket.shard, device="cpu", dtype=s[key].dtype)
+                        rows[: bucket.hi - bucket.lo] = s[key][bucket.lo : bucket.hi]
+                        s[key] = rows
+                inner_state[j] = s
+            groups = inner.state_dict()["param_groups"]
+            inner.load_state_dict({"state": inner_state, "param_groups": groups})
+
+
+# ---------------------------------------------------------------- launching during backward
+class GradReducer:
+    """Launches every bucket's collective once per step, in one fixed order on every rank.
+
+    The order is the one backward is expected to finish the buckets in: by the earliest
+    (in ``model.parameters()`` order) of their parameters, latest first. ``arm()`` makes the next
+    backward launch each bucket as soon as its last gradient is accumulated (post-accumulate-grad
+    hooks); a bucket that is ready before its predecessors waits for them.
+    """
+
+    def __init__(self, buckets: list[Bucket], model: nn.Module):
+        position = {id(p): i for i, p in enumerate(model.parameters())}
+        self.buckets = sorted(buckets, key=lambda b: -min(position[id(p)] for p in b.params))
+        self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        if len(self.bucket_of) != sum(len(b.params) for b in self.buckets):
+            raise AssertionError("a parameter is in two gradient buckets")
+        self.armed = False
+        self.next = 0  # buckets[:next] are launched
+        self.hooks = [
+            p.register_post_accumulate_grad_hook(self._on_grad)
+            for b in self.buckets
+            for p in b.params
+        ]
+
+    def arm(self) -> None:
+        """The next backward produces the final gradients of this step."""
+        self.armed = True
+        for b in self.buckets:
+            b.remaining = len(b.params)
+
+    def _on_grad(self, p: Tensor) -> None:
+        if not self.armed:
+            return
+        bucket = self.bucket_of[id(p)]
+        bucket.remaining -= 1
+        while self.next < len(self.buckets) and self.buckets[self.next].remaining <= 0:
+            self.buckets[self.next].launch()
+            self.next += 1
+
+    def launch_all(self) -> None:
+        self.armed = False
+        for b in self.buckets:
+            b.launch()
+        self.next = len(self.buckets)
+
+    def reset(self) -> None:
+        self.armed, self.next = False, 0
+        for b in self.buckets:
+            b.reset()
+
+    def remove_hooks(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+
+class DistributedCombinedOptimizer(CombinedOptimizer):
+    """``CombinedOptimizer`` over sharded optimizers (and replicated ones, e.g. SOAP).
+
+    ``step()`` walks the buckets of all optimizers in the order their collectives were launched:
+    each sharded bucket is updated and its all-gather started as soon as its reduction is done
+    (the head's AdamW all-gather overlaps Muon's Newton-Schulz, the embedding's reduce-scatter,
+    launched last in backward, overlaps it too); a replicated optimizer steps once its last
+    bucket is in. The all-gathers are waited for at the end.
+    """
+
+    def __init__(
+        self,
+        optimizers: list,
+        owner: dict[int, Any],
+        reducer: GradReducer,
+        comm: Comm,
+        **kwargs,
+    ):
+        super().__init__(optimizers, **kwargs)
+        self.owner = owner  # id(bucket) -> the optimizer it belongs to
+        self.reducer, self.comm = reducer, comm
+
+    def reduce_during_next_backward(self) -> None:
+        self.reducer.arm()
+
+    @staticmethod
+    def is_sharded(opt) -> bool:
+        return isinstance(opt, DistributedMuon | ZeRO2AdamW)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Clip the mean gradient (over ranks) to global norm ``max_norm``; returns the norm."""
+        self.reducer.launch_all()
+        for b in self.reducer.buckets:
+            b.wait()
+        sq = torch.stack([b.local_sq_norm().float() for b in self.reducer.buckets]).sum()
+        if not self.comm.local_only:
+            dist.all_reduce(sq, group=self.comm.group)
+        total = sq.sqrt()
+        factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for b in self.reducer.buckets:
+            b.scale_(factor)
+        return total
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.reducer.launch_all()
+        waiting = {
+            id(o): sum(self.owner[id(b)] is o for b in self.reducer.buckets)
+            for o in self.optimizers
+        }
+        for bucket in self.reducer.buckets:
+            opt = self.owner[id(bucket)]
+            if self.is_sharded(opt):
+                opt.update_bucket(bucket)
+            else:
+                bucket.wait()
+                waiting[id(opt)] -= 1
+                if waiting[id(opt)] == 0:  # replicated: all its gradients are averaged
+                    opt.step()
+        for opt in self.optimizers:
+            if self.is_sharded(opt):
+                opt.finish()
+        self.reducer.reset()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self.reducer.reset()  # a skipped step may have left collectives in flight
+
+    def summary(self) -> str:
+        W = self.comm.world_size
+        lines = [super().summary(), f"  distributed over {W} ranks:"]
+        for opt in self.optimizers:
+            name = type(opt).__name__
+            if isinstance(opt, DistributedMuon):
+                n = len(opt.blocks)
+                what = f"{n} blocks of whole matrices reduce-scattered; momentum on the owner"
+            elif isinstance(opt, ZeRO2AdamW):
+                what = (
+                    f"{len(opt.shards)} tensors sharded by rows, "
+                    f"{sum(len(b.params) for b in opt.replicated)} small ones all-reduced"
+                )
+            else:
+                what = "replicated: gradients all-reduced, full state on every rank"
+            lines.append(f"    {name}: {what}")
+        return "\n".join(lines)
+
+
+def distribute(
+    combined: CombinedOptimizer, model: nn.Module, group=None, bucket_bytes: int = BUCKET_BYTES
+) -> DistributedCombinedOptimizer:
+    """The sharded counterpart of a single-process ``CombinedOptimizer`` (same groups, same hyper-
+    parameters): Muon -> DistributedMuon, AdamW -> ZeRO2AdamW, others replicated."""
+    comm = Comm(group)
+    optimizers, buckets = [], []
+    for opt in combined.optimizers:
+        groups = [dict(g) for g in opt.param_groups]
+        if isinstance(opt, Muon):
+            opt = DistributedMuon(groups, comm, bucket_bytes, **opt.defaults, ns_dtype=opt.ns_dtype)
+            own = opt.buckets
+        elif isinstance(opt, torch.optim.AdamW):
+            opt = ZeRO2AdamW(groups, comm, defaults=opt.defaults, bucket_bytes=bucket_bytes)
+            own = opt.buckets
+        else:  # replicated: kept as it is, its gradients all-reduced
+            own = flat_buckets([p for g in groups for p in g["params"]][::-1], comm, bucket_bytes)
+        optimizers.append(opt)
+        buckets += [(b, opt) for b in own]
+    owner = {id(b): opt for b, opt in buckets}
+    reducer = GradReducer([b for b, _ in buckets], model)
+    return DistributedCombinedOptimizer(
+        optimizers,
+        owner,
+        reducer,
+        comm,
+        momentum_start=combined.momentum_start,
+        momentum_end=combined.momentum_end,
+        momentum_warmup_steps=combined.momentum_warmup_steps,
+        header=combined.header,
+    )
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor inside nested dicts, lists and tuples."""
+    if isinstance(obj, Tensor):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def optimizer_state_bytes(optimizer: CombinedOptimizer | torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state this rank holds (sharded or not)."""
+    total = 0
+    for opt in getattr(optimizer, "optimizers", [optimizer]):
+        if isinstance(opt, DistributedMuon):
+            total += sum(b.momentum.nbytes for b in opt.blocks if b.momentum is not None)
+        elif isinstance(opt, ZeRO2AdamW):
+            total += tensor_bytes(opt.local_state())
+        else:
+            total += tensor_bytes(dict(opt.state))
+    return total

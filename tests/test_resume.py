@@ -1,0 +1,309 @@
+"""Runs that survive: kill -9 and resume, a truncated newest checkpoint, SIGTERM, NaN losses.
+
+The end-to-end tests run the real `python -m muongpt.train` in a subprocess and compare against
+one uninterrupted run: every logged loss and lr, and the final weights and optimizer state, must
+be bit-identical (CPU, fp32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from muongpt.train import checkpoint as ckpt
+from muongpt.train import resilience
+from muongpt.train.resilience import EXIT_INTERRUPTED, ConfigMismatchError, NonFiniteLossError
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS = 12
+RUN = [
+    "model/gpt=tiny",  # narrowed further: the 50K-token embedding and head dominate the cost
+    "model.gpt.n_layer=2",
+    "model.gpt.n_head=2",
+    "model.gpt.n_embd=32",
+    "training.device=cpu",
+    f"training.max_steps={MAX_STEPS}",
+    "training.seq_len=32",
+    "training.batch_size=4",
+    "training.micro_batch_size=4",
+    "training.warmup_steps=2",
+    "training.cooldown_steps=4",
+    "training.log_every=1",
+    "training.eval_every=6",
+    "training.eval_tokens=256",
+    "training.checkpoint_every=2",
+    "training.keep_checkpoints=3",
+    "training.sample_tokens=4",
+    "training.progress_bar=false",
+]
+
+
+def start(run_dir: Path, *extra: str) -> subprocess.Popen:
+    # One thread each: two runs can share the 2 cores, and every run computes the same way.
+    return subprocess.Popen(
+        [sys.executable, "-m", "muongpt.train", *RUN, *extra, f"hydra.run.dir={run_dir}"],
+        cwd=run_dir.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def train(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    proc = start(run_dir, *extra)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def records(run_dir: Path) -> list[dict]:
+    out = []
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with contextlib.suppress(ValueError):  # a line being written right now
+            out.append(json.loads(line))
+    return out
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(r.get("step", 0) >= step and "train_loss" in r for r in records(run_dir)):
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early ({proc.returncode}): {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no step {step} in metrics.jsonl after {timeout} s")
+        time.sleep(0.02)
+
+
+def comparable(run_dir: Path) -> list[tuple]:
+    """What must not change across an interruption (timings may)."""
+    return [
+        (r["step"], r["tokens"], r["lr"], r.get("train_loss"), r.get("val_loss"))
+        for r in records(run_dir)
+    ]
+
+
+def assert_same_tree(a, b, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_tree(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def assert_same_final_state(run_dir: Path, reference: Path) -> None:
+    final = f"checkpoints/step_{MAX_STEPS:06d}.pt"
+    got, want = ckpt.load_checkpoint(run_dir / final), ckpt.load_checkpoint(reference / final)
+    assert got["model"].keys() == want["model"].keys()
+    for name in want["model"]:
+        assert torch.equal(got["model"][name], want["model"][name]), name
+    assert_same_tree(got["optimizer"], want["optimizer"], "optimizer")
+    assert got["loader"] == want["loader"] and got["tokens_seen"] == want["tokens_seen"]
+    assert_same_tree(got["rng"], want["rng"], "rng")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted run, started in the background; call the fixture to wait for it."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    proc = start(run_dir)
+
+    def finished() -> Path:
+        if proc.returncode is None:
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err[-3000:]
+        steps = [r["step"] for r in records(run_dir) if "train_loss" in r]
+        assert steps == list(range(1, MAX_STEPS + 1))
+        return run_dir
+
+    yield finished
+    if proc.poll() is None:
+        proc.kill()
+
+
+def test_kill9_at_a_random_step_then_resume_is_bit_identical(reference, tmp_path):
+    kill_at = random.randint(3, MAX_STEPS - 3)
+    run_dir = tmp_path / "run"
+    proc = start(run_dir)
+    wait_for_step(proc, run_dir, kill_at)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = max(r["step"] for r in records(run_dir))
+    assert killed_at < MAX_STEPS, "the run finished before the kill; nothing was tested"
+    assert ckpt.list_checkpoints(run_dir), f"no checkpoint by step {killed_at}"
+
+    resumed = train(run_dir, "training.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout, f"kill at step {killed_at}"
+    assert comparable(run_dir) == comparable(reference()), f"kill at step {killed_at}"
+    assert_same_final_state(run_dir, reference())
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes_bit_identically(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir)
+    wait_for_step(proc, run_dir, 3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, err[-3000:]
+    assert "received SIGTERM" in err
+    line = next(ln for ln in out.splitlines() if ln.startswith("stopped by SIGTERM"))
+    step = int(line.split("after step ")[1].split(":")[0])
+    assert 3 <= step < MAX_STEPS
+    path = ckpt.checkpoint_path(run_dir, step)
+    assert str(path) in line and "training.resume=auto" in line
+    assert ckpt.load_resumable(path)["step"] == step
+    assert "--- sample ---" not in out  # it stopped; it did not finish the run
+
+    resumed = train(run_dir, "training.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {path}: step {step}" in resumed.stdout
+    assert comparable(run_dir) == comparable(reference())
+    assert_same_final_state(run_dir, reference())
+
+
+# ---------------------------------------------------------------- in-process: the Trainer API
+def compose(tmp_path: Path, *overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from muongpt.config import CONF_DIR, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=[*RUN, *overrides])
+
+
+def make_trainer(tmp_path: Path, *overrides: str):
+    from muongpt.train.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(exist_ok=True)  # Hydra makes it for the CLI
+    return Trainer(compose(tmp_path, *overrides), run_dir)
+
+
+def poison(trainer, bad_steps: set[int]) -> None:
+    """Make the loss of the given steps NaN (the forward pass is the Trainer's injection point)."""
+    forward = trainer.forward
+
+    def poisoned(inputs, targets):
+        loss = forward(inputs, targets)
+        return loss * float("nan") if trainer.step + 1 in bad_steps else loss
+
+    trainer.forward = poisoned
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
+    trainer = make_trainer(tmp_path)
+    trainer.train_step()
+    previous = trainer.save_checkpoint()
+    trainer.train_step()
+    newest = trainer.save_checkpoint()
+    trainer.train_step()
+    after_3_steps = copy.deepcopy(trainer.model.state_dict())
+    trainer.close()
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+
+    resumed = make_trainer(tmp_path, "training.resume=auto")
+    err = capsys.readouterr().err
+    assert f"warning: skipping {newest}: unreadable or truncated checkpoint" in err
+    assert resumed.resumed_from == previous and resumed.step == 1
+    assert not newest.exists() and newest.with_name(newest.name + ".unreadable").exists()
+    resumed.train_step()
+    resumed.train_step()  # the two steps again, from the step-1 state: the same weights
+    assert_same_tree(resumed.model.state_dict(), after_3_steps, "model")
+    resumed.close()
+
+
+def test_nan_stops_the_run_naming_the_step_and_the_last_good_checkpoint(tmp_path):
+    # Checked at log steps (every 5) and before saves (every 3): the NaN of step 4 is noticed
+    # at step 5, and the error still names step 4.
+    trainer = make_trainer(tmp_path, "training.log_every=5", "training.checkpoint_every=3")
+    poison(trainer, {4})
+    try:
+        with pytest.raises(NonFiniteLossError) as info:
+            trainer.run()
+    finally:
+        trainer.close()
+    good = ckpt.checkpoint_path(trainer.run_dir, 3)
+    message = str(info.value)
+    assert "non-finite training loss at step 4 (noticed at step 5)" in message
+    assert f"last good checkpoint: {good}" in message and "\n" not in message
+    assert ckpt.list_checkpoints(trainer.run_dir) == [good]  # nothing saved after the NaN
+    state = ckpt.load_resumable(good)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert all(r["step"] < 4 for r in records(trainer.run_dir))
+
+
+def test_skip_bad_steps_drops_the_update_then_stops_past_the_budget(tmp_path):
+    trainer = make_trainer(tmp_path, "training.max_bad_steps=1")
+    poison(trainer, {3, 5})
+    trainer.train_step()
+    trainer.train_step()
+    weights = copy.deepcopy(trainer.model.state_dict())
+    optimizer = copy.deepcopy(trainer.optimizer.state_dict())
+    loss = trainer.train_step()  # step 3: NaN, skipped
+    assert math.isnan(float(loss)) and trainer.step == 3 and trainer.guard.bad_steps == 1
+    assert_same_tree(trainer.model.state_dict(), weights, "model")
+    assert_same_tree(trainer.optimizer.state_dict(), optimizer, "optimizer")
+    assert all(p.grad is None for p in trainer.model.parameters())
+    trainer.train_step()  # step 4: a normal update
+    assert not torch.equal(trainer.model.lm_head.weight, weights["lm_head.weight"])
+    assert trainer.guard.first_bad_step() is None  # skipped steps are not errors
+    with pytest.raises(NonFiniteLossError, match="at step 5, more than training.max_bad_steps=1"):
+        trainer.train_step()
+    trainer.close()
+
+
+def test_resume_refuses_a_checkpoint_of_another_model_shape(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.save_checkpoint()
+    trainer.close()
+    with pytest.raises(ConfigMismatchError) as info:
+        make_trainer(tmp_path, "training.resume=auto", "model.gpt.n_layer=3", "model.gpt.n_embd=64")
+    message = str(info.value)
+    assert "model.gpt.n_layer (checkpoint 2, requested 3)" in message
+    assert "model.gpt.n_embd (checkpoint 32, requested 64)" in message
+
+
+def test_second_signal_exits_at_once(monkeypatch):
+    exits = []
+
+    def fake_exit(code):
+        exits.append(code)
+
+    monkeypatch.setattr(resilience.os, "_exit", fake_exit)
+    handler = resilience.PreemptionHandler().install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs in the main thread between bytecodes
+        assert handler.signum == signal.SIGTERM and exits == []
+        assert handler.should_stop(resilience.DistContext(), step=1, every=10)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert exits == [128 + signal.SIGINT]
+    finally:
+        handler.restore()
+    assert signal.getsignal(signal.SIGTERM) is not handler._handle
