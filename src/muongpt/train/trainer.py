@@ -24,6 +24,7 @@ from muongpt.optim.schedule import lr_multiplier
 from muongpt.train import checkpoint as ckpt
 from muongpt.train import resilience
 from muongpt.train.distributed import DistContext, all_reduce_mean, init_distributed, shutdown
+from muongpt.train.runtime import keep_large_cpu_allocations
 from muongpt.train.sinks import make_sinks
 
 
@@ -108,6 +109,8 @@ class Trainer:
         random.seed(t.seed)
         # CPU kernels are already deterministic for a fixed thread count (the resume tests check
         # bit-identical runs); torch.use_deterministic_algorithms would make CPU steps ~4x slower.
+        if self.device.type == "cpu":
+            keep_large_cpu_allocations()
 
         self.model_config = build_model_config(cfg)
         self.model = GPT(self.model_config).to(self.device)
