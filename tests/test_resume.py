@@ -257,6 +257,10 @@ def test_nan_stops_the_run_naming_the_step_and_the_last_good_checkpoint(tmp_path
     assert all(r["step"] < 4 for r in records(trainer.run_dir))
 
 
+def optimizer_buffers(trainer) -> list:
+    return [o["state"] for o in trainer.optimizer.state_dict()["optimizers"]]
+
+
 def test_skip_bad_steps_drops_the_update_then_stops_past_the_budget(tmp_path):
     trainer = make_trainer(tmp_path, "training.max_bad_steps=1")
     poison(trainer, {3, 5})
@@ -267,7 +271,8 @@ def test_skip_bad_steps_drops_the_update_then_stops_past_the_budget(tmp_path):
     loss = trainer.train_step()  # step 3: NaN, skipped
     assert math.isnan(float(loss)) and trainer.step == 3 and trainer.guard.bad_steps == 1
     assert_same_tree(trainer.model.state_dict(), weights, "model")
-    assert_same_tree(trainer.optimizer.state_dict(), optimizer, "optimizer")
+    # Moments and momentum buffers untouched; the schedule still moved lr / momentum on.
+    assert_same_tree(optimizer_buffers(trainer), [o["state"] for o in optimizer["optimizers"]])
     assert all(p.grad is None for p in trainer.model.parameters())
     trainer.train_step()  # step 4: a normal update
     assert not torch.equal(trainer.model.lm_head.weight, weights["lm_head.weight"])

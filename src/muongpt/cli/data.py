@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from muongpt import MuonGPTError
+from muongpt.cli import report_errors
 
 _SCAN_CHUNK = 1 << 24  # tokens per numpy pass for min/max
 
@@ -50,6 +51,12 @@ def _tokenize(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(f"{summary}\nshards in {args.out}: {', '.join(p.name for p in summary.shards)}")
+    if summary.tokens and not any(p.name.startswith("train_") for p in summary.shards):
+        print(
+            "warning: every token went to the validation split (the corpus is smaller than one "
+            "--shard-size); use --val-fraction or a smaller --shard-size to get training shards",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -136,11 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except MuonGPTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return report_errors(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from muongpt import MuonGPTError
+from muongpt.cli import report_errors
 
 
 @dataclass
@@ -233,12 +234,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        run(args)
-    except MuonGPTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return report_errors(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from muongpt import MuonGPTError
+from muongpt.cli import report_errors
 
 METRICS = "metrics.jsonl"
 X_AXES = (("step", "step"), ("tokens", "tokens"), ("elapsed_s", "training time (s)"))
@@ -259,12 +260,7 @@ def run(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        run(args)
-    except MuonGPTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return report_errors(lambda: run(args))
 
 
 if __name__ == "__main__":

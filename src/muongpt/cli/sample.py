@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from muongpt import MuonGPTError
+from muongpt.cli import report_errors
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -78,12 +79,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        run(args)
-    except MuonGPTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return report_errors(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ class Rotary(nn.Module):
     def cos_sin(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
         # The tables are recomputed only when a longer sequence (or another device) shows up.
         if self._cache is None or self._cache[0] < seq_len or self._cache[1] != device:
+            # Grow geometrically, so token-by-token decoding does not rebuild them at every step.
+            seq_len = max(seq_len, 2 * self._cache[0] if self._cache else 0)
             t = torch.arange(seq_len, device=device, dtype=torch.float32)
             freqs = torch.outer(t, self.inv_freq.to(device))
             self._cache = (seq_len, device, freqs.cos(), freqs.sin())

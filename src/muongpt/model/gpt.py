@@ -270,4 +270,6 @@ class GPT(nn.Module):
         logits = self.softcap(self.lm_head(rms_norm(x)).float())
         if targets is None:
             return logits[..., : self.config.vocab_size]
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return F.cross_entropy(
+            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
+        )

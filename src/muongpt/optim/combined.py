@@ -11,7 +11,7 @@ require grad, first match wins:
    optimizer: Muon (``name: muon``), SOAP (``name: soap``) or AdamW (``name: adamw``)
 5. anything else -> AdamW ``embed`` group
 
-Every AdamW group's lr (for ``adamw``: every group's) is multiplied by (n_embd / 768) ** -0.5,
+Every AdamW group's lr (for ``adamw``: the matrix group's too) is multiplied by (n_embd / 768) ** -0.5,
 n_embd read from ``model.embed.embedding_dim``; AdamW side groups have no weight decay
 (``weight_decay`` is the matrix group's). Each parameter lands in exactly one group (checked).
 AdamW is ``fused`` when every parameter is on CUDA. Each group remembers its ``base_lr``;
@@ -197,9 +197,9 @@ def validate_config(cfg: OptimizerConfig) -> None:
     if cfg.name in ("adamw", "soap"):
         check_betas(cfg.betas, "optimizer.betas")
         check_nonnegative(cfg.eps, "optimizer.eps")
+    for key in ("embed_lr", "head_lr", "scalar_lr"):
+        check_lr(getattr(cfg, key), f"optimizer.{key}")
     if cfg.name in ("muon", "soap"):
-        for key in ("embed_lr", "head_lr", "scalar_lr"):
-            check_lr(getattr(cfg, key), f"optimizer.{key}")
         check_betas(cfg.adam_betas, "optimizer.adam_betas")
         check_nonnegative(cfg.adam_eps, "optimizer.adam_eps")
     if cfg.name == "muon":
@@ -244,10 +244,17 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
         raise OptimizerError("model has no trainable parameters (empty parameter list)")
 
     optimizers: list[torch.optim.Optimizer] = []
+    side_lrs = {"embed": cfg.embed_lr, "head": cfg.head_lr, "scalar": cfg.scalar_lr}
     if cfg.name == "adamw":
-        lr = cfg.lr * adam_scale
+        # The same side groups as the hybrids, so a comparison differs only in the matrix optimizer.
+        lrs = {"matrix": cfg.lr, **side_lrs}
         groups = [
-            _group(name, routed[name], lr, weight_decay=cfg.weight_decay if name == "matrix" else 0)
+            _group(
+                name,
+                routed[name],
+                lrs[name] * adam_scale,
+                weight_decay=cfg.weight_decay if name == "matrix" else 0.0,
+            )
             for name in GROUP_NAMES
             if routed[name]
         ]
@@ -287,7 +294,6 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
                     correct_bias=cfg.correct_bias,
                 )
             )
-        side_lrs = {"embed": cfg.embed_lr, "head": cfg.head_lr, "scalar": cfg.scalar_lr}
         groups = [
             _group(name, routed[name], lr * adam_scale, weight_decay=0.0)
             for name, lr in side_lrs.items()

@@ -4,10 +4,11 @@ One dataclass serves the three yaml files (``conf/optimizer/{muon,soap,adamw}.ya
 sets only the fields its optimizer reads, and a field means the same thing wherever it is used:
 
 - ``lr``, ``weight_decay``: the hidden-matrix optimizer (``blocks.*`` matrices). With
-  ``name: adamw`` there is no separate matrix optimizer and ``lr`` is the lr of every group.
+  ``name: adamw`` the matrices get AdamW at ``lr`` (with ``betas``, ``eps``).
 - ``betas``, ``eps``: the hidden-matrix optimizer's moments (SOAP; AdamW for ``name: adamw``).
-- ``embed_lr``, ``head_lr``, ``scalar_lr``, ``adam_betas``, ``adam_eps``: the AdamW groups of the
-  hybrids (``muon``, ``soap``) for embeddings, the lm_head and every scalar/vector parameter.
+- ``embed_lr``, ``head_lr``, ``scalar_lr``: the AdamW groups for embeddings, the lm_head and every
+  scalar/vector parameter (all three configs); ``adam_betas``, ``adam_eps``: their moments in the
+  hybrids (``muon``, ``soap``; ``adamw`` uses ``betas``, ``eps`` everywhere).
 - ``momentum*``, ``nesterov``, ``ns_*``, ``scale_mode``: Muon only.
 - ``shampoo_beta`` ... ``correct_bias``: SOAP only (Vyas et al. 2024, same names and defaults).
 
@@ -33,7 +34,7 @@ class OptimizerError(MuonGPTError, ValueError):
 @dataclass
 class OptimizerConfig:
     name: str = "muon"  # adamw | muon | soap
-    # hidden-matrix optimizer (every group for adamw)
+    # hidden-matrix optimizer (AdamW itself for adamw)
     lr: float = 0.05
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.95, 0.95])

@@ -302,6 +302,8 @@ class Trainer:
                 bar.close()
                 return self.interrupted()
         bar.close()
+        if math.isnan(val_loss):  # resumed from a checkpoint already at max_steps
+            val_loss = self.evaluate()
         final = self.save_final()
         summary = {
             "steps": self.step,
