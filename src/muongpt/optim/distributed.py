@@ -393,8 +393,29 @@ def _gathered(comm: Comm, local: Tensor) -> Tensor:
     return out
 
 
+class BucketedStep:
+    """``step()`` of a sharded optimizer: start every bucket's reduction, update each bucket as
+    its gradients arrive (which starts its all-gather), then wait for the gathers.
+
+    Subclasses provide ``buckets``, ``update_bucket(bucket)`` and ``finish()``.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for bucket in self.buckets:
+            bucket.launch()
+        for bucket in self.buckets:
+            self.update_bucket(bucket)
+        self.finish()
+        return loss
+
+
 # ---------------------------------------------------------------- DistributedMuon
-class DistributedMuon(Muon):
+class DistributedMuon(BucketedStep, Muon):
     """Muon with gradients reduce-scattered by blocks of whole matrices; see the module doc.
 
     Same hyperparameters, same math and the same checkpoint format as ``Muon``; momentum lives
@@ -423,22 +444,6 @@ class DistributedMuon(Muon):
     @property
     def buckets(self) -> list[Bucket]:
         return list(self.blocks)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.update()
-        self.finish()
-        return loss
-
-    def update(self) -> None:
-        for block in self.blocks:
-            block.launch()
-        for block in self.blocks:
-            self.update_bucket(block)
 
     def update_bucket(self, block: MatrixBlock) -> None:
         """Wait for the block's gradients, update the owned matrices, start the all-gather."""
@@ -477,7 +482,7 @@ class DistributedMuon(Muon):
 
 
 # ---------------------------------------------------------------- ZeRO2AdamW
-class ZeRO2AdamW(torch.optim.Optimizer):
+class ZeRO2AdamW(BucketedStep, torch.optim.Optimizer):
     """AdamW whose moments exist only for this rank's rows; see the module doc.
 
     ``param_groups`` are AdamW groups (``lr``, ``betas``, ``eps``, ``weight_decay``, ...); each
@@ -533,22 +538,6 @@ class ZeRO2AdamW(torch.optim.Optimizer):
     @property
     def buckets(self) -> list[Bucket]:
         return [*self.shards, *self.replicated]
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.update()
-        self.finish()
-        return loss
-
-    def update(self) -> None:
-        for bucket in self.buckets:
-            bucket.launch()
-        for bucket in self.buckets:
-            self.update_bucket(bucket)
 
     def update_bucket(self, bucket: Bucket) -> None:
         """Wait for the bucket's gradients, update this rank's part, start the all-gather."""
