@@ -25,13 +25,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "src" / "muongpt" / "conf"
 VOCAB, DIM = 64, 16
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny matmuls: one thread avoids OpenMP hand-off stalls on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class Attention(nn.Module):

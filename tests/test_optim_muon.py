@@ -18,13 +18,7 @@ from muongpt.optim.newton_schulz import (
 SHAPES = [(8, 16), (8, 16), (16, 8), (12, 12), (4, 3, 5)]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny matmuls: one thread avoids OpenMP hand-off stalls on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_params(dtype=torch.float64, seed=0):

@@ -19,13 +19,7 @@ SV_RANGE = {"classic": (0.6, 1.25), "polar_express": (0.8, 1.2)}
 MIN_COSINE = {"classic": 0.97, "polar_express": 0.99}
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One thread: OpenMP hand-offs stall badly on a busy shared 2-core CPU (10x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize("shape", [(768, 3072), (3072, 768), (2304, 768)])

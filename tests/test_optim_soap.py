@@ -9,14 +9,7 @@ from muongpt import MuonGPTError
 from muongpt.optim import SOAP
 from muongpt.optim.soap import merged_shape
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny matmuls: one thread avoids OpenMP hand-off stalls on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def eigh_descending(S):
