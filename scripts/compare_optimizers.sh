@@ -3,7 +3,7 @@
 # budget (one Hydra multirun over the `optimizer` group; only the optimizer differs), then plot
 # the runs and tabulate their final figures.
 #
-#   scripts/compare_optimizers.sh                    # CPU: experiment=tiny (3 runs of 200 steps)
+#   scripts/compare_optimizers.sh                    # CPU: experiment=tiny (3 runs of 300 steps, ~9 min on 2 cores)
 #   scripts/compare_optimizers.sh speedrun_d12 data=bench data.train_files=PATH/train_*.bin \
 #       data.val_files=PATH/val_*.bin training.max_steps=270      # GPU, on the bench pack
 #

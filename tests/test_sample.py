@@ -184,3 +184,17 @@ def test_cli_bad_inputs(checkpoint, tmp_path, capsys):
 
     rc, _, err = run_cli([str(checkpoint), "", "--no-bos"], capsys)
     assert_clear_error(rc, err, "empty prompt")
+
+
+def test_weights_only_export_samples_like_the_checkpoint(checkpoint, capsys):
+    from muongpt.train.checkpoint import export_checkpoint
+
+    export = export_checkpoint(checkpoint)
+    a, _ = load_model(checkpoint)
+    b, meta = load_model(export)
+    assert meta["step"] == 7
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), name
+    args = ["To be", "--max-new-tokens", "12", "--seed", "3"]
+    outputs = [run_cli([str(path), *args], capsys)[1] for path in (checkpoint, export)]
+    assert outputs[0] == outputs[1] and outputs[0].startswith("To be")

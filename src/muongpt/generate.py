@@ -32,15 +32,25 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """Rebuild the GPT of a training checkpoint in eval mode; returns (model, checkpoint dict)."""
+    """Rebuild the GPT of a checkpoint in eval mode; returns (model, checkpoint dict).
+
+    ``path`` is a training checkpoint (``step_NNNNNN.pt``) or its weights-only export
+    (``model.safetensors``, whose metadata carries the config).
+    """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from muongpt.train.checkpoint import CheckpointError, load_checkpoint
+    from muongpt.train.checkpoint import CheckpointError, load_checkpoint, read_export
     from muongpt.train.trainer import build_model_config
 
     try:
-        state = load_checkpoint(path)
+        if str(path).endswith(".safetensors"):
+            weights, meta = read_export(path)
+            state = {"model": weights, **meta}
+            if "config" not in state:
+                raise CheckpointError(f"{path}: not a muongpt export (no config in its metadata)")
+        else:
+            state = load_checkpoint(path)
     except MuonGPTError:
         raise
     except Exception as e:  # garbage bytes can trip the unpickler in many ways
