@@ -54,6 +54,9 @@ def _worker(rank: int, fn, world_size: int, port: int) -> None:
     )
     try:
         fn(rank, world_size)
+        # No rank tears its connections down while another still has collectives in flight
+        # (gloo aborts the process whose peer vanished mid-operation).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
