@@ -111,7 +111,7 @@ def test_flex_attention_document_mask_and_window():
     flex.load_state_dict(ref.state_dict())
     idx = torch.randint(8, 300, (2, 64))
     idx[:, 0] = idx[:, 40] = 7  # two documents: 0..39 and 40..63
-    with torch.no_grad():  # FlexAttention has no CPU backward
+    with torch.no_grad():
         out = flex(idx)
         torch.testing.assert_close(out[:, :40], ref(idx[:, :40]), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out[:, 40:], ref(idx[:, 40:]), atol=1e-5, rtol=1e-5)
@@ -134,3 +134,153 @@ def test_bad_attention_options():
         GPTConfig(**BASE, doc_mask=True)
     with pytest.raises(MuonGPTError, match="attn_window"):
         GPTConfig(**BASE, attention="flex", attn_window=-1)
+
+
+def dense_reference_mask(docs: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, 1, T, T) token-level mask written out directly: causal, same document, window."""
+    T = docs.size(1)
+    q = torch.arange(T)[:, None]
+    kv = torch.arange(T)[None, :]
+    keep = (q >= kv) & (q - kv < (window or T))
+    return (keep[None] & (docs[:, :, None] == docs[:, None, :]))[:, None]
+
+
+def expand_block_mask(mask, T: int) -> torch.Tensor:
+    """Token-level (B, 1, T, T) mask a kernel sees: full blocks all true, partial blocks through
+    mask_mod, every other block false. (The CPU eager path evaluates mask_mod everywhere, so it
+    would not notice a wrong block decision; this does.)"""
+    from muongpt.model.attention import FLEX_BLOCK
+
+    B, n = mask.kv_num_blocks.shape[0], mask.kv_num_blocks.shape[-1]
+    out = torch.zeros(B, 1, n * FLEX_BLOCK, n * FLEX_BLOCK, dtype=torch.bool)
+    tokens = torch.arange(FLEX_BLOCK)
+    for b in range(B):
+        for i in range(n):
+            rows = slice(i * FLEX_BLOCK, (i + 1) * FLEX_BLOCK)
+            full = mask.full_kv_indices[b, 0, i, : mask.full_kv_num_blocks[b, 0, i]]
+            part = mask.kv_indices[b, 0, i, : mask.kv_num_blocks[b, 0, i]]
+            assert not set(full.tolist()) & set(part.tolist())
+            for j in full.tolist():
+                out[b, 0, rows, j * FLEX_BLOCK : (j + 1) * FLEX_BLOCK] = True
+            for j in part.tolist():
+                q = (i * FLEX_BLOCK + tokens)[:, None].clamp(max=T - 1)
+                kv = (j * FLEX_BLOCK + tokens)[None, :].clamp(max=T - 1)
+                out[b, 0, rows, j * FLEX_BLOCK : (j + 1) * FLEX_BLOCK] = mask.mask_mod(b, 0, q, kv)
+    return out[..., :T, :T]
+
+
+@pytest.mark.parametrize("T", [384, 300])  # whole 128-blocks, and a padded last block
+@pytest.mark.parametrize("window", [0, 1, 100, 128, 200, 256])
+def test_hand_built_block_mask_equals_dense_mask(T, window):
+    """Every skipped / full / partial block decision agrees with the token-level mask."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from muongpt.model.attention import document_block_mask, document_dense_mask
+
+    g = torch.Generator().manual_seed(T + window)
+    starts = torch.zeros(2, T, dtype=torch.bool)
+    starts[0, [0, 5, 127, 128, 129, 260]] = True  # documents starting on and around block edges
+    starts[1, [0, 200]] = True
+    docs = starts.cumsum(-1, dtype=torch.int32)
+    mask = document_block_mask(docs, torch.tensor(window or T))
+    dense = dense_reference_mask(docs, window)
+    assert torch.equal(expand_block_mask(mask, T), dense)
+    assert torch.equal(document_dense_mask(docs, torch.tensor(window or T)), dense)
+    q, k, v = (torch.randn(2, 2, T, 16, generator=g) for _ in range(3))
+    with torch.no_grad():
+        out = flex_attention(q, k, v, block_mask=mask)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_window_schedule_changes_the_mask_not_the_model():
+    cfg = dict(BASE, bos_token=7)
+    torch.manual_seed(0)
+    model = perturbed(GPT(GPTConfig(**cfg, attention="flex", doc_mask=True, attn_window=256)))
+    ref = GPT(GPTConfig(**cfg))
+    ref.load_state_dict(model.state_dict())
+    idx = torch.randint(8, 300, (1, 256))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), ref(idx), atol=1e-5, rtol=1e-5)  # one document
+        model.set_attn_window(1)  # each token sees only itself: earlier tokens do not matter
+        shifted = idx.clone()
+        shifted[:, :100] = (shifted[:, :100] + 1) % 300
+        torch.testing.assert_close(model(idx)[:, 100:], model(shifted)[:, 100:])
+        model.set_attn_window(0)  # unbounded again
+        torch.testing.assert_close(model(idx), ref(idx), atol=1e-5, rtol=1e-5)
+    with pytest.raises(MuonGPTError, match="window"):
+        model.set_attn_window(-5)
+
+
+def test_windowed_decoding_matches_the_full_forward():
+    """Decoding with a KV cache applies the same sliding window as the flex forward."""
+    torch.manual_seed(0)
+    model = perturbed(GPT(GPTConfig(**BASE, attention="flex", attn_window=6)))
+    idx = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        full = model(idx)
+        caches = model.new_caches(1, 20)
+        steps = [model(idx[:, :4], caches=caches)[:, -1:]]
+        steps += [model(idx[:, t : t + 1], caches=caches) for t in range(4, 20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 3:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_flex_on_cuda_matches_dense_sdpa():
+    """The GPU path: the compiled model with a FlexAttention block mask (documents, a window that
+    changes without recompiling) gives the loss and gradients of the dense-mask SDPA model, in
+    training and under no_grad (the evaluation path)."""
+    from muongpt.model.attention import document_dense_mask
+
+    cfg = dict(vocab_size=512, n_layer=2, n_head=2, n_embd=128, bos_token=7)
+    torch.manual_seed(0)
+    flex = perturbed(GPT(GPTConfig(**cfg, attention="flex", doc_mask=True, attn_window=512)))
+    flex = flex.cuda()
+    idx = torch.randint(8, 512, (2, 1024), device="cuda")
+    idx[0, [0, 100, 300, 700]] = 7
+    idx[1, [0, 640]] = 7
+    compiled = torch.compile(flex, dynamic=False)
+    for window in (512, 256, 0):
+        flex.set_attn_window(window)
+        flex.zero_grad()
+        compiled(idx, idx).backward()
+        got = [p.grad.clone() for p in flex.parameters()]
+        flex.zero_grad()
+        docs = (idx == 7).cumsum(-1, dtype=torch.int32)
+        mask = document_dense_mask(docs, flex.current_window)  # the same rule, dense
+        loss = dense_mask_loss(flex, idx, mask)
+        loss.backward()
+        for a, b in zip(got, [p.grad for p in flex.parameters()], strict=True):
+            torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-3)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(idx, idx), loss.detach(), atol=1e-4, rtol=1e-4)
+
+
+def dense_mask_loss(model: GPT, idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The model's loss with its block mask swapped for a dense bool mask (SDPA)."""
+    original = model.block_mask
+    model.block_mask = lambda _idx: mask
+    try:
+        return model(idx, idx)
+    finally:
+        model.block_mask = original
+
+
+def test_bf16_residual_stream_under_autocast():
+    """residual_bf16 makes the blocks' stream bf16 under autocast, stays close to the fp32-stream
+    model, and changes nothing without autocast."""
+    torch.manual_seed(0)
+    opts = dict(value_embeds=1, unet_skips=True, x0_mix=True, embed_norm=True)
+    plain = perturbed(GPT(GPTConfig(**BASE, **opts)))
+    fast = GPT(GPTConfig(**BASE, **opts, residual_bf16=True))
+    fast.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(idx), plain(idx), rtol=0, atol=0)
+        dtypes = []
+        hook = fast.blocks[-1].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        with torch.autocast("cpu", torch.bfloat16):
+            got, want = fast(idx, idx), plain(idx, idx)
+        hook.remove()
+    assert dtypes == [torch.bfloat16]
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.01)

@@ -312,3 +312,24 @@ def test_second_signal_exits_at_once(monkeypatch):
     finally:
         handler.restore()
     assert signal.getsignal(signal.SIGTERM) is not handler._handle
+
+
+def test_window_schedule_grows_the_flex_window_during_training(tmp_path):
+    """Document-masked sliding-window attention trains on CPU (dense-mask path), the window
+    follows the schedule step by step, and evaluation runs with the current window."""
+    from muongpt.optim.schedule import attention_window
+
+    flex = [
+        "model.attention=flex",
+        "model.doc_mask=true",
+        "model.attn_window=24",
+        "training.attn_window_start=4",
+    ]
+    trainer = make_trainer(tmp_path, *flex)
+    seen = []
+    for _ in range(4):
+        trainer.train_step()
+        seen.append(int(trainer.model.current_window))
+    expected = [attention_window(s, MAX_STEPS, 4, 24) for s in range(4)]
+    assert seen == expected and seen[0] < seen[-1]
+    assert torch.isfinite(torch.tensor(trainer.evaluate()))

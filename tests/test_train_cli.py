@@ -88,6 +88,7 @@ def test_size_override_changes_the_model(size, n_layer, n_embd):
         (["training.batch_size=0"], "batch_size"),
         (["training.batch_size=6", "training.micro_batch_size=4"], "multiple of micro_batch_size"),
         (["data=bench", "data.train_files=/nonexistent/*.bin"], "no shard files match"),
+        (["training.attn_window_start=64"], "attn_window_start needs model.attention=flex"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, overrides, message):

@@ -40,6 +40,7 @@ class ModelConfig:
     unet_skips: bool = False  # first-half block outputs added to second-half block inputs
     x0_mix: bool = False  # each block mixes in the embedding output: a x + b x0
     embed_norm: bool = False  # RMSNorm on the embedding output
+    residual_bf16: bool = False  # bf16 residual stream under bf16 autocast (default: fp32)
     attention: str = "sdpa"  # sdpa (cuDNN/flash, causal) | flex (FlexAttention block masks)
     doc_mask: bool = False  # flex: attend within the document only (documents start at EOT)
     attn_window: int = 0  # flex: sliding window in tokens; 0 = full causal
@@ -97,6 +98,7 @@ class TrainingConfig:
     # Steps run (and then undone: weights, optimizer state, data position restored) before the
     # timed run, so compilation and autotuning stay out of train_seconds. 0: none.
     compile_warmup_steps: int = 0
+    attn_window_start: int = 0  # flex: grow the window from this to model.attn_window (0: fixed)
 
 
 @dataclass

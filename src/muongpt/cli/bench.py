@@ -15,10 +15,11 @@ optimizer, measured on separate steps with a device synchronisation around each 
 
 FLOPs per token (PaLM appendix B convention, counting the full attention matrix):
 
-    6 * N + 12 * L * T * d
+    6 * N + 12 * L * C * d
 
 N: the parameters of every matmul, the lm_head included (embedding tables excluded: they are
-lookups); L layers, T = seq_len, d = n_embd. MFU = FLOPs/token * tokens/s / peak, peak = 989e12
+lookups); L layers, d = n_embd, C the attention context: T = seq_len, or the sliding window
+``model.attn_window`` where shorter (document masking is not subtracted). MFU = FLOPs/token * tokens/s / peak, peak = 989e12
 (H100 SXM dense bf16) unless ``MUONGPT_PEAK_FLOPS`` is set. Training state is not restored:
 benchmark a fresh run, never one you mean to keep.
 """
@@ -88,8 +89,11 @@ def matmul_params(model) -> int:
 
 
 def flops_per_token(model, seq_len: int) -> float:
+    """6 N (matmul weights) + 12 L D C, C the attention context: seq_len, or the sliding window
+    where shorter (document masking's savings are data-dependent and not subtracted)."""
     c = model.config
-    return 6.0 * matmul_params(model) + 12.0 * c.n_layer * seq_len * c.n_embd
+    context = min(seq_len, c.attn_window) if c.attn_window else seq_len
+    return 6.0 * matmul_params(model) + 12.0 * c.n_layer * context * c.n_embd
 
 
 def _sync(device) -> None:
@@ -182,7 +186,7 @@ def run_bench(opts: dict, overrides: list[str]) -> dict:
             "ms_per_step": 1e3 * step_s,
             "tokens_per_s": tokens_per_s,
             "flops_per_token": fpt,
-            "flop_formula": "6*N_matmul_params + 12*n_layer*seq_len*n_embd per token",
+            "flop_formula": "6*N_matmul_params + 12*n_layer*min(seq_len, attn_window)*n_embd per token",
             "matmul_params": matmul_params(model),
             "peak_flops": peak_flops,
             "mfu": fpt * tokens_per_s / peak_flops,

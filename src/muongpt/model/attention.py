@@ -1,4 +1,8 @@
-"""Causal self-attention with rotary position embedding, QK-norm and an optional KV cache."""
+"""Causal self-attention with rotary position embedding, QK-norm and an optional KV cache.
+
+Two kernels: SDPA (cuDNN / flash, plain causal) and FlexAttention with a block mask built here by
+hand from the document ids of a batch (causal, within one document, within a sliding window).
+"""
 
 from __future__ import annotations
 
@@ -65,6 +69,69 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+FLEX_BLOCK = 128  # FlexAttention's tile: masks are decided per 128 x 128 block, then per token
+UNBOUNDED_WINDOW = 2**30
+
+
+def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, n, n) bool block table -> per query block: the count and indices of its kv blocks."""
+    counts = dense.sum(dim=-1, dtype=torch.int32)
+    indices = torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True)
+    return counts[:, None].contiguous(), indices.to(torch.int32)[:, None].contiguous()
+
+
+def document_block_mask(docs: Tensor, window: Tensor | int | None = None):
+    """FlexAttention BlockMask: query q sees key k iff k <= q, same document, q - k < window.
+
+    ``docs`` (B, T) holds each token's document number, non-decreasing along T (a running count of
+    document starts). The mask is built directly at block level: a 128 x 128 block is skipped
+    when no pair in it can attend, marked full when every pair can (no per-token mask evaluated),
+    and partial otherwise. This costs O((T/128)^2) small ops, with no T x T tensor and no inner
+    ``torch.compile`` (``create_block_mask`` compiles its own vmap), so it traces cleanly into a
+    compiled model. ``window`` may be a 0-dim tensor: changing its value does not recompile.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, T = docs.shape
+    n = -(-T // FLEX_BLOCK)
+    if n * FLEX_BLOCK != T:  # pad with the last document id; the kernel ignores positions >= T
+        docs = F.pad(docs, (0, n * FLEX_BLOCK - T), mode="replicate")
+    if window is None:
+        window = UNBOUNDED_WINDOW
+    blocks = docs.view(B, n, FLEX_BLOCK)
+    first, last = blocks[..., 0], blocks[..., -1]  # smallest and largest document of each block
+    i = torch.arange(n, device=docs.device)
+    gap = (i[:, None] - i[None, :]) * FLEX_BLOCK  # query block start - key block start
+    # some pair visible: causal (i >= j), nearest pair inside the window, documents overlap
+    any_pair = (gap >= 0) & (gap - (FLEX_BLOCK - 1) < window)
+    any_pair = any_pair[None] & (first[:, :, None] <= last[:, None, :])
+    # every pair visible: strictly below the diagonal, farthest pair inside the window, and the
+    # key block's first token in the same document as the query block's last one
+    all_pairs = (gap > 0) & (gap + (FLEX_BLOCK - 1) < window)
+    all_pairs = all_pairs[None] & (last[:, :, None] == first[:, None, :])
+    partial = any_pair & ~all_pairs
+
+    def mask_mod(b, h, q, kv):
+        return (q >= kv) & (docs[b, q] == docs[b, kv]) & (q - kv < window)
+
+    counts, indices = _ordered(partial)
+    full_counts, full_indices = _ordered(all_pairs)
+    return BlockMask.from_kv_blocks(
+        counts, indices, full_counts, full_indices,
+        BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(T, T),
+    )  # fmt: skip
+
+
+def document_dense_mask(docs: Tensor, window: Tensor | int | None = None) -> Tensor:
+    """The same rule as ``document_block_mask`` as a (B, 1, T, T) bool tensor, for SDPA: the CPU
+    path (FlexAttention has no CPU backward), O(T^2) memory."""
+    T = docs.size(1)
+    pos = torch.arange(T, device=docs.device)
+    gap = pos[:, None] - pos[None, :]
+    keep = (gap >= 0) & (gap < (UNBOUNDED_WINDOW if window is None else window))
+    return (keep[None] & (docs[:, :, None] == docs[:, None, :]))[:, None]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(
         self, dim: int, n_head: int, rope_base: float = 10000.0, value_embed: bool = False
@@ -86,8 +153,16 @@ class CausalSelfAttention(nn.Module):
         return KVCache(batch_size, self.n_head, self.head_dim, max_len, device, dtype)
 
     def forward(
-        self, x: Tensor, cache: KVCache | None = None, ve: Tensor | None = None, block_mask=None
+        self,
+        x: Tensor,
+        cache: KVCache | None = None,
+        ve: Tensor | None = None,
+        block_mask=None,
+        window: int = 0,
     ) -> Tensor:
+        """``block_mask``: a FlexAttention BlockMask, or a dense bool mask (B, 1, T, T) for SDPA,
+        over the whole sequence; ``window``: the sliding window applied when decoding with a cache
+        (0 = unbounded)."""
         B, T, D = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim)
         k = self.k(x).view(B, T, self.n_head, self.head_dim)
@@ -101,7 +176,9 @@ class CausalSelfAttention(nn.Module):
             self.rotary(rms_norm(k), start),
         )  # QK-norm, then RoPE
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
-        if block_mask is not None and cache is None:  # FlexAttention: document mask / window
+        if isinstance(block_mask, Tensor) and cache is None:  # the dense form (CPU)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask)
+        elif block_mask is not None and cache is None:  # FlexAttention: document mask / window
             from torch.nn.attention.flex_attention import flex_attention
 
             y = flex_attention(q, k, v, block_mask=block_mask)
@@ -111,5 +188,7 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.append(k, v)
             # New queries sit at the end of the cache: query i may see keys 0 .. start + i.
             mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(start)
+            if window:  # and not further back than the training window
+                mask &= ~torch.ones_like(mask).tril(start - window)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))

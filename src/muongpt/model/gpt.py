@@ -17,8 +17,12 @@ Optional speedrun tricks (modded-nanogpt, late 2024), each off by default:
 - ``x0_mix``: every block first mixes in the embedding output: x <- a x + b x0 (a=1, b=0 at start).
 - ``attention = "flex"``: FlexAttention with a block mask: causal, plus ``doc_mask`` (a token
   sees only its own document: documents start at the end-of-text token) and ``attn_window``
-  (sliding window of that many tokens; 0 = unbounded). Long packed sequences then cost no more
-  than short ones. Training / full-sequence scoring only; decoding with caches uses SDPA.
+  (sliding window of that many tokens; 0 = unbounded; ``set_attn_window`` changes it, e.g. a
+  schedule that grows it during training). Long packed sequences then cost no more than short
+  ones. Decoding with caches uses SDPA with the same window (a prompt is one document).
+- ``residual_bf16``: under bf16 autocast the residual stream itself is bf16 (autocast alone keeps
+  it fp32: the embedding output is fp32 and fp32 + bf16 stays fp32). Halves the memory traffic
+  of every norm, residual add and saved activation; matmuls are bf16 either way.
 - ``embed_norm``: x0 = RMSNorm(embed(idx)). Keeps the residual stream at unit scale however far a
   high-lr (AdamW 0.6) embedding drifts; without it the embedding can swamp the blocks' outputs.
 """
@@ -33,7 +37,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from muongpt import MuonGPTError
-from muongpt.model.attention import CausalSelfAttention, rms_norm
+from muongpt.model.attention import (
+    UNBOUNDED_WINDOW,
+    CausalSelfAttention,
+    document_block_mask,
+    document_dense_mask,
+    rms_norm,
+)
 
 SOFTCAPS = ("none", "tanh", "sigmoid")
 MIXERS = ("attention", "pom")
@@ -61,6 +71,7 @@ class GPTConfig:
     unet_skips: bool = False
     x0_mix: bool = False
     embed_norm: bool = False
+    residual_bf16: bool = False
     attention: str = "sdpa"  # sdpa | flex
     doc_mask: bool = False  # flex only
     attn_window: int = 0  # flex only; 0 = full causal
@@ -145,13 +156,22 @@ class Block(nn.Module):
         self.x0_lambdas = nn.Parameter(torch.tensor([1.0, 0.0])) if config.x0_mix else None
 
     def forward(
-        self, x: Tensor, cache=None, x0: Tensor | None = None, ve: Tensor | None = None, mask=None
+        self,
+        x: Tensor,
+        cache=None,
+        x0: Tensor | None = None,
+        ve: Tensor | None = None,
+        mask=None,
+        window: int = 0,
     ):
         if self.x0_lambdas is not None:
             x = self.x0_lambdas[0] * x + self.x0_lambdas[1] * x0
         extra = {} if ve is None else {"ve": ve}
-        if mask is not None and self.kind == "attention":
-            extra["block_mask"] = mask
+        if self.kind == "attention":
+            if mask is not None:
+                extra["block_mask"] = mask
+            if cache is not None:
+                extra["window"] = window
         x = x + self.mixer(rms_norm(x), cache=cache, **extra)
         return x + self.mlp(rms_norm(x))
 
@@ -176,6 +196,9 @@ class GPT(nn.Module):
             )
         else:
             self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # current flex window in tokens (a tensor so that a window schedule does not recompile)
+        window = torch.tensor(config.attn_window or UNBOUNDED_WINDOW, dtype=torch.int32)
+        self.register_buffer("current_window", window, persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -214,24 +237,23 @@ class GPT(nn.Module):
                 caches.append(b.mixer.new_cache(batch_size, device))
         return caches
 
+    def set_attn_window(self, tokens: int) -> None:
+        """Sliding attention window from now on (flex; 0 = unbounded). No recompilation: the
+        window is a buffer read by the compiled mask (training ramps it, see the trainer)."""
+        if tokens < 0:
+            raise MuonGPTError(f"attention window must be >= 0, got {tokens}")
+        self.current_window.fill_(tokens or UNBOUNDED_WINDOW)
+
     def block_mask(self, idx: Tensor):
-        """FlexAttention block mask of a (B, T) batch: causal, document and window limits."""
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        c = self.config
-        B, T = idx.shape
-        docs = (idx == c.bos_token).cumsum(-1) if c.doc_mask else None
-        window = c.attn_window
-
-        def mask_mod(b, h, q, kv):
-            keep = q >= kv
-            if docs is not None:
-                keep = keep & (docs[b, q] == docs[b, kv])
-            if window:
-                keep = keep & (q - kv < window)
-            return keep
-
-        return create_block_mask(mask_mod, B, None, T, T, device=idx.device)
+        """Attention mask of a (B, T) batch: causal, document and window limits. A FlexAttention
+        BlockMask on GPU; on CPU (no flex backward there) the same mask as a dense bool tensor."""
+        if self.config.doc_mask:  # documents start at the end-of-text token
+            docs = (idx == self.config.bos_token).cumsum(-1, dtype=torch.int32)
+        else:
+            docs = torch.zeros_like(idx, dtype=torch.int32)
+        if idx.device.type == "cpu":
+            return document_dense_mask(docs, self.current_window)
+        return document_block_mask(docs, self.current_window)
 
     def softcap(self, logits: Tensor) -> Tensor:
         mode = self.config.logit_softcap
@@ -245,13 +267,19 @@ class GPT(nn.Module):
     def forward(self, idx: Tensor, targets: Tensor | None = None, caches: list | None = None):
         """Mean cross-entropy over ``targets`` (ids < 0 are ignored), or fp32 logits (B, T, vocab)."""
         x = self.embed(idx)
+        if self.config.residual_bf16 and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         if self.config.embed_norm:
             x = rms_norm(x)
         x0 = x
         ves = [e(idx) for e in self.value_embeds]
-        mask = None
-        if self.config.attention == "flex" and caches is None:
-            mask = self.block_mask(idx)
+        mask, window = None, 0
+        if self.config.attention == "flex":
+            if caches is None:
+                mask = self.block_mask(idx)
+            else:  # decoding: the KV-cache path applies the same window (not the document mask)
+                window = int(self.current_window)
+                window = 0 if window >= UNBOUNDED_WINDOW else window
         n_enc = len(self.skip_weights) if self.skip_weights is not None else 0
         skips = []
         for i, block in enumerate(self.blocks):
@@ -264,6 +292,7 @@ class GPT(nn.Module):
                 x0=x0,
                 ve=None if v is None else ves[v],
                 mask=mask,
+                window=window,
             )
             if i < n_enc:
                 skips.append(x)

@@ -1,4 +1,4 @@
-"""Learning-rate and Muon-momentum schedules, as plain functions of the step."""
+"""Learning-rate, Muon-momentum and attention-window schedules, as plain functions of the step."""
 
 from __future__ import annotations
 
@@ -47,3 +47,18 @@ def muon_momentum(
         return end
     frac = min(max(step, 0) / warmup_steps, 1.0)
     return (1.0 - frac) * start + frac * end
+
+
+def attention_window(step: int, total_steps: int, start: int, end: int, block: int = 128) -> int:
+    """Sliding-window length grown linearly from ``start`` to ``end`` tokens over the run.
+
+    Rounded to whole ``block``-token tiles (at least one), so that every FlexAttention block is
+    entirely inside the window or entirely outside it (no partial blocks at the window edge);
+    the last step gets exactly ``end``. Windows shorter than one tile are not rounded.
+    """
+    block = block if end >= block else 1
+    frac = min(max(step, 0) / max(total_steps - 1, 1), 1.0)
+    if frac == 1.0:
+        return end
+    tokens = start + frac * (end - start)
+    return max(round(tokens / block), 1) * block

@@ -20,7 +20,7 @@ from muongpt.data.shards import open_shard, resolve_shards
 from muongpt.data.tokenizer import EOT_TOKEN, decode, encode
 from muongpt.model.gpt import GPT, GPTConfig
 from muongpt.optim import build_optimizer
-from muongpt.optim.schedule import lr_multiplier
+from muongpt.optim.schedule import attention_window, lr_multiplier
 from muongpt.train import checkpoint as ckpt
 from muongpt.train import resilience
 from muongpt.train.distributed import DistContext, all_reduce_mean, init_distributed, shutdown
@@ -45,6 +45,7 @@ def build_model_config(cfg: DictConfig) -> GPTConfig:
         unet_skips=m.unet_skips,
         x0_mix=m.x0_mix,
         embed_norm=m.embed_norm,
+        residual_bf16=m.get("residual_bf16", False),
         attention=m.attention,
         doc_mask=m.doc_mask,
         attn_window=m.attn_window,
@@ -98,6 +99,20 @@ def check_batch_config(t: DictConfig, world_size: int) -> int:
     return t.batch_size // per_step
 
 
+def check_window_schedule(cfg: DictConfig) -> None:
+    start, end = cfg.training.attn_window_start, cfg.model.attn_window
+    if start == 0:
+        return
+    if cfg.model.attention != "flex" or end == 0:
+        raise MuonGPTError(
+            "training.attn_window_start needs model.attention=flex and a model.attn_window > 0"
+        )
+    if not 0 < start <= end:
+        raise MuonGPTError(
+            f"training.attn_window_start must be in (0, model.attn_window = {end}], got {start}"
+        )
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: str | Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -105,6 +120,7 @@ class Trainer:
         self.ctx: DistContext = init_distributed(t.device)
         self.device = self.ctx.device
         self.grad_accum = check_batch_config(t, self.ctx.world_size)
+        check_window_schedule(cfg)
         self.tokens_per_step = t.batch_size * t.seq_len
 
         torch.manual_seed(t.seed)
@@ -215,6 +231,12 @@ class Trainer:
                 self.step, t.max_steps, t.warmup_steps, t.cooldown_steps, t.final_lr_frac
             ),
         )
+        if t.attn_window_start:
+            self.model.set_attn_window(
+                attention_window(
+                    self.step, t.max_steps, t.attn_window_start, self.model_config.attn_window
+                )
+            )
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             inputs, targets = next(self.train_loader)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Single-H100 speed runs of issue 5 (one device call): each RUN line is one full speedrun_bench
+# training + final validation with extra Hydra overrides; JSON results and logs are packed into
+# $OUT/speed.tar.gz after every run (a call cut off at its limit still returns what finished).
+#   RUNS="name1|overrides...;name2|overrides..." bash benchmarks/speed_runs.sh
+set -uo pipefail
+source benchmarks/device_setup.sh
+R=$OUT/speed; mkdir -p "$R"
+pack() { tar -czf "$OUT/speed.tar.gz" -C "$OUT" speed; }
+if [ -n "${PRETEST:-}" ]; then
+  echo "=== pytest $PRETEST"
+  timeout 240 python3 -m pytest -q -x --tb=short -p no:cacheprovider -p no:logging $PRETEST > "$R/pretest.log" 2>&1
+  grep -vE "DEBUG|warn|Warning|^ *$" "$R/pretest.log" | tail -n 40
+fi
+COMMON="experiment=speedrun_bench $D training.export_safetensors=false"
+IFS=';' read -ra LIST <<< "${RUNS:-default|}"
+for item in "${LIST[@]}"; do
+  name=${item%%|*}; extra=${item#*|}
+  echo "=== $name: $extra"
+  # shellcheck disable=SC2086
+  timeout "${RUN_TIMEOUT:-400}" python3 benchmarks/speedrun.py --name "$name" --out "$R/$name.json" \
+    $COMMON $extra > "$R/$name.log" 2>&1
+  grep -E "val loss|compile warm-up|RESULT|Error|error" "$R/$name.log" | tail -n 14
+  pack
+done
+echo "=== summary"
+for f in "$R"/*.json; do python3 -c "
+import json,sys; r=json.load(open('$f'))
+print(f\"{r['name']:<28} val {r['val_loss']:.4f}  {r['train_seconds']:6.1f} s  {r['ms_per_step']:6.1f} ms/step  {r['tokens_per_s']:>9,.0f} tok/s  MFU {100*r['mfu']:.1f}%  peak {r['peak_mem_gib']:.1f} GiB\")"; done
