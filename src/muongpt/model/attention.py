@@ -21,11 +21,18 @@ def rms_norm(x: Tensor) -> Tensor:
 class Rotary(nn.Module):
     """Rotary position embedding (Su et al. 2021) on the last dim of (B, T, H, head_dim) tensors."""
 
-    def __init__(self, head_dim: int, base: float = 10000.0):
+    def __init__(self, head_dim: int, base: float = 10000.0, truncate: bool = False):
         super().__init__()
-        if head_dim % 2:
-            raise MuonGPTError(f"rotary embedding needs an even head dimension, got {head_dim}")
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        if head_dim % 2 or (truncate and head_dim % 4):
+            raise MuonGPTError(
+                f"rotary embedding needs a head dimension divisible by {4 if truncate else 2}, "
+                f"got {head_dim}"
+            )
+        if truncate:  # half-truncated: head_dim/4 frequencies from 1 down to 1/base, then zeros
+            inv_freq = base ** -torch.linspace(0, 1, head_dim // 4, dtype=torch.float32)
+            inv_freq = torch.cat([inv_freq, torch.zeros(head_dim // 4)])
+        else:
+            inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._cache: tuple[int, torch.device, Tensor, Tensor] | None = None
 
@@ -134,7 +141,13 @@ def document_dense_mask(docs: Tensor, window: Tensor | int | None = None) -> Ten
 
 class CausalSelfAttention(nn.Module):
     def __init__(
-        self, dim: int, n_head: int, rope_base: float = 10000.0, value_embed: bool = False
+        self,
+        dim: int,
+        n_head: int,
+        rope_base: float = 10000.0,
+        value_embed: bool = False,
+        rope_truncate: bool = False,
+        scale: float | None = None,
     ):
         super().__init__()
         if dim % n_head:
@@ -145,7 +158,8 @@ class CausalSelfAttention(nn.Module):
         self.k = nn.Linear(dim, dim, bias=False)
         self.v = nn.Linear(dim, dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
-        self.rotary = Rotary(self.head_dim, rope_base)
+        self.rotary = Rotary(self.head_dim, rope_base, rope_truncate)
+        self.scale = scale  # None: 1 / sqrt(head_dim)
         # v <- a v + b ve with a value embedding ve of the tokens (GPT(value_embeds=n))
         self.ve_lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if value_embed else None
 
@@ -177,18 +191,18 @@ class CausalSelfAttention(nn.Module):
         )  # QK-norm, then RoPE
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if isinstance(block_mask, Tensor) and cache is None:  # the dense form (CPU)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask, scale=self.scale)
         elif block_mask is not None and cache is None:  # FlexAttention: document mask / window
             from torch.nn.attention.flex_attention import flex_attention
 
-            y = flex_attention(q, k, v, block_mask=block_mask)
+            y = flex_attention(q, k, v, block_mask=block_mask, scale=self.scale)
         elif cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
             k, v = cache.append(k, v)
             # New queries sit at the end of the cache: query i may see keys 0 .. start + i.
             mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(start)
             if window:  # and not further back than the training window
                 mask &= ~torch.ones_like(mask).tril(start - window)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))

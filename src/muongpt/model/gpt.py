@@ -46,7 +46,7 @@ from muongpt.model.attention import (
 )
 
 SOFTCAPS = ("none", "tanh", "sigmoid")
-MIXERS = ("attention", "pom")
+MIXERS = ("attention", "pom", "none")  # "none": the block is its MLP only
 
 
 @dataclass
@@ -57,6 +57,8 @@ class GPTConfig:
     n_embd: int = 768
     mlp_ratio: int = 4
     rope_base: float = 10000.0
+    rope_truncate: bool = False  # rotate only half the head dims (the rest carry no position)
+    attn_scale: float = 0.0  # softmax scale of attention; 0 = 1 / sqrt(head_dim)
     # "none", "tanh": c * tanh(x / c), or "sigmoid": 30 * sigmoid(x / 7.5) (modded-nanogpt, 2025)
     logit_softcap: str = "none"
     softcap_value: float = 15.0
@@ -75,6 +77,8 @@ class GPTConfig:
     attention: str = "sdpa"  # sdpa | flex
     doc_mask: bool = False  # flex only
     attn_window: int = 0  # flex only; 0 = full causal
+    # per-layer fraction of the window, cycled over the depth: [1.0, 0.5] alternates long / short
+    window_pattern: list[float] = field(default_factory=lambda: [1.0])
     bos_token: int = 50256
 
     def __post_init__(self):
@@ -99,6 +103,14 @@ class GPTConfig:
             raise MuonGPTError("model.doc_mask and model.attn_window need model.attention=flex")
         if self.attn_window < 0:
             raise MuonGPTError(f"model.attn_window must be >= 0, got {self.attn_window}")
+        if not self.window_pattern or any(not 0 < f <= 1 for f in self.window_pattern):
+            raise MuonGPTError(
+                f"model.window_pattern entries must be in (0, 1], got {self.window_pattern}"
+            )
+        if self.window_pattern != [1.0] and self.attention != "flex":
+            raise MuonGPTError("model.window_pattern needs model.attention=flex")
+        if self.attn_scale < 0:
+            raise MuonGPTError(f"model.attn_scale must be >= 0, got {self.attn_scale}")
         if not 0 <= 2 * self.value_embeds <= self.n_layer:
             raise MuonGPTError(
                 f"model.value_embeds must be in [0, n_layer / 2 = {self.n_layer // 2}], "
@@ -111,6 +123,9 @@ class GPTConfig:
 
     def mixer_of_layer(self, i: int) -> str:
         return self.mixer_pattern[i % len(self.mixer_pattern)]
+
+    def window_of_layer(self, i: int) -> float:
+        return float(self.window_pattern[i % len(self.window_pattern)])
 
     def value_embed_of_layer(self, i: int) -> int | None:
         """Index of the value-embedding table layer i uses (first n and last n layers), or None."""
@@ -144,7 +159,11 @@ class Block(nn.Module):
                 config.n_head,
                 config.rope_base,
                 value_embed=config.value_embed_of_layer(layer) is not None,
+                rope_truncate=config.rope_truncate,
+                scale=config.attn_scale or None,
             )
+        elif self.kind == "none":
+            self.mixer = None
         else:
             from muongpt.model.pom import PoM
 
@@ -172,7 +191,8 @@ class Block(nn.Module):
                 extra["block_mask"] = mask
             if cache is not None:
                 extra["window"] = window
-        x = x + self.mixer(rms_norm(x), cache=cache, **extra)
+        if self.mixer is not None:
+            x = x + self.mixer(rms_norm(x), cache=cache, **extra)
         return x + self.mlp(rms_norm(x))
 
 
@@ -233,6 +253,8 @@ class GPT(nn.Module):
         for b in self.blocks:
             if b.kind == "attention":
                 caches.append(b.mixer.new_cache(batch_size, max_len, device, dtype))
+            elif b.kind == "none":
+                caches.append(None)
             else:
                 caches.append(b.mixer.new_cache(batch_size, device))
         return caches
@@ -244,16 +266,19 @@ class GPT(nn.Module):
             raise MuonGPTError(f"attention window must be >= 0, got {tokens}")
         self.current_window.fill_(tokens or UNBOUNDED_WINDOW)
 
-    def block_mask(self, idx: Tensor):
+    def block_mask(self, idx: Tensor, window_fraction: float = 1.0):
         """Attention mask of a (B, T) batch: causal, document and window limits. A FlexAttention
         BlockMask on GPU; on CPU (no flex backward there) the same mask as a dense bool tensor."""
+        window = self.current_window
+        if window_fraction != 1.0:  # a short-window layer: a fraction of the current window
+            window = (window * window_fraction).to(torch.int32).clamp(min=1)
         if self.config.doc_mask:  # documents start at the end-of-text token
             docs = (idx == self.config.bos_token).cumsum(-1, dtype=torch.int32)
         else:
             docs = torch.zeros_like(idx, dtype=torch.int32)
         if idx.device.type == "cpu":
-            return document_dense_mask(docs, self.current_window)
-        return document_block_mask(docs, self.current_window)
+            return document_dense_mask(docs, window)
+        return document_block_mask(docs, window)
 
     def softcap(self, logits: Tensor) -> Tensor:
         mode = self.config.logit_softcap
@@ -273,10 +298,10 @@ class GPT(nn.Module):
             x = rms_norm(x)
         x0 = x
         ves = [e(idx) for e in self.value_embeds]
-        mask, window = None, 0
+        masks, window = {}, 0
         if self.config.attention == "flex":
-            if caches is None:
-                mask = self.block_mask(idx)
+            if caches is None:  # one mask per distinct window length
+                masks = {f: self.block_mask(idx, f) for f in set(self.config.window_pattern)}
             else:  # decoding: the KV-cache path applies the same window (not the document mask)
                 window = int(self.current_window)
                 window = 0 if window >= UNBOUNDED_WINDOW else window
@@ -291,8 +316,8 @@ class GPT(nn.Module):
                 cache=None if caches is None else caches[i],
                 x0=x0,
                 ve=None if v is None else ves[v],
-                mask=mask,
-                window=window,
+                mask=masks.get(self.config.window_of_layer(i)),
+                window=window and max(int(window * self.config.window_of_layer(i)), 1),
             )
             if i < n_enc:
                 skips.append(x)
