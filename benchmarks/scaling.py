@@ -23,10 +23,11 @@ during the last micro-step's backward) on random tokens, with:
 - optimizer state per GPU (bytes of momentum / moments this rank holds; the largest rank) and
   the peak CUDA memory.
 
-``--compile``: ``model`` (default; ``torch.compile(model)`` as the trainer does: the backward is
-then one compiled autograd node, so the reductions start when all of it is done and overlap only
-the optimizer's own work), ``blocks`` (each transformer block compiled on its own, so a block's
-gradients are reduced while the blocks before it still run backward), ``none``; a comma list
+``--compile``: the trainer's ``training.compile_mode``: ``model`` (default; ``torch.compile(model)``:
+the backward is then one compiled autograd node, so the reductions start when all of it is done
+and overlap only the optimizer's own work), ``blocks`` (each transformer block and the head
+compiled on their own, so a block's gradients are reduced while the blocks before it still run
+backward), or ``none``; a comma list
 (``model,blocks``) runs each. Results go to ``--out`` (JSON); a table is printed last.
 ``--budget-s`` skips the runs that would not finish in time (default 540 s: one 10-minute call
 holds d12 and d24 at 1, 2 and 4 GPUs with one compile mode; the compile cache is shared).
@@ -68,7 +69,7 @@ def worker(args) -> None:
     from muongpt.optim import build_optimizer
     from muongpt.optim.distributed import optimizer_state_bytes
     from muongpt.train.distributed import init_distributed
-    from muongpt.train.trainer import build_model_config
+    from muongpt.train.trainer import build_model_config, compile_model
 
     ctx = init_distributed(args.device)
     W, device = ctx.world_size, ctx.device
@@ -76,13 +77,7 @@ def worker(args) -> None:
     torch.manual_seed(0)
     model = GPT(build_model_config(cfg)).to(device)
     optimizer = build_optimizer(model, cfg.optimizer)
-    if args.compile == "model":
-        forward = torch.compile(model)
-    else:
-        if args.compile == "blocks":
-            for block in model.blocks:
-                block.compile()
-        forward = model
+    forward = model if args.compile == "none" else compile_model(model, args.compile)
     per_step = args.micro_batch * W
     if args.batch_size % per_step:
         raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of {per_step}")

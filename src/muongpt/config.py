@@ -77,6 +77,7 @@ class TrainingConfig:
     device: str = "auto"  # auto | cpu | cuda
     autocast_bf16: bool = True  # bf16 autocast on CUDA (CPU always runs fp32)
     compile: bool = False
+    compile_mode: str = "model"  # model: one graph | blocks: each block + the head (overlap)
     seq_len: int = 1024
     batch_size: int = 8  # sequences per optimizer step, over all ranks
     micro_batch_size: int = 8  # sequences per forward pass on one rank

@@ -321,6 +321,11 @@ class GPT(nn.Module):
             )
             if i < n_enc:
                 skips.append(x)
+        return self.head(x, targets)
+
+    def head(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
+        """Final norm, lm_head, soft-cap (fp32), then the loss or the logits. A method of its own
+        so that it can be compiled alone (``training.compile_mode=blocks``)."""
         logits = self.softcap(self.lm_head(rms_norm(x)).float())
         if targets is None:
             return logits[..., : self.config.vocab_size]

@@ -102,6 +102,24 @@ def check_batch_config(t: DictConfig, world_size: int) -> int:
     return t.batch_size // per_step
 
 
+COMPILE_MODES = ("model", "blocks")
+
+
+def compile_model(model: GPT, mode: str):
+    """The callable the trainer runs: ``torch.compile`` of the whole model (one forward and one
+    backward graph: gradients all appear at the end of backward), or of each block and the head
+    on their own (``blocks``: a block's gradients are final, and the sharded optimizers start
+    reducing them, while the blocks before it still run backward)."""
+    if mode == "model":
+        return torch.compile(model)
+    if mode == "blocks":
+        for block in model.blocks:
+            block.compile()
+        model.head = torch.compile(model.head)  # logits, soft-cap and loss fused, as in "model"
+        return model
+    raise MuonGPTError(f"training.compile_mode must be one of {COMPILE_MODES}, got {mode!r}")
+
+
 def check_window_schedule(cfg: DictConfig) -> None:
     start, end = cfg.training.attn_window_start, cfg.model.attn_window
     if start == 0:
@@ -137,7 +155,7 @@ class Trainer:
         self.model_config = build_model_config(cfg)
         self.model = GPT(self.model_config).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.forward = compile_model(self.model, t.compile_mode) if t.compile else self.model
         self.use_bf16 = t.autocast_bf16 and self.device.type == "cuda"
 
         self.train_loader, self.val_sources, self.entropy = self._build_data()
