@@ -37,6 +37,9 @@ def main() -> int:
             json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
         ]
         trainer.close()
+    if "final_val_loss" not in summary:  # stopped early (SIGTERM, e.g. a time limit)
+        print(f"INTERRUPTED {args.name or cfg.experiment_name}: {summary}", file=sys.stderr)
+        return 75
     steps, secs = summary["steps"], summary["train_seconds"]
     tok_s = summary["tokens"] / secs
     fpt = flops_per_token(trainer.model, cfg.training.seq_len)

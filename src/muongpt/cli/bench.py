@@ -15,11 +15,13 @@ optimizer, measured on separate steps with a device synchronisation around each 
 
 FLOPs per token (PaLM appendix B convention, counting the full attention matrix):
 
-    6 * N + 12 * L * C * d
+    6 * N + 12 * d * sum over attention layers l of C_l
 
 N: the parameters of every matmul, the lm_head included (embedding tables excluded: they are
-lookups); L layers, d = n_embd, C the attention context: T = seq_len, or the sliding window
-``model.attn_window`` where shorter (document masking is not subtracted). MFU = FLOPs/token * tokens/s / peak, peak = 989e12
+lookups); d = n_embd; C_l the attention context of layer l: T = seq_len, or its sliding window
+(``model.attn_window`` x its ``window_pattern`` fraction) where shorter; MLP-only layers have
+none. Document masking is not subtracted. (With full causal attention on every layer this is
+PaLM's 6N + 12 L T d.) MFU = FLOPs/token * tokens/s / peak, peak = 989e12
 (H100 SXM dense bf16) unless ``MUONGPT_PEAK_FLOPS`` is set. Training state is not restored:
 benchmark a fresh run, never one you mean to keep.
 """
@@ -89,11 +91,15 @@ def matmul_params(model) -> int:
 
 
 def flops_per_token(model, seq_len: int) -> float:
-    """6 N (matmul weights) + 12 L D C, C the attention context: seq_len, or the sliding window
-    where shorter (document masking's savings are data-dependent and not subtracted)."""
+    """6 N (matmul weights) + 12 D sum_l C_l over the attention layers, C_l the layer's context:
+    seq_len, or its sliding window where shorter (document masking is not subtracted)."""
     c = model.config
-    context = min(seq_len, c.attn_window) if c.attn_window else seq_len
-    return 6.0 * matmul_params(model) + 12.0 * c.n_layer * context * c.n_embd
+    context = 0  # summed over the attention layers, each with its own window (window_pattern)
+    for i in range(c.n_layer):
+        if c.mixer_of_layer(i) == "attention":
+            window = int(c.attn_window * c.window_of_layer(i)) if c.attn_window else seq_len
+            context += min(seq_len, max(window, 1))
+    return 6.0 * matmul_params(model) + 12.0 * context * c.n_embd
 
 
 def _sync(device) -> None:
@@ -186,7 +192,7 @@ def run_bench(opts: dict, overrides: list[str]) -> dict:
             "ms_per_step": 1e3 * step_s,
             "tokens_per_s": tokens_per_s,
             "flops_per_token": fpt,
-            "flop_formula": "6*N_matmul_params + 12*n_layer*min(seq_len, attn_window)*n_embd per token",
+            "flop_formula": "6*N_matmul_params + 12*n_embd*sum_attention_layers(min(seq_len, layer window)) per token",
             "matmul_params": matmul_params(model),
             "peak_flops": peak_flops,
             "mfu": fpt * tokens_per_s / peak_flops,
