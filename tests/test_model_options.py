@@ -397,3 +397,10 @@ def test_window_pattern_gives_short_window_layers():
         torch.testing.assert_close(torch.cat(steps, 1), mixed(idx), atol=1e-4, rtol=1e-4)
     with pytest.raises(MuonGPTError, match="window_pattern"):
         GPTConfig(**BASE, window_pattern=[0.5])
+
+
+def test_dense_mask_refuses_a_size_it_cannot_hold():
+    from muongpt.model.attention import document_dense_mask
+
+    with pytest.raises(MuonGPTError, match="dense 1 x 65536 x 65536 mask"):
+        document_dense_mask(torch.zeros(1, 65536, dtype=torch.int32))

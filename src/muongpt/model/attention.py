@@ -78,6 +78,7 @@ class KVCache:
 
 FLEX_BLOCK = 128  # FlexAttention's tile: masks are decided per 128 x 128 block, then per token
 UNBOUNDED_WINDOW = 2**30
+DENSE_MASK_LIMIT = 2**30  # elements (bytes) of the CPU path's dense mask
 
 
 def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
@@ -132,7 +133,12 @@ def document_block_mask(docs: Tensor, window: Tensor | int | None = None):
 def document_dense_mask(docs: Tensor, window: Tensor | int | None = None) -> Tensor:
     """The same rule as ``document_block_mask`` as a (B, 1, T, T) bool tensor, for SDPA: the CPU
     path (FlexAttention has no CPU backward), O(T^2) memory."""
-    T = docs.size(1)
+    B, T = docs.shape
+    if B * T * T > DENSE_MASK_LIMIT:
+        raise MuonGPTError(
+            f"model.attention=flex without a GPU builds a dense {B} x {T} x {T} mask "
+            f"({B * T * T / 2**30:.1f} GiB): use a CUDA device or a shorter training.seq_len"
+        )
     pos = torch.arange(T, device=docs.device)
     gap = pos[:, None] - pos[None, :]
     keep = (gap >= 0) & (gap < (UNBOUNDED_WINDOW if window is None else window))

@@ -8,7 +8,7 @@
 RMSNorm has no learned scale, there are no biases, output projections start at zero (each block
 begins as the identity), and the lm_head is not tied to the embedding.
 
-Optional speedrun tricks (modded-nanogpt, late 2024), each off by default:
+Optional speedrun tricks (modded-nanogpt, late 2024 to early 2025), each off by default:
 
 - ``value_embeds = n``: n extra embedding tables; table i is mixed into the attention values of
   layer i and of layer L - n + i:  v <- a v + b ve_i(idx)  (a, b learned, start at 0.5).
@@ -20,6 +20,11 @@ Optional speedrun tricks (modded-nanogpt, late 2024), each off by default:
   (sliding window of that many tokens; 0 = unbounded; ``set_attn_window`` changes it, e.g. a
   schedule that grows it during training). Long packed sequences then cost no more than short
   ones. Decoding with caches uses SDPA with the same window (a prompt is one document).
+  ``window_pattern``: each layer's window as a fraction of the current one, cycled over the
+  depth ([1.0, 0.5, ...]: long and short layers; one block mask per distinct fraction).
+- ``mixer_pattern`` entry ``"none"``: a block with no token mixer, its MLP only.
+- ``rope_truncate``: RoPE rotates half the head dims only (frequencies 1 .. 1/rope_base); the
+  other half carries no position. ``attn_scale``: softmax scale other than 1/sqrt(head_dim).
 - ``residual_bf16``: under bf16 autocast the residual stream itself is bf16 (autocast alone keeps
   it fp32: the embedding output is fp32 and fp32 + bf16 stays fp32). Halves the memory traffic
   of every norm, residual add and saved activation; matmuls are bf16 either way.
