@@ -38,7 +38,7 @@ from muongpt.optim.config import (
     check_nonnegative,
     check_unit,
 )
-from muongpt.optim.muon import Muon
+from muongpt.optim.muon import Muon, run_closure
 from muongpt.optim.schedule import muon_momentum
 from muongpt.optim.soap import SOAP
 
@@ -76,10 +76,7 @@ class CombinedOptimizer:
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for opt in self.optimizers:
             opt.step()
         return loss

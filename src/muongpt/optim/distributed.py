@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from muongpt.optim.combined import CombinedOptimizer
 from muongpt.optim.config import OptimizerError
-from muongpt.optim.muon import Muon, as_matrix_shape, state_dtype, update_scale
+from muongpt.optim.muon import Muon, as_matrix_shape, run_closure, state_dtype, update_scale
 from muongpt.optim.newton_schulz import newton_schulz
 
 # torch 2.13 renamed the flat collectives (the old names warn); 2.11 has only the old ones.
@@ -402,10 +402,7 @@ class BucketedStep:
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for bucket in self.buckets:
             bucket.launch()
         for bucket in self.buckets:
@@ -700,10 +697,7 @@ class DistributedCombinedOptimizer(CombinedOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         self.reducer.launch_all()
         waiting = {
             id(o): sum(self.owner[id(b)] is o for b in self.reducer.buckets)

@@ -50,6 +50,14 @@ def state_dtype(param: Tensor) -> torch.dtype:
     return torch.promote_types(param.dtype, torch.float32)
 
 
+def run_closure(closure) -> Any:
+    """The ``torch.optim`` closure protocol: re-evaluate the loss with gradients on, if given."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def param_list(params: Iterable, what: str) -> list:
     params = list(params)
     if not params:
@@ -136,10 +144,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             by_shape: dict[tuple, list[Tensor]] = defaultdict(list)
             for p in group["params"]:

@@ -40,7 +40,7 @@ from muongpt.optim.config import (
     check_nonnegative,
     check_unit,
 )
-from muongpt.optim.muon import load_state_keep_dtypes, param_list, state_dtype
+from muongpt.optim.muon import load_state_keep_dtypes, param_list, run_closure, state_dtype
 
 DATA_FORMATS = ("channels_first", "channels_last")
 
@@ -207,10 +207,7 @@ class SOAP(torch.optim.Optimizer):
     # -- step ------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
