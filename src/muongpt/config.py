@@ -40,12 +40,11 @@ class ModelConfig:
     unet_skips: bool = False  # first-half block outputs added to second-half block inputs
     x0_mix: bool = False  # each block mixes in the embedding output: a x + b x0
     embed_norm: bool = False  # RMSNorm on the embedding output
-    residual_bf16: bool = False
+    residual_bf16: bool = False  # bf16 residual stream under bf16 autocast (default: fp32)
     rope_truncate: bool = False  # RoPE on half the head dims only (the rest position-free)
     attn_scale: float = 0.0  # attention softmax scale; 0 = 1/sqrt(head_dim)
-    window_pattern: list[float] = field(
-        default_factory=lambda: [1.0]
-    )  # per-layer window fraction  # bf16 residual stream under bf16 autocast (default: fp32)
+    # per-layer fraction of model.attn_window, cycled over the depth
+    window_pattern: list[float] = field(default_factory=lambda: [1.0])
     attention: str = "sdpa"  # sdpa (cuDNN/flash, causal) | flex (FlexAttention block masks)
     doc_mask: bool = False  # flex: attend within the document only (documents start at EOT)
     attn_window: int = 0  # flex: sliding window in tokens; 0 = full causal

@@ -97,8 +97,7 @@ def flops_per_token(model, seq_len: int) -> float:
     context = 0  # summed over the attention layers, each with its own window (window_pattern)
     for i in range(c.n_layer):
         if c.mixer_of_layer(i) == "attention":
-            window = int(c.attn_window * c.window_of_layer(i)) if c.attn_window else seq_len
-            context += min(seq_len, max(window, 1))
+            context += min(seq_len, c.layer_window(i, c.attn_window) if c.attn_window else seq_len)
     return 6.0 * matmul_params(model) + 12.0 * context * c.n_embd
 
 
@@ -113,13 +112,8 @@ def split_step(trainer) -> dict[str, float]:
     """One training step with a synchronisation around each segment: seconds per segment."""
     import torch
 
-    from muongpt.optim.schedule import lr_multiplier
-
     t, dev = trainer.cfg.training, trainer.device
-    trainer.optimizer.update_schedule(
-        trainer.step,
-        lr_multiplier(trainer.step, t.max_steps, t.warmup_steps, t.cooldown_steps, t.final_lr_frac),
-    )
+    trainer.apply_schedules()
     data_s = fb_s = 0.0
     for _ in range(trainer.grad_accum):
         _sync(dev)

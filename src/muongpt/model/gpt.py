@@ -132,6 +132,11 @@ class GPTConfig:
     def window_of_layer(self, i: int) -> float:
         return float(self.window_pattern[i % len(self.window_pattern)])
 
+    def layer_window(self, i: int, window: int) -> int:
+        """Layer i's share of a ``window``-token window: its window_pattern fraction, truncated,
+        at least one token (the same rule as ``GPT.block_mask``'s tensor form)."""
+        return max(int(window * self.window_of_layer(i)), 1)
+
     def value_embed_of_layer(self, i: int) -> int | None:
         """Index of the value-embedding table layer i uses (first n and last n layers), or None."""
         n = self.value_embeds
@@ -322,7 +327,7 @@ class GPT(nn.Module):
                 x0=x0,
                 ve=None if v is None else ves[v],
                 mask=masks.get(self.config.window_of_layer(i)),
-                window=window and max(int(window * self.config.window_of_layer(i)), 1),
+                window=window and self.config.layer_window(i, window),
             )
             if i < n_enc:
                 skips.append(x)

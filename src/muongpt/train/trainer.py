@@ -18,6 +18,7 @@ from muongpt import MuonGPTError
 from muongpt.data.loader import TokenLoader
 from muongpt.data.shards import open_shard, resolve_shards
 from muongpt.data.tokenizer import EOT_TOKEN, decode, encode
+from muongpt.model.attention import FLEX_BLOCK
 from muongpt.model.gpt import GPT, GPTConfig
 from muongpt.optim import build_optimizer
 from muongpt.optim.schedule import attention_window, lr_multiplier
@@ -243,8 +244,8 @@ class Trainer:
         return float(all_reduce_mean(total / count, self.ctx))
 
     # ---------------------------------------------------------------- training
-    def train_step(self) -> torch.Tensor:
-        """One optimizer step over grad_accum micro-batches; returns the mean loss (on device)."""
+    def apply_schedules(self) -> None:
+        """Learning rates, Muon momentum and (flex) attention window of the coming step."""
         t = self.cfg.training
         self.optimizer.update_schedule(
             self.step,
@@ -255,9 +256,18 @@ class Trainer:
         if t.attn_window_start:
             self.model.set_attn_window(
                 attention_window(
-                    self.step, t.max_steps, t.attn_window_start, self.model_config.attn_window
+                    self.step,
+                    t.max_steps,
+                    t.attn_window_start,
+                    self.model_config.attn_window,
+                    block=FLEX_BLOCK,
                 )
             )
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over grad_accum micro-batches; returns the mean loss (on device)."""
+        t = self.cfg.training
+        self.apply_schedules()
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             inputs, targets = next(self.train_loader)
