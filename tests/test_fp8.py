@@ -88,20 +88,20 @@ def _bf16_reference(x, w, grad):
     return y, xr.grad, wr.grad
 
 
-def _fp8_result(x, w, grad, fn=fp8_linear):
+def _fp8_result(x, w, grad, fn=fp8_linear, fp8_dw=False):
     xf = x.detach().clone().requires_grad_()
     wf = w.detach().clone().requires_grad_()
-    y = fn(xf, wf)
+    y = fn(xf, wf, fp8.DEFAULT_SCALES, fp8_dw)
     y.backward(grad)
     return y, xf.grad, wf.grad
 
 
 @needs_fp8
-@pytest.mark.parametrize("seed", [0, 1])
-def test_fp8_matches_bf16(seed):
+@pytest.mark.parametrize("seed,fp8_dw", [(0, False), (1, False), (0, True), (1, True)])
+def test_fp8_matches_bf16(seed, fp8_dw):
     x, w, grad = _head_case(seed=seed)
     y_ref, gx_ref, gw_ref = _bf16_reference(x, w, grad)
-    y, gx, gw = _fp8_result(x, w, grad)
+    y, gx, gw = _fp8_result(x, w, grad, fp8_dw=fp8_dw)
     assert y.dtype == torch.bfloat16 and gx.dtype == x.dtype and gw.dtype == w.dtype
     assert torch.isfinite(y).all() and torch.isfinite(gx).all() and torch.isfinite(gw).all()
     assert rel_err(y, y_ref) < LOGIT_BOUND
@@ -110,11 +110,13 @@ def test_fp8_matches_bf16(seed):
 
 
 @needs_fp8
-def test_fp8_under_torch_compile_matches_eager():
+@pytest.mark.parametrize("fp8_dw", [False, True])
+def test_fp8_under_torch_compile_matches_eager(fp8_dw):
     x, w, grad = _head_case(M=2048, seed=2)
-    y_e, gx_e, gw_e = _fp8_result(x, w, grad)
+    y_e, gx_e, gw_e = _fp8_result(x, w, grad, fp8_dw=fp8_dw)
+    torch._dynamo.reset()
     compiled = torch.compile(fp8_linear, fullgraph=True)
-    y_c, gx_c, gw_c = _fp8_result(x, w, grad, fn=compiled)
+    y_c, gx_c, gw_c = _fp8_result(x, w, grad, fn=compiled, fp8_dw=fp8_dw)
     # The same fp8 kernels; only the compiler's fused gradient cast may round differently.
     assert rel_err(y_c, y_e) < 1e-3
     assert rel_err(gx_c, gx_e) < 1e-2 and rel_err(gw_c, gw_e) < 1e-2
@@ -123,10 +125,10 @@ def test_fp8_under_torch_compile_matches_eager():
 @needs_fp8
 def test_fake_kernels_match_real_outputs():
     x, w, grad = _head_case(M=256, N=512, K=128, seed=3)
-    real = fp8.fp8_matmul(x, w, *fp8.DEFAULT_SCALES)
+    real = fp8.fp8_matmul(x, w, *fp8.DEFAULT_SCALES, True)
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fx, fw = mode.from_tensor(x), mode.from_tensor(w)
-        fake = fp8.fp8_matmul(fx, fw, *fp8.DEFAULT_SCALES)
+        fake = fp8.fp8_matmul(fx, fw, *fp8.DEFAULT_SCALES, True)
     for r, f in zip(real, fake):
         assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride())
     g8 = (grad[:256, :512].float() * 2**29).clamp(-57344, 57344).to(torch.float8_e5m2)
@@ -138,13 +140,35 @@ def test_fake_kernels_match_real_outputs():
     assert (real_dx.shape, real_dx.dtype, real_dx.stride()) == (
         fake_dx.shape, fake_dx.dtype, fake_dx.stride(),
     )  # fmt: skip
+    real_dw = fp8.fp8_grad_weight(g8, real[1], 2.0, 2.0**29)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake_dw = fp8.fp8_grad_weight(mode.from_tensor(g8), mode.from_tensor(real[1]), 2.0, 2.0**29)
+    assert (real_dw.shape, real_dw.dtype, real_dw.stride()) == (
+        fake_dw.shape, fake_dw.dtype, fake_dw.stride(),
+    )  # fmt: skip
+
+
+@needs_fp8
+@pytest.mark.parametrize("shape", [(64, 64), (200, 136), (4096, 50304 // 4), (1, 17)])
+def test_transpose_fp8_is_exact(shape):
+    g = torch.Generator(device="cuda").manual_seed(5)
+    t = (torch.randn(shape, device="cuda", generator=g) * 100).to(torch.float8_e5m2)
+    out = fp8.transpose_fp8(t)
+    assert out.shape == shape[::-1] and out.is_contiguous() and out.dtype == t.dtype
+    assert torch.equal(out.view(torch.uint8), t.t().contiguous().view(torch.uint8))
+
+
+def test_transpose_fp8_on_cpu():
+    t = torch.randn(5, 7).to(torch.float8_e5m2)
+    out = fp8.transpose_fp8(t)
+    assert out.is_contiguous() and torch.equal(out.view(torch.uint8), t.t().view(torch.uint8))
 
 
 @needs_fp8
 def test_opcheck():
     x, w, _ = _head_case(M=64, N=256, K=128, seed=4)
     torch.library.opcheck(
-        fp8.fp8_matmul, (x, w.requires_grad_(), *fp8.DEFAULT_SCALES),
+        fp8.fp8_matmul, (x, w.requires_grad_(), *fp8.DEFAULT_SCALES, True),
         # test_schema and test_aot_dispatch_* re-run the op and reduce / mutate its fp8 outputs,
         # which have no CUDA kernels; compile + autograd are covered by the tests above.
         test_utils=("test_faketensor",),

@@ -36,10 +36,13 @@ class ModelConfig:
     softcap_value: float = 15.0
     fp8_head: bool = False
     fp8_scales: list[float] = field(default_factory=lambda: [2.0, 32.0, 2.0**29])  # x, W, grad
+    fp8_dw: bool = False  # fp8 head: the weight gradient in fp8 too
     value_embeds: int = 0  # value-embedding tables, for the first and last n attention layers
     unet_skips: bool = False  # first-half block outputs added to second-half block inputs
     x0_mix: bool = False  # each block mixes in the embedding output: a x + b x0
     embed_norm: bool = False  # RMSNorm on the embedding output
+    smear: bool = False  # token smear: a gated share of the previous token's embedding
+    attn_gate: bool = False  # per-head sigmoid gate on attention outputs
     residual_bf16: bool = False  # bf16 residual stream under bf16 autocast (default: fp32)
     rope_truncate: bool = False  # RoPE on half the head dims only (the rest position-free)
     attn_scale: float = 0.0  # attention softmax scale; 0 = 1/sqrt(head_dim)
@@ -104,6 +107,8 @@ class TrainingConfig:
     # timed run, so compilation and autotuning stay out of train_seconds. 0: none.
     compile_warmup_steps: int = 0
     attn_window_start: int = 0  # flex: grow the window from this to model.attn_window (0: fixed)
+    batch_size_start: int = 0  # sequences per step at step 0, grown to batch_size (0: fixed)
+    batch_ramp_steps: int = 0  # ... linearly over this many steps
 
 
 @dataclass

@@ -20,8 +20,8 @@ FLOPs per token (PaLM appendix B convention, counting the full attention matrix)
 N: the parameters of every matmul, the lm_head included (embedding tables excluded: they are
 lookups); d = n_embd; C_l the attention context of layer l: T = seq_len, or its sliding window
 (``model.attn_window`` x its ``window_pattern`` fraction) where shorter; MLP-only layers have
-none. A window schedule (``training.attn_window_start``) is switched off: steps run at the full
-window. Document masking is not subtracted. (With full causal attention on every layer this is
+none. A window schedule (``training.attn_window_start``) and a batch ramp
+(``training.batch_size_start``) are switched off: steps run at the full window and batch. Document masking is not subtracted. (With full causal attention on every layer this is
 PaLM's 6N + 12 L T d.) MFU = FLOPs/token * tokens/s / peak, peak = 989e12
 (H100 SXM dense bf16) unless ``MUONGPT_PEAK_FLOPS`` is set. Training state is not restored:
 benchmark a fresh run, never one you mean to keep.
@@ -147,6 +147,7 @@ def run_bench(opts: dict, overrides: list[str]) -> dict:
     # The steady state: the window at its full size (as the FLOP count assumes), not the first
     # steps of a schedule that grows it.
     cfg.training.attn_window_start = 0
+    cfg.training.batch_size_start = 0  # time full batches, as tokens/s counts them
     need = opts["warmup"] + opts["steps"] + opts["split"]
     if cfg.training.max_steps < need:  # the lr schedule must cover every benchmarked step
         cfg.training.max_steps = need
@@ -200,6 +201,7 @@ def run_bench(opts: dict, overrides: list[str]) -> dict:
             "warmup_step_s": warm_times,
             "last_train_loss": float(last_loss),
             "fp8_head": bool(getattr(model.lm_head, "fp8_ok", False)),
+            "fp8_dw": bool(getattr(model.lm_head, "fp8_dw", False)),
         }
         if splits:
             report["split_ms"] = {

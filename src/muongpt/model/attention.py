@@ -12,6 +12,8 @@ from torch import Tensor, nn
 
 from muongpt import MuonGPTError
 
+GATE_DIMS = 12  # input-dependent gates (attention output, token smear) read x[..., :12]
+
 
 def rms_norm(x: Tensor) -> Tensor:
     """RMSNorm over the last dimension, without a learned scale."""
@@ -154,6 +156,7 @@ class CausalSelfAttention(nn.Module):
         value_embed: bool = False,
         rope_truncate: bool = False,
         scale: float | None = None,
+        gate: bool = False,
     ):
         super().__init__()
         if dim % n_head:
@@ -168,6 +171,13 @@ class CausalSelfAttention(nn.Module):
         self.scale = scale  # None: 1 / sqrt(head_dim)
         # v <- a v + b ve with a value embedding ve of the tokens (GPT(value_embeds=n))
         self.ve_lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if value_embed else None
+        # Output gate: head h's output times sigmoid(w_h . x[:GATE_DIMS]) (starts at 0.5 each).
+        # Lets a head switch itself off for a token instead of attending somewhere harmless.
+        self.gate = nn.Linear(GATE_DIMS, n_head, bias=False) if gate else None
+        if self.gate is not None:
+            if dim < GATE_DIMS:
+                raise MuonGPTError(f"attention gate needs n_embd >= {GATE_DIMS}, got {dim}")
+            nn.init.zeros_(self.gate.weight)
 
     def new_cache(self, batch_size: int, max_len: int, device, dtype) -> KVCache:
         return KVCache(batch_size, self.n_head, self.head_dim, max_len, device, dtype)
@@ -211,4 +221,7 @@ class CausalSelfAttention(nn.Module):
             if window:  # and not further back than the training window
                 mask &= ~torch.ones_like(mask).tril(start - window)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+        y = y.transpose(1, 2)  # (B, T, H, hd)
+        if self.gate is not None:
+            y = y * torch.sigmoid(self.gate(x[..., :GATE_DIMS])).unsqueeze(-1).to(y.dtype)
+        return self.proj(y.reshape(B, T, D))

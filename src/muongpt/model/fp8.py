@@ -9,7 +9,7 @@ Backward, the output gradient g in e5m2 (wider range, less precision):
 
     g8 = e5m2(g * grad_scale)
     dx = (g8 @ W8) / (grad_scale * w_scale)           # bf16
-    dW = bf16(g)^T @ bf16(x)                          # bf16 matmul, as under autocast (see below)
+    dW = (g8^T @ x8) / (grad_scale * x_scale)         # fp32; fp8_dw=True (default: bf16 g^T x)
 
 The scales are *quantization* multipliers; ``torch._scaled_mm`` takes *dequantization* scales
 (it computes (a * scale_a) @ (b * scale_b)), so it is given their inverses. Values past the fp8
@@ -19,7 +19,9 @@ range are clamped (e4m3fn has no infinity: an overflowing cast would give NaN). 
 
 The fp8 matmuls are ``torch.library`` custom ops with fake kernels (shapes, dtypes and contiguous
 strides exactly as the real kernels return them), so ``torch.compile`` treats them as opaque
-nodes; the gradient's scale-and-cast sits in the traced backward formula, where the compiler fuses
+nodes. fp8 tensor cores take only operands contiguous along the reduced dimension, so the fp8 dW
+(reduced over tokens) needs the e5m2 gradient transposed: a tiled Triton kernel writes that copy
+(one read and one write of a 1-byte tensor); without Triton it is a PyTorch copy.  the gradient's scale-and-cast sits in the traced backward formula, where the compiler fuses
 it into the kernel that produced the gradient. Where fp8 is unavailable (CPU, GPUs before
 compute capability 8.9, shapes not multiples of 16) ``FP8Linear`` is a plain (bf16 under
 autocast) ``nn.Linear``, and says so once in the log.
@@ -61,10 +63,11 @@ def _to_fp8(t: Tensor, scale: float, dtype: torch.dtype, limit: float) -> Tensor
 
 @torch.library.custom_op("muongpt::fp8_matmul", mutates_args=())
 def fp8_matmul(
-    x: Tensor, w: Tensor, x_scale: float, w_scale: float, grad_scale: float
+    x: Tensor, w: Tensor, x_scale: float, w_scale: float, grad_scale: float, fp8_dw: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """x (M, K) @ w (N, K)^T -> (y bf16 (M, N), x8, w8); x8 and w8 are kept for the backward."""
-    x8 = _to_fp8(x, x_scale, torch.float8_e4m3fn, E4M3_MAX)
+    """x (M, K) @ w (N, K)^T -> (y bf16 (M, N), x8, w8); x8 and w8 are kept for the backward,
+    which computes dW in fp8 when ``fp8_dw`` (else in bf16)."""
+    x8 = _to_fp8(x, x_scale, torch.float8_e4m3fn, E4M3_MAX)  # x (M, K): M tokens
     w8 = _to_fp8(w, w_scale, torch.float8_e4m3fn, E4M3_MAX)
     y = torch._scaled_mm(
         x8,
@@ -78,7 +81,7 @@ def fp8_matmul(
 
 
 @fp8_matmul.register_fake
-def _fp8_matmul_fake(x, w, x_scale, w_scale, grad_scale):
+def _fp8_matmul_fake(x, w, x_scale, w_scale, grad_scale, fp8_dw):
     M, N = x.size(0), w.size(0)
     return (
         x.new_empty((M, N), dtype=torch.bfloat16),
@@ -105,35 +108,94 @@ def _fp8_matmul_backward_fake(g8, w8, w_scale, grad_scale):
     return g8.new_empty((g8.size(0), w8.size(1)), dtype=torch.bfloat16)
 
 
+try:  # Triton ships with CUDA builds of PyTorch; CPU builds may lack it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _transpose_bytes_kernel(src, dst, M, N, BLOCK: tl.constexpr):
+        # One BLOCK x BLOCK tile per program: coalesced reads along src rows, coalesced writes
+        # along dst rows (the tile is transposed in registers/shared memory). int64 offsets:
+        # a (tokens x vocab) gradient has more than 2^31 entries.
+        rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        inside = (rows[:, None] < M) & (cols[None, :] < N)
+        tile = tl.load(src + rows[:, None] * N + cols[None, :], mask=inside)
+        tl.store(dst + cols[:, None] * M + rows[None, :], tl.trans(tile), mask=tl.trans(inside))
+
+
+def transpose_fp8(t: Tensor) -> Tensor:
+    """A contiguous copy of the 2-D fp8 tensor ``t`` transposed (Triton on CUDA, else PyTorch)."""
+    M, N = t.shape
+    if triton is None or not t.is_cuda:
+        return t.t().contiguous()
+    src = t.contiguous().view(torch.uint8)  # the kernel moves bytes; fp8 dtypes stay out of it
+    dst = torch.empty((N, M), dtype=torch.uint8, device=t.device)
+    block = 64
+    _transpose_bytes_kernel[(triton.cdiv(M, block), triton.cdiv(N, block))](src, dst, M, N, block)
+    return dst.view(t.dtype)
+
+
+@torch.library.custom_op("muongpt::fp8_grad_weight", mutates_args=())
+def fp8_grad_weight(g8: Tensor, x8: Tensor, x_scale: float, grad_scale: float) -> Tensor:
+    """dW = g8^T (N, M) @ x8 (M, K), dequantized, fp32 (N, K). Both operands are made
+    contiguous along the reduced M (tokens): the gradient by ``transpose_fp8``, x8 (small) by a
+    plain copy."""
+    return torch._scaled_mm(
+        transpose_fp8(g8),  # (N, M) row-major
+        x8.t().contiguous().t(),  # (M, K) column-major
+        scale_a=_inv_scale(g8, grad_scale),
+        scale_b=_inv_scale(g8, x_scale),
+        out_dtype=torch.float32,
+        use_fast_accum=False,
+    )
+
+
+@fp8_grad_weight.register_fake
+def _fp8_grad_weight_fake(g8, x8, x_scale, grad_scale):
+    return g8.new_empty((g8.size(1), x8.size(1)), dtype=torch.float32)
+
+
 def _setup_context(ctx, inputs, output):
-    x, w, x_scale, w_scale, grad_scale = inputs
+    x, w, x_scale, w_scale, grad_scale, fp8_dw = inputs
     _, x8, w8 = output
-    ctx.save_for_backward(x, w8)
-    ctx.scales = (w_scale, grad_scale)
+    ctx.save_for_backward(x, x8, w8)
+    ctx.scales = (x_scale, w_scale, grad_scale)
+    ctx.fp8_dw = fp8_dw
     ctx.w_dtype = w.dtype
 
 
 def _backward(ctx, grad_y, _grad_x8, _grad_w8):
-    x, w8 = ctx.saved_tensors
-    w_scale, grad_scale = ctx.scales
+    x, x8, w8 = ctx.saved_tensors
+    x_scale, w_scale, grad_scale = ctx.scales
     # Traced: under torch.compile the scaled cast fuses into the kernel that made grad_y.
     g8 = _to_fp8(grad_y, grad_scale, torch.float8_e5m2, E5M2_MAX).contiguous()
     dx = fp8_matmul_backward(g8, w8, w_scale, grad_scale).to(x.dtype)
-    # dW = g^T x reduces over the tokens; cuBLAS fp8 needs both operands contiguous along it,
-    # i.e. a transposed copy of the (tokens x vocab) gradient, which cost more than the fp8
-    # matmul saved (measured on H100). So dW stays a bf16 matmul, as under autocast.
-    dw = grad_y.to(torch.bfloat16).t().mm(x.to(torch.bfloat16))
-    return dx, dw.to(ctx.w_dtype), None, None, None
+    if ctx.fp8_dw:
+        dw = fp8_grad_weight(g8, x8, x_scale, grad_scale)
+    else:  # bf16 g^T x, as under autocast
+        dw = grad_y.to(torch.bfloat16).t().mm(x.to(torch.bfloat16))
+    return dx, dw.to(ctx.w_dtype), None, None, None, None
 
 
 fp8_matmul.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fp8_linear(x: Tensor, w: Tensor, scales: tuple[float, float, float] = DEFAULT_SCALES) -> Tensor:
-    """``x @ w.T`` in fp8 for x (..., K), w (N, K); bf16 output (..., N)."""
+def fp8_linear(
+    x: Tensor,
+    w: Tensor,
+    scales: tuple[float, float, float] = DEFAULT_SCALES,
+    fp8_dw: bool = False,
+) -> Tensor:
+    """``x @ w.T`` in fp8 for x (..., K), w (N, K); bf16 output (..., N). ``fp8_dw``: the
+    weight gradient in fp8 too (else bf16)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.size(-1)).contiguous()
-    y = fp8_matmul(x2, w.contiguous(), *scales)[0]
+    y = fp8_matmul(x2, w.contiguous(), *scales, fp8_dw)[0]
     return y.view(*lead, w.size(0))
 
 
@@ -155,8 +217,10 @@ class FP8Linear(nn.Linear):
         in_features: int,
         out_features: int,
         scales: tuple[float, float, float] = DEFAULT_SCALES,
+        fp8_dw: bool = False,
     ):
         super().__init__(in_features, out_features, bias=False)
+        self.fp8_dw = fp8_dw
         if len(scales) != 3 or any(not s > 0 for s in scales):
             from muongpt import MuonGPTError
 
@@ -177,15 +241,20 @@ class FP8Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // max(x.size(-1), 1)
         if self.fp8_ok and x.is_cuda and rows % 16 == 0:
-            return fp8_linear(x, self.weight, self.scales)
+            return fp8_linear(x, self.weight, self.scales, self.fp8_dw)
         return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, fp8={self.fp8_ok}, scales={self.scales}"
+        return (
+            f"{super().extra_repr()}, fp8={self.fp8_ok}, scales={self.scales}, fp8_dw={self.fp8_dw}"
+        )
 
 
 def make_head(
-    n_embd: int, vocab_size: int, scales: tuple[float, float, float] = DEFAULT_SCALES
+    n_embd: int,
+    vocab_size: int,
+    scales: tuple[float, float, float] = DEFAULT_SCALES,
+    fp8_dw: bool = False,
 ) -> FP8Linear:
     """The lm_head of ``GPT`` with ``fp8_head: true``."""
-    return FP8Linear(n_embd, vocab_size, scales)
+    return FP8Linear(n_embd, vocab_size, scales, fp8_dw)

@@ -28,6 +28,10 @@ Optional speedrun tricks (modded-nanogpt, late 2024 to early 2025), each off by 
 - ``residual_bf16``: under bf16 autocast the residual stream itself is bf16 (autocast alone keeps
   it fp32: the embedding output is fp32 and fp32 + bf16 stays fp32). Halves the memory traffic
   of every norm, residual add and saved activation; matmuls are bf16 either way.
+- ``smear``: x_t <- x_t + lambda sigmoid(w . x_t[:12]) x_{t-1} on the embedding output (a learned,
+  input-gated share of the previous token; lambda starts at 0). ``attn_gate``: each head's output
+  times sigmoid(w_h . x[:12]) of the attention input (w_h starts at 0, so the gate at 0.5).
+  Both from modded-nanogpt's 2025 records; their tiny gate matrices train with the scalar AdamW.
 - ``embed_norm``: x0 = RMSNorm(embed(idx)). Keeps the residual stream at unit scale however far a
   high-lr (AdamW 0.6) embedding drifts; without it the embedding can swamp the blocks' outputs.
 """
@@ -43,6 +47,7 @@ from torch import Tensor, nn
 
 from muongpt import MuonGPTError
 from muongpt.model.attention import (
+    GATE_DIMS,
     UNBOUNDED_WINDOW,
     CausalSelfAttention,
     document_block_mask,
@@ -74,10 +79,13 @@ class GPTConfig:
     pom_n_sel_heads: int = 1
     fp8_head: bool = False
     fp8_scales: list[float] = field(default_factory=lambda: [2.0, 32.0, 2.0**29])  # x, W, grad
+    fp8_dw: bool = False  # fp8 head: its weight gradient in fp8 too (else a bf16 matmul)
     value_embeds: int = 0
     unet_skips: bool = False
     x0_mix: bool = False
     embed_norm: bool = False
+    smear: bool = False  # token smear: x_t += lambda * sigmoid(w . x_t[:12]) * x_{t-1} after embed
+    attn_gate: bool = False  # per-head sigmoid gate on attention outputs, from x[:12]
     residual_bf16: bool = False
     attention: str = "sdpa"  # sdpa | flex
     doc_mask: bool = False  # flex only
@@ -149,6 +157,12 @@ class GPTConfig:
         return None
 
 
+class DecodeState(list):
+    """The per-layer caches of incremental decoding, plus the last token's embedding (smear)."""
+
+    last_embedding: Tensor | None = None
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, ratio: int):
         super().__init__()
@@ -171,6 +185,7 @@ class Block(nn.Module):
                 value_embed=config.value_embed_of_layer(layer) is not None,
                 rope_truncate=config.rope_truncate,
                 scale=config.attn_scale or None,
+                gate=config.attn_gate,
             )
         elif self.kind == "none":
             self.mixer = None
@@ -216,13 +231,20 @@ class GPT(nn.Module):
             nn.Embedding(config.padded_vocab_size, config.n_embd)
             for _ in range(config.value_embeds)
         )
+        if config.smear:
+            if config.n_embd < GATE_DIMS:
+                raise MuonGPTError(f"model.smear needs n_embd >= {GATE_DIMS}, got {config.n_embd}")
+            self.smear_gate = nn.Linear(GATE_DIMS, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))  # starts as no smear at all
+        else:
+            self.smear_gate = self.smear_lambda = None
         n_skips = config.n_layer // 2 if config.unet_skips else 0
         self.skip_weights = nn.Parameter(torch.ones(n_skips)) if n_skips else None
         if config.fp8_head:
             from muongpt.model.fp8 import make_head
 
             self.lm_head = make_head(
-                config.n_embd, config.padded_vocab_size, tuple(config.fp8_scales)
+                config.n_embd, config.padded_vocab_size, tuple(config.fp8_scales), config.fp8_dw
             )
         else:
             self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
@@ -242,6 +264,10 @@ class GPT(nn.Module):
                 nn.init.uniform_(p, -bound, bound)
         zero_init = [self.lm_head] + [b.mlp.proj for b in self.blocks]
         zero_init += [b.mixer.proj for b in self.blocks if b.kind == "attention"]
+        zero_init += [
+            b.mixer.gate for b in self.blocks if getattr(b.mixer, "gate", None) is not None
+        ]
+        zero_init += [self.smear_gate] if self.smear_gate is not None else []
         for module in zero_init:
             nn.init.zeros_(module.weight)
         # PoM initialises itself (its output projection starts at zero too).
@@ -255,11 +281,11 @@ class GPT(nn.Module):
             n -= self.embed.weight.numel() + sum(e.weight.numel() for e in self.value_embeds)
         return n
 
-    def new_caches(self, batch_size: int, max_len: int, device=None, dtype=None) -> list:
+    def new_caches(self, batch_size: int, max_len: int, device=None, dtype=None) -> DecodeState:
         """Per-layer decoding state: a KV cache for attention, a constant-size state for PoM."""
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
-        caches = []
+        caches = DecodeState()
         for b in self.blocks:
             if b.kind == "attention":
                 caches.append(b.mixer.new_cache(batch_size, max_len, device, dtype))
@@ -290,6 +316,22 @@ class GPT(nn.Module):
             return document_dense_mask(docs, window)
         return document_block_mask(docs, window)
 
+    def smear(self, x: Tensor, idx: Tensor, caches: DecodeState | None) -> Tensor:
+        """Token smear: x_t <- x_t + lambda * sigmoid(w . x_t[:12]) * x_{t-1}, a cheap bigram
+        path. A document's first token (with doc_mask) takes nothing from the one before it;
+        when decoding, x_{t-1} of a chunk's first token comes from the decode state."""
+        prev = x[:, :-1]
+        if caches is not None:
+            if caches.last_embedding is not None:
+                prev = torch.cat([caches.last_embedding, prev], dim=1)
+            caches.last_embedding = x[:, -1:]
+        cur = x[:, x.size(1) - prev.size(1) :]
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(cur[..., :GATE_DIMS]))
+        if self.config.doc_mask:
+            gate = gate * (idx[:, idx.size(1) - prev.size(1) :, None] != self.config.bos_token)
+        smeared = cur + gate.to(x.dtype) * prev
+        return torch.cat([x[:, : x.size(1) - prev.size(1)], smeared], dim=1)
+
     def softcap(self, logits: Tensor) -> Tensor:
         mode = self.config.logit_softcap
         if mode == "tanh":
@@ -299,13 +341,17 @@ class GPT(nn.Module):
             return 30 * torch.sigmoid(logits / 7.5)
         return logits
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, caches: list | None = None):
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, caches: DecodeState | None = None
+    ):
         """Mean cross-entropy over ``targets`` (ids < 0 are ignored), or fp32 logits (B, T, vocab)."""
         x = self.embed(idx)
         if self.config.residual_bf16 and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         if self.config.embed_norm:
             x = rms_norm(x)
+        if self.smear_gate is not None:
+            x = self.smear(x, idx, caches)
         x0 = x
         ves = [e(idx) for e in self.value_embeds]
         masks, window = {}, 0

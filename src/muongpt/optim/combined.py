@@ -3,7 +3,9 @@
 Routing rule of ``build_optimizer(model, cfg)``, applied to ``model.named_parameters()`` that
 require grad, first match wins:
 
-1. ``ndim < 2`` (scalars, vectors, norm gains, biases, wherever they live) -> AdamW ``scalar`` group
+1. ``ndim < 2`` (scalars, vectors, norm gains, biases, wherever they live), or a parameter of a
+   module named ``gate`` / ``*_gate`` (the model's tiny input-dependent gates, e.g. 12 x n_head:
+   not hidden matrices worth orthogonalizing) -> AdamW ``scalar`` group
 2. a parameter of an ``nn.Embedding`` (the token embedding, any other embedding, even inside a
    block) -> AdamW ``embed`` group
 3. ``lm_head.*`` -> AdamW ``head`` group
@@ -173,7 +175,8 @@ def route_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2:
+        module_name = name.rpartition(".")[0].rpartition(".")[2]
+        if p.ndim < 2 or module_name == "gate" or module_name.endswith("_gate"):
             groups["scalar"].append((name, p))
         elif id(p) in embedding_params:
             groups["embed"].append((name, p))

@@ -62,3 +62,14 @@ def attention_window(step: int, total_steps: int, start: int, end: int, block: i
         return end
     tokens = start + frac * (end - start)
     return max(round(tokens / block), 1) * block
+
+
+def batch_rows(step: int, start: int, full: int, ramp_steps: int, unit: int = 1) -> int:
+    """Sequences in optimizer step ``step``: grown linearly from ``start`` to ``full`` over
+    ``ramp_steps`` steps, rounded down to whole ``unit``s (micro-batch x ranks); ``start`` = 0
+    or ``ramp_steps`` = 0: always ``full``. Small early batches give more updates per token
+    while the gradient noise is small next to the gradient (the critical batch grows in training)."""
+    if not start or step >= ramp_steps:
+        return full
+    rows = start + (full - start) * max(step, 0) / ramp_steps
+    return max(int(rows) // unit * unit, unit)

@@ -21,7 +21,7 @@ from muongpt.data.tokenizer import EOT_TOKEN, decode, encode
 from muongpt.model.attention import FLEX_BLOCK
 from muongpt.model.gpt import GPT, GPTConfig
 from muongpt.optim import build_optimizer
-from muongpt.optim.schedule import attention_window, lr_multiplier
+from muongpt.optim.schedule import attention_window, batch_rows, lr_multiplier
 from muongpt.train import checkpoint as ckpt
 from muongpt.train import resilience
 from muongpt.train.distributed import DistContext, all_reduce_mean, init_distributed, shutdown
@@ -42,10 +42,13 @@ def build_model_config(cfg: DictConfig) -> GPTConfig:
         softcap_value=m.softcap_value,
         fp8_head=m.fp8_head,
         fp8_scales=list(m.fp8_scales),
+        fp8_dw=m.get("fp8_dw", False),
         value_embeds=m.value_embeds,
         unet_skips=m.unet_skips,
         x0_mix=m.x0_mix,
         embed_norm=m.embed_norm,
+        smear=m.get("smear", False),
+        attn_gate=m.get("attn_gate", False),
         residual_bf16=m.get("residual_bf16", False),
         rope_truncate=m.get("rope_truncate", False),
         attn_scale=m.get("attn_scale", 0.0),
@@ -100,6 +103,14 @@ def check_batch_config(t: DictConfig, world_size: int) -> int:
             f"warmup_steps + cooldown_steps ({t.warmup_steps} + {t.cooldown_steps}) exceed max_steps "
             f"({t.max_steps})"
         )
+    start = t.get("batch_size_start", 0)
+    if start and (start % per_step or not 0 < start <= t.batch_size):
+        raise MuonGPTError(
+            f"training.batch_size_start ({start}) must be a multiple of micro_batch_size x world "
+            f"size ({per_step}) and at most batch_size ({t.batch_size})"
+        )
+    if start and t.get("batch_ramp_steps", 0) < 1:
+        raise MuonGPTError("training.batch_size_start needs training.batch_ramp_steps >= 1")
     return t.batch_size // per_step
 
 
@@ -264,27 +275,42 @@ class Trainer:
                 )
             )
 
+    def step_accum(self) -> int:
+        """Micro-steps of the coming optimizer step (``grad_accum`` unless the batch ramps up)."""
+        t = self.cfg.training
+        unit = t.micro_batch_size * self.ctx.world_size
+        rows = batch_rows(
+            self.step,
+            t.get("batch_size_start", 0),
+            t.batch_size,
+            t.get("batch_ramp_steps", 0),
+            unit,
+        )
+        return rows // unit
+
     def train_step(self) -> torch.Tensor:
-        """One optimizer step over grad_accum micro-batches; returns the mean loss (on device)."""
+        """One optimizer step over its micro-batches; returns the mean loss (on device)."""
         t = self.cfg.training
         self.apply_schedules()
+        accum = self.step_accum()
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(self.grad_accum):
+        for micro in range(accum):
             inputs, targets = next(self.train_loader)
             with self.autocast():
                 loss = self.forward(inputs, targets)
-            if micro == self.grad_accum - 1:  # sharded optimizers reduce grads during backward
+            if micro == accum - 1:  # sharded optimizers reduce grads during backward
                 self.optimizer.reduce_during_next_backward()
-            (loss / self.grad_accum).backward()
+            (loss / accum).backward()
             loss_sum += loss.detach().float()
-        mean_loss = loss_sum / self.grad_accum
+        mean_loss = loss_sum / accum
         if self.guard.observe(mean_loss, self.step + 1):  # False: a non-finite step to skip
             if t.grad_clip > 0:
                 self.optimizer.clip_grad_norm_(t.grad_clip)  # of the mean grad over ranks
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += self.tokens_per_step
+        self.last_step_tokens = accum * self.tokens_per_step // self.grad_accum
+        self.tokens_seen += self.last_step_tokens
         return mean_loss
 
     def write_metrics(self, record: dict) -> None:
@@ -310,6 +336,11 @@ class Trainer:
         self.log(
             f"batch: {self.tokens_per_step:,} tokens/step = {t.batch_size} x {t.seq_len} "
             f"({self.grad_accum} micro-steps x {self.ctx.world_size} ranks); device {self.device}"
+            + (
+                f"; ramped from {t.batch_size_start} sequences over {t.batch_ramp_steps} steps"
+                if t.get("batch_size_start", 0)
+                else ""
+            )
         )
         if t.compile_warmup_steps > 0 and self.step == 0:
             compile_warmup(self, t.compile_warmup_steps)
@@ -332,7 +363,7 @@ class Trainer:
             if self.device.type == "cuda" and (self.step % t.log_every == 0):
                 torch.cuda.synchronize()
             self.train_seconds += time.perf_counter() - step_start
-            window_tokens += self.tokens_per_step
+            window_tokens += self.last_step_tokens
             record = None
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 train_loss = float(all_reduce_mean(loss, self.ctx))

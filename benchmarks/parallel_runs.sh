@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Independent single-GPU jobs spread over the GPUs of one machine (one device call): ablations of
+# speedrun_bench run side by side, one per GPU, each GPU working through its own queue.
+#   JOBS="name|kind|args;..." bash benchmarks/parallel_runs.sh
+# kind: run   = benchmarks/speedrun.py experiment=speedrun_bench + args (full training + val loss)
+#       bench = muongpt bench experiment=speedrun_bench + args
+#       test  = pytest args
+# Job i goes to GPU i mod NGPU. JSON results and logs are packed into $OUT/par.tar.gz as jobs end.
+# Timings of jobs that share a machine are indicative only; losses are not affected.
+set -uo pipefail
+source benchmarks/device_setup.sh
+R=$OUT/par; mkdir -p "$R"
+NGPU=$(nvidia-smi -L | wc -l)
+IFS=';' read -ra LIST <<< "${JOBS:?set JOBS}"
+run_job() {  # gpu name kind args
+  local gpu=$1 name=$2 kind=$3 args=$4 log="$R/$2.log"
+  export CUDA_VISIBLE_DEVICES=$gpu TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$gpu
+  # shellcheck disable=SC2086
+  case $kind in
+    run) timeout "${RUN_TIMEOUT:-560}" python3 benchmarks/speedrun.py --name "$name" --out "$R/$name.json" \
+           experiment=speedrun_bench $D training.export_safetensors=false $args > "$log" 2>&1 ;;
+    bench) timeout "${RUN_TIMEOUT:-560}" python3 -m muongpt.cli.main bench experiment=speedrun_bench $D \
+           bench.out="$R/$name.json" $args > "$log" 2>&1 ;;
+    test) timeout "${RUN_TIMEOUT:-560}" python3 -m pytest -q --tb=short -p no:cacheprovider -p no:logging \
+           $args > "$log" 2>&1 ;;
+  esac
+  echo "[gpu $gpu] $name done (exit $?)"
+}
+for ((g = 0; g < NGPU; g++)); do
+  (
+    for ((i = g; i < ${#LIST[@]}; i += NGPU)); do
+      IFS='|' read -r name kind args <<< "${LIST[$i]}"
+      run_job "$g" "$name" "$kind" "$args"
+      tar -czf "$OUT/par.tar.gz" -C "$OUT" par 2>/dev/null
+    done
+  ) &
+done
+wait
+tar -czf "$OUT/par.tar.gz" -C "$OUT" par
+echo "=== logs (tails)"
+for f in "$R"/*.log; do
+  echo "--- $(basename "$f")"
+  grep -vE "DEBUG|Warning|warn\(|^ *$" "$f" | grep -E "val loss|RESULT|Error|error|passed|failed|tok/s|ms/step|INTERRUPTED" | tail -n 8
+done
+echo "=== summary"
+for f in "$R"/*.json; do python3 - "$f" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+if "val_loss" in r:
+    print(f"{r['name']:<24} val {r['val_loss']:.4f}  {r['train_seconds']:6.1f} s  {r['ms_per_step']:6.1f} ms/step  {r['tokens_per_s']:>9,.0f} tok/s")
+else:
+    print(f"{sys.argv[1].split('/')[-1]:<24} bench {r.get('tokens_per_s', 0):>9,.0f} tok/s  "
+          f"{r.get('ms_per_step', 0):6.1f} ms/step  MFU {100 * r.get('mfu', 0):.1f}%  peak {r.get('peak_mem_gib', 0):.1f} GiB")
+EOF
+done
