@@ -145,6 +145,16 @@ def dense_reference_mask(docs: torch.Tensor, window: int) -> torch.Tensor:
     return (keep[None] & (docs[:, :, None] == docs[:, None, :]))[:, None]
 
 
+def block_table(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """(B, 1, n, n) bool: row i marks the first counts[i] entries of indices[i]; each row of
+    indices must be a permutation of 0 .. n-1 (no block listed twice)."""
+    n = indices.size(-1)
+    assert torch.equal(indices.sort(-1).values, torch.arange(n).expand_as(indices).to(indices))
+    listed = torch.arange(n)[None, None, None, :] < counts[..., None]
+    table = torch.zeros(*indices.shape, dtype=torch.bool)
+    return table.scatter_(-1, indices.long(), listed)
+
+
 def expand_block_mask(mask, T: int) -> torch.Tensor:
     """Token-level (B, 1, T, T) mask a kernel sees: full blocks all true, partial blocks through
     mask_mod, every other block false. (The CPU eager path evaluates mask_mod everywhere, so it
@@ -185,6 +195,11 @@ def test_hand_built_block_mask_equals_dense_mask(T, window):
     mask = document_block_mask(docs, torch.tensor(window or T))
     dense = dense_reference_mask(docs, window)
     assert torch.equal(expand_block_mask(mask, T), dense)
+    # the backward's query-block lists (dk, dv) are the transpose of the forward's kv-block lists
+    for kv, q in (("kv", "q"), ("full_kv", "full_q")):
+        by_kv = block_table(getattr(mask, f"{kv}_num_blocks"), getattr(mask, f"{kv}_indices"))
+        by_q = block_table(getattr(mask, f"{q}_num_blocks"), getattr(mask, f"{q}_indices"))
+        assert torch.equal(by_q, by_kv.mT)
     assert torch.equal(document_dense_mask(docs, torch.tensor(window or T)), dense)
     q, k, v = (torch.randn(2, 2, T, 16, generator=g) for _ in range(3))
     with torch.no_grad():
@@ -251,10 +266,17 @@ def test_flex_kernel_with_the_block_mask_matches_dense_sdpa_on_cuda(window):
     go = torch.randn(2, 2, T, 64, device="cuda")
     out = torch.compile(flex_attention)(q, k, v, block_mask=document_block_mask(docs, w))
     got = [out, *torch.autograd.grad(out, (q, k, v), go)]
+
+    # as in the model: the mask built inside the compiled graph
+    def attend(q, k, v, docs, w):
+        return flex_attention(q, k, v, block_mask=document_block_mask(docs, w))
+
+    out_in_graph = torch.compile(attend, dynamic=False)(q, k, v, docs, w)
+    got += [out_in_graph, *torch.autograd.grad(out_in_graph, (q, k, v), go)]
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=document_dense_mask(docs, w))
-    want = [ref, *torch.autograd.grad(ref, (q, k, v), go)]
+    want = [ref, *torch.autograd.grad(ref, (q, k, v), go)] * 2
     errors = [relative_error(a, b) for a, b in zip(got, want, strict=True)]
-    assert max(errors) < 1e-3, f"relative errors out, dq, dk, dv: {errors}"
+    assert max(errors) < 1e-3, f"relative errors out, dq, dk, dv (eager mask, in-graph): {errors}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

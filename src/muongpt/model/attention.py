@@ -84,10 +84,22 @@ DENSE_MASK_LIMIT = 2**30  # elements (bytes) of the CPU path's dense mask
 
 
 def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
-    """(B, n, n) bool block table -> per query block: the count and indices of its kv blocks."""
-    counts = dense.sum(dim=-1, dtype=torch.int32)
-    indices = torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True)
-    return counts[:, None].contiguous(), indices.to(torch.int32)[:, None].contiguous()
+    """(B, n, n) bool block table -> per row: the count of its True blocks and all n column
+    indices, the True ones first (ascending), then the others: a permutation of each row.
+
+    Sort-free (cumulative sums and one scatter), so that it compiles to the same result
+    everywhere: torch 2.11's compiled stable argsort gave wrong block lists inside a compiled
+    model (wrong gradients, measured on H100), which torch 2.13 avoids by running it eagerly."""
+    taken = dense.to(torch.int32)
+    counts = taken.sum(dim=-1, dtype=torch.int32)
+    slot = torch.where(
+        dense,
+        taken.cumsum(-1) - 1,  # the k-th True block goes to slot k
+        counts[..., None] + (1 - taken).cumsum(-1) - 1,  # the others after them, in order
+    )
+    cols = torch.arange(dense.size(-1), device=dense.device, dtype=torch.int32).expand_as(slot)
+    indices = torch.empty_like(cols).scatter_(-1, slot.long(), cols)
+    return counts[:, None].contiguous(), indices[:, None].contiguous()
 
 
 def document_block_mask(docs: Tensor, window: Tensor | int | None = None):
@@ -124,12 +136,17 @@ def document_block_mask(docs: Tensor, window: Tensor | int | None = None):
     def mask_mod(b, h, q, kv):
         return (q >= kv) & (docs[b, q] == docs[b, kv]) & (q - kv < window)
 
-    counts, indices = _ordered(partial)
-    full_counts, full_indices = _ordered(all_pairs)
-    return BlockMask.from_kv_blocks(
-        counts, indices, full_counts, full_indices,
-        BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(T, T),
-    )  # fmt: skip
+    # kv blocks of each query block (forward, dq) and query blocks of each kv block (dk, dv),
+    # both from the block tables: no from_kv_blocks, whose transposition sorts
+    return BlockMask(
+        (T, T),
+        *_ordered(partial),
+        *_ordered(all_pairs),
+        *_ordered(partial.mT),
+        *_ordered(all_pairs.mT),
+        BLOCK_SIZE=(FLEX_BLOCK, FLEX_BLOCK),
+        mask_mod=mask_mod,
+    )
 
 
 def document_dense_mask(docs: Tensor, window: Tensor | int | None = None) -> Tensor:
