@@ -267,7 +267,7 @@ def test_flex_kernel_with_the_block_mask_matches_dense_sdpa_on_cuda(window):
     out = torch.compile(flex_attention)(q, k, v, block_mask=document_block_mask(docs, w))
     got = [out, *torch.autograd.grad(out, (q, k, v), go)]
 
-    # as in the model: the mask built inside the compiled graph
+    # as in the model: the mask built inside a compiled function
     def attend(q, k, v, docs, w):
         return flex_attention(q, k, v, block_mask=document_block_mask(docs, w))
 

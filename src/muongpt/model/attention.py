@@ -87,9 +87,7 @@ def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
     """(B, n, n) bool block table -> per row: the count of its True blocks and all n column
     indices, the True ones first (ascending), then the others: a permutation of each row.
 
-    Sort-free (cumulative sums and one scatter), so that it compiles to the same result
-    everywhere: torch 2.11's compiled stable argsort gave wrong block lists inside a compiled
-    model (wrong gradients, measured on H100), which torch 2.13 avoids by running it eagerly."""
+    Sort-free (cumulative sums and one scatter): no ties for a sort to order wrongly."""
     taken = dense.to(torch.int32)
     counts = taken.sum(dim=-1, dtype=torch.int32)
     slot = torch.where(
@@ -102,6 +100,12 @@ def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
     return counts[:, None].contiguous(), indices[:, None].contiguous()
 
 
+# Built eagerly even inside a compiled model (one graph break; O((T/128)^2) small ops): compiled
+# by torch 2.11's inductor, the block lists came out wrong (BlockMask.from_kv_blocks' stable
+# argsort: the model's attention gradients were off, measured on H100) or failed to compile
+# (a scatter). The BlockMask's tensors enter the compiled graph as inputs, as with
+# create_block_mask.
+@torch.compiler.disable
 def document_block_mask(docs: Tensor, window: Tensor | int | None = None):
     """FlexAttention BlockMask: query q sees key k iff k <= q, same document, q - k < window.
 
@@ -109,8 +113,8 @@ def document_block_mask(docs: Tensor, window: Tensor | int | None = None):
     document starts). The mask is built directly at block level: a 128 x 128 block is skipped
     when no pair in it can attend, marked full when every pair can (no per-token mask evaluated),
     and partial otherwise. This costs O((T/128)^2) small ops, with no T x T tensor and no inner
-    ``torch.compile`` (``create_block_mask`` compiles its own vmap), so it traces cleanly into a
-    compiled model. ``window`` may be a 0-dim tensor: changing its value does not recompile.
+    ``torch.compile`` (``create_block_mask`` compiles its own vmap). ``window`` may be a 0-dim
+    tensor: changing its value does not recompile the model.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
