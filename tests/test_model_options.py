@@ -426,3 +426,62 @@ def test_dense_mask_refuses_a_size_it_cannot_hold():
 
     with pytest.raises(MuonGPTError, match="dense 1 x 65536 x 65536 mask"):
         document_dense_mask(torch.zeros(1, 65536, dtype=torch.int32))
+
+
+def test_smear_and_attention_gate_decode_like_the_full_forward():
+    """Incremental decoding (KV caches + the smear's last embedding), in uneven chunks, gives
+    the logits of one full forward pass."""
+    torch.manual_seed(0)
+    model = perturbed(GPT(GPTConfig(**BASE, smear=True, attn_gate=True)))
+    idx = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        full = model(idx)
+        caches = model.new_caches(2, 16)
+        parts = [model(idx[:, a:b], caches=caches) for a, b in ((0, 7), (7, 8), (8, 16))]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_smear_starts_as_identity_and_stops_at_document_starts():
+    cfg = dict(BASE, bos_token=7)
+    torch.manual_seed(0)
+    plain = perturbed(GPT(GPTConfig(**cfg)))
+    smear = GPT(GPTConfig(**cfg, smear=True))
+    smear.load_state_dict(plain.state_dict(), strict=False)  # lambda 0: no smear yet
+    idx = torch.randint(8, 300, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(smear(idx), plain(idx))
+        smear.smear_lambda.fill_(1.0)
+        assert not torch.allclose(smear(idx), plain(idx))
+    # with documents, the first document's tokens cannot reach the second through the smear
+    flex = perturbed(GPT(GPTConfig(**cfg, smear=True, attention="flex", doc_mask=True)))
+    idx[:, 10] = 7
+    changed = idx.clone()
+    changed[:, :10] = (changed[:, :10] + 1) % 300
+    with torch.no_grad():
+        assert flex.smear_lambda.abs() > 0
+        torch.testing.assert_close(flex(idx)[:, 10:], flex(changed)[:, 10:])
+        assert not torch.allclose(flex(idx)[:, 1:10], flex(changed)[:, 1:10])
+
+
+def test_attention_gate_scales_each_head_output():
+    """A zero gate weight is sigmoid(0) = 0.5 on every head: the same as halving proj."""
+    torch.manual_seed(0)
+    plain = perturbed(GPT(GPTConfig(**BASE)))
+    gated = GPT(GPTConfig(**BASE, attn_gate=True))
+    gated.load_state_dict(plain.state_dict(), strict=False)
+    idx = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        for b in plain.blocks:
+            b.mixer.proj.weight.mul_(0.5)
+        torch.testing.assert_close(gated(idx), plain(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_gates_train_with_the_scalar_adamw_not_muon():
+    from muongpt.optim.combined import route_parameters
+
+    model = GPT(GPTConfig(**BASE, smear=True, attn_gate=True))
+    groups = {k: [n for n, _ in v] for k, v in route_parameters(model).items()}
+    gates = [n for n, _ in model.named_parameters() if "gate" in n or "smear" in n]
+    assert len(gates) == 2 + BASE["n_layer"]
+    assert set(gates) <= set(groups["scalar"])
+    assert not any("gate" in n for n in groups["matrix"])

@@ -355,3 +355,27 @@ def test_per_block_compilation_trains_like_eager(tmp_path):
 def test_unknown_compile_mode_is_named(tmp_path):
     with pytest.raises(MuonGPTError, match="compile_mode"):
         make_trainer(tmp_path, "training.compile=true", "training.compile_mode=graph")
+
+
+def test_batch_ramp_trains_small_batches_first_and_counts_their_tokens(tmp_path):
+    """training.batch_size_start: the first steps take fewer micro-batches (each a full
+    micro-batch of fresh data), and tokens_seen counts what was actually trained on."""
+    from muongpt.optim.schedule import batch_rows
+
+    ramp = [
+        "training.micro_batch_size=1",
+        "training.batch_size_start=1",
+        "training.batch_ramp_steps=3",
+    ]
+    trainer = make_trainer(tmp_path, *ramp)
+    rows = []
+    for _ in range(4):
+        before = trainer.tokens_seen
+        trainer.train_step()
+        rows.append((trainer.tokens_seen - before) // 32)
+    assert rows == [batch_rows(s, 1, 4, 3) for s in range(4)] == [1, 2, 3, 4]
+    with pytest.raises(MuonGPTError, match="batch_size_start"):
+        make_trainer(tmp_path, "training.micro_batch_size=2", "training.batch_size_start=3",
+                     "training.batch_ramp_steps=3")  # fmt: skip
+    with pytest.raises(MuonGPTError, match="batch_ramp_steps"):
+        make_trainer(tmp_path, "training.micro_batch_size=1", "training.batch_size_start=1")
