@@ -21,7 +21,8 @@ N: the parameters of every matmul, the lm_head included (embedding tables exclud
 lookups); d = n_embd; C_l the attention context of layer l: T = seq_len, or its sliding window
 (``model.attn_window`` x its ``window_pattern`` fraction) where shorter; MLP-only layers have
 none. A window schedule (``training.attn_window_start``) and a batch ramp
-(``training.batch_size_start``) are switched off: steps run at the full window and batch. Document masking is not subtracted. (With full causal attention on every layer this is
+(``training.batch_size_start``) are switched off: steps run at the full window and batch.
+Document masking is not subtracted. (With full causal attention on every layer this is
 PaLM's 6N + 12 L T d.) MFU = FLOPs/token * tokens/s / peak, peak = 989e12
 (H100 SXM dense bf16) unless ``MUONGPT_PEAK_FLOPS`` is set. Training state is not restored:
 benchmark a fresh run, never one you mean to keep.

@@ -52,9 +52,24 @@ def fp8_available(device: torch.device | str | None = None) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def _inv_scale(like: Tensor, scale: float) -> Tensor:
-    # A fill kernel, not torch.tensor(..., device=cuda): no host-to-device copy, no sync.
-    return torch.full((), 1.0 / scale, device=like.device, dtype=torch.float32)
+def _dequantized_mm(
+    a8: Tensor, b8: Tensor, a_scale: float, b_scale: float, out_dtype: torch.dtype, fast_accum: bool
+) -> Tensor:
+    """(a8 @ b8) / (a_scale * b_scale): a8 row-major, b8 column-major, as ``_scaled_mm`` wants.
+    It takes dequantization scales, the inverses of ours, as 0-dim fp32 tensors: made by a fill
+    kernel, not torch.tensor(..., device=cuda), so no host-to-device copy and no sync."""
+
+    def inverse(scale: float) -> Tensor:
+        return torch.full((), 1.0 / scale, device=a8.device, dtype=torch.float32)
+
+    return torch._scaled_mm(
+        a8,
+        b8,
+        scale_a=inverse(a_scale),
+        scale_b=inverse(b_scale),
+        out_dtype=out_dtype,
+        use_fast_accum=fast_accum,
+    )
 
 
 def _to_fp8(t: Tensor, scale: float, dtype: torch.dtype, limit: float) -> Tensor:
@@ -69,14 +84,8 @@ def fp8_matmul(
     which computes dW in fp8 when ``fp8_dw`` (else in bf16)."""
     x8 = _to_fp8(x, x_scale, torch.float8_e4m3fn, E4M3_MAX)  # x (M, K): M tokens
     w8 = _to_fp8(w, w_scale, torch.float8_e4m3fn, E4M3_MAX)
-    y = torch._scaled_mm(
-        x8,
-        w8.t(),  # (K, N) column-major, as _scaled_mm wants its second operand
-        scale_a=_inv_scale(x, x_scale),
-        scale_b=_inv_scale(x, w_scale),
-        out_dtype=torch.bfloat16,
-        use_fast_accum=True,
-    )
+    # w8.t(): (K, N) column-major
+    y = _dequantized_mm(x8, w8.t(), x_scale, w_scale, torch.bfloat16, fast_accum=True)
     return y, x8, w8
 
 
@@ -93,14 +102,8 @@ def _fp8_matmul_fake(x, w, x_scale, w_scale, grad_scale, fp8_dw):
 @torch.library.custom_op("muongpt::fp8_matmul_backward", mutates_args=())
 def fp8_matmul_backward(g8: Tensor, w8: Tensor, w_scale: float, grad_scale: float) -> Tensor:
     """dx = g8 (M, N) e5m2 @ w8 (N, K) e4m3, dequantized: bf16 (M, K), contiguous."""
-    return torch._scaled_mm(
-        g8,
-        w8.t().contiguous().t(),  # (N, K) column-major: contiguous along the reduced N
-        scale_a=_inv_scale(g8, grad_scale),
-        scale_b=_inv_scale(g8, w_scale),
-        out_dtype=torch.bfloat16,
-        use_fast_accum=False,
-    )
+    w8_cols = w8.t().contiguous().t()  # (N, K) column-major: contiguous along the reduced N
+    return _dequantized_mm(g8, w8_cols, grad_scale, w_scale, torch.bfloat16, fast_accum=False)
 
 
 @fp8_matmul_backward.register_fake
@@ -145,14 +148,9 @@ def fp8_grad_weight(g8: Tensor, x8: Tensor, x_scale: float, grad_scale: float) -
     """dW = g8^T (N, M) @ x8 (M, K), dequantized, fp32 (N, K). Both operands are made
     contiguous along the reduced M (tokens): the gradient by ``transpose_fp8``, x8 (small) by a
     plain copy."""
-    return torch._scaled_mm(
-        transpose_fp8(g8),  # (N, M) row-major
-        x8.t().contiguous().t(),  # (M, K) column-major
-        scale_a=_inv_scale(g8, grad_scale),
-        scale_b=_inv_scale(g8, x_scale),
-        out_dtype=torch.float32,
-        use_fast_accum=False,
-    )
+    g8_rows = transpose_fp8(g8)  # (N, M) row-major
+    x8_cols = x8.t().contiguous().t()  # (M, K) column-major
+    return _dequantized_mm(g8_rows, x8_cols, grad_scale, x_scale, torch.float32, fast_accum=False)
 
 
 @fp8_grad_weight.register_fake
@@ -163,10 +161,10 @@ def _fp8_grad_weight_fake(g8, x8, x_scale, grad_scale):
 def _setup_context(ctx, inputs, output):
     x, w, x_scale, w_scale, grad_scale, fp8_dw = inputs
     _, x8, w8 = output
-    ctx.save_for_backward(x, x8, w8)
+    ctx.save_for_backward(None if fp8_dw else x, x8, w8)  # the fp8 dW needs x8 only
     ctx.scales = (x_scale, w_scale, grad_scale)
     ctx.fp8_dw = fp8_dw
-    ctx.w_dtype = w.dtype
+    ctx.x_dtype, ctx.w_dtype = x.dtype, w.dtype
 
 
 def _backward(ctx, grad_y, _grad_x8, _grad_w8):
@@ -174,7 +172,7 @@ def _backward(ctx, grad_y, _grad_x8, _grad_w8):
     x_scale, w_scale, grad_scale = ctx.scales
     # Traced: under torch.compile the scaled cast fuses into the kernel that made grad_y.
     g8 = _to_fp8(grad_y, grad_scale, torch.float8_e5m2, E5M2_MAX).contiguous()
-    dx = fp8_matmul_backward(g8, w8, w_scale, grad_scale).to(x.dtype)
+    dx = fp8_matmul_backward(g8, w8, w_scale, grad_scale).to(ctx.x_dtype)
     if ctx.fp8_dw:
         dw = fp8_grad_weight(g8, x8, x_scale, grad_scale)
     else:  # bf16 g^T x, as under autocast

@@ -325,12 +325,13 @@ class GPT(nn.Module):
             if caches.last_embedding is not None:
                 prev = torch.cat([caches.last_embedding, prev], dim=1)
             caches.last_embedding = x[:, -1:]
-        cur = x[:, x.size(1) - prev.size(1) :]
+        first = x.size(1) - prev.size(1)  # 1 if the first token has no predecessor here, else 0
+        cur = x[:, first:]
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(cur[..., :GATE_DIMS]))
         if self.config.doc_mask:
-            gate = gate * (idx[:, idx.size(1) - prev.size(1) :, None] != self.config.bos_token)
+            gate = gate * (idx[:, first:, None] != self.config.bos_token)
         smeared = cur + gate.to(x.dtype) * prev
-        return torch.cat([x[:, : x.size(1) - prev.size(1)], smeared], dim=1)
+        return torch.cat([x[:, :first], smeared], dim=1)
 
     def softcap(self, logits: Tensor) -> Tensor:
         mode = self.config.logit_softcap

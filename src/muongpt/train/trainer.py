@@ -172,6 +172,7 @@ class Trainer:
 
         self.train_loader, self.val_sources, self.entropy = self._build_data()
         self.step, self.tokens_seen, self.train_seconds = 0, 0, 0.0
+        self.last_step_tokens = 0  # tokens of the latest step (fewer during a batch ramp)
         self.metrics_file = self.run_dir / "metrics.jsonl"
         self.sinks = (
             make_sinks(
