@@ -357,6 +357,19 @@ def test_unknown_compile_mode_is_named(tmp_path):
         make_trainer(tmp_path, "training.compile=true", "training.compile_mode=graph")
 
 
+def test_inductor_options_are_checked_by_name(tmp_path):
+    """training.inductor passes torch._inductor options to torch.compile; a misspelled one is
+    named before anything compiles, a real one is accepted."""
+    with pytest.raises(MuonGPTError, match="coordinate_descent_tunning"):
+        make_trainer(
+            tmp_path, "training.compile=true", "+training.inductor.coordinate_descent_tunning=true"
+        )
+    trainer = make_trainer(
+        tmp_path, "training.compile=true", "+training.inductor.coordinate_descent_tuning=true"
+    )
+    trainer.close()
+
+
 def test_batch_ramp_trains_small_batches_first_and_counts_their_tokens(tmp_path):
     """training.batch_size_start: the first steps take fewer micro-batches (each a full
     micro-batch of fresh data), and tokens_seen counts what was actually trained on."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -80,6 +81,8 @@ class TrainingConfig:
     autocast_bf16: bool = True  # bf16 autocast on CUDA (CPU always runs fp32)
     compile: bool = False
     compile_mode: str = "model"  # model: one graph | blocks: each block + the head (overlap)
+    # torch._inductor options for the compiled model, e.g. {coordinate_descent_tuning: true}
+    inductor: dict[str, Any] = field(default_factory=dict)
     seq_len: int = 1024
     batch_size: int = 8  # sequences per optimizer step, over all ranks
     micro_batch_size: int = 8  # sequences per forward pass on one rank

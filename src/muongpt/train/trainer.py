@@ -117,17 +117,31 @@ def check_batch_config(t: DictConfig, world_size: int) -> int:
 COMPILE_MODES = ("model", "blocks")
 
 
-def compile_model(model: GPT, mode: str):
+def inductor_options(options) -> dict:
+    """``training.inductor`` as a plain dict, every key checked against torch's own list."""
+    options = dict(OmegaConf.to_container(options) if isinstance(options, DictConfig) else options)
+    known = set(torch._inductor.list_options())
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise MuonGPTError(
+            f"training.inductor: unknown torch._inductor option(s) {unknown} "
+            "(see torch._inductor.list_options())"
+        )
+    return options
+
+
+def compile_model(model: GPT, mode: str, options=None):
     """The callable the trainer runs: ``torch.compile`` of the whole model (one forward and one
     backward graph: gradients all appear at the end of backward), or of each block and the head
     on their own (``blocks``: a block's gradients are final, and the sharded optimizers start
     reducing them, while the blocks before it still run backward)."""
+    options = inductor_options(options or {}) or None
     if mode == "model":
-        return torch.compile(model)
+        return torch.compile(model, options=options)
     if mode == "blocks":
         for block in model.blocks:
-            block.compile()
-        model.head = torch.compile(model.head)  # logits, soft-cap and loss fused, as in "model"
+            block.compile(options=options)
+        model.head = torch.compile(model.head, options=options)  # logits, soft-cap and loss fused, as in "model"
         return model
     raise MuonGPTError(f"training.compile_mode must be one of {COMPILE_MODES}, got {mode!r}")
 
@@ -167,7 +181,11 @@ class Trainer:
         self.model_config = build_model_config(cfg)
         self.model = GPT(self.model_config).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        self.forward = compile_model(self.model, t.compile_mode) if t.compile else self.model
+        self.forward = (
+            compile_model(self.model, t.compile_mode, t.get("inductor"))
+            if t.compile
+            else self.model
+        )
         self.use_bf16 = t.autocast_bf16 and self.device.type == "cuda"
 
         self.train_loader, self.val_sources, self.entropy = self._build_data()
