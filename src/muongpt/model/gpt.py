@@ -34,6 +34,9 @@ Optional speedrun tricks (modded-nanogpt, late 2024 to early 2025), each off by 
   Both from modded-nanogpt's 2025 records; their tiny gate matrices train with the scalar AdamW.
 - ``embed_norm``: x0 = RMSNorm(embed(idx)). Keeps the residual stream at unit scale however far a
   high-lr (AdamW 0.6) embedding drifts; without it the embedding can swamp the blocks' outputs.
+- ``fp8_head`` (``model/fp8.py``): the lm_head matmul in fp8; ``fp8_fused_loss``
+  (``model/fp8_loss.py``): while training, the head, soft-cap and loss are one op that makes the
+  e5m2 logit gradient in the forward pass (same math as the plain path below).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from muongpt.model.attention import (
     document_dense_mask,
     rms_norm,
 )
+from muongpt.model.fp8_loss import fp8_cross_entropy, fused_loss_available
 
 SOFTCAPS = ("none", "tanh", "sigmoid")
 MIXERS = ("attention", "pom", "none")  # "none": the block is its MLP only
@@ -80,6 +84,8 @@ class GPTConfig:
     fp8_head: bool = False
     fp8_scales: list[float] = field(default_factory=lambda: [2.0, 32.0, 2.0**29])  # x, W, grad
     fp8_dw: bool = False  # fp8 head: its weight gradient in fp8 too (else a bf16 matmul)
+    # fp8 head: matmul, soft-cap, loss and its e5m2 gradient in one op (model/fp8_loss.py; fp8 dW)
+    fp8_fused_loss: bool = False
     value_embeds: int = 0
     unet_skips: bool = False
     x0_mix: bool = False
@@ -102,6 +108,8 @@ class GPTConfig:
             raise MuonGPTError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
+        if self.fp8_fused_loss and not self.fp8_head:
+            raise MuonGPTError("model.fp8_fused_loss needs model.fp8_head=true")
         if self.logit_softcap not in SOFTCAPS:
             raise MuonGPTError(
                 f"logit_softcap must be one of {SOFTCAPS}, got {self.logit_softcap!r}"
@@ -380,10 +388,30 @@ class GPT(nn.Module):
                 skips.append(x)
         return self.head(x, targets)
 
+    def fused_loss_ok(self, x: Tensor) -> bool:
+        """The fused fp8 head + loss runs while training (gradients on) on an fp8 GPU."""
+        return (
+            self.config.fp8_fused_loss
+            and self.lm_head.fp8_ok
+            and torch.is_grad_enabled()
+            and fused_loss_available(x)
+            and (x.numel() // x.size(-1)) % 16 == 0
+        )
+
     def head(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
         """Final norm, lm_head, soft-cap (fp32), then the loss or the logits. A method of its own
         so that it can be compiled alone (``training.compile_mode=blocks``)."""
-        logits = self.softcap(self.lm_head(rms_norm(x)).float())
+        x = rms_norm(x)
+        if targets is not None and self.fused_loss_ok(x):
+            return fp8_cross_entropy(
+                x,
+                self.lm_head.weight,
+                targets,
+                self.lm_head.scales,
+                self.config.logit_softcap,
+                self.config.softcap_value,
+            )
+        logits = self.softcap(self.lm_head(x).float())
         if targets is None:
             return logits[..., : self.config.vocab_size]
         return F.cross_entropy(

@@ -43,6 +43,7 @@ def build_model_config(cfg: DictConfig) -> GPTConfig:
         fp8_head=m.fp8_head,
         fp8_scales=list(m.fp8_scales),
         fp8_dw=m.get("fp8_dw", False),
+        fp8_fused_loss=m.get("fp8_fused_loss", False),
         value_embeds=m.value_embeds,
         unet_skips=m.unet_skips,
         x0_mix=m.x0_mix,
@@ -141,7 +142,9 @@ def compile_model(model: GPT, mode: str, options=None):
     if mode == "blocks":
         for block in model.blocks:
             block.compile(options=options)
-        model.head = torch.compile(model.head, options=options)  # logits, soft-cap and loss fused, as in "model"
+        model.head = torch.compile(
+            model.head, options=options
+        )  # logits, soft-cap and loss fused, as in "model"
         return model
     raise MuonGPTError(f"training.compile_mode must be one of {COMPILE_MODES}, got {mode!r}")
 

@@ -1,0 +1,282 @@
+"""The FP8 lm_head fused with the soft-capped cross-entropy: one op from hidden states to the loss.
+
+The plain path (``fp8.fp8_linear``, then soft-cap and ``F.cross_entropy``) keeps the bf16 logits
+for the backward and reads them once for the loss and once more for its gradient. Here, for
+x (T, D), W (V, D), targets (T,), the gradient is made in the forward pass:
+
+    logits = (e4m3(x) @ e4m3(W)^T) dequantized, bf16        # torch._scaled_mm, as in fp8.py
+    z      = cap(logits)                                    # A tanh(l / B), A sigmoid(l / B) or l
+    lse    = log sum_v exp(z_v)                             # kernel 1: one streaming pass per row
+    loss   = mean over valid rows of (lse - z[target])
+    G      = e5m2((softmax(z) - onehot(target)) * cap'(logits) * grad_scale / n_valid)   # kernel 2
+
+and the logits are freed there; only G (1 byte per logit, half the bf16 logits) waits for the
+backward: dx = G W and dW = G^T x as two ``_scaled_mm`` calls, G^T made by the Triton transpose of
+fp8.py (fp8 tensor cores reduce only along contiguous dims). Writing G^T from kernel 2 as well
+measured 3x slower on an H100 than kernel 2 plus the transpose (benchmarks/NOTES.md). The
+incoming gradient of the loss goes into the dequantization scale (grad_loss / grad_scale, a
+tensor: no host sync), so ``grad_scale`` means what it means in fp8.py: the multiplier on the
+gradient of the mean loss. Capped logits are bounded above by A, so the softmax needs no running
+maximum: exp(z - A) cannot overflow. Rows whose target is negative are ignored (as
+``ignore_index=-1``). Used only while gradients are on (training); evaluation takes the plain path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from muongpt.model.fp8 import E4M3_MAX, E5M2_MAX, _to_fp8, transpose_fp8
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU builds of PyTorch may come without Triton
+    triton = None
+
+CAP_MODES = {"none": 0, "tanh": 1, "sigmoid": 2}
+
+
+def cap_params(softcap: str, softcap_value: float) -> tuple[int, float, float]:
+    """(mode, A, B) of z = A f(l / B): the model's ``softcap`` in kernel form."""
+    if softcap == "sigmoid":
+        return CAP_MODES["sigmoid"], 30.0, 7.5
+    if softcap == "tanh":
+        return CAP_MODES["tanh"], float(softcap_value), float(softcap_value)
+    return CAP_MODES["none"], 1.0, 1.0
+
+
+def fused_loss_available(x: Tensor) -> bool:
+    return triton is not None and x.is_cuda
+
+
+# ---------------------------------------------------------------- reference (PyTorch)
+def capped(logits: Tensor, mode: int, a: float, b: float) -> tuple[Tensor, Tensor]:
+    """z = cap(logits) and dz/dlogits, fp32: the kernels' math, for tests and CPU."""
+    x = logits.float()
+    if mode == CAP_MODES["tanh"]:
+        t = torch.tanh(x / b)
+        return a * t, (a / b) * (1 - t * t)
+    if mode == CAP_MODES["sigmoid"]:
+        s = torch.sigmoid(x / b)
+        return a * s, (a / b) * s * (1 - s)
+    return x, torch.ones_like(x)
+
+
+def reference_loss_and_grad(
+    logits: Tensor, targets: Tensor, mode: int, a: float, b: float, grad_scale: float
+) -> tuple[Tensor, Tensor]:
+    """(mean loss, e5m2 G (T, V)) in PyTorch: what the two kernels compute."""
+    z, dz = capped(logits, mode, a, b)
+    valid = targets >= 0
+    n_valid = valid.sum().clamp(min=1)
+    lse = torch.logsumexp(z, dim=-1)
+    safe = targets.clamp(min=0)
+    z_t = z.gather(1, safe[:, None])[:, 0]
+    loss = torch.where(valid, lse - z_t, 0).sum() / n_valid
+    d = torch.softmax(z, dim=-1)
+    d[torch.arange(len(targets), device=d.device), safe] -= 1
+    d = d * dz * (grad_scale / n_valid) * valid[:, None]
+    return loss, d.clamp(-E5M2_MAX, E5M2_MAX).to(torch.float8_e5m2)
+
+
+# ---------------------------------------------------------------- kernels
+if triton is not None:
+
+    @triton.jit
+    def _cap(x, MODE: tl.constexpr, A, B):
+        """(z, dz/dx) of the soft-cap, fp32. tanh(u) = 2 sigmoid(2u) - 1."""
+        if MODE == 1:
+            t = 2.0 * tl.sigmoid(2.0 * x / B) - 1.0
+            return A * t, (A / B) * (1.0 - t * t)
+        elif MODE == 2:
+            s = tl.sigmoid(x / B)
+            return A * s, (A / B) * s * (1.0 - s)
+        else:
+            return x, x * 0.0 + 1.0
+
+    @triton.jit
+    def _row_lse_kernel(
+        logits, targets, lse_out, loss_out, V, MODE: tl.constexpr, A, B, BLOCK: tl.constexpr
+    ):
+        # One row per program; int64 offsets (T x V has more than 2^31 entries).
+        row = tl.program_id(0).to(tl.int64)
+        base = logits + row * V
+        if MODE == 0:  # uncapped: a running maximum per lane
+            m = tl.full([BLOCK], -1e30, tl.float32)
+            s = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, V, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                inside = cols < V
+                z = tl.load(base + cols, mask=inside, other=-1e30).to(tl.float32)
+                m_new = tl.maximum(m, z)
+                s = s * tl.exp(m - m_new) + tl.where(inside, tl.exp(z - m_new), 0.0)
+                m = m_new
+            top = tl.max(m, axis=0)
+            lse = top + tl.log(tl.sum(s * tl.exp(m - top), axis=0))
+        else:  # capped: z <= A, so exp(z - A) <= 1
+            acc = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, V, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                inside = cols < V
+                x = tl.load(base + cols, mask=inside, other=0.0).to(tl.float32)
+                z, _ = _cap(x, MODE, A, B)
+                acc += tl.where(inside, tl.exp(z - A), 0.0)
+            lse = A + tl.log(tl.sum(acc, axis=0))
+        target = tl.load(targets + row)
+        x_t = tl.load(base + tl.maximum(target, 0)).to(tl.float32)
+        z_t, _ = _cap(x_t, MODE, A, B)
+        tl.store(lse_out + row, lse)
+        tl.store(loss_out + row, tl.where(target >= 0, lse - z_t, 0.0))
+
+    @triton.jit
+    def _grad_kernel(
+        logits, targets, lse, scale, g_out, T, V, MODE: tl.constexpr, A, B,
+        BT: tl.constexpr, BV: tl.constexpr,
+    ):  # fmt: skip
+        # One BT x BV tile of the gradient, in e5m2. The tile's base offset is int64 (T x V has
+        # more than 2^31 entries); offsets inside it stay int32.
+        r0, c0 = tl.program_id(0) * BT, tl.program_id(1) * BV
+        r, c = tl.arange(0, BT), tl.arange(0, BV)
+        in_rows, in_cols = r0 + r < T, c0 + c < V
+        inside = in_rows[:, None] & in_cols[None, :]
+        tile = r0.to(tl.int64) * V + c0 + (r[:, None] * V + c[None, :])
+        x = tl.load(logits + tile, mask=inside, other=0.0)
+        z, dz = _cap(x.to(tl.float32), MODE, A, B)
+        row_lse = tl.load(lse + r0 + r, mask=in_rows, other=0.0)
+        target = tl.load(targets + r0 + r, mask=in_rows, other=-1).to(tl.int32)
+        p = tl.exp(z - row_lse[:, None])
+        d = (p - tl.where(c0 + c[None, :] == target[:, None], 1.0, 0.0)) * dz
+        d = tl.where(target[:, None] >= 0, d * tl.load(scale), 0.0)
+        d = tl.minimum(tl.maximum(d, -57344.0), 57344.0)  # E5M2_MAX: no overflow to inf
+        g = d.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+        tl.store(g_out + tile, g, mask=inside)
+
+
+# Launch shapes (benchmarks/fp8_loss_kernels.py compares others): the row kernel streams a row in
+# blocks of LSE_BLOCK; the gradient kernel works on GRAD_TILE = (rows, cols) tiles.
+LSE_BLOCK, LSE_WARPS = 4096, 8
+GRAD_TILE, GRAD_WARPS = (64, 128), 8
+
+
+def loss_and_grad(
+    logits: Tensor, targets: Tensor, mode: int, a: float, b: float, grad_scale: float
+) -> tuple[Tensor, Tensor]:
+    """(mean loss, G (T, V) e5m2) from bf16 logits (T, V): the two kernels."""
+    T, V = logits.shape
+    logits = logits.contiguous()
+    targets = targets.contiguous()
+    lse = torch.empty(T, device=logits.device, dtype=torch.float32)
+    losses = torch.empty_like(lse)
+    _row_lse_kernel[(T,)](
+        logits, targets, lse, losses, V, mode, a, b, BLOCK=LSE_BLOCK, num_warps=LSE_WARPS
+    )
+    n_valid = (targets >= 0).sum().clamp(min=1)
+    scale = (grad_scale / n_valid).float()
+    g = torch.empty((T, V), device=logits.device, dtype=torch.uint8)
+    bt, bv = GRAD_TILE
+    _grad_kernel[(triton.cdiv(T, bt), triton.cdiv(V, bv))](
+        logits, targets, lse, scale, g, T, V, mode, a, b, BT=bt, BV=bv, num_warps=GRAD_WARPS
+    )
+    return losses.sum() / n_valid, g.view(torch.float8_e5m2)
+
+
+# ---------------------------------------------------------------- the op
+@torch.library.custom_op("muongpt::fp8_head_loss", mutates_args=())
+def fp8_head_loss(
+    x: Tensor,
+    w: Tensor,
+    targets: Tensor,
+    x_scale: float,
+    w_scale: float,
+    grad_scale: float,
+    cap_mode: int,
+    cap_a: float,
+    cap_b: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mean soft-capped cross-entropy of x (T, D) @ w (V, D)^T against targets (T,) ->
+    (loss fp32 (), G e5m2 (T, V), x8 (T, D), w8 (V, D)); the last three are kept for the
+    backward."""
+    x8 = _to_fp8(x, x_scale, torch.float8_e4m3fn, E4M3_MAX)
+    w8 = _to_fp8(w, w_scale, torch.float8_e4m3fn, E4M3_MAX)
+    inv = [torch.full((), 1.0 / s, device=x.device) for s in (x_scale, w_scale)]
+    logits = torch._scaled_mm(
+        x8, w8.t(), scale_a=inv[0], scale_b=inv[1], out_dtype=torch.bfloat16, use_fast_accum=True
+    )
+    loss, g = loss_and_grad(logits, targets, cap_mode, cap_a, cap_b, grad_scale)
+    return loss, g, x8, w8
+
+
+@fp8_head_loss.register_fake
+def _fp8_head_loss_fake(x, w, targets, x_scale, w_scale, grad_scale, cap_mode, cap_a, cap_b):
+    T, V = x.size(0), w.size(0)
+    return (
+        x.new_empty((), dtype=torch.float32),
+        x.new_empty((T, V), dtype=torch.float8_e5m2),
+        x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
+        w.new_empty(w.shape, dtype=torch.float8_e4m3fn),
+    )
+
+
+@torch.library.custom_op("muongpt::fp8_head_loss_backward", mutates_args=())
+def fp8_head_loss_backward(
+    grad_loss: Tensor,
+    g: Tensor,
+    x8: Tensor,
+    w8: Tensor,
+    x_scale: float,
+    w_scale: float,
+    grad_scale: float,
+) -> tuple[Tensor, Tensor]:
+    """dx = G W (bf16 (T, D)) and dW = G^T x (fp32 (V, D)), each times grad_loss. G^T is made
+    here (a Triton transpose), not in the forward: less memory held between the two passes."""
+    g_dequant = grad_loss.float() / grad_scale  # G holds grad_scale x the mean-loss gradient
+    inv_w = torch.full((), 1.0 / w_scale, device=g.device)
+    inv_x = torch.full((), 1.0 / x_scale, device=g.device)
+    w8_cols = w8.t().contiguous().t()  # (V, D) column-major: contiguous along the reduced V
+    x8_cols = x8.t().contiguous().t()  # (T, D) column-major: contiguous along the reduced T
+    dx = torch._scaled_mm(g, w8_cols, scale_a=g_dequant, scale_b=inv_w, out_dtype=torch.bfloat16)
+    gt = transpose_fp8(g)  # (V, T) row-major: contiguous along the reduced T
+    dw = torch._scaled_mm(gt, x8_cols, scale_a=g_dequant, scale_b=inv_x, out_dtype=torch.float32)
+    return dx, dw
+
+
+@fp8_head_loss_backward.register_fake
+def _fp8_head_loss_backward_fake(grad_loss, g, x8, w8, x_scale, w_scale, grad_scale):
+    T, D, V = x8.size(0), x8.size(1), w8.size(0)
+    return (
+        g.new_empty((T, D), dtype=torch.bfloat16),
+        g.new_empty((V, D), dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, _targets, x_scale, w_scale, grad_scale, *_ = inputs
+    _, g, x8, w8 = output
+    ctx.save_for_backward(g, x8, w8)
+    ctx.scales = (x_scale, w_scale, grad_scale)
+    ctx.x_dtype, ctx.w_dtype = x.dtype, w.dtype
+
+
+def _backward(ctx, grad_loss, *_unused):
+    g, x8, w8 = ctx.saved_tensors
+    dx, dw = fp8_head_loss_backward(grad_loss, g, x8, w8, *ctx.scales)
+    return dx.to(ctx.x_dtype), dw.to(ctx.w_dtype), None, None, None, None, None, None, None
+
+
+fp8_head_loss.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fp8_cross_entropy(
+    x: Tensor,
+    w: Tensor,
+    targets: Tensor,
+    scales: tuple[float, float, float],
+    softcap: str = "none",
+    softcap_value: float = 15.0,
+) -> Tensor:
+    """Mean cross-entropy of ``softcap(x @ w.T)`` against ``targets`` (< 0: ignored), x (..., D),
+    targets (...): the fused fp8 path (CUDA with Triton; token count a multiple of 16)."""
+    x2 = x.reshape(-1, x.size(-1)).contiguous()
+    mode, a, b = cap_params(softcap, softcap_value)
+    return fp8_head_loss(x2, w.contiguous(), targets.reshape(-1), *scales, mode, a, b)[0]

@@ -1,0 +1,213 @@
+"""The fused fp8 head + soft-capped cross-entropy (model/fp8_loss.py).
+
+On CPU: the PyTorch reference of the kernels' math equals autograd through the plain path. On an
+fp8 GPU: the Triton kernels equal that reference, and the fused op's loss and gradients equal the
+unfused fp8 path and stay within the fp8 bounds of the bf16 computation, eager and compiled.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from muongpt import MuonGPTError
+from muongpt.model import fp8, fp8_loss
+from muongpt.model.fp8 import fp8_available
+from muongpt.model.gpt import GPT, GPTConfig
+
+needs_fp8 = pytest.mark.skipif(
+    not (fp8_available() and fp8_loss.triton is not None),
+    reason="needs a CUDA GPU with fp8 (cc >= 8.9) and Triton",
+)
+CAPS = [("none", 15.0), ("tanh", 15.0), ("sigmoid", 15.0)]
+# The gradient of a mean over T tokens is at most 1/T per entry: grad_scale must keep T = 96..2048
+# inside e5m2 (max 57344), as 2^29 does for the 65,536-token rows it was chosen for.
+GRAD_SCALE = 2.0**20
+SCALES = (2.0, 32.0, 2.0**24)
+
+
+def rel_err(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def plain_loss(logits, targets, softcap, value):
+    mode, a, b = fp8_loss.cap_params(softcap, value)
+    z = fp8_loss.capped(logits, mode, a, b)[0]
+    return F.cross_entropy(z, targets, ignore_index=-1)
+
+
+def autograd_reference(logits, targets, softcap, value):
+    """Loss and d(loss)/d(logits) of the plain path, by autograd, fp32."""
+    lf = logits.detach().float().requires_grad_()
+    loss = plain_loss(lf, targets, softcap, value)
+    loss.backward()
+    return loss.detach(), lf.grad
+
+
+def logits_case(T=96, V=640, seed=0, device="cpu", ignore=()):
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = (torch.randn(T, V, device=device, generator=g) * 4).to(torch.bfloat16)
+    targets = torch.randint(0, V, (T,), device=device, generator=g)
+    targets[list(ignore)] = -1
+    return logits, targets
+
+
+@pytest.mark.parametrize("softcap,value", CAPS)
+def test_reference_math_equals_autograd_of_the_plain_loss(softcap, value):
+    logits, targets = logits_case(ignore=(3, 50))
+    loss_ref, grad_ref = autograd_reference(logits, targets, softcap, value)
+    mode, a, b = fp8_loss.cap_params(softcap, value)
+    loss, g8 = fp8_loss.reference_loss_and_grad(logits, targets, mode, a, b, GRAD_SCALE)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+    assert g8.dtype == torch.float8_e5m2
+    assert torch.all(g8[[3, 50]].float() == 0)  # ignored rows: no gradient
+    # e5m2 keeps 2 mantissa bits: every entry within 2^-3 relative (plus the subnormal floor)
+    deq = g8.float() / GRAD_SCALE
+    assert torch.all((deq - grad_ref).abs() <= 0.125 * grad_ref.abs() + 2**-16 / GRAD_SCALE)
+
+
+def test_sigmoid_cap_matches_the_models_softcap():
+    cfg = GPTConfig(vocab_size=64, n_layer=1, n_head=1, n_embd=16, logit_softcap="sigmoid")
+    x = torch.randn(5, 64) * 20
+    mode, a, b = fp8_loss.cap_params("sigmoid", 15.0)
+    torch.testing.assert_close(fp8_loss.capped(x, mode, a, b)[0], GPT(cfg).softcap(x))
+    cfg = GPTConfig(vocab_size=64, n_layer=1, n_head=1, n_embd=16, logit_softcap="tanh")
+    mode, a, b = fp8_loss.cap_params("tanh", cfg.softcap_value)
+    torch.testing.assert_close(fp8_loss.capped(x, mode, a, b)[0], GPT(cfg).softcap(x))
+
+
+def test_fused_loss_needs_the_fp8_head():
+    with pytest.raises(MuonGPTError, match="fp8_fused_loss"):
+        GPTConfig(vocab_size=64, n_layer=1, n_head=1, n_embd=16, fp8_fused_loss=True)
+
+
+def test_fused_loss_model_falls_back_to_the_plain_path_without_fp8():
+    if fp8_available():
+        pytest.skip("this machine has an fp8 GPU")
+    base = dict(vocab_size=300, n_layer=2, n_head=2, n_embd=32, fp8_head=True)
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(**base, logit_softcap="sigmoid"))
+    fused = GPT(GPTConfig(**base, logit_softcap="sigmoid", fp8_fused_loss=True))
+    fused.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 300, (2, 16))
+    torch.testing.assert_close(fused(idx, idx), plain(idx, idx))
+
+
+# ---------------------------------------------------------------- on an fp8 GPU
+@needs_fp8
+@pytest.mark.parametrize("softcap,value", CAPS)
+@pytest.mark.parametrize("shape", [(256, 50304), (200, 1000)])
+def test_kernels_equal_the_reference(softcap, value, shape):
+    logits, targets = logits_case(*shape, seed=1, device="cuda", ignore=(7,))
+    mode, a, b = fp8_loss.cap_params(softcap, value)
+    loss_ref, g_ref = fp8_loss.reference_loss_and_grad(logits, targets, mode, a, b, GRAD_SCALE)
+    loss, g = fp8_loss.loss_and_grad(logits, targets, mode, a, b, GRAD_SCALE)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    assert g.shape == shape and g.dtype == torch.float8_e5m2 and g.is_contiguous()
+    # exp/sigmoid differ in the last bits between Triton and PyTorch: an entry may round to the
+    # neighbouring e5m2 value, never further
+    deq, deq_ref = g.float(), g_ref.float()
+    assert torch.all((deq - deq_ref).abs() <= 0.25 * deq_ref.abs() + 2**-16)
+    assert (g.view(torch.uint8) == g_ref.view(torch.uint8)).float().mean() > 0.999
+
+
+def _head_case(T=2048, D=768, V=50304, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = F.rms_norm(torch.randn(T, D, device="cuda", generator=g), (D,)).to(torch.bfloat16)
+    w = torch.randn(V, D, device="cuda", generator=g) * 0.05
+    targets = torch.randint(0, 50257, (T,), device="cuda", generator=g)
+    targets[:5] = -1
+    return x, w, targets
+
+
+def _run(fn, x, w, targets, grad_loss=0.5):
+    xg = x.detach().clone().requires_grad_()
+    wg = w.detach().clone().requires_grad_()
+    loss = fn(xg, wg, targets)
+    (loss * grad_loss).backward()
+    return loss.detach(), xg.grad, wg.grad
+
+
+def _fused(x, w, t):
+    return fp8_loss.fp8_cross_entropy(x, w, t, SCALES, "sigmoid")
+
+
+def _unfused_fp8(x, w, t):
+    logits = fp8.fp8_linear(x, w, SCALES, fp8_dw=True)
+    return plain_loss(logits, t, "sigmoid", 15.0)
+
+
+def _bf16(x, w, t):
+    return plain_loss(F.linear(x, w.to(torch.bfloat16)), t, "sigmoid", 15.0)
+
+
+@needs_fp8
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fused_op_equals_the_unfused_fp8_path_and_is_close_to_bf16(seed):
+    x, w, t = _head_case(seed=seed)
+    loss, dx, dw = _run(_fused, x, w, t)
+    loss_u, dx_u, dw_u = _run(_unfused_fp8, x, w, t)
+    loss_b, dx_b, dw_b = _run(_bf16, x, w, t)
+    assert dx.dtype == x.dtype and dw.dtype == w.dtype
+    # same fp8 logits: the loss differs by fp32 rounding only; the gradients by e5m2 rounding
+    torch.testing.assert_close(loss, loss_u, rtol=1e-5, atol=1e-5)
+    assert rel_err(dx, dx_u) < 0.02 and rel_err(dw, dw_u) < 0.02
+    # against bf16: the fp8 head's stated bounds (tests/test_fp8.py)
+    assert abs(loss.item() - loss_b.item()) < 0.01
+    assert rel_err(dx, dx_b) < 0.08 and rel_err(dw, dw_b) < 0.08
+
+
+@needs_fp8
+def test_fused_op_under_torch_compile_equals_eager():
+    x, w, t = _head_case(T=1024, seed=2)
+    eager = _run(_fused, x, w, t)
+    torch._dynamo.reset()
+    compiled = _run(torch.compile(_fused, fullgraph=True), x, w, t)
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+
+
+@needs_fp8
+def test_fake_kernels_match_real_outputs():
+    x, w, t = _head_case(T=256, D=128, V=512, seed=3)
+    args = (*SCALES, 2, 30.0, 7.5)
+    real = fp8_loss.fp8_head_loss(x, w, t, *args)
+    real_bwd = fp8_loss.fp8_head_loss_backward(torch.ones((), device="cuda"), *real[1:], *args[:3])
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fx, fw, ft = (mode.from_tensor(a) for a in (x, w, t))
+        fake = fp8_loss.fp8_head_loss(fx, fw, ft, *args)
+        fake_bwd = fp8_loss.fp8_head_loss_backward(
+            mode.from_tensor(torch.ones((), device="cuda")), *fake[1:], *args[:3]
+        )
+    for r, f in zip((*real, *real_bwd), (*fake, *fake_bwd)):
+        assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride())
+
+
+@needs_fp8
+def test_gpt_with_the_fused_loss_trains_like_the_unfused_fp8_head():
+    base = dict(
+        vocab_size=50257, n_layer=2, n_head=4, n_embd=256, fp8_head=True, fp8_dw=True,
+        logit_softcap="sigmoid", fp8_scales=[2.0, 32.0, 2.0**23],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    unfused = GPT(GPTConfig(**base)).cuda()
+    fused = GPT(GPTConfig(**base, fp8_fused_loss=True)).cuda()
+    fused.load_state_dict(unfused.state_dict())
+    head = torch.randn_like(unfused.lm_head.weight) * 0.05  # trained scale (it starts at zero)
+    with torch.no_grad():
+        for m in (fused, unfused):
+            m.lm_head.weight.copy_(head)
+    idx = torch.randint(0, 50257, (2, 512), device="cuda")
+    losses = []
+    for m in (fused, unfused):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = m(idx, idx.roll(-1, 1))
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) < 1e-4
+    for (name, p), q in zip(fused.named_parameters(), unfused.parameters()):
+        if q.grad.norm() == 0:  # e.g. q, k of the first step: the output projections start at 0
+            assert p.grad.norm() == 0, name
+        else:
+            assert rel_err(p.grad, q.grad) < 0.03, name
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # eval: the plain path
+        assert abs(fused(idx, idx.roll(-1, 1)).item() - unfused(idx, idx.roll(-1, 1)).item()) < 1e-4
