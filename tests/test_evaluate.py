@@ -65,7 +65,8 @@ def window_nats(model, tokens: list[int], seq_len: int, keep=lambda t: True) -> 
 
 
 def evaluate(argv, capsys):
-    rc = eval_cli.main(argv)
+    # on the CPU, as the by-hand references are (a GPU evaluates under bf16 autocast)
+    rc = eval_cli.main([*argv, "--device", "cpu"])
     out, err = capsys.readouterr()
     return rc, out, err
 

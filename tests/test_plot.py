@@ -82,7 +82,9 @@ def test_plot_of_a_sweep_writes_png_and_table(sweep, tmp_path, capsys):
         assert cells[3] == f"{last['elapsed_s']:.1f}"
         assert cells[5] == f"{last['train_loss']:.4f}"
         assert cells[6] == f"{last['val_loss']:.4f}"
-        assert cells[7] == "—"  # no peak memory on CPU
+        records = metrics(sweep / f"{OPTIMIZERS.index(name)}_{name}")
+        peaks = [r["peak_mem_gb"] for r in records if "peak_mem_gb" in r]  # recorded on GPUs only
+        assert cells[7] == (f"{max(peaks):.2f}" if peaks else "—")
 
 
 def test_figure_has_three_panels_with_every_run(sweep):

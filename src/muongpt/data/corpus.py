@@ -151,9 +151,12 @@ def iter_documents(
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean 'this file cannot be read' (I/O, truncated or corrupt compression)."""
-    import zstandard
-
+    """Exceptions that mean 'this file cannot be read' (I/O, truncated or corrupt compression).
+    zstandard is needed only for .zst files: without it, the others still get their own errors."""
+    try:
+        import zstandard
+    except ImportError:
+        return (OSError, EOFError, lzma.LZMAError)
     return (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError)
 
 
