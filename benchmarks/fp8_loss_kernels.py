@@ -15,22 +15,13 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+from optimizer_step import time_steps  # benchmarks/ is on sys.path when run as a script
 
 from muongpt.model import fp8, fp8_loss
 
 
-def timed(fn, reps: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def timed(fn) -> float:
+    return statistics.median(time_steps(fn, torch.device("cuda"), warmup=3, steps=10))
 
 
 def main() -> int:

@@ -92,6 +92,36 @@ def test_fused_loss_model_falls_back_to_the_plain_path_without_fp8():
     torch.testing.assert_close(fused(idx, idx), plain(idx, idx))
 
 
+def _cpu_scaled_mm() -> bool:
+    try:
+        a = torch.zeros(16, 16).to(torch.float8_e4m3fn)
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(()), scale_b=torch.ones(()))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _cpu_scaled_mm(), reason="this torch has no CPU _scaled_mm")
+def test_op_wiring_on_cpu_equals_the_unfused_fp8_path(monkeypatch):
+    """The op around the kernels (quantization, the incoming gradient folded into the backward's
+    scales, the transposed dW), with the kernels' PyTorch reference in their place: equal to the
+    unfused fp8 head + plain loss, as the CUDA test below checks with the kernels."""
+    monkeypatch.setattr(fp8_loss, "loss_and_grad", fp8_loss.reference_loss_and_grad)
+    g = torch.Generator().manual_seed(0)
+    T, D, V = 256, 64, 512
+    scales = (2.0, 32.0, 2.0**18)  # 2^18 / 253 rows stays inside e5m2
+    x = F.rms_norm(torch.randn(T, D, generator=g), (D,)).to(torch.bfloat16)
+    w = torch.randn(V, D, generator=g) * 0.05
+    t = torch.randint(0, V, (T,), generator=g)
+    t[:3] = -1
+    fused = _run(lambda a, b, t: fp8_loss.fp8_cross_entropy(a, b, t, scales, "sigmoid"), x, w, t)
+    unfused = _run(
+        lambda a, b, t: plain_loss(fp8.fp8_linear(a, b, scales, True), t, "sigmoid", 15.0), x, w, t
+    )
+    torch.testing.assert_close(fused[0], unfused[0], rtol=1e-5, atol=1e-5)
+    assert rel_err(fused[1], unfused[1]) < 0.02 and rel_err(fused[2], unfused[2]) < 0.02
+
+
 # ---------------------------------------------------------------- on an fp8 GPU
 @needs_fp8
 @pytest.mark.parametrize("softcap,value", CAPS)

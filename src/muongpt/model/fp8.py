@@ -21,8 +21,9 @@ The fp8 matmuls are ``torch.library`` custom ops with fake kernels (shapes, dtyp
 strides exactly as the real kernels return them), so ``torch.compile`` treats them as opaque
 nodes. fp8 tensor cores take only operands contiguous along the reduced dimension, so the fp8 dW
 (reduced over tokens) needs the e5m2 gradient transposed: a tiled Triton kernel writes that copy
-(one read and one write of a 1-byte tensor); without Triton it is a PyTorch copy.  the gradient's scale-and-cast sits in the traced backward formula, where the compiler fuses
-it into the kernel that produced the gradient. Where fp8 is unavailable (CPU, GPUs before
+(one read and one write of a 1-byte tensor); without Triton it is a PyTorch copy. The gradient's
+scale-and-cast sits in the traced backward formula, where the compiler fuses it into the kernel
+that produced the gradient. Where fp8 is unavailable (CPU, GPUs before
 compute capability 8.9, shapes not multiples of 16) ``FP8Linear`` is a plain (bf16 under
 autocast) ``nn.Linear``, and says so once in the log.
 """
@@ -53,11 +54,18 @@ def fp8_available(device: torch.device | str | None = None) -> bool:
 
 
 def _dequantized_mm(
-    a8: Tensor, b8: Tensor, a_scale: float, b_scale: float, out_dtype: torch.dtype, fast_accum: bool
+    a8: Tensor,
+    b8: Tensor,
+    a_scale: float,
+    b_scale: float,
+    out_dtype: torch.dtype,
+    fast_accum: bool,
+    times: Tensor | None = None,
 ) -> Tensor:
-    """(a8 @ b8) / (a_scale * b_scale): a8 row-major, b8 column-major, as ``_scaled_mm`` wants.
-    It takes dequantization scales, the inverses of ours, as 0-dim fp32 tensors: made by a fill
-    kernel, not torch.tensor(..., device=cuda), so no host-to-device copy and no sync."""
+    """(a8 @ b8) / (a_scale * b_scale) [* times]: a8 row-major, b8 column-major, as ``_scaled_mm``
+    wants. It takes dequantization scales, the inverses of ours, as 0-dim fp32 tensors: made by
+    a fill kernel, not torch.tensor(..., device=cuda), so no host-to-device copy and no sync.
+    ``times`` (0-dim, on the device) is folded into a8's scale, e.g. an incoming loss gradient."""
 
     def inverse(scale: float) -> Tensor:
         return torch.full((), 1.0 / scale, device=a8.device, dtype=torch.float32)
@@ -65,15 +73,54 @@ def _dequantized_mm(
     return torch._scaled_mm(
         a8,
         b8,
-        scale_a=inverse(a_scale),
+        scale_a=inverse(a_scale) if times is None else times.float() / a_scale,
         scale_b=inverse(b_scale),
         out_dtype=out_dtype,
         use_fast_accum=fast_accum,
     )
 
 
+def _column_major(t: Tensor) -> Tensor:
+    """The same 2-D matrix laid out column-major (contiguous along its first dim)."""
+    return t.t().contiguous().t()
+
+
 def _to_fp8(t: Tensor, scale: float, dtype: torch.dtype, limit: float) -> Tensor:
     return (t.float() * scale).clamp(-limit, limit).to(dtype)
+
+
+def quantized_linear(
+    x: Tensor, w: Tensor, x_scale: float, w_scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(x @ w^T in fp8, dequantized bf16 (M, N), x8 (M, K), w8 (N, K)): the forward of the fp8
+    head, shared by ``fp8_matmul`` and the fused loss (fp8_loss.py)."""
+    x8 = _to_fp8(x, x_scale, torch.float8_e4m3fn, E4M3_MAX)  # x (M, K): M tokens
+    w8 = _to_fp8(w, w_scale, torch.float8_e4m3fn, E4M3_MAX)
+    # w8.t(): (K, N) column-major
+    y = _dequantized_mm(x8, w8.t(), x_scale, w_scale, torch.bfloat16, fast_accum=True)
+    return y, x8, w8
+
+
+def grad_input(
+    g8: Tensor, w8: Tensor, w_scale: float, grad_scale: float, times: Tensor | None = None
+) -> Tensor:
+    """dx = g8 (M, N) e5m2 @ w8 (N, K) e4m3, dequantized [times ``times``]: bf16 (M, K)."""
+    # w8 (N, K) column-major: contiguous along the reduced N
+    return _dequantized_mm(
+        g8, _column_major(w8), grad_scale, w_scale, torch.bfloat16, fast_accum=False, times=times
+    )
+
+
+def grad_weight(
+    g8: Tensor, x8: Tensor, x_scale: float, grad_scale: float, times: Tensor | None = None
+) -> Tensor:
+    """dW = g8^T (N, M) @ x8 (M, K), dequantized [times ``times``], fp32 (N, K). Both operands
+    are made contiguous along the reduced M (tokens): the gradient by ``transpose_fp8``, x8
+    (small) by a plain copy."""
+    return _dequantized_mm(
+        transpose_fp8(g8), _column_major(x8), grad_scale, x_scale, torch.float32,
+        fast_accum=False, times=times,
+    )  # fmt: skip
 
 
 @torch.library.custom_op("muongpt::fp8_matmul", mutates_args=())
@@ -82,11 +129,7 @@ def fp8_matmul(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """x (M, K) @ w (N, K)^T -> (y bf16 (M, N), x8, w8); x8 and w8 are kept for the backward,
     which computes dW in fp8 when ``fp8_dw`` (else in bf16)."""
-    x8 = _to_fp8(x, x_scale, torch.float8_e4m3fn, E4M3_MAX)  # x (M, K): M tokens
-    w8 = _to_fp8(w, w_scale, torch.float8_e4m3fn, E4M3_MAX)
-    # w8.t(): (K, N) column-major
-    y = _dequantized_mm(x8, w8.t(), x_scale, w_scale, torch.bfloat16, fast_accum=True)
-    return y, x8, w8
+    return quantized_linear(x, w, x_scale, w_scale)
 
 
 @fp8_matmul.register_fake
@@ -102,8 +145,7 @@ def _fp8_matmul_fake(x, w, x_scale, w_scale, grad_scale, fp8_dw):
 @torch.library.custom_op("muongpt::fp8_matmul_backward", mutates_args=())
 def fp8_matmul_backward(g8: Tensor, w8: Tensor, w_scale: float, grad_scale: float) -> Tensor:
     """dx = g8 (M, N) e5m2 @ w8 (N, K) e4m3, dequantized: bf16 (M, K), contiguous."""
-    w8_cols = w8.t().contiguous().t()  # (N, K) column-major: contiguous along the reduced N
-    return _dequantized_mm(g8, w8_cols, grad_scale, w_scale, torch.bfloat16, fast_accum=False)
+    return grad_input(g8, w8, w_scale, grad_scale)
 
 
 @fp8_matmul_backward.register_fake
@@ -145,12 +187,8 @@ def transpose_fp8(t: Tensor) -> Tensor:
 
 @torch.library.custom_op("muongpt::fp8_grad_weight", mutates_args=())
 def fp8_grad_weight(g8: Tensor, x8: Tensor, x_scale: float, grad_scale: float) -> Tensor:
-    """dW = g8^T (N, M) @ x8 (M, K), dequantized, fp32 (N, K). Both operands are made
-    contiguous along the reduced M (tokens): the gradient by ``transpose_fp8``, x8 (small) by a
-    plain copy."""
-    g8_rows = transpose_fp8(g8)  # (N, M) row-major
-    x8_cols = x8.t().contiguous().t()  # (M, K) column-major
-    return _dequantized_mm(g8_rows, x8_cols, grad_scale, x_scale, torch.float32, fast_accum=False)
+    """dW = g8^T (N, M) @ x8 (M, K), dequantized, fp32 (N, K) (see ``grad_weight``)."""
+    return grad_weight(g8, x8, x_scale, grad_scale)
 
 
 @fp8_grad_weight.register_fake
@@ -236,9 +274,13 @@ class FP8Linear(nn.Linear):
             )
             _log_fallback(reason)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def fp8_usable(self, x: Tensor) -> bool:
+        """The fp8 path takes ``x``: an fp8 GPU, x on it, a token count that is a multiple of 16."""
         rows = x.numel() // max(x.size(-1), 1)
-        if self.fp8_ok and x.is_cuda and rows % 16 == 0:
+        return self.fp8_ok and x.is_cuda and rows % 16 == 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fp8_usable(x):
             return fp8_linear(x, self.weight, self.scales, self.fp8_dw)
         return F.linear(x, self.weight)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from muongpt.model.fp8 import E4M3_MAX, E5M2_MAX, _to_fp8, transpose_fp8
+from muongpt.model.fp8 import E5M2_MAX, grad_input, grad_weight, quantized_linear
 
 try:
     import triton
@@ -44,10 +44,6 @@ def cap_params(softcap: str, softcap_value: float) -> tuple[int, float, float]:
     if softcap == "tanh":
         return CAP_MODES["tanh"], float(softcap_value), float(softcap_value)
     return CAP_MODES["none"], 1.0, 1.0
-
-
-def fused_loss_available(x: Tensor) -> bool:
-    return triton is not None and x.is_cuda
 
 
 # ---------------------------------------------------------------- reference (PyTorch)
@@ -197,12 +193,7 @@ def fp8_head_loss(
     """Mean soft-capped cross-entropy of x (T, D) @ w (V, D)^T against targets (T,) ->
     (loss fp32 (), G e5m2 (T, V), x8 (T, D), w8 (V, D)); the last three are kept for the
     backward."""
-    x8 = _to_fp8(x, x_scale, torch.float8_e4m3fn, E4M3_MAX)
-    w8 = _to_fp8(w, w_scale, torch.float8_e4m3fn, E4M3_MAX)
-    inv = [torch.full((), 1.0 / s, device=x.device) for s in (x_scale, w_scale)]
-    logits = torch._scaled_mm(
-        x8, w8.t(), scale_a=inv[0], scale_b=inv[1], out_dtype=torch.bfloat16, use_fast_accum=True
-    )
+    logits, x8, w8 = quantized_linear(x, w, x_scale, w_scale)
     loss, g = loss_and_grad(logits, targets, cap_mode, cap_a, cap_b, grad_scale)
     return loss, g, x8, w8
 
@@ -228,16 +219,11 @@ def fp8_head_loss_backward(
     w_scale: float,
     grad_scale: float,
 ) -> tuple[Tensor, Tensor]:
-    """dx = G W (bf16 (T, D)) and dW = G^T x (fp32 (V, D)), each times grad_loss. G^T is made
-    here (a Triton transpose), not in the forward: less memory held between the two passes."""
-    g_dequant = grad_loss.float() / grad_scale  # G holds grad_scale x the mean-loss gradient
-    inv_w = torch.full((), 1.0 / w_scale, device=g.device)
-    inv_x = torch.full((), 1.0 / x_scale, device=g.device)
-    w8_cols = w8.t().contiguous().t()  # (V, D) column-major: contiguous along the reduced V
-    x8_cols = x8.t().contiguous().t()  # (T, D) column-major: contiguous along the reduced T
-    dx = torch._scaled_mm(g, w8_cols, scale_a=g_dequant, scale_b=inv_w, out_dtype=torch.bfloat16)
-    gt = transpose_fp8(g)  # (V, T) row-major: contiguous along the reduced T
-    dw = torch._scaled_mm(gt, x8_cols, scale_a=g_dequant, scale_b=inv_x, out_dtype=torch.float32)
+    """dx = G W (bf16 (T, D)) and dW = G^T x (fp32 (V, D)), each times grad_loss (G holds
+    grad_scale x the mean-loss gradient). G^T is made here (``grad_weight``'s Triton transpose),
+    not in the forward: less memory held between the two passes."""
+    dx = grad_input(g, w8, w_scale, grad_scale, times=grad_loss)
+    dw = grad_weight(g, x8, x_scale, grad_scale, times=grad_loss)
     return dx, dw
 
 

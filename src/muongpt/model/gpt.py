@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from muongpt import MuonGPTError
+from muongpt.model import fp8_loss
 from muongpt.model.attention import (
     GATE_DIMS,
     UNBOUNDED_WINDOW,
@@ -57,7 +58,6 @@ from muongpt.model.attention import (
     document_dense_mask,
     rms_norm,
 )
-from muongpt.model.fp8_loss import fp8_cross_entropy, fused_loss_available
 
 SOFTCAPS = ("none", "tanh", "sigmoid")
 MIXERS = ("attention", "pom", "none")  # "none": the block is its MLP only
@@ -342,12 +342,13 @@ class GPT(nn.Module):
         return torch.cat([x[:, :first], smeared], dim=1)
 
     def softcap(self, logits: Tensor) -> Tensor:
+        """A tanh(logits / B) or A sigmoid(logits / B), A and B as in the fused fp8 loss."""
         mode = self.config.logit_softcap
+        _, a, b = fp8_loss.cap_params(mode, self.config.softcap_value)
         if mode == "tanh":
-            c = self.config.softcap_value
-            return c * torch.tanh(logits / c)
+            return a * torch.tanh(logits / b)
         if mode == "sigmoid":
-            return 30 * torch.sigmoid(logits / 7.5)
+            return a * torch.sigmoid(logits / b)
         return logits
 
     def forward(
@@ -392,10 +393,9 @@ class GPT(nn.Module):
         """The fused fp8 head + loss runs while training (gradients on) on an fp8 GPU."""
         return (
             self.config.fp8_fused_loss
-            and self.lm_head.fp8_ok
             and torch.is_grad_enabled()
-            and fused_loss_available(x)
-            and (x.numel() // x.size(-1)) % 16 == 0
+            and fp8_loss.triton is not None
+            and self.lm_head.fp8_usable(x)
         )
 
     def head(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
@@ -403,7 +403,7 @@ class GPT(nn.Module):
         so that it can be compiled alone (``training.compile_mode=blocks``)."""
         x = rms_norm(x)
         if targets is not None and self.fused_loss_ok(x):
-            return fp8_cross_entropy(
+            return fp8_loss.fp8_cross_entropy(
                 x,
                 self.lm_head.weight,
                 targets,
