@@ -4,7 +4,7 @@
 
 Forward + backward of one micro-step's head (x: tokens x 768 bf16, W: 50304 x 768, sigmoid cap),
 compiled, for: bf16 head, fp8 head (fp8 dW), fused fp8 head + loss; then the fused kernels alone
-at a few launch shapes. CUDA events, median of 10 after 3 warm-up calls. Prints a table last.
+at a few launch shapes, and the e5m2 transpose. CUDA events, median of 10 after 3 warm-up calls. Prints a table last.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def main() -> int:
         torch.cuda.empty_cache()
 
     logits = torch.randn(T, V, device="cuda", generator=g).to(torch.bfloat16) * 4
-    shapes = [(64, 128, 8), (32, 128, 4), (64, 64, 4), (128, 128, 8)]
-    blocks = [(4096, 8), (2048, 4)]
+    shapes = [(16, 256, 4), (64, 128, 8), (8, 1024, 8), (32, 128, 4)]
+    blocks = [(2048, 4), (4096, 8), (1024, 4)]
     kernels = {}
     default = (fp8_loss.GRAD_TILE, fp8_loss.GRAD_WARPS, fp8_loss.LSE_BLOCK, fp8_loss.LSE_WARPS)
     for bt, bv, warps in shapes:
@@ -69,6 +69,12 @@ def main() -> int:
             lambda: fp8_loss.loss_and_grad(logits, t, 2, 30.0, 7.5, 2.0**29)
         )
     fp8_loss.LSE_BLOCK, fp8_loss.LSE_WARPS = default[2], default[3]
+    g8 = torch.randint(0, 256, (T, V), device="cuda", dtype=torch.uint8).view(torch.float8_e5m2)
+    default_tile = (fp8.TRANSPOSE_TILE, fp8.TRANSPOSE_WARPS)
+    for bm, bn, warps in [(64, 128, 4), (64, 64, 4), (128, 128, 8)]:
+        fp8.TRANSPOSE_TILE, fp8.TRANSPOSE_WARPS = (bm, bn), warps
+        kernels[f"transpose tile {bm}x{bn} w{warps}"] = timed(lambda: fp8.transpose_fp8(g8))
+    fp8.TRANSPOSE_TILE, fp8.TRANSPOSE_WARPS = default_tile
     result = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,

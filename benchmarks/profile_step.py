@@ -1,24 +1,76 @@
-"""Profile a few compiled training steps of an experiment: ms/step and the top CUDA kernels.
+"""Profile a few compiled training steps of an experiment: ms/step, the top CUDA kernels and
+where the GPU waits.
 
-python benchmarks/profile_step.py --out prof.txt experiment=speedrun_bench [overrides...]
+python benchmarks/profile_step.py --out prof.txt [--trace trace.json] experiment=speedrun_bench [overrides...]
+
+The idle report merges every kernel / memcpy / memset interval of the profiled steps: busy is
+their union, idle the rest of the span. For the largest gaps it names the kernel that ended the
+gap and the Python function that launched it, and whether the launch came after the GPU ran dry
+(the host was the bottleneck) or before (the GPU waited on something else, e.g. a dependency).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from muongpt.cli.bench import compose_config
 
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def idle_report(trace_file: Path, top: int = 12) -> str:
+    events = json.loads(trace_file.read_text())["traceEvents"]
+    gpu = sorted(
+        (e for e in events if e.get("cat") in GPU_CATEGORIES and e.get("dur", 0) > 0),
+        key=lambda e: e["ts"],
+    )
+    if not gpu:
+        return "no GPU events in the trace\n"
+    launches = {
+        e["args"]["correlation"]: e
+        for e in events
+        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})
+    }
+    python = [e for e in events if e.get("cat") == "python_function" and e.get("dur", 0) > 0]
+    busy, gaps, end = 0.0, [], gpu[0]["ts"]
+    for e in gpu:
+        start, stop = e["ts"], e["ts"] + e["dur"]
+        if start > end:
+            gaps.append((start - end, end, e))
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    span = end - gpu[0]["ts"]
+    lines = [
+        f"GPU span {span / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms ({100 * busy / span:.1f}%), "
+        f"idle {(span - busy) / 1e3:.1f} ms in {len(gaps)} gaps "
+        f"({sum(g for g, _, _ in gaps if g > 20) / 1e3:.1f} ms in gaps > 20 us)"
+    ]
+    lines.append(f"{'gap us':>8} {'launch':>8}  next kernel / launched from")
+    for gap, idle_from, e in sorted(gaps, key=lambda g: -g[0])[:top]:
+        launch = launches.get(e.get("args", {}).get("correlation"))
+        where, late = "?", float("nan")
+        if launch is not None:
+            late = launch["ts"] - idle_from  # > 0: launched after the GPU ran dry
+            around = [p for p in python if p["ts"] <= launch["ts"] <= p["ts"] + p["dur"]]
+            around = [p for p in around if not p["name"].startswith(("torch/", "<built-in"))]
+            if around:
+                where = min(around, key=lambda p: p["dur"])["name"]
+        lines.append(f"{gap:8.0f} {late:8.0f}  {e['name'][:60]}  <- {where[:90]}")
+    return "\n".join(lines) + "\n"
+
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--trace", default="", help="also write the Chrome trace here")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--top", type=int, default=30)
     args, overrides = ap.parse_known_args()
@@ -37,16 +89,21 @@ def main() -> int:
             trainer.train_step()
         torch.cuda.synchronize()
         ms = 1e3 * (time.perf_counter() - t0) / args.steps
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(
+            activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True
+        ) as prof:
             for _ in range(2):
                 trainer.train_step()
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top)
+        trace = Path(args.trace or Path(run_dir) / "trace.json")
+        prof.export_chrome_trace(str(trace))
+        idle = idle_report(trace)
         trainer.close()
     header = f"{' '.join(overrides)}\nwarm-up {compile_s:.1f} s, {ms:.1f} ms/step\n"
     with open(args.out, "w") as f:
-        f.write(header + table + "\n")
-    print(header + "\n".join(table.splitlines()[: args.top + 4]))
+        f.write(header + idle + table + "\n")
+    print(header + idle + "\n".join(table.splitlines()[: args.top + 4]))
     return 0
 
 

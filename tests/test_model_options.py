@@ -485,3 +485,96 @@ def test_gates_train_with_the_scalar_adamw_not_muon():
     assert len(gates) == 2 + BASE["n_layer"]
     assert set(gates) <= set(groups["scalar"])
     assert not any("gate" in n for n in groups["matrix"])
+
+
+def test_bigram_rows_hash_pairs_and_reserve_a_row_for_no_predecessor():
+    from muongpt.model.gpt import bigram_rows
+
+    idx = torch.randint(0, 300, (3, 40))
+    rows = bigram_rows(idx, 97)
+    assert rows.shape == idx.shape and rows.dtype == torch.long
+    assert (rows[:, 0] == 96).all() and (rows[:, 1:] < 96).all() and (rows >= 0).all()
+    # a row depends on the pair only: equal pairs share it, wherever they are
+    pairs = {}
+    for b in range(3):
+        for t in range(1, 40):
+            key = (int(idx[b, t - 1]), int(idx[b, t]))
+            assert pairs.setdefault(key, int(rows[b, t])) == int(rows[b, t])
+    # the order of the pair matters (x y and y x are different bigrams)
+    ab, ba = bigram_rows(torch.tensor([[5, 9]]), 1001), bigram_rows(torch.tensor([[9, 5]]), 1001)
+    assert ab[0, 1] != ba[0, 1]
+    # chunks that carry the previous token give the rows of the whole sequence
+    split = torch.cat([bigram_rows(idx[:, :13], 97), bigram_rows(idx[:, 13:], 97, idx[:, 12:13])], 1)
+    assert torch.equal(split, rows)
+    # document starts read the reserved row
+    idx[:, 20] = 7
+    assert (bigram_rows(idx, 97, doc_start=7)[:, 20] == 96).all()
+
+
+def test_bigram_embedding_starts_as_identity_then_adds_a_bigram_path():
+    torch.manual_seed(0)
+    plain = perturbed(GPT(GPTConfig(**BASE)))
+    bigram = GPT(GPTConfig(**BASE, bigram_embed=211))
+    bigram.load_state_dict(plain.state_dict(), strict=False)
+    idx = torch.randint(0, 300, (2, 16))
+    assert bigram.bigram_embed.weight.abs().sum() == 0  # zero table: the plain model
+    with torch.no_grad():
+        torch.testing.assert_close(bigram(idx), plain(idx))
+    bigram(idx, idx).backward()
+    assert bigram.bigram_embed.weight.grad.abs().sum() > 0  # it learns from the first step
+    with torch.no_grad():
+        bigram.bigram_embed.weight.normal_()
+        out = bigram(idx)
+        assert not torch.allclose(out, plain(idx))
+        # position t's logits depend on tokens <= t only (the pair looks back, never forward)
+        changed = idx.clone()
+        changed[:, 9] = (changed[:, 9] + 1) % 300
+        torch.testing.assert_close(bigram(changed)[:, :9], out[:, :9])
+    assert bigram.num_params(non_embedding=True) == plain.num_params(non_embedding=True) + 4
+
+
+def test_bigram_and_backout_decode_like_the_full_forward():
+    torch.manual_seed(0)
+    model = perturbed(GPT(GPTConfig(**BASE, bigram_embed=211, backout_after=2)))
+    idx = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        full = model(idx)
+        caches = model.new_caches(2, 16)
+        parts = [model(idx[:, a:b], caches=caches) for a, b in ((0, 7), (7, 8), (8, 16))]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_backout_subtracts_the_early_stream_before_the_head():
+    """With lambda 0 backout is the plain model; with lambda 1 and backout after the last
+    block the head sees x_L - x_L = 0 (the same logits for every token)."""
+    torch.manual_seed(0)
+    plain = perturbed(GPT(GPTConfig(**BASE)))
+    back = GPT(GPTConfig(**BASE, backout_after=2))
+    back.load_state_dict(plain.state_dict(), strict=False)
+    idx = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        back.backout_lambda.fill_(0.0)
+        torch.testing.assert_close(back(idx), plain(idx))
+        back.backout_lambda.fill_(0.5)
+        assert not torch.allclose(back(idx), plain(idx))
+    last = GPT(GPTConfig(**BASE, backout_after=BASE["n_layer"] - 1))
+    last.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        last.backout_lambda.fill_(1.0)
+        last.blocks[-1].mlp.proj.weight.zero_()  # the last block adds nothing after the cut
+        last.blocks[-1].mixer.proj.weight.zero_()
+        logits = last(idx)
+        torch.testing.assert_close(logits, logits[:1, :1].expand_as(logits))
+
+
+def test_bigram_and_backout_config_errors_and_routing():
+    from muongpt.optim.combined import route_parameters
+
+    with pytest.raises(MuonGPTError, match="bigram_embed"):
+        GPTConfig(**BASE, bigram_embed=1)
+    with pytest.raises(MuonGPTError, match="backout_after"):
+        GPTConfig(**BASE, backout_after=BASE["n_layer"])
+    model = GPT(GPTConfig(**BASE, bigram_embed=211, backout_after=2))
+    groups = {k: [n for n, _ in v] for k, v in route_parameters(model).items()}
+    assert "bigram_embed.weight" in groups["embed"]
+    assert {"bigram_lambdas", "backout_lambda"} <= set(groups["scalar"])

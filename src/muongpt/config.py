@@ -46,6 +46,8 @@ class ModelConfig:
     smear: bool = False  # token smear: a gated share of the previous token's embedding
     attn_gate: bool = False  # per-head sigmoid gate on attention outputs
     residual_bf16: bool = False  # bf16 residual stream under bf16 autocast (default: fp32)
+    bigram_embed: int = 0  # rows of a hashed (previous, current) token table added to every layer
+    backout_after: int = 0  # subtract lambda * (stream after this many blocks) before the head
     rope_truncate: bool = False  # RoPE on half the head dims only (the rest position-free)
     attn_scale: float = 0.0  # attention softmax scale; 0 = 1/sqrt(head_dim)
     # per-layer fraction of model.attn_window, cycled over the depth

@@ -77,23 +77,56 @@ def reference_loss_and_grad(
 
 
 # ---------------------------------------------------------------- kernels
+# Both kernels are bound by the special-function unit (one exp or reciprocal per clock per SM
+# quarter), not by memory, when written with IEEE-style division and exp: per 131,072 x 50,304
+# logits on an H100, 6.4 ms (lse) and 8.8 ms (gradient) against a 4.2 / 7.0 ms floor for just
+# moving the bytes. So: exp2 with the log2(e) folded into constants, 1/b passed in, the sigmoid
+# as one ex2 + one rcp.approx (bit-equal e5m2 gradients), and in the log-sum-exp sum only, where
+# 50K terms average its error out, sigmoid from one tanh.approx (|d lse| < 2e-5 measured).
 if triton is not None:
+    LOG2E = tl.constexpr(1.4426950408889634)
 
     @triton.jit
-    def _cap(x, MODE: tl.constexpr, A, B):
+    def _rcp(x):
+        """1/x by rcp.approx (~1 ulp): one special-function op."""
+        return tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+
+    @triton.jit
+    def _tanh_rough(x):
+        """tanh.approx.f32 (max relative error ~2^-11): one special-function op."""
+        return tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+
+    @triton.jit
+    def _sigmoid(u):
+        return _rcp(1.0 + tl.math.exp2(-LOG2E * u))
+
+    @triton.jit
+    def _cap(x, MODE: tl.constexpr, A, INV_B):
         """(z, dz/dx) of the soft-cap, fp32. tanh(u) = 2 sigmoid(2u) - 1."""
         if MODE == 1:
-            t = 2.0 * tl.sigmoid(2.0 * x / B) - 1.0
-            return A * t, (A / B) * (1.0 - t * t)
+            t = 2.0 * _sigmoid(2.0 * x * INV_B) - 1.0
+            return A * t, (A * INV_B) * (1.0 - t * t)
         elif MODE == 2:
-            s = tl.sigmoid(x / B)
-            return A * s, (A / B) * s * (1.0 - s)
+            s = _sigmoid(x * INV_B)
+            return A * s, (A * INV_B) * s * (1.0 - s)
         else:
             return x, x * 0.0 + 1.0
 
     @triton.jit
+    def _cap_rough(x, MODE: tl.constexpr, A, INV_B):
+        """The capped logit from tanh.approx (MODE 1 or 2): for the log-sum-exp sum only."""
+        if MODE == 1:
+            return A * _tanh_rough(x * INV_B)
+        else:
+            return A * (0.5 + 0.5 * _tanh_rough(x * (0.5 * INV_B)))
+
+    @triton.jit
     def _row_lse_kernel(
-        logits, targets, lse_out, loss_out, V, MODE: tl.constexpr, A, B, BLOCK: tl.constexpr
+        logits, targets, lse_out, loss_out, V, MODE: tl.constexpr, A, INV_B, BLOCK: tl.constexpr
     ):
         # One row per program; int64 offsets (T x V has more than 2^31 entries).
         row = tl.program_id(0).to(tl.int64)
@@ -106,28 +139,29 @@ if triton is not None:
                 inside = cols < V
                 z = tl.load(base + cols, mask=inside, other=-1e30).to(tl.float32)
                 m_new = tl.maximum(m, z)
-                s = s * tl.exp(m - m_new) + tl.where(inside, tl.exp(z - m_new), 0.0)
+                s = s * tl.math.exp2(LOG2E * (m - m_new))
+                s += tl.where(inside, tl.math.exp2(LOG2E * (z - m_new)), 0.0)
                 m = m_new
             top = tl.max(m, axis=0)
-            lse = top + tl.log(tl.sum(s * tl.exp(m - top), axis=0))
+            lse = top + tl.log(tl.sum(s * tl.math.exp2(LOG2E * (m - top)), axis=0))
         else:  # capped: z <= A, so exp(z - A) <= 1
             acc = tl.zeros([BLOCK], tl.float32)
             for start in range(0, V, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 inside = cols < V
                 x = tl.load(base + cols, mask=inside, other=0.0).to(tl.float32)
-                z, _ = _cap(x, MODE, A, B)
-                acc += tl.where(inside, tl.exp(z - A), 0.0)
+                z = _cap_rough(x, MODE, A, INV_B)
+                acc += tl.where(inside, tl.math.exp2(LOG2E * (z - A)), 0.0)
             lse = A + tl.log(tl.sum(acc, axis=0))
         target = tl.load(targets + row)
         x_t = tl.load(base + tl.maximum(target, 0)).to(tl.float32)
-        z_t, _ = _cap(x_t, MODE, A, B)
+        z_t, _ = _cap(x_t, MODE, A, INV_B)  # the loss's own term in full precision
         tl.store(lse_out + row, lse)
         tl.store(loss_out + row, tl.where(target >= 0, lse - z_t, 0.0))
 
     @triton.jit
     def _grad_kernel(
-        logits, targets, lse, scale, g_out, T, V, MODE: tl.constexpr, A, B,
+        logits, targets, lse, scale, g_out, T, V, MODE: tl.constexpr, A, INV_B,
         BT: tl.constexpr, BV: tl.constexpr,
     ):  # fmt: skip
         # One BT x BV tile of the gradient, in e5m2. The tile's base offset is int64 (T x V has
@@ -138,10 +172,10 @@ if triton is not None:
         inside = in_rows[:, None] & in_cols[None, :]
         tile = r0.to(tl.int64) * V + c0 + (r[:, None] * V + c[None, :])
         x = tl.load(logits + tile, mask=inside, other=0.0)
-        z, dz = _cap(x.to(tl.float32), MODE, A, B)
+        z, dz = _cap(x.to(tl.float32), MODE, A, INV_B)
         row_lse = tl.load(lse + r0 + r, mask=in_rows, other=0.0)
         target = tl.load(targets + r0 + r, mask=in_rows, other=-1).to(tl.int32)
-        p = tl.exp(z - row_lse[:, None])
+        p = tl.math.exp2(LOG2E * (z - row_lse[:, None]))
         d = (p - tl.where(c0 + c[None, :] == target[:, None], 1.0, 0.0)) * dz
         d = tl.where(target[:, None] >= 0, d * tl.load(scale), 0.0)
         d = tl.minimum(tl.maximum(d, -57344.0), 57344.0)  # E5M2_MAX: no overflow to inf
@@ -149,10 +183,10 @@ if triton is not None:
         tl.store(g_out + tile, g, mask=inside)
 
 
-# Launch shapes (benchmarks/fp8_loss_kernels.py compares others): the row kernel streams a row in
-# blocks of LSE_BLOCK; the gradient kernel works on GRAD_TILE = (rows, cols) tiles.
-LSE_BLOCK, LSE_WARPS = 4096, 8
-GRAD_TILE, GRAD_WARPS = (64, 128), 8
+# Launch shapes, the fastest of those benchmarks/fp8_loss_kernels.py compares (H100): the row
+# kernel streams a row in blocks of LSE_BLOCK; the gradient kernel works on GRAD_TILE tiles.
+LSE_BLOCK, LSE_WARPS = 2048, 4
+GRAD_TILE, GRAD_WARPS = (16, 256), 4
 
 
 def loss_and_grad(
@@ -165,14 +199,14 @@ def loss_and_grad(
     lse = torch.empty(T, device=logits.device, dtype=torch.float32)
     losses = torch.empty_like(lse)
     _row_lse_kernel[(T,)](
-        logits, targets, lse, losses, V, mode, a, b, BLOCK=LSE_BLOCK, num_warps=LSE_WARPS
+        logits, targets, lse, losses, V, mode, a, 1.0 / b, BLOCK=LSE_BLOCK, num_warps=LSE_WARPS
     )
     n_valid = (targets >= 0).sum().clamp(min=1)
     scale = (grad_scale / n_valid).float()
     g = torch.empty((T, V), device=logits.device, dtype=torch.uint8)
     bt, bv = GRAD_TILE
     _grad_kernel[(triton.cdiv(T, bt), triton.cdiv(V, bv))](
-        logits, targets, lse, scale, g, T, V, mode, a, b, BT=bt, BV=bv, num_warps=GRAD_WARPS
+        logits, targets, lse, scale, g, T, V, mode, a, 1.0 / b, BT=bt, BV=bv, num_warps=GRAD_WARPS
     )
     return losses.sum() / n_valid, g.view(torch.float8_e5m2)
 

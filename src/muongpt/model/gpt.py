@@ -34,6 +34,13 @@ Optional speedrun tricks (modded-nanogpt, late 2024 to early 2025), each off by 
   Both from modded-nanogpt's 2025 records; their tiny gate matrices train with the scalar AdamW.
 - ``embed_norm``: x0 = RMSNorm(embed(idx)). Keeps the residual stream at unit scale however far a
   high-lr (AdamW 0.6) embedding drifts; without it the embedding can swamp the blocks' outputs.
+- ``bigram_embed = rows``: a hashed table of token pairs, zero at start; before every block
+  x <- x + lambda_i E[hash(previous token, token)] (lambda_i learned, start at 0.1). Gives every
+  layer a direct bigram statistic (modded-nanogpt, 2026). The first token of a sequence has no
+  predecessor and reads a reserved row; decoding keeps the last token in the decode state.
+- ``backout_after = k``: before the final norm, x <- x - lambda x_k, x_k the residual stream
+  after the first k blocks (lambda learned, starts at 0.5): the head reads less of the early
+  layers' raw features (modded-nanogpt, 2025).
 - ``fp8_head`` (``model/fp8.py``): the lm_head matmul in fp8; ``fp8_fused_loss``
   (``model/fp8_loss.py``): while training, the head, soft-cap and loss are one op that makes the
   e5m2 logit gradient in the forward pass (same math as the plain path below).
@@ -93,6 +100,8 @@ class GPTConfig:
     smear: bool = False  # token smear: x_t += lambda * sigmoid(w . x_t[:12]) * x_{t-1} after embed
     attn_gate: bool = False  # per-head sigmoid gate on attention outputs, from x[:12]
     residual_bf16: bool = False
+    bigram_embed: int = 0  # rows of the hashed (previous, current) token table; 0 = none
+    backout_after: int = 0  # subtract lambda * (stream after this many blocks) at the end; 0 = off
     attention: str = "sdpa"  # sdpa | flex
     doc_mask: bool = False  # flex only
     attn_window: int = 0  # flex only; 0 = full causal
@@ -132,6 +141,15 @@ class GPTConfig:
             raise MuonGPTError("model.window_pattern needs model.attention=flex")
         if self.attn_scale < 0:
             raise MuonGPTError(f"model.attn_scale must be >= 0, got {self.attn_scale}")
+        if self.bigram_embed < 0 or self.bigram_embed == 1:
+            raise MuonGPTError(
+                f"model.bigram_embed must be 0 (off) or >= 2 rows, got {self.bigram_embed}"
+            )
+        if not 0 <= self.backout_after < self.n_layer:
+            raise MuonGPTError(
+                f"model.backout_after must be in [0, n_layer = {self.n_layer}), "
+                f"got {self.backout_after}"
+            )
         if not 0 <= 2 * self.value_embeds <= self.n_layer:
             raise MuonGPTError(
                 f"model.value_embeds must be in [0, n_layer / 2 = {self.n_layer // 2}], "
@@ -166,9 +184,32 @@ class GPTConfig:
 
 
 class DecodeState(list):
-    """The per-layer caches of incremental decoding, plus the last token's embedding (smear)."""
+    """The per-layer caches of incremental decoding, plus the last token's embedding (smear) and
+    the last token itself (bigram_embed)."""
 
     last_embedding: Tensor | None = None
+    last_token: Tensor | None = None
+
+
+BIGRAM_MULTIPLIERS = (40503, 65599)  # odd, so both tokens spread over every row
+
+
+def bigram_rows(
+    idx: Tensor, rows: int, prev: Tensor | None = None, doc_start: int | None = None
+) -> Tensor:
+    """Row of each (previous, current) token pair in a ``rows``-row table: a multiplicative hash
+    of the pair into rows 0 .. rows - 2. A token with no previous one reads the reserved last
+    row: the first of ``idx`` when ``prev`` (B, 1) is not given, and every ``doc_start`` token
+    (so that no document sees the one before it)."""
+    a, b = BIGRAM_MULTIPLIERS
+    cur = idx.long()
+    before = cur[:, :-1] if prev is None else torch.cat([prev.long(), cur[:, :-1]], dim=1)
+    h = torch.bitwise_xor(cur[:, cur.size(1) - before.size(1) :] * a, before * b) % (rows - 1)
+    if prev is None:
+        h = torch.cat([torch.full_like(cur[:, :1], rows - 1), h], dim=1)
+    if doc_start is not None:
+        h = torch.where(cur == doc_start, rows - 1, h)
+    return h
 
 
 class MLP(nn.Module):
@@ -246,6 +287,12 @@ class GPT(nn.Module):
             self.smear_lambda = nn.Parameter(torch.zeros(1))  # starts as no smear at all
         else:
             self.smear_gate = self.smear_lambda = None
+        if config.bigram_embed:
+            self.bigram_embed = nn.Embedding(config.bigram_embed, config.n_embd)
+            self.bigram_lambdas = nn.Parameter(torch.full((config.n_layer,), 0.1))
+        else:
+            self.bigram_embed = self.bigram_lambdas = None
+        self.backout_lambda = nn.Parameter(torch.tensor(0.5)) if config.backout_after else None
         n_skips = config.n_layer // 2 if config.unet_skips else 0
         self.skip_weights = nn.Parameter(torch.ones(n_skips)) if n_skips else None
         if config.fp8_head:
@@ -276,6 +323,7 @@ class GPT(nn.Module):
             b.mixer.gate for b in self.blocks if getattr(b.mixer, "gate", None) is not None
         ]
         zero_init += [self.smear_gate] if self.smear_gate is not None else []
+        zero_init += [self.bigram_embed] if self.bigram_embed is not None else []
         for module in zero_init:
             nn.init.zeros_(module.weight)
         # PoM initialises itself (its output projection starts at zero too).
@@ -287,6 +335,7 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:  # every embedding table: lookups, not matmuls
             n -= self.embed.weight.numel() + sum(e.weight.numel() for e in self.value_embeds)
+            n -= self.bigram_embed.weight.numel() if self.bigram_embed is not None else 0
         return n
 
     def new_caches(self, batch_size: int, max_len: int, device=None, dtype=None) -> DecodeState:
@@ -364,6 +413,7 @@ class GPT(nn.Module):
             x = self.smear(x, idx, caches)
         x0 = x
         ves = [e(idx) for e in self.value_embeds]
+        bigram = self.bigrams(idx, caches, x.dtype) if self.bigram_embed is not None else None
         masks, window = {}, 0
         if self.config.attention == "flex":
             if caches is None:  # one mask per distinct window length
@@ -373,9 +423,14 @@ class GPT(nn.Module):
                 window = 0 if window >= UNBOUNDED_WINDOW else window
         n_enc = len(self.skip_weights) if self.skip_weights is not None else 0
         skips = []
+        early = None
         for i, block in enumerate(self.blocks):
+            if self.backout_lambda is not None and i == self.config.backout_after:
+                early = x
             if n_enc and i >= self.config.n_layer - n_enc:  # U-net: decoder half takes the skips
                 x = x + self.skip_weights[i - (self.config.n_layer - n_enc)] * skips.pop()
+            if bigram is not None:
+                x = x + self.bigram_lambdas[i] * bigram
             v = self.config.value_embed_of_layer(i)
             x = block(
                 x,
@@ -387,7 +442,19 @@ class GPT(nn.Module):
             )
             if i < n_enc:
                 skips.append(x)
+        if early is not None:
+            x = x - self.backout_lambda * early
         return self.head(x, targets)
+
+    def bigrams(self, idx: Tensor, caches: DecodeState | None, dtype: torch.dtype) -> Tensor:
+        """The bigram table's rows for ``idx``; decoding continues from the last token seen."""
+        prev = None
+        if caches is not None:
+            prev = caches.last_token
+            caches.last_token = idx[:, -1:]
+        doc_start = self.config.bos_token if self.config.doc_mask else None
+        rows = bigram_rows(idx, self.config.bigram_embed, prev, doc_start)
+        return self.bigram_embed(rows).to(dtype)
 
     def fused_loss_ok(self, x: Tensor) -> bool:
         """The fused fp8 head + loss runs while training (gradients on) on an fp8 GPU."""

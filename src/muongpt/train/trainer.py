@@ -51,6 +51,8 @@ def build_model_config(cfg: DictConfig) -> GPTConfig:
         smear=m.get("smear", False),
         attn_gate=m.get("attn_gate", False),
         residual_bf16=m.get("residual_bf16", False),
+        bigram_embed=m.get("bigram_embed", 0),
+        backout_after=m.get("backout_after", 0),
         rope_truncate=m.get("rope_truncate", False),
         attn_scale=m.get("attn_scale", 0.0),
         window_pattern=list(m.get("window_pattern", [1.0])),
