@@ -18,7 +18,14 @@ needs_fp8 = pytest.mark.skipif(
     not (fp8_available() and fp8_loss.triton is not None),
     reason="needs a CUDA GPU with fp8 (cc >= 8.9) and Triton",
 )
-CAPS = [("none", 15.0), ("tanh", 15.0), ("sigmoid", 15.0)]
+SIG = fp8_loss.SIGMOID_CAP
+# (softcap, softcap_value, sigmoid_cap): the last a shifted, lower sigmoid cap
+CAPS = [
+    ("none", 15.0, SIG),
+    ("tanh", 15.0, SIG),
+    ("sigmoid", 15.0, SIG),
+    ("sigmoid", 15.0, (23.0, 7.5, 5.0)),
+]
 # The gradient of a mean over T tokens is at most 1/T per entry: grad_scale must keep T = 96..2048
 # inside e5m2 (max 57344), as 2^29 does for the 65,536-token rows it was chosen for.
 GRAD_SCALE = 2.0**20
@@ -29,16 +36,15 @@ def rel_err(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def plain_loss(logits, targets, softcap, value):
-    mode, a, b = fp8_loss.cap_params(softcap, value)
-    z = fp8_loss.capped(logits, mode, a, b)[0]
+def plain_loss(logits, targets, softcap, value, sig=SIG):
+    z = fp8_loss.capped(logits, *fp8_loss.cap_params(softcap, value, sig))[0]
     return F.cross_entropy(z, targets, ignore_index=-1)
 
 
-def autograd_reference(logits, targets, softcap, value):
+def autograd_reference(logits, targets, softcap, value, sig):
     """Loss and d(loss)/d(logits) of the plain path, by autograd, fp32."""
     lf = logits.detach().float().requires_grad_()
-    loss = plain_loss(lf, targets, softcap, value)
+    loss = plain_loss(lf, targets, softcap, value, sig)
     loss.backward()
     return loss.detach(), lf.grad
 
@@ -51,12 +57,12 @@ def logits_case(T=96, V=640, seed=0, device="cpu", ignore=()):
     return logits, targets
 
 
-@pytest.mark.parametrize("softcap,value", CAPS)
-def test_reference_math_equals_autograd_of_the_plain_loss(softcap, value):
+@pytest.mark.parametrize("softcap,value,sig", CAPS)
+def test_reference_math_equals_autograd_of_the_plain_loss(softcap, value, sig):
     logits, targets = logits_case(ignore=(3, 50))
-    loss_ref, grad_ref = autograd_reference(logits, targets, softcap, value)
-    mode, a, b = fp8_loss.cap_params(softcap, value)
-    loss, g8 = fp8_loss.reference_loss_and_grad(logits, targets, mode, a, b, GRAD_SCALE)
+    loss_ref, grad_ref = autograd_reference(logits, targets, softcap, value, sig)
+    mode, a, b, c = fp8_loss.cap_params(softcap, value, sig)
+    loss, g8 = fp8_loss.reference_loss_and_grad(logits, targets, mode, a, b, GRAD_SCALE, c)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
     assert g8.dtype == torch.float8_e5m2
     assert torch.all(g8[[3, 50]].float() == 0)  # ignored rows: no gradient
@@ -68,11 +74,20 @@ def test_reference_math_equals_autograd_of_the_plain_loss(softcap, value):
 def test_sigmoid_cap_matches_the_models_softcap():
     cfg = GPTConfig(vocab_size=64, n_layer=1, n_head=1, n_embd=16, logit_softcap="sigmoid")
     x = torch.randn(5, 64) * 20
-    mode, a, b = fp8_loss.cap_params("sigmoid", 15.0)
+    mode, a, b, _ = fp8_loss.cap_params("sigmoid", 15.0)
     torch.testing.assert_close(fp8_loss.capped(x, mode, a, b)[0], GPT(cfg).softcap(x))
     cfg = GPTConfig(vocab_size=64, n_layer=1, n_head=1, n_embd=16, logit_softcap="tanh")
-    mode, a, b = fp8_loss.cap_params("tanh", cfg.softcap_value)
+    mode, a, b, _ = fp8_loss.cap_params("tanh", cfg.softcap_value)
     torch.testing.assert_close(fp8_loss.capped(x, mode, a, b)[0], GPT(cfg).softcap(x))
+    cfg = GPTConfig(
+        vocab_size=64, n_layer=1, n_head=1, n_embd=16, logit_softcap="sigmoid",
+        sigmoid_cap=[23.0, 7.5, 5.0],
+    )  # fmt: skip
+    cap = fp8_loss.cap_params("sigmoid", 15.0, cfg.sigmoid_cap)
+    torch.testing.assert_close(fp8_loss.capped(x, *cap)[0], GPT(cfg).softcap(x))
+    torch.testing.assert_close(GPT(cfg).softcap(x), 23 * torch.sigmoid((x + 5) / 7.5))
+    with pytest.raises(MuonGPTError, match="sigmoid_cap"):
+        GPTConfig(vocab_size=64, n_layer=1, n_head=1, n_embd=16, sigmoid_cap=[23.0, 0.0, 5.0])
 
 
 def test_fused_loss_needs_the_fp8_head():
@@ -124,13 +139,13 @@ def test_op_wiring_on_cpu_equals_the_unfused_fp8_path(monkeypatch):
 
 # ---------------------------------------------------------------- on an fp8 GPU
 @needs_fp8
-@pytest.mark.parametrize("softcap,value", CAPS)
+@pytest.mark.parametrize("softcap,value,sig", CAPS)
 @pytest.mark.parametrize("shape", [(256, 50304), (200, 1000)])
-def test_kernels_equal_the_reference(softcap, value, shape):
+def test_kernels_equal_the_reference(softcap, value, sig, shape):
     logits, targets = logits_case(*shape, seed=1, device="cuda", ignore=(7,))
-    mode, a, b = fp8_loss.cap_params(softcap, value)
-    loss_ref, g_ref = fp8_loss.reference_loss_and_grad(logits, targets, mode, a, b, GRAD_SCALE)
-    loss, g = fp8_loss.loss_and_grad(logits, targets, mode, a, b, GRAD_SCALE)
+    mode, a, b, c = fp8_loss.cap_params(softcap, value, sig)
+    loss_ref, g_ref = fp8_loss.reference_loss_and_grad(logits, targets, mode, a, b, GRAD_SCALE, c)
+    loss, g = fp8_loss.loss_and_grad(logits, targets, mode, a, b, GRAD_SCALE, c)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
     assert g.shape == shape and g.dtype == torch.float8_e5m2 and g.is_contiguous()
     # exp/sigmoid differ in the last bits between Triton and PyTorch: an entry may round to the
@@ -213,10 +228,11 @@ def test_fake_kernels_match_real_outputs():
 
 
 @needs_fp8
-def test_gpt_with_the_fused_loss_trains_like_the_unfused_fp8_head():
+@pytest.mark.parametrize("sig", [SIG, (23.0, 7.5, 5.0)])
+def test_gpt_with_the_fused_loss_trains_like_the_unfused_fp8_head(sig):
     base = dict(
         vocab_size=50257, n_layer=2, n_head=4, n_embd=256, fp8_head=True, fp8_dw=True,
-        logit_softcap="sigmoid", fp8_scales=[2.0, 32.0, 2.0**23],
+        logit_softcap="sigmoid", fp8_scales=[2.0, 32.0, 2.0**23], sigmoid_cap=list(sig),
     )  # fmt: skip
     torch.manual_seed(0)
     unfused = GPT(GPTConfig(**base)).cuda()

@@ -504,7 +504,9 @@ def test_bigram_rows_hash_pairs_and_reserve_a_row_for_no_predecessor():
     ab, ba = bigram_rows(torch.tensor([[5, 9]]), 1001), bigram_rows(torch.tensor([[9, 5]]), 1001)
     assert ab[0, 1] != ba[0, 1]
     # chunks that carry the previous token give the rows of the whole sequence
-    split = torch.cat([bigram_rows(idx[:, :13], 97), bigram_rows(idx[:, 13:], 97, idx[:, 12:13])], 1)
+    split = torch.cat(
+        [bigram_rows(idx[:, :13], 97), bigram_rows(idx[:, 13:], 97, idx[:, 12:13])], 1
+    )
     assert torch.equal(split, rows)
     # document starts read the reserved row
     idx[:, 20] = 7

@@ -35,6 +35,7 @@ class ModelConfig:
     rope_base: float = 10000.0
     logit_softcap: str = "none"  # none | tanh | sigmoid
     softcap_value: float = 15.0
+    sigmoid_cap: list[float] = field(default_factory=lambda: [30.0, 7.5, 0.0])  # A, B, C
     fp8_head: bool = False
     fp8_scales: list[float] = field(default_factory=lambda: [2.0, 32.0, 2.0**29])  # x, W, grad
     fp8_dw: bool = False  # fp8 head: the weight gradient in fp8 too

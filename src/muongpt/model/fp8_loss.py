@@ -5,7 +5,7 @@ for the backward and reads them once for the loss and once more for its gradient
 x (T, D), W (V, D), targets (T,), the gradient is made in the forward pass:
 
     logits = (e4m3(x) @ e4m3(W)^T) dequantized, bf16        # torch._scaled_mm, as in fp8.py
-    z      = cap(logits)                                    # A tanh(l / B), A sigmoid(l / B) or l
+    z      = cap(logits)                      # A tanh((l + C) / B), A sigmoid((l + C) / B) or l
     lse    = log sum_v exp(z_v)                             # kernel 1: one streaming pass per row
     loss   = mean over valid rows of (lse - z[target])
     G      = e5m2((softmax(z) - onehot(target)) * cap'(logits) * grad_scale / n_valid)   # kernel 2
@@ -37,19 +37,26 @@ except ImportError:  # pragma: no cover - CPU builds of PyTorch may come without
 CAP_MODES = {"none": 0, "tanh": 1, "sigmoid": 2}
 
 
-def cap_params(softcap: str, softcap_value: float) -> tuple[int, float, float]:
-    """(mode, A, B) of z = A f(l / B): the model's ``softcap`` in kernel form."""
+SIGMOID_CAP = (30.0, 7.5, 0.0)  # A, B, C of 30 sigmoid(l / 7.5) (modded-nanogpt, early 2025)
+
+
+def cap_params(
+    softcap: str, softcap_value: float, sigmoid_cap=SIGMOID_CAP
+) -> tuple[int, float, float, float]:
+    """(mode, A, B, C) of z = A f((l + C) / B): the model's ``softcap`` in kernel form. tanh:
+    A = B = softcap_value, C = 0; sigmoid: ``sigmoid_cap`` = (A, B, C)."""
     if softcap == "sigmoid":
-        return CAP_MODES["sigmoid"], 30.0, 7.5
+        a, b, c = (float(v) for v in sigmoid_cap)
+        return CAP_MODES["sigmoid"], a, b, c
     if softcap == "tanh":
-        return CAP_MODES["tanh"], float(softcap_value), float(softcap_value)
-    return CAP_MODES["none"], 1.0, 1.0
+        return CAP_MODES["tanh"], float(softcap_value), float(softcap_value), 0.0
+    return CAP_MODES["none"], 1.0, 1.0, 0.0
 
 
 # ---------------------------------------------------------------- reference (PyTorch)
-def capped(logits: Tensor, mode: int, a: float, b: float) -> tuple[Tensor, Tensor]:
+def capped(logits: Tensor, mode: int, a: float, b: float, c: float = 0.0) -> tuple[Tensor, Tensor]:
     """z = cap(logits) and dz/dlogits, fp32: the kernels' math, for tests and CPU."""
-    x = logits.float()
+    x = logits.float() + c
     if mode == CAP_MODES["tanh"]:
         t = torch.tanh(x / b)
         return a * t, (a / b) * (1 - t * t)
@@ -60,10 +67,16 @@ def capped(logits: Tensor, mode: int, a: float, b: float) -> tuple[Tensor, Tenso
 
 
 def reference_loss_and_grad(
-    logits: Tensor, targets: Tensor, mode: int, a: float, b: float, grad_scale: float
+    logits: Tensor,
+    targets: Tensor,
+    mode: int,
+    a: float,
+    b: float,
+    grad_scale: float,
+    c: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """(mean loss, e5m2 G (T, V)) in PyTorch: what the two kernels compute."""
-    z, dz = capped(logits, mode, a, b)
+    z, dz = capped(logits, mode, a, b, c)
     valid = targets >= 0
     n_valid = valid.sum().clamp(min=1)
     lse = torch.logsumexp(z, dim=-1)
@@ -105,8 +118,9 @@ if triton is not None:
         return _rcp(1.0 + tl.math.exp2(-LOG2E * u))
 
     @triton.jit
-    def _cap(x, MODE: tl.constexpr, A, INV_B):
+    def _cap(x, MODE: tl.constexpr, A, INV_B, C):
         """(z, dz/dx) of the soft-cap, fp32. tanh(u) = 2 sigmoid(2u) - 1."""
+        x = x + C
         if MODE == 1:
             t = 2.0 * _sigmoid(2.0 * x * INV_B) - 1.0
             return A * t, (A * INV_B) * (1.0 - t * t)
@@ -117,8 +131,9 @@ if triton is not None:
             return x, x * 0.0 + 1.0
 
     @triton.jit
-    def _cap_rough(x, MODE: tl.constexpr, A, INV_B):
+    def _cap_rough(x, MODE: tl.constexpr, A, INV_B, C):
         """The capped logit from tanh.approx (MODE 1 or 2): for the log-sum-exp sum only."""
+        x = x + C
         if MODE == 1:
             return A * _tanh_rough(x * INV_B)
         else:
@@ -126,8 +141,9 @@ if triton is not None:
 
     @triton.jit
     def _row_lse_kernel(
-        logits, targets, lse_out, loss_out, V, MODE: tl.constexpr, A, INV_B, BLOCK: tl.constexpr
-    ):
+        logits, targets, lse_out, loss_out, V, MODE: tl.constexpr, A, INV_B, C,
+        BLOCK: tl.constexpr,
+    ):  # fmt: skip
         # One row per program; int64 offsets (T x V has more than 2^31 entries).
         row = tl.program_id(0).to(tl.int64)
         base = logits + row * V
@@ -150,18 +166,18 @@ if triton is not None:
                 cols = start + tl.arange(0, BLOCK)
                 inside = cols < V
                 x = tl.load(base + cols, mask=inside, other=0.0).to(tl.float32)
-                z = _cap_rough(x, MODE, A, INV_B)
+                z = _cap_rough(x, MODE, A, INV_B, C)
                 acc += tl.where(inside, tl.math.exp2(LOG2E * (z - A)), 0.0)
             lse = A + tl.log(tl.sum(acc, axis=0))
         target = tl.load(targets + row)
         x_t = tl.load(base + tl.maximum(target, 0)).to(tl.float32)
-        z_t, _ = _cap(x_t, MODE, A, INV_B)  # the loss's own term in full precision
+        z_t, _ = _cap(x_t, MODE, A, INV_B, C)  # the loss's own term in full precision
         tl.store(lse_out + row, lse)
         tl.store(loss_out + row, tl.where(target >= 0, lse - z_t, 0.0))
 
     @triton.jit
     def _grad_kernel(
-        logits, targets, lse, scale, g_out, T, V, MODE: tl.constexpr, A, INV_B,
+        logits, targets, lse, scale, g_out, T, V, MODE: tl.constexpr, A, INV_B, C,
         BT: tl.constexpr, BV: tl.constexpr,
     ):  # fmt: skip
         # One BT x BV tile of the gradient, in e5m2. The tile's base offset is int64 (T x V has
@@ -172,7 +188,7 @@ if triton is not None:
         inside = in_rows[:, None] & in_cols[None, :]
         tile = r0.to(tl.int64) * V + c0 + (r[:, None] * V + c[None, :])
         x = tl.load(logits + tile, mask=inside, other=0.0)
-        z, dz = _cap(x.to(tl.float32), MODE, A, INV_B)
+        z, dz = _cap(x.to(tl.float32), MODE, A, INV_B, C)
         row_lse = tl.load(lse + r0 + r, mask=in_rows, other=0.0)
         target = tl.load(targets + r0 + r, mask=in_rows, other=-1).to(tl.int32)
         p = tl.math.exp2(LOG2E * (z - row_lse[:, None]))
@@ -190,7 +206,13 @@ GRAD_TILE, GRAD_WARPS = (16, 256), 4
 
 
 def loss_and_grad(
-    logits: Tensor, targets: Tensor, mode: int, a: float, b: float, grad_scale: float
+    logits: Tensor,
+    targets: Tensor,
+    mode: int,
+    a: float,
+    b: float,
+    grad_scale: float,
+    c: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """(mean loss, G (T, V) e5m2) from bf16 logits (T, V): the two kernels."""
     T, V = logits.shape
@@ -199,14 +221,27 @@ def loss_and_grad(
     lse = torch.empty(T, device=logits.device, dtype=torch.float32)
     losses = torch.empty_like(lse)
     _row_lse_kernel[(T,)](
-        logits, targets, lse, losses, V, mode, a, 1.0 / b, BLOCK=LSE_BLOCK, num_warps=LSE_WARPS
+        logits, targets, lse, losses, V, mode, a, 1.0 / b, c, BLOCK=LSE_BLOCK, num_warps=LSE_WARPS
     )
     n_valid = (targets >= 0).sum().clamp(min=1)
     scale = (grad_scale / n_valid).float()
     g = torch.empty((T, V), device=logits.device, dtype=torch.uint8)
     bt, bv = GRAD_TILE
     _grad_kernel[(triton.cdiv(T, bt), triton.cdiv(V, bv))](
-        logits, targets, lse, scale, g, T, V, mode, a, 1.0 / b, BT=bt, BV=bv, num_warps=GRAD_WARPS
+        logits,
+        targets,
+        lse,
+        scale,
+        g,
+        T,
+        V,
+        mode,
+        a,
+        1.0 / b,
+        c,
+        BT=bt,
+        BV=bv,
+        num_warps=GRAD_WARPS,
     )
     return losses.sum() / n_valid, g.view(torch.float8_e5m2)
 
@@ -223,17 +258,18 @@ def fp8_head_loss(
     cap_mode: int,
     cap_a: float,
     cap_b: float,
+    cap_c: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Mean soft-capped cross-entropy of x (T, D) @ w (V, D)^T against targets (T,) ->
     (loss fp32 (), G e5m2 (T, V), x8 (T, D), w8 (V, D)); the last three are kept for the
     backward."""
     logits, x8, w8 = quantized_linear(x, w, x_scale, w_scale)
-    loss, g = loss_and_grad(logits, targets, cap_mode, cap_a, cap_b, grad_scale)
+    loss, g = loss_and_grad(logits, targets, cap_mode, cap_a, cap_b, grad_scale, cap_c)
     return loss, g, x8, w8
 
 
 @fp8_head_loss.register_fake
-def _fp8_head_loss_fake(x, w, targets, x_scale, w_scale, grad_scale, cap_mode, cap_a, cap_b):
+def _fp8_head_loss_fake(x, w, targets, x_scale, w_scale, grad_scale, *_cap):
     T, V = x.size(0), w.size(0)
     return (
         x.new_empty((), dtype=torch.float32),
@@ -281,7 +317,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *_unused):
     g, x8, w8 = ctx.saved_tensors
     dx, dw = fp8_head_loss_backward(grad_loss, g, x8, w8, *ctx.scales)
-    return dx.to(ctx.x_dtype), dw.to(ctx.w_dtype), None, None, None, None, None, None, None
+    return dx.to(ctx.x_dtype), dw.to(ctx.w_dtype), *[None] * 8
 
 
 fp8_head_loss.register_autograd(_backward, setup_context=_setup_context)
@@ -294,9 +330,10 @@ def fp8_cross_entropy(
     scales: tuple[float, float, float],
     softcap: str = "none",
     softcap_value: float = 15.0,
+    sigmoid_cap=SIGMOID_CAP,
 ) -> Tensor:
     """Mean cross-entropy of ``softcap(x @ w.T)`` against ``targets`` (< 0: ignored), x (..., D),
     targets (...): the fused fp8 path (CUDA with Triton; token count a multiple of 16)."""
     x2 = x.reshape(-1, x.size(-1)).contiguous()
-    mode, a, b = cap_params(softcap, softcap_value)
-    return fp8_head_loss(x2, w.contiguous(), targets.reshape(-1), *scales, mode, a, b)[0]
+    cap = cap_params(softcap, softcap_value, sigmoid_cap)
+    return fp8_head_loss(x2, w.contiguous(), targets.reshape(-1), *scales, *cap)[0]

@@ -80,9 +80,10 @@ class GPTConfig:
     rope_base: float = 10000.0
     rope_truncate: bool = False  # rotate only half the head dims (the rest carry no position)
     attn_scale: float = 0.0  # softmax scale of attention; 0 = 1 / sqrt(head_dim)
-    # "none", "tanh": c * tanh(x / c), or "sigmoid": 30 * sigmoid(x / 7.5) (modded-nanogpt, 2025)
+    # "none", "tanh": c * tanh(x / c), or "sigmoid": A * sigmoid((x + C) / B) (modded-nanogpt)
     logit_softcap: str = "none"
     softcap_value: float = 15.0
+    sigmoid_cap: list[float] = field(default_factory=lambda: list(fp8_loss.SIGMOID_CAP))  # A, B, C
     # Token mixer of each layer, cycled over the depth: ["attention"], ["pom"], ["pom", "attention"], ...
     mixer_pattern: list[str] = field(default_factory=lambda: ["attention"])
     pom_degree: int = 2
@@ -122,6 +123,11 @@ class GPTConfig:
         if self.logit_softcap not in SOFTCAPS:
             raise MuonGPTError(
                 f"logit_softcap must be one of {SOFTCAPS}, got {self.logit_softcap!r}"
+            )
+        if len(self.sigmoid_cap) != 3 or min(self.sigmoid_cap[:2]) <= 0:
+            raise MuonGPTError(
+                f"model.sigmoid_cap must be [A > 0, B > 0, C] of A sigmoid((x + C) / B), "
+                f"got {list(self.sigmoid_cap)}"
             )
         if not self.mixer_pattern or any(m not in MIXERS for m in self.mixer_pattern):
             raise MuonGPTError(
@@ -391,13 +397,13 @@ class GPT(nn.Module):
         return torch.cat([x[:, :first], smeared], dim=1)
 
     def softcap(self, logits: Tensor) -> Tensor:
-        """A tanh(logits / B) or A sigmoid(logits / B), A and B as in the fused fp8 loss."""
+        """A tanh(logits / B) or A sigmoid((logits + C) / B), as in the fused fp8 loss."""
         mode = self.config.logit_softcap
-        _, a, b = fp8_loss.cap_params(mode, self.config.softcap_value)
+        _, a, b, c = fp8_loss.cap_params(mode, self.config.softcap_value, self.config.sigmoid_cap)
         if mode == "tanh":
             return a * torch.tanh(logits / b)
         if mode == "sigmoid":
-            return a * torch.sigmoid(logits / b)
+            return a * torch.sigmoid((logits + c) / b)
         return logits
 
     def forward(
@@ -477,6 +483,7 @@ class GPT(nn.Module):
                 self.lm_head.scales,
                 self.config.logit_softcap,
                 self.config.softcap_value,
+                self.config.sigmoid_cap,
             )
         logits = self.softcap(self.lm_head(x).float())
         if targets is None:

@@ -40,6 +40,7 @@ def build_model_config(cfg: DictConfig) -> GPTConfig:
         rope_base=m.rope_base,
         logit_softcap=m.logit_softcap,
         softcap_value=m.softcap_value,
+        sigmoid_cap=list(m.get("sigmoid_cap", [30.0, 7.5, 0.0])),
         fp8_head=m.fp8_head,
         fp8_scales=list(m.fp8_scales),
         fp8_dw=m.get("fp8_dw", False),
