@@ -117,7 +117,8 @@ def _cpu_scaled_mm() -> bool:
 
 
 @pytest.mark.skipif(not _cpu_scaled_mm(), reason="this torch has no CPU _scaled_mm")
-def test_op_wiring_on_cpu_equals_the_unfused_fp8_path(monkeypatch):
+@pytest.mark.parametrize("sig", [SIG, (23.0, 7.5, 5.0)])
+def test_op_wiring_on_cpu_equals_the_unfused_fp8_path(monkeypatch, sig):
     """The op around the kernels (quantization, the incoming gradient folded into the backward's
     scales, the transposed dW), with the kernels' PyTorch reference in their place: equal to the
     unfused fp8 head + plain loss, as the CUDA test below checks with the kernels."""
@@ -129,12 +130,22 @@ def test_op_wiring_on_cpu_equals_the_unfused_fp8_path(monkeypatch):
     w = torch.randn(V, D, generator=g) * 0.05
     t = torch.randint(0, V, (T,), generator=g)
     t[:3] = -1
-    fused = _run(lambda a, b, t: fp8_loss.fp8_cross_entropy(a, b, t, scales, "sigmoid"), x, w, t)
+    fused = _run(
+        lambda a, b, t: fp8_loss.fp8_cross_entropy(a, b, t, scales, "sigmoid", 15.0, sig), x, w, t
+    )
     unfused = _run(
-        lambda a, b, t: plain_loss(fp8.fp8_linear(a, b, scales, True), t, "sigmoid", 15.0), x, w, t
+        lambda a, b, t: plain_loss(fp8.fp8_linear(a, b, scales, True), t, "sigmoid", 15.0, sig),
+        x, w, t,
+    )  # fmt: skip
+    exact = _run(
+        lambda a, b, t: plain_loss(F.linear(a.float(), b), t, "sigmoid", 15.0, sig), x, w, t
     )
     torch.testing.assert_close(fused[0], unfused[0], rtol=1e-5, atol=1e-5)
-    assert rel_err(fused[1], unfused[1]) < 0.02 and rel_err(fused[2], unfused[2]) < 0.02
+    if sig == SIG:
+        assert rel_err(fused[1], unfused[1]) < 0.02 and rel_err(fused[2], unfused[2]) < 0.02
+    # whatever the cap, the fused path is no further from the exact gradients than the unfused
+    for i in (1, 2):
+        assert rel_err(fused[i], exact[i]) <= 1.05 * rel_err(unfused[i], exact[i])
 
 
 # ---------------------------------------------------------------- on an fp8 GPU
@@ -234,6 +245,10 @@ def test_gpt_with_the_fused_loss_trains_like_the_unfused_fp8_head(sig):
         vocab_size=50257, n_layer=2, n_head=4, n_embd=256, fp8_head=True, fp8_dw=True,
         logit_softcap="sigmoid", fp8_scales=[2.0, 32.0, 2.0**23], sigmoid_cap=list(sig),
     )  # fmt: skip
+    # The unfused path rounds the logit gradient to bf16, then to e5m2; the fused one once, to
+    # e5m2. Under the shifted cap the two differ by up to 3.8% (H100; 4.8% in the CPU op test
+    # below, where both stay equally far from fp32), under the default cap by < 3%.
+    bound = 0.03 if tuple(sig) == SIG else 0.05
     torch.manual_seed(0)
     unfused = GPT(GPTConfig(**base)).cuda()
     fused = GPT(GPTConfig(**base, fp8_fused_loss=True)).cuda()
@@ -254,9 +269,6 @@ def test_gpt_with_the_fused_loss_trains_like_the_unfused_fp8_head(sig):
         if q.grad.norm() == 0:  # e.g. q, k of the first step: the output projections start at 0
             assert p.grad.norm() == 0, name
         else:
-            # both paths round an e5m2 gradient, at different points: independent errors. The
-            # embedding's gradient sums few tokens per row, so it shows them most (3.7% measured
-            # on an H100 with the 23 sigmoid((x + 5) / 7.5) cap, every other gradient < 3%)
-            assert rel_err(p.grad, q.grad) < (0.05 if name == "embed.weight" else 0.03), name
+            assert rel_err(p.grad, q.grad) < bound, name
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # eval: the plain path
         assert abs(fused(idx, idx.roll(-1, 1)).item() - unfused(idx, idx.roll(-1, 1)).item()) < 1e-4
