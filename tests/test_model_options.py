@@ -428,11 +428,14 @@ def test_dense_mask_refuses_a_size_it_cannot_hold():
         document_dense_mask(torch.zeros(1, 65536, dtype=torch.int32))
 
 
-def test_smear_and_attention_gate_decode_like_the_full_forward():
-    """Incremental decoding (KV caches + the smear's last embedding), in uneven chunks, gives
-    the logits of one full forward pass."""
+@pytest.mark.parametrize(
+    "options", [dict(smear=True, attn_gate=True), dict(bigram_embed=211, backout_after=2)]
+)
+def test_options_decode_like_the_full_forward(options):
+    """Incremental decoding (KV caches + the smear's last embedding / the bigram's last token),
+    in uneven chunks, gives the logits of one full forward pass."""
     torch.manual_seed(0)
-    model = perturbed(GPT(GPTConfig(**BASE, smear=True, attn_gate=True)))
+    model = perturbed(GPT(GPTConfig(**BASE, **options)))
     idx = torch.randint(0, 300, (2, 16))
     with torch.no_grad():
         full = model(idx)
@@ -533,17 +536,6 @@ def test_bigram_embedding_starts_as_identity_then_adds_a_bigram_path():
         changed[:, 9] = (changed[:, 9] + 1) % 300
         torch.testing.assert_close(bigram(changed)[:, :9], out[:, :9])
     assert bigram.num_params(non_embedding=True) == plain.num_params(non_embedding=True) + 4
-
-
-def test_bigram_and_backout_decode_like_the_full_forward():
-    torch.manual_seed(0)
-    model = perturbed(GPT(GPTConfig(**BASE, bigram_embed=211, backout_after=2)))
-    idx = torch.randint(0, 300, (2, 16))
-    with torch.no_grad():
-        full = model(idx)
-        caches = model.new_caches(2, 16)
-        parts = [model(idx[:, a:b], caches=caches) for a, b in ((0, 7), (7, 8), (8, 16))]
-    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_backout_subtracts_the_early_stream_before_the_head():
