@@ -209,13 +209,13 @@ def bigram_rows(
     (so that no document sees the one before it)."""
     a, b = BIGRAM_MULTIPLIERS
     cur = idx.long()
-    before = cur[:, :-1] if prev is None else torch.cat([prev.long(), cur[:, :-1]], dim=1)
-    h = torch.bitwise_xor(cur[:, cur.size(1) - before.size(1) :] * a, before * b) % (rows - 1)
-    if prev is None:
-        h = torch.cat([torch.full_like(cur[:, :1], rows - 1), h], dim=1)
+    first = torch.full_like(cur[:, :1], -1) if prev is None else prev.long()  # -1: none
+    before = torch.cat([first, cur[:, :-1]], dim=1)
+    h = torch.bitwise_xor(cur * a, before * b) % (rows - 1)
+    no_predecessor = before < 0
     if doc_start is not None:
-        h = torch.where(cur == doc_start, rows - 1, h)
-    return h
+        no_predecessor |= cur == doc_start
+    return torch.where(no_predecessor, rows - 1, h)
 
 
 class MLP(nn.Module):

@@ -19,6 +19,7 @@ from muongpt.data.loader import TokenLoader
 from muongpt.data.shards import open_shard, resolve_shards
 from muongpt.data.tokenizer import EOT_TOKEN, decode, encode
 from muongpt.model.attention import FLEX_BLOCK
+from muongpt.model.fp8_loss import SIGMOID_CAP
 from muongpt.model.gpt import GPT, GPTConfig
 from muongpt.optim import build_optimizer
 from muongpt.optim.schedule import attention_window, batch_rows, lr_multiplier
@@ -40,7 +41,7 @@ def build_model_config(cfg: DictConfig) -> GPTConfig:
         rope_base=m.rope_base,
         logit_softcap=m.logit_softcap,
         softcap_value=m.softcap_value,
-        sigmoid_cap=list(m.get("sigmoid_cap", [30.0, 7.5, 0.0])),
+        sigmoid_cap=list(m.get("sigmoid_cap", SIGMOID_CAP)),
         fp8_head=m.fp8_head,
         fp8_scales=list(m.fp8_scales),
         fp8_dw=m.get("fp8_dw", False),
