@@ -71,6 +71,48 @@ def test_reference_math_equals_autograd_of_the_plain_loss(softcap, value, sig):
     assert torch.all((deq - grad_ref).abs() <= 0.125 * grad_ref.abs() + 2**-16 / GRAD_SCALE)
 
 
+MTP_WEIGHTS = torch.tensor([1.0, 0.5, 0.25])
+
+
+def multi_case(T=96, V=640, seed=0, device="cpu"):
+    """Logits and (T, 3) targets: t+1, t+2, t+3 of a random row, -1 past its end."""
+    logits, targets = logits_case(T + 2, V, seed, device)
+    targets = torch.stack([targets[k : T + k] for k in range(3)], dim=1)
+    targets[T - 2 :, 1:] = -1
+    targets[T - 1 :, 2:] = -1
+    targets[3] = -1  # a row with no targets at all
+    return logits[:T], targets
+
+
+@pytest.mark.parametrize("softcap,value,sig", CAPS)
+def test_reference_math_with_several_targets_equals_autograd(softcap, value, sig):
+    """Multi-token prediction: the loss sum_k w_k CE(z, target_k) (each summed over its valid
+    rows, divided by the rows with a first target) and its gradient."""
+    logits, targets = multi_case()
+    lf = logits.detach().float().requires_grad_()
+    z = fp8_loss.capped(lf, *fp8_loss.cap_params(softcap, value, sig))[0]
+    n = (targets[:, 0] >= 0).sum()
+    loss_ref = sum(
+        w * F.cross_entropy(z, targets[:, k], ignore_index=-1, reduction="sum") / n
+        for k, w in enumerate(MTP_WEIGHTS)
+    )
+    loss_ref.backward()
+    mode, a, b, c = fp8_loss.cap_params(softcap, value, sig)
+    loss, g8 = fp8_loss.reference_loss_and_grad(
+        logits, targets, mode, a, b, GRAD_SCALE, c, MTP_WEIGHTS
+    )
+    torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-6, atol=1e-6)
+    assert torch.all(g8[3].float() == 0)
+    deq = g8.float() / GRAD_SCALE
+    assert torch.all((deq - lf.grad).abs() <= 0.125 * lf.grad.abs() + 2**-16 / GRAD_SCALE)
+    # one target of weight 1 is the plain loss, bit for bit
+    one = fp8_loss.reference_loss_and_grad(logits, targets[:, 0], mode, a, b, GRAD_SCALE, c)
+    one_k = fp8_loss.reference_loss_and_grad(
+        logits, targets[:, :1], mode, a, b, GRAD_SCALE, c, MTP_WEIGHTS[:1]
+    )
+    assert torch.equal(one[0], one_k[0]) and torch.equal(one[1].float(), one_k[1].float())
+
+
 def test_sigmoid_cap_matches_the_models_softcap():
     cfg = GPTConfig(vocab_size=64, n_layer=1, n_head=1, n_embd=16, logit_softcap="sigmoid")
     x = torch.randn(5, 64) * 20
@@ -166,6 +208,22 @@ def test_kernels_equal_the_reference(softcap, value, sig, shape):
     assert (g.view(torch.uint8) == g_ref.view(torch.uint8)).float().mean() > 0.999
 
 
+@needs_fp8
+@pytest.mark.parametrize("softcap,value,sig", CAPS)
+@pytest.mark.parametrize("shape", [(256, 50304), (200, 1000)])
+def test_kernels_with_several_targets_equal_the_reference(softcap, value, sig, shape):
+    logits, targets = multi_case(*shape, seed=1, device="cuda")
+    weights = MTP_WEIGHTS.cuda()
+    mode, a, b, c = fp8_loss.cap_params(softcap, value, sig)
+    args = (mode, a, b, GRAD_SCALE, c, weights)
+    loss_ref, g_ref = fp8_loss.reference_loss_and_grad(logits, targets, *args)
+    loss, g = fp8_loss.loss_and_grad(logits, targets, *args)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    deq, deq_ref = g.float(), g_ref.float()
+    assert torch.all((deq - deq_ref).abs() <= 0.25 * deq_ref.abs() + 2**-16)
+    assert (g.view(torch.uint8) == g_ref.view(torch.uint8)).float().mean() > 0.999
+
+
 def _head_case(T=2048, D=768, V=50304, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = F.rms_norm(torch.randn(T, D, device="cuda", generator=g), (D,)).to(torch.bfloat16)
@@ -226,11 +284,12 @@ def test_fused_op_under_torch_compile_equals_eager():
 def test_fake_kernels_match_real_outputs():
     x, w, t = _head_case(T=256, D=128, V=512, seed=3)
     args = (*SCALES, *fp8_loss.cap_params("sigmoid", 15.0))
-    real = fp8_loss.fp8_head_loss(x, w, t, *args)
+    t, weights = t[:, None], torch.ones(1, device="cuda")
+    real = fp8_loss.fp8_head_loss(x, w, t, weights, *args)
     real_bwd = fp8_loss.fp8_head_loss_backward(torch.ones((), device="cuda"), *real[1:], *args[:3])
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
-        fx, fw, ft = (mode.from_tensor(a) for a in (x, w, t))
-        fake = fp8_loss.fp8_head_loss(fx, fw, ft, *args)
+        fx, fw, ft, fwt = (mode.from_tensor(a) for a in (x, w, t, weights))
+        fake = fp8_loss.fp8_head_loss(fx, fw, ft, fwt, *args)
         fake_bwd = fp8_loss.fp8_head_loss_backward(
             mode.from_tensor(torch.ones((), device="cuda")), *fake[1:], *args[:3]
         )
@@ -239,11 +298,12 @@ def test_fake_kernels_match_real_outputs():
 
 
 @needs_fp8
-@pytest.mark.parametrize("sig", [SIG, (23.0, 7.5, 5.0)])
-def test_gpt_with_the_fused_loss_trains_like_the_unfused_fp8_head(sig):
+@pytest.mark.parametrize("sig,mtp", [(SIG, []), ((23.0, 7.5, 5.0), []), (SIG, [0.5, 0.25])])
+def test_gpt_with_the_fused_loss_trains_like_the_unfused_fp8_head(sig, mtp):
     base = dict(
         vocab_size=50257, n_layer=2, n_head=4, n_embd=256, fp8_head=True, fp8_dw=True,
         logit_softcap="sigmoid", fp8_scales=[2.0, 32.0, 2.0**23], sigmoid_cap=list(sig),
+        mtp_weights=mtp,
     )  # fmt: skip
     # The unfused path rounds the logit gradient to bf16, then to e5m2; the fused one once, to
     # e5m2. Under the shifted cap the two differ by up to 3.8% (H100; 4.8% in the CPU op test

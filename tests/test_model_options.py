@@ -572,3 +572,77 @@ def test_bigram_and_backout_config_errors_and_routing():
     groups = {k: [n for n, _ in v] for k, v in route_parameters(model).items()}
     assert "bigram_embed.weight" in groups["embed"]
     assert {"bigram_lambdas", "backout_lambda"} <= set(groups["scalar"])
+
+
+def test_multi_targets_shift_and_stop_at_row_and_document_ends():
+    model = GPT(GPTConfig(**BASE, mtp_weights=[0.5, 0.25]))
+    targets = torch.tensor([[5, 6, 9, 7, 8, 3]])
+    want = torch.tensor(
+        [[[5, 6, 9], [6, 9, 7], [9, 7, 8], [7, 8, 3], [8, 3, -1], [3, -1, -1]]]
+    )  # fmt: skip
+    assert torch.equal(model.multi_targets(targets), want)
+    # with doc_mask, a document starting at t+1+j (end-of-text 0 there) hides t+2+j onwards;
+    # the end-of-text itself is still a target
+    docs = GPT(GPTConfig(**BASE, mtp_weights=[0.5, 0.25], attention="flex", doc_mask=True,
+                         bos_token=0))  # fmt: skip
+    targets = torch.tensor([[5, 6, 0, 7, 8]])
+    want = torch.tensor([[[5, 6, 0], [6, 0, -1], [0, -1, -1], [7, 8, -1], [8, -1, -1]]])
+    assert torch.equal(docs.multi_targets(targets), want)
+
+
+def test_multi_token_loss_is_the_weighted_sum_of_shifted_cross_entropies():
+    from muongpt.model.gpt import multi_token_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 30, generator=g) * 3
+    targets = torch.randint(0, 30, (40, 3), generator=g)
+    targets[5:8, 1:] = -1
+    targets[0, 0] = -1  # a row without a next token does not count in the mean
+    weights = torch.tensor([1.0, 0.5, 0.25])
+    by_hand = (
+        sum(
+            w * F.cross_entropy(logits, targets[:, k], ignore_index=-1, reduction="sum")
+            for k, w in enumerate(weights)
+        )
+        / (targets[:, 0] >= 0).sum()
+    )
+    torch.testing.assert_close(multi_token_loss(logits, targets, weights), by_hand)
+
+
+def test_multi_token_prediction_trains_on_extra_targets_and_evaluates_next_token():
+    torch.manual_seed(0)
+    plain = perturbed(GPT(GPTConfig(**BASE)))
+    mtp = GPT(GPTConfig(**BASE, mtp_weights=[0.5, 0.25]))
+    mtp.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 300, (2, 16))
+    targets = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        mtp.eval()  # evaluation: the next-token loss only, whatever the weights
+        torch.testing.assert_close(mtp(idx, targets), plain(idx, targets))
+        mtp.train()
+        mtp.set_mtp_weights([0.0, 0.0])  # decayed to zero: the plain loss again
+        torch.testing.assert_close(mtp(idx, targets), plain(idx, targets))
+        mtp.set_mtp_weights([0.5, 0.0])
+        ahead = F.pad(targets[:, 1:], (0, 1), value=-1)  # t+2: none for a row's last token
+        n_ahead = (ahead >= 0).sum() / targets.numel()
+        want = plain(idx, targets) + 0.5 * n_ahead * plain(idx, ahead)
+        torch.testing.assert_close(mtp(idx, targets), want)
+    with pytest.raises(MuonGPTError, match="multi-token"):
+        mtp.set_mtp_weights([0.5])
+    with pytest.raises(MuonGPTError, match="mtp_weights"):
+        GPTConfig(**BASE, mtp_weights=[-0.5])
+
+
+def test_multi_token_weight_schedule():
+    from muongpt.optim.config import OptimizerError
+    from muongpt.optim.schedule import multi_token_weights
+
+    assert multi_token_weights(50, 100, [0.5, 0.25], []) == [0.5, 0.25]
+    assert multi_token_weights(0, 100, [0.5, 0.25], [2 / 3, 1 / 3]) == [0.5, 0.25]
+    w = multi_token_weights(25, 100, [0.5, 0.25], [0.5, 0.25])
+    assert w == pytest.approx([0.25, 0.0])
+    assert multi_token_weights(90, 100, [0.5, 0.25], [0.5, 0.25]) == [0.0, 0.0]
+    with pytest.raises(OptimizerError, match="mtp_decay"):
+        multi_token_weights(0, 100, [0.5, 0.25], [0.5])
+    with pytest.raises(OptimizerError, match="mtp_decay"):
+        multi_token_weights(0, 100, [0.5], [1.5])

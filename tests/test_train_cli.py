@@ -89,6 +89,7 @@ def test_size_override_changes_the_model(size, n_layer, n_embd):
         (["training.batch_size=6", "training.micro_batch_size=4"], "multiple of micro_batch_size"),
         (["data=bench", "data.train_files=/nonexistent/*.bin"], "no shard files match"),
         (["training.attn_window_start=64"], "attn_window_start needs model.attention=flex"),
+        (["model.mtp_weights=[0.5]", "training.mtp_decay=[0.5,0.2]"], "training.mtp_decay"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, overrides, message):

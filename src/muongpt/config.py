@@ -49,6 +49,7 @@ class ModelConfig:
     residual_bf16: bool = False  # bf16 residual stream under bf16 autocast (default: fp32)
     bigram_embed: int = 0  # rows of a hashed (previous, current) token table added to every layer
     backout_after: int = 0  # subtract lambda * (stream after this many blocks) before the head
+    mtp_weights: list[float] = field(default_factory=list)  # loss weights of targets t+2, t+3, ...
     rope_truncate: bool = False  # RoPE on half the head dims only (the rest position-free)
     attn_scale: float = 0.0  # attention softmax scale; 0 = 1/sqrt(head_dim)
     # per-layer fraction of model.attn_window, cycled over the depth
@@ -114,6 +115,7 @@ class TrainingConfig:
     # timed run, so compilation and autotuning stay out of train_seconds. 0: none.
     compile_warmup_steps: int = 0
     attn_window_start: int = 0  # flex: grow the window from this to model.attn_window (0: fixed)
+    mtp_decay: list[float] = field(default_factory=list)  # run fraction where each mtp weight is 0
     batch_size_start: int = 0  # sequences per step at step 0, grown to batch_size (0: fixed)
     batch_ramp_steps: int = 0  # ... linearly over this many steps
 

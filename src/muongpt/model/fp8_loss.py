@@ -10,8 +10,9 @@ x (T, D), W (V, D), targets (T,), the gradient is made in the forward pass:
     loss   = mean over valid rows of (lse - z[target])
     G      = e5m2((softmax(z) - onehot(target)) * cap'(logits) * grad_scale / n_valid)   # kernel 2
 
-and the logits are freed there; only G (1 byte per logit, half the bf16 logits) waits for the
-backward: dx = G W and dW = G^T x as two ``_scaled_mm`` calls, G^T made by the Triton transpose of
+With K targets per row (multi-token prediction: targets t+1 .. t+K, weights w_k) the loss is
+sum_k w_k (lse - z[target_k]) and the softmax term of G has weight sum_k w_k: the same two passes.
+The logits are freed there; only G (1 byte per logit, half the bf16 logits) waits for the backward: dx = G W and dW = G^T x as two ``_scaled_mm`` calls, G^T made by the Triton transpose of
 fp8.py (fp8 tensor cores reduce only along contiguous dims). Writing G^T from kernel 2 as well
 measured 3x slower on an H100 than kernel 2 plus the transpose (benchmarks/NOTES.md). The
 incoming gradient of the loss goes into the dequantization scale (grad_loss / grad_scale, a
@@ -74,18 +75,22 @@ def reference_loss_and_grad(
     b: float,
     grad_scale: float,
     c: float = 0.0,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(mean loss, e5m2 G (T, V)) in PyTorch: what the two kernels compute."""
+    """(mean loss, e5m2 G (T, V)) in PyTorch: what the two kernels compute. ``targets`` (T,) or
+    (T, K) with ``weights`` (K,): K targets per row (multi-token prediction)."""
+    targets = targets[:, None] if targets.ndim == 1 else targets
+    weights = torch.ones(1, device=logits.device) if weights is None else weights.float()
     z, dz = capped(logits, mode, a, b, c)
     valid = targets >= 0
-    n_valid = valid.sum().clamp(min=1)
-    lse = torch.logsumexp(z, dim=-1)
+    n_valid = valid[:, 0].sum().clamp(min=1)
+    wv = weights * valid  # (T, K): each target's weight, 0 where ignored
     safe = targets.clamp(min=0)
-    z_t = z.gather(1, safe[:, None])[:, 0]
-    loss = torch.where(valid, lse - z_t, 0).sum() / n_valid
-    d = torch.softmax(z, dim=-1)
-    d[torch.arange(len(targets), device=d.device), safe] -= 1
-    d = d * dz * (grad_scale / n_valid) * valid[:, None]
+    lse = torch.logsumexp(z, dim=-1)
+    loss = (wv * (lse[:, None] - z.gather(1, safe))).sum() / n_valid
+    d = torch.softmax(z, dim=-1) * wv.sum(1, keepdim=True)
+    d.scatter_add_(1, safe, -wv)
+    d = d * dz * (grad_scale / n_valid)
     return loss, d.clamp(-E5M2_MAX, E5M2_MAX).to(torch.float8_e5m2)
 
 
@@ -141,8 +146,8 @@ if triton is not None:
 
     @triton.jit
     def _row_lse_kernel(
-        logits, targets, lse_out, loss_out, V, MODE: tl.constexpr, A, INV_B, C,
-        BLOCK: tl.constexpr,
+        logits, targets, weights, lse_out, loss_out, V, MODE: tl.constexpr, A, INV_B, C,
+        K: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         # One row per program; int64 offsets (T x V has more than 2^31 entries).
         row = tl.program_id(0).to(tl.int64)
@@ -169,16 +174,19 @@ if triton is not None:
                 z = _cap_rough(x, MODE, A, INV_B, C)
                 acc += tl.where(inside, tl.math.exp2(LOG2E * (z - A)), 0.0)
             lse = A + tl.log(tl.sum(acc, axis=0))
-        target = tl.load(targets + row)
-        x_t = tl.load(base + tl.maximum(target, 0)).to(tl.float32)
-        z_t, _ = _cap(x_t, MODE, A, INV_B, C)  # the loss's own term in full precision
+        loss = 0.0
+        for k in tl.static_range(K):  # the row's K targets (K > 1: multi-token prediction)
+            target = tl.load(targets + row * K + k)
+            x_t = tl.load(base + tl.maximum(target, 0)).to(tl.float32)
+            z_t, _ = _cap(x_t, MODE, A, INV_B, C)  # the loss's own terms in full precision
+            loss += tl.where(target >= 0, tl.load(weights + k) * (lse - z_t), 0.0)
         tl.store(lse_out + row, lse)
-        tl.store(loss_out + row, tl.where(target >= 0, lse - z_t, 0.0))
+        tl.store(loss_out + row, loss)
 
     @triton.jit
     def _grad_kernel(
-        logits, targets, lse, scale, g_out, T, V, MODE: tl.constexpr, A, INV_B, C,
-        BT: tl.constexpr, BV: tl.constexpr,
+        logits, targets, weights, lse, scale, g_out, T, V, MODE: tl.constexpr, A, INV_B, C,
+        K: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
     ):  # fmt: skip
         # One BT x BV tile of the gradient, in e5m2. The tile's base offset is int64 (T x V has
         # more than 2^31 entries); offsets inside it stay int32.
@@ -190,10 +198,16 @@ if triton is not None:
         x = tl.load(logits + tile, mask=inside, other=0.0)
         z, dz = _cap(x.to(tl.float32), MODE, A, INV_B, C)
         row_lse = tl.load(lse + r0 + r, mask=in_rows, other=0.0)
-        target = tl.load(targets + r0 + r, mask=in_rows, other=-1).to(tl.int32)
         p = tl.math.exp2(LOG2E * (z - row_lse[:, None]))
-        d = (p - tl.where(c0 + c[None, :] == target[:, None], 1.0, 0.0)) * dz
-        d = tl.where(target[:, None] >= 0, d * tl.load(scale), 0.0)
+        # d loss / d z = (sum of the row's valid target weights) p - sum_k w_k onehot(target_k)
+        total = tl.zeros([BT], tl.float32)
+        hits = tl.zeros([BT, BV], tl.float32)
+        for k in tl.static_range(K):
+            target = tl.load(targets + (r0 + r) * K + k, mask=in_rows, other=-1).to(tl.int32)
+            w = tl.where(target >= 0, tl.load(weights + k), 0.0)
+            total += w
+            hits += tl.where(c0 + c[None, :] == target[:, None], w[:, None], 0.0)
+        d = (p * total[:, None] - hits) * dz * tl.load(scale)
         d = tl.minimum(tl.maximum(d, -57344.0), 57344.0)  # E5M2_MAX: no overflow to inf
         g = d.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
         tl.store(g_out + tile, g, mask=inside)
@@ -213,36 +227,31 @@ def loss_and_grad(
     b: float,
     grad_scale: float,
     c: float = 0.0,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(mean loss, G (T, V) e5m2) from bf16 logits (T, V): the two kernels."""
+    """(mean loss, G (T, V) e5m2) from bf16 logits (T, V): the two kernels. ``targets`` (T,) or
+    (T, K) with ``weights`` (K,), as in ``reference_loss_and_grad``."""
     T, V = logits.shape
     logits = logits.contiguous()
-    targets = targets.contiguous()
+    targets = (targets[:, None] if targets.ndim == 1 else targets).contiguous()
+    K = targets.size(1)
+    if weights is None:
+        weights = torch.ones(1, device=logits.device)
+    weights = weights.float().contiguous()
     lse = torch.empty(T, device=logits.device, dtype=torch.float32)
     losses = torch.empty_like(lse)
     _row_lse_kernel[(T,)](
-        logits, targets, lse, losses, V, mode, a, 1.0 / b, c, BLOCK=LSE_BLOCK, num_warps=LSE_WARPS
-    )
-    n_valid = (targets >= 0).sum().clamp(min=1)
+        logits, targets, weights, lse, losses, V, mode, a, 1.0 / b, c, K=K, BLOCK=LSE_BLOCK,
+        num_warps=LSE_WARPS,
+    )  # fmt: skip
+    n_valid = (targets[:, 0] >= 0).sum().clamp(min=1)
     scale = (grad_scale / n_valid).float()
     g = torch.empty((T, V), device=logits.device, dtype=torch.uint8)
     bt, bv = GRAD_TILE
     _grad_kernel[(triton.cdiv(T, bt), triton.cdiv(V, bv))](
-        logits,
-        targets,
-        lse,
-        scale,
-        g,
-        T,
-        V,
-        mode,
-        a,
-        1.0 / b,
-        c,
-        BT=bt,
-        BV=bv,
+        logits, targets, weights, lse, scale, g, T, V, mode, a, 1.0 / b, c, K=K, BT=bt, BV=bv,
         num_warps=GRAD_WARPS,
-    )
+    )  # fmt: skip
     return losses.sum() / n_valid, g.view(torch.float8_e5m2)
 
 
@@ -252,6 +261,7 @@ def fp8_head_loss(
     x: Tensor,
     w: Tensor,
     targets: Tensor,
+    weights: Tensor,
     x_scale: float,
     w_scale: float,
     grad_scale: float,
@@ -260,16 +270,17 @@ def fp8_head_loss(
     cap_b: float,
     cap_c: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Mean soft-capped cross-entropy of x (T, D) @ w (V, D)^T against targets (T,) ->
+    """Soft-capped cross-entropy of x (T, D) @ w (V, D)^T against targets (T, K), weighted by
+    ``weights`` (K,), summed over K and averaged over the rows whose first target is valid ->
     (loss fp32 (), G e5m2 (T, V), x8 (T, D), w8 (V, D)); the last three are kept for the
     backward."""
     logits, x8, w8 = quantized_linear(x, w, x_scale, w_scale)
-    loss, g = loss_and_grad(logits, targets, cap_mode, cap_a, cap_b, grad_scale, cap_c)
+    loss, g = loss_and_grad(logits, targets, cap_mode, cap_a, cap_b, grad_scale, cap_c, weights)
     return loss, g, x8, w8
 
 
 @fp8_head_loss.register_fake
-def _fp8_head_loss_fake(x, w, targets, x_scale, w_scale, grad_scale, *_cap):
+def _fp8_head_loss_fake(x, w, targets, weights, x_scale, w_scale, grad_scale, *_cap):
     T, V = x.size(0), w.size(0)
     return (
         x.new_empty((), dtype=torch.float32),
@@ -307,7 +318,7 @@ def _fp8_head_loss_backward_fake(grad_loss, g, x8, w8, x_scale, w_scale, grad_sc
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, _targets, x_scale, w_scale, grad_scale, *_ = inputs
+    x, w, _targets, _weights, x_scale, w_scale, grad_scale, *_ = inputs
     _, g, x8, w8 = output
     ctx.save_for_backward(g, x8, w8)
     ctx.scales = (x_scale, w_scale, grad_scale)
@@ -317,7 +328,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *_unused):
     g, x8, w8 = ctx.saved_tensors
     dx, dw = fp8_head_loss_backward(grad_loss, g, x8, w8, *ctx.scales)
-    return dx.to(ctx.x_dtype), dw.to(ctx.w_dtype), *[None] * 8
+    return dx.to(ctx.x_dtype), dw.to(ctx.w_dtype), *[None] * 9
 
 
 fp8_head_loss.register_autograd(_backward, setup_context=_setup_context)
@@ -331,9 +342,14 @@ def fp8_cross_entropy(
     softcap: str = "none",
     softcap_value: float = 15.0,
     sigmoid_cap=SIGMOID_CAP,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Mean cross-entropy of ``softcap(x @ w.T)`` against ``targets`` (< 0: ignored), x (..., D),
-    targets (...): the fused fp8 path (CUDA with Triton; token count a multiple of 16)."""
+    targets (...), or (..., K) with ``weights`` (K,) (multi-token prediction): the fused fp8 path
+    (CUDA with Triton; token count a multiple of 16)."""
     x2 = x.reshape(-1, x.size(-1)).contiguous()
+    if weights is None:
+        targets, weights = targets[..., None], torch.ones(1, device=x.device)
+    targets = targets.reshape(x2.size(0), -1)
     cap = cap_params(softcap, softcap_value, sigmoid_cap)
-    return fp8_head_loss(x2, w.contiguous(), targets.reshape(-1), *scales, *cap)[0]
+    return fp8_head_loss(x2, w.contiguous(), targets, weights.float(), *scales, *cap)[0]

@@ -103,6 +103,9 @@ class GPTConfig:
     residual_bf16: bool = False
     bigram_embed: int = 0  # rows of the hashed (previous, current) token table; 0 = none
     backout_after: int = 0  # subtract lambda * (stream after this many blocks) at the end; 0 = off
+    # multi-token prediction while training: loss weights of the targets t+2, t+3, ... added to
+    # the next-token loss (the same logits; the trainer can decay them, training.mtp_decay)
+    mtp_weights: list[float] = field(default_factory=list)
     attention: str = "sdpa"  # sdpa | flex
     doc_mask: bool = False  # flex only
     attn_window: int = 0  # flex only; 0 = full causal
@@ -156,6 +159,8 @@ class GPTConfig:
                 f"model.backout_after must be in [0, n_layer = {self.n_layer}), "
                 f"got {self.backout_after}"
             )
+        if any(not w >= 0 for w in self.mtp_weights):
+            raise MuonGPTError(f"model.mtp_weights must be >= 0, got {list(self.mtp_weights)}")
         if not 0 <= 2 * self.value_embeds <= self.n_layer:
             raise MuonGPTError(
                 f"model.value_embeds must be in [0, n_layer / 2 = {self.n_layer // 2}], "
@@ -216,6 +221,16 @@ def bigram_rows(
     if doc_start is not None:
         no_predecessor |= cur == doc_start
     return torch.where(no_predecessor, rows - 1, h)
+
+
+def multi_token_loss(logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+    """sum_k weights[k] * cross-entropy(logits, targets[:, k]), each summed over its valid rows
+    (target >= 0) and divided by the valid rows of the first: (T, V), (T, K), (K,)."""
+    valid = targets >= 0
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    picked = logits.gather(1, targets.clamp(min=0))
+    losses = torch.where(valid, lse - picked, 0.0) * weights
+    return losses.sum() / valid[:, 0].sum().clamp(min=1)
 
 
 class MLP(nn.Module):
@@ -312,6 +327,9 @@ class GPT(nn.Module):
         # current flex window in tokens (a tensor so that a window schedule does not recompile)
         window = torch.tensor(config.attn_window or UNBOUNDED_WINDOW, dtype=torch.int32)
         self.register_buffer("current_window", window, persistent=False)
+        # loss weights of the targets t+1, t+2, ... (a buffer: a weight schedule does not recompile)
+        weights = torch.tensor([1.0, *config.mtp_weights], dtype=torch.float32)
+        self.register_buffer("target_weights", weights, persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -364,6 +382,25 @@ class GPT(nn.Module):
         if tokens < 0:
             raise MuonGPTError(f"attention window must be >= 0, got {tokens}")
         self.current_window.fill_(tokens or UNBOUNDED_WINDOW)
+
+    def set_mtp_weights(self, weights) -> None:
+        """Loss weights of the extra targets t+2, t+3, ... from now on (as many as configured)."""
+        if len(weights) != len(self.config.mtp_weights):
+            raise MuonGPTError(
+                f"expected {len(self.config.mtp_weights)} multi-token weights, got {len(weights)}"
+            )
+        self.target_weights[1:] = torch.tensor(weights, dtype=torch.float32)
+
+    def multi_targets(self, targets: Tensor) -> Tensor:
+        """(B, T) next-token targets -> (B, T, K): column k holds the target of t+1+k, -1 (ignored)
+        past the row's end or, with doc_mask, past the end of the token's document."""
+        columns, crossed = [targets], torch.zeros_like(targets, dtype=torch.bool)
+        for k in range(1, len(self.target_weights)):
+            if self.config.doc_mask:  # an end-of-text among the targets before t+1+k
+                crossed = crossed | F.pad(targets[:, k - 1 :] == self.config.bos_token, (0, k - 1))
+            shifted = F.pad(targets[:, k:], (0, k), value=-1)
+            columns.append(shifted.masked_fill(crossed, -1))
+        return torch.stack(columns, dim=-1)
 
     def block_mask(self, idx: Tensor, window_fraction: float = 1.0):
         """Attention mask of a (B, T) batch: causal, document and window limits. A FlexAttention
@@ -450,6 +487,8 @@ class GPT(nn.Module):
                 skips.append(x)
         if early is not None:
             x = x - self.backout_lambda * early
+        if targets is not None and self.training and self.config.mtp_weights:
+            targets = self.multi_targets(targets)
         return self.head(x, targets)
 
     def bigrams(self, idx: Tensor, caches: DecodeState | None, dtype: torch.dtype) -> Tensor:
@@ -475,6 +514,7 @@ class GPT(nn.Module):
         """Final norm, lm_head, soft-cap (fp32), then the loss or the logits. A method of its own
         so that it can be compiled alone (``training.compile_mode=blocks``)."""
         x = rms_norm(x)
+        multi = targets is not None and targets.ndim == x.ndim  # (B, T, K): multi-token
         if targets is not None and self.fused_loss_ok(x):
             return fp8_loss.fp8_cross_entropy(
                 x,
@@ -484,10 +524,12 @@ class GPT(nn.Module):
                 self.config.logit_softcap,
                 self.config.softcap_value,
                 self.config.sigmoid_cap,
+                self.target_weights if multi else None,
             )
         logits = self.softcap(self.lm_head(x).float())
         if targets is None:
             return logits[..., : self.config.vocab_size]
-        return F.cross_entropy(
-            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
-        )
+        logits = logits.view(-1, logits.size(-1))
+        if multi:
+            return multi_token_loss(logits, targets.view(logits.size(0), -1), self.target_weights)
+        return F.cross_entropy(logits, targets.reshape(-1), ignore_index=-1)

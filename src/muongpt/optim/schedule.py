@@ -73,3 +73,20 @@ def batch_rows(step: int, start: int, full: int, ramp_steps: int, unit: int = 1)
         return full
     rows = start + (full - start) * max(step, 0) / ramp_steps
     return max(int(rows) // unit * unit, unit)
+
+
+def multi_token_weights(
+    step: int, total_steps: int, weights: list[float], decay: list[float]
+) -> list[float]:
+    """Loss weights of the extra targets t+2, t+3, ... at ``step``: weight k falls linearly from
+    ``weights[k]`` to 0 at the fraction ``decay[k]`` of the run (0 then on); no ``decay``: constant.
+    Predicting further ahead helps most early, while the model learns coarse statistics."""
+    if not decay:
+        return list(weights)
+    if len(decay) != len(weights) or any(not 0 < d <= 1 for d in decay):
+        raise OptimizerError(
+            f"training.mtp_decay needs one fraction in (0, 1] per model.mtp_weights entry "
+            f"({len(weights)}), got {list(decay)}"
+        )
+    frac = max(step, 0) / max(total_steps, 1)
+    return [w * max(0.0, 1.0 - frac / d) for w, d in zip(weights, decay)]

@@ -22,7 +22,12 @@ from muongpt.model.attention import FLEX_BLOCK
 from muongpt.model.fp8_loss import SIGMOID_CAP
 from muongpt.model.gpt import GPT, GPTConfig
 from muongpt.optim import build_optimizer
-from muongpt.optim.schedule import attention_window, batch_rows, lr_multiplier
+from muongpt.optim.schedule import (
+    attention_window,
+    batch_rows,
+    lr_multiplier,
+    multi_token_weights,
+)
 from muongpt.train import checkpoint as ckpt
 from muongpt.train import resilience
 from muongpt.train.distributed import DistContext, all_reduce_mean, init_distributed, shutdown
@@ -55,6 +60,7 @@ def build_model_config(cfg: DictConfig) -> GPTConfig:
         residual_bf16=m.get("residual_bf16", False),
         bigram_embed=m.get("bigram_embed", 0),
         backout_after=m.get("backout_after", 0),
+        mtp_weights=list(m.get("mtp_weights", [])),
         rope_truncate=m.get("rope_truncate", False),
         attn_scale=m.get("attn_scale", 0.0),
         window_pattern=list(m.get("window_pattern", [1.0])),
@@ -175,6 +181,8 @@ class Trainer:
         self.device = self.ctx.device
         self.grad_accum = check_batch_config(t, self.ctx.world_size)
         check_window_schedule(cfg)
+        mtp = list(cfg.model.get("mtp_weights", [])), list(t.get("mtp_decay", []))
+        multi_token_weights(0, t.max_steps, *mtp)  # a bad mtp_decay fails here, not at step 1
         self.tokens_per_step = t.batch_size * t.seq_len
 
         torch.manual_seed(t.seed)
@@ -282,7 +290,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
     def apply_schedules(self) -> None:
-        """Learning rates, Muon momentum and (flex) attention window of the coming step."""
+        """Learning rates, Muon momentum, (flex) attention window and multi-token loss weights of
+        the coming step."""
         t = self.cfg.training
         self.optimizer.update_schedule(
             self.step,
@@ -298,6 +307,15 @@ class Trainer:
                     t.attn_window_start,
                     self.model_config.attn_window,
                     block=FLEX_BLOCK,
+                )
+            )
+        if self.model_config.mtp_weights:
+            self.model.set_mtp_weights(
+                multi_token_weights(
+                    self.step,
+                    t.max_steps,
+                    self.model_config.mtp_weights,
+                    list(t.get("mtp_decay", [])),
                 )
             )
 
