@@ -40,6 +40,7 @@ class ModelConfig:
     fp8_scales: list[float] = field(default_factory=lambda: [2.0, 32.0, 2.0**29])  # x, W, grad
     fp8_dw: bool = False  # fp8 head: the weight gradient in fp8 too
     fp8_fused_loss: bool = False  # fp8 head: matmul + soft-cap + loss + gradient in one op
+    fused_mlp: bool = False  # ReLU^2 in the MLP matmuls' Triton epilogues (CUDA, bf16)
     value_embeds: int = 0  # value-embedding tables, for the first and last n attention layers
     unet_skips: bool = False  # first-half block outputs added to second-half block inputs
     x0_mix: bool = False  # each block mixes in the embedding output: a x + b x0

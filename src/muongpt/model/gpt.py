@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from muongpt import MuonGPTError
-from muongpt.model import fp8_loss
+from muongpt.model import fp8_loss, relu2_mlp
 from muongpt.model.attention import (
     GATE_DIMS,
     UNBOUNDED_WINDOW,
@@ -94,6 +94,7 @@ class GPTConfig:
     fp8_dw: bool = False  # fp8 head: its weight gradient in fp8 too (else a bf16 matmul)
     # fp8 head: matmul, soft-cap, loss and its e5m2 gradient in one op (model/fp8_loss.py; fp8 dW)
     fp8_fused_loss: bool = False
+    fused_mlp: bool = False  # ReLU^2 fused into the MLP's Triton GEMM epilogues (CUDA, bf16)
     value_embeds: int = 0
     unet_skips: bool = False
     x0_mix: bool = False
@@ -234,12 +235,15 @@ def multi_token_loss(logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, ratio: int):
+    def __init__(self, dim: int, ratio: int, fused: bool = False):
         super().__init__()
         self.fc = nn.Linear(dim, ratio * dim, bias=False)
         self.proj = nn.Linear(ratio * dim, dim, bias=False)
+        self.fused = fused  # ReLU^2 inside the matmuls' epilogues where the GPU allows (relu2_mlp)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused and relu2_mlp.fused_mlp_usable(x, self.fc.out_features):
+            return relu2_mlp.relu2_mlp(x, self.fc.weight, self.proj.weight)
         return self.proj(F.relu(self.fc(x)).square())  # ReLU^2 (So et al. 2021)
 
 
@@ -265,7 +269,7 @@ class Block(nn.Module):
             self.mixer = PoM(
                 config.n_embd, config.pom_degree, config.pom_expand, config.pom_n_sel_heads
             )
-        self.mlp = MLP(config.n_embd, config.mlp_ratio)
+        self.mlp = MLP(config.n_embd, config.mlp_ratio, config.fused_mlp)
         # x <- a x + b x0 before the block (x0_mix); a scalar-group parameter, no weight decay
         self.x0_lambdas = nn.Parameter(torch.tensor([1.0, 0.0])) if config.x0_mix else None
 

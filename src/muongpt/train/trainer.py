@@ -51,6 +51,7 @@ def build_model_config(cfg: DictConfig) -> GPTConfig:
         fp8_scales=list(m.fp8_scales),
         fp8_dw=m.get("fp8_dw", False),
         fp8_fused_loss=m.get("fp8_fused_loss", False),
+        fused_mlp=m.get("fused_mlp", False),
         value_embeds=m.value_embeds,
         unet_skips=m.unet_skips,
         x0_mix=m.x0_mix,
