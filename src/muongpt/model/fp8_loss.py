@@ -67,6 +67,14 @@ def capped(logits: Tensor, mode: int, a: float, b: float, c: float = 0.0) -> tup
     return x, torch.ones_like(x)
 
 
+def target_columns(targets: Tensor, weights: Tensor | None, rows: int) -> tuple[Tensor, Tensor]:
+    """(targets (rows, K), weights (K,) fp32): K targets per row with their loss weights, or,
+    without ``weights``, one target per row of weight 1."""
+    if weights is None:
+        return targets.reshape(rows, 1), torch.ones(1, device=targets.device)
+    return targets.reshape(rows, -1), weights.float()
+
+
 def reference_loss_and_grad(
     logits: Tensor,
     targets: Tensor,
@@ -79,8 +87,7 @@ def reference_loss_and_grad(
 ) -> tuple[Tensor, Tensor]:
     """(mean loss, e5m2 G (T, V)) in PyTorch: what the two kernels compute. ``targets`` (T,) or
     (T, K) with ``weights`` (K,): K targets per row (multi-token prediction)."""
-    targets = targets[:, None] if targets.ndim == 1 else targets
-    weights = torch.ones(1, device=logits.device) if weights is None else weights.float()
+    targets, weights = target_columns(targets, weights, logits.size(0))
     z, dz = capped(logits, mode, a, b, c)
     valid = targets >= 0
     n_valid = valid[:, 0].sum().clamp(min=1)
@@ -233,11 +240,9 @@ def loss_and_grad(
     (T, K) with ``weights`` (K,), as in ``reference_loss_and_grad``."""
     T, V = logits.shape
     logits = logits.contiguous()
-    targets = (targets[:, None] if targets.ndim == 1 else targets).contiguous()
+    targets, weights = target_columns(targets, weights, T)
+    targets, weights = targets.contiguous(), weights.contiguous()
     K = targets.size(1)
-    if weights is None:
-        weights = torch.ones(1, device=logits.device)
-    weights = weights.float().contiguous()
     lse = torch.empty(T, device=logits.device, dtype=torch.float32)
     losses = torch.empty_like(lse)
     _row_lse_kernel[(T,)](
@@ -348,8 +353,6 @@ def fp8_cross_entropy(
     targets (...), or (..., K) with ``weights`` (K,) (multi-token prediction): the fused fp8 path
     (CUDA with Triton; token count a multiple of 16)."""
     x2 = x.reshape(-1, x.size(-1)).contiguous()
-    if weights is None:
-        targets, weights = targets[..., None], torch.ones(1, device=x.device)
-    targets = targets.reshape(x2.size(0), -1)
+    targets, weights = target_columns(targets, weights, x2.size(0))
     cap = cap_params(softcap, softcap_value, sigmoid_cap)
-    return fp8_head_loss(x2, w.contiguous(), targets, weights.float(), *scales, *cap)[0]
+    return fp8_head_loss(x2, w.contiguous(), targets, weights, *scales, *cap)[0]

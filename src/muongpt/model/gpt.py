@@ -393,7 +393,8 @@ class GPT(nn.Module):
             raise MuonGPTError(
                 f"expected {len(self.config.mtp_weights)} multi-token weights, got {len(weights)}"
             )
-        self.target_weights[1:] = torch.tensor(weights, dtype=torch.float32)
+        for k, w in enumerate(weights, start=1):  # fills from Python floats: no copy, no sync
+            self.target_weights[k].fill_(w)
 
     def multi_targets(self, targets: Tensor) -> Tensor:
         """(B, T) next-token targets -> (B, T, K): column k holds the target of t+1+k, -1 (ignored)
