@@ -24,6 +24,11 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--name", default="")
+    ap.add_argument(
+        "--eval-windows",
+        default="",
+        help="comma-separated flex windows (tokens) to re-evaluate the trained model at",
+    )
     args, overrides = ap.parse_known_args()
     from muongpt.train.trainer import Trainer
 
@@ -36,6 +41,11 @@ def main() -> int:
         metrics = [
             json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
         ]
+        window_losses = {}
+        for window in filter(None, args.eval_windows.split(",")):
+            trainer.model.set_attn_window(int(window))
+            window_losses[window] = trainer.evaluate()
+            print(f"val loss at window {window}: {window_losses[window]:.4f}")
         trainer.close()
     if "final_val_loss" not in summary:  # stopped early (SIGTERM, e.g. a time limit)
         print(f"INTERRUPTED {args.name or cfg.experiment_name}: {summary}", file=sys.stderr)
@@ -55,6 +65,7 @@ def main() -> int:
         "tokens_per_s": tok_s,
         "mfu": fpt * tok_s / 989e12,
         "val_loss": summary["final_val_loss"],
+        "val_loss_at_window": window_losses,
         "wall_seconds_total": time.perf_counter() - start,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30
         if torch.cuda.is_available()

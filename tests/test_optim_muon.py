@@ -46,37 +46,75 @@ def reference_orthogonalize(M, coefficients):
     return X.T if tall else X
 
 
-def reference_muon(params, grads_per_step, lr, momentum, nesterov, wd, coefficients, scale_mode):
-    """Plain loop over parameters and steps, all float64."""
+def reference_muon(
+    params,
+    grads_per_step,
+    lr,
+    momentum,
+    nesterov,
+    wd,
+    coefficients,
+    scale_mode,
+    normuon=False,
+    beta2=0.95,
+    cautious=False,
+):
+    """Plain loop over parameters, steps and neurons, all float64."""
     weights = [p.detach().clone() for p in params]
     bufs = [torch.zeros_like(w) for w in weights]
+    second = [None] * len(weights)
     for grads in grads_per_step:
         for i, (w, g) in enumerate(zip(weights, grads)):
             bufs[i] = momentum * bufs[i] + (1 - momentum) * g
             u = (1 - momentum) * g + momentum * bufs[i] if nesterov else bufs[i]
             rows, cols = w.shape[0], w.numel() // w.shape[0]
-            o = reference_orthogonalize(u.reshape(rows, cols), coefficients).reshape(w.shape)
+            o = reference_orthogonalize(u.reshape(rows, cols), coefficients)
+            if normuon:
+                # one neuron per row, or per column where there are more columns than rows
+                neurons = o if rows >= cols else o.T
+                mean_sq = torch.stack([(n * n).mean() for n in neurons])
+                second[i] = mean_sq * (1 - beta2) + (0 if second[i] is None else beta2 * second[i])
+                normed = torch.stack([n / second[i][k].sqrt() for k, n in enumerate(neurons)])
+                normed = normed * (neurons.norm() / normed.norm())
+                o = normed if rows >= cols else normed.T
+            o = o.reshape(w.shape)
             if scale_mode == "spectral":
                 scale = max(1.0, rows / cols) ** 0.5
             else:
                 scale = 0.2 * max(rows, cols) ** 0.5
-            weights[i] = w * (1 - lr * wd) - lr * scale * o
+            decay = lr * wd * w
+            if cautious:  # only where the step (-lr * scale * o) already shrinks |w|
+                decay = torch.where(w * o > 0, decay, torch.zeros_like(w))
+            weights[i] = w - decay - lr * scale * o
     return weights
 
 
 @pytest.mark.parametrize(
-    "nesterov,wd,coefficients,scale_mode",
+    "nesterov,wd,coefficients,scale_mode,normuon,cautious",
     [
-        (True, 0.0, "polar_express", "spectral"),
-        (False, 0.1, "classic", "match_adamw"),
-        (True, 0.05, "classic", "spectral"),
+        (True, 0.0, "polar_express", "spectral", False, False),
+        (False, 0.1, "classic", "match_adamw", False, False),
+        (True, 0.05, "classic", "spectral", False, False),
+        (True, 0.0, "polar_express", "spectral", True, False),
+        (True, 0.3, "polar_express", "match_adamw", True, True),
+        (False, 0.3, "classic", "spectral", False, True),
     ],
 )
-def test_steps_equal_float64_reference(nesterov, wd, coefficients, scale_mode):
+def test_steps_equal_float64_reference(nesterov, wd, coefficients, scale_mode, normuon, cautious):
     params = make_params()
     grads_per_step = [make_grads(s) for s in range(3)]
     expected = reference_muon(
-        params, grads_per_step, 0.02, 0.9, nesterov, wd, coefficients, scale_mode
+        params,
+        grads_per_step,
+        0.02,
+        0.9,
+        nesterov,
+        wd,
+        coefficients,
+        scale_mode,
+        normuon=normuon,
+        beta2=0.8,
+        cautious=cautious,
     )
     opt = Muon(
         params,
@@ -86,6 +124,9 @@ def test_steps_equal_float64_reference(nesterov, wd, coefficients, scale_mode):
         weight_decay=wd,
         ns_coefficients=coefficients,
         scale_mode=scale_mode,
+        normuon=normuon,
+        normuon_beta2=0.8,
+        cautious_wd=cautious,
         ns_dtype=torch.float64,
     )
     for grads in grads_per_step:
@@ -94,6 +135,38 @@ def test_steps_equal_float64_reference(nesterov, wd, coefficients, scale_mode):
         opt.step()
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.detach(), e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48)])
+def test_normuon_equalizes_neurons_and_keeps_the_update_norm(shape):
+    """beta2 = 0: every neuron (the longer side's rows or columns) moves by the same RMS, and
+    the matrix's update has the plain Muon update's Frobenius norm. A gradient with one huge
+    neuron shows the difference: plain Muon leaves its neurons unequal."""
+    gen = torch.Generator().manual_seed(3)
+    grad = torch.randn(shape, generator=gen, dtype=torch.float64)
+    grad[:, :1] *= 50  # one dominant input direction
+    grad[:1] *= 50
+    deltas = {}
+    for normuon in (False, True):
+        w = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+        w.grad = grad.clone()
+        Muon(
+            [w],
+            lr=1.0,
+            momentum=0.0,
+            nesterov=False,
+            normuon=normuon,
+            normuon_beta2=0.0,
+            ns_dtype=torch.float64,
+        ).step()
+        deltas[normuon] = -w.detach()
+    neurons = {k: (d if shape[0] >= shape[1] else d.T) for k, d in deltas.items()}
+    rms = {k: n.square().mean(dim=1).sqrt() for k, n in neurons.items()}
+    assert rms[False].max() / rms[False].min() > 1.5  # the test has something to fix
+    torch.testing.assert_close(rms[True], rms[True].mean().expand_as(rms[True]))
+    torch.testing.assert_close(deltas[True].norm(), deltas[False].norm())
+    state = Muon([w], normuon=True).state  # fresh: no state before a step
+    assert not state
 
 
 def test_bf16_orthogonalization_close_to_reference():
@@ -155,9 +228,12 @@ def test_state_is_one_fp32_buffer_per_matrix(dtype):
     assert state_bytes == 4 * sum(p.numel() for p in params)
 
 
-def test_state_dict_roundtrip_bit_identical_with_bf16_params():
+@pytest.mark.parametrize(
+    "options", [{}, {"normuon": True, "weight_decay": 0.1, "cautious_wd": True}]
+)
+def test_state_dict_roundtrip_bit_identical_with_bf16_params(options):
     params = make_params(torch.bfloat16)
-    opt = Muon(params, lr=0.02)
+    opt = Muon(params, lr=0.02, **options)
     for step in range(2):
         for p, g in zip(params, make_grads(step, torch.bfloat16)):
             p.grad = g
@@ -168,10 +244,11 @@ def test_state_dict_roundtrip_bit_identical_with_bf16_params():
     saved = torch.load(buffer, weights_only=True)
 
     clones = [p.detach().clone().requires_grad_() for p in params]
-    resumed = Muon(clones, lr=0.02)
+    resumed = Muon(clones, lr=0.02, **options)
     resumed.load_state_dict(saved)
-    for p in clones:  # torch would cast state to bf16; Muon keeps the fp32 buffer
-        assert resumed.state[p]["momentum_buffer"].dtype == torch.float32
+    for p in clones:  # torch would cast state to bf16; Muon keeps the fp32 buffers
+        assert all(v.dtype == torch.float32 for v in resumed.state[p].values())
+        assert ("second_moment" in resumed.state[p]) == bool(options)
     grads = make_grads(2, torch.bfloat16)
     for group in (params, clones):
         for p, g in zip(group, grads):
@@ -180,6 +257,25 @@ def test_state_dict_roundtrip_bit_identical_with_bf16_params():
     resumed.step()
     for a, b in zip(params, clones):
         assert torch.equal(a, b)
+
+
+def test_loads_state_saved_before_normuon_existed():
+    """Groups saved without the newer options get their defaults instead of a KeyError."""
+    params = make_params(torch.float32)
+    opt = Muon(params, lr=0.02)
+    for p, g in zip(params, make_grads(0, torch.float32)):
+        p.grad = g
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        for key in ("normuon", "normuon_beta2", "cautious_wd"):
+            del group[key]
+    resumed = Muon([p.detach().clone().requires_grad_() for p in params], lr=0.02)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["normuon"] is False
+    for p, g in zip(resumed.param_groups[0]["params"], make_grads(1, torch.float32)):
+        p.grad = g
+    resumed.step()
 
 
 def test_skips_params_without_grad():

@@ -205,6 +205,7 @@ def validate_config(cfg: OptimizerConfig) -> None:
     if cfg.name == "muon":
         check_unit(cfg.momentum, "optimizer.momentum")
         check_unit(cfg.momentum_start, "optimizer.momentum_start")
+        check_unit(cfg.normuon_beta2, "optimizer.normuon_beta2")
         if cfg.momentum_warmup_steps < 0:
             raise OptimizerError(
                 f"optimizer.momentum_warmup_steps must be >= 0, got {cfg.momentum_warmup_steps}"
@@ -273,6 +274,9 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
                     ns_steps=cfg.ns_steps,
                     ns_coefficients=cfg.ns_coefficients,
                     scale_mode=cfg.scale_mode,
+                    normuon=cfg.normuon,
+                    normuon_beta2=cfg.normuon_beta2,
+                    cautious_wd=cfg.cautious_wd,
                 )
             )
         elif matrices:

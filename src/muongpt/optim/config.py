@@ -9,7 +9,7 @@ sets only the fields its optimizer reads, and a field means the same thing where
 - ``embed_lr``, ``head_lr``, ``scalar_lr``: the AdamW groups for embeddings, the lm_head and every
   scalar/vector parameter (all three configs); ``adam_betas``, ``adam_eps``: their moments in the
   hybrids (``muon``, ``soap``; ``adamw`` uses ``betas``, ``eps`` everywhere).
-- ``momentum*``, ``nesterov``, ``ns_*``, ``scale_mode``: Muon only.
+- ``momentum*``, ``nesterov``, ``ns_*``, ``scale_mode``, ``normuon*``, ``cautious_wd``: Muon only.
 - ``shampoo_beta`` ... ``correct_bias``: SOAP only (Vyas et al. 2024, same names and defaults).
 
 The defaults are the Muon hybrid's (the GPU default), modded-nanogpt-like: Muon lr 0.05 with the
@@ -47,6 +47,9 @@ class OptimizerConfig:
     ns_steps: int = 5
     ns_coefficients: str = "polar_express"  # classic | polar_express
     scale_mode: str = "spectral"  # spectral: sqrt(max(1, rows/cols)) | match_adamw: 0.2*sqrt(max)
+    normuon: bool = False  # NorMuon: per-neuron second moment normalizes the orthogonal update
+    normuon_beta2: float = 0.95
+    cautious_wd: bool = False  # decay only where the weight and its update have the same sign
     # SOAP
     shampoo_beta: float = -1.0  # < 0 means betas[1]
     precondition_frequency: int = 10

@@ -51,8 +51,16 @@ from torch import Tensor, nn
 
 from muongpt.optim.combined import CombinedOptimizer
 from muongpt.optim.config import OptimizerError
-from muongpt.optim.muon import Muon, as_matrix_shape, run_closure, state_dtype, update_scale
-from muongpt.optim.newton_schulz import newton_schulz
+from muongpt.optim.muon import (
+    Muon,
+    apply_update,
+    as_matrix_shape,
+    fill_group_defaults,
+    neuron_shape,
+    orthogonal_update,
+    run_closure,
+    state_dtype,
+)
 
 # torch 2.13 renamed the flat collectives (the old names warn); 2.11 has only the old ones.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -188,6 +196,7 @@ class MatrixBlock(Bucket):
         self.update_shard = torch.zeros(k, *self.shape, dtype=p0.dtype, device=p0.device)
         self.owned = params[r * k : (r + 1) * k]  # may be fewer than k, or none
         self.momentum: Tensor | None = None  # (len(owned), *shape), created at the first step
+        self.second_moment: Tensor | None = None  # NorMuon: (len(owned), *neuron_shape)
         self.gather: Pending | None = None
 
     def _launch(self) -> None:
@@ -211,26 +220,31 @@ class MatrixBlock(Bucket):
             )
         return self.momentum
 
+    def second_moment_buffer(self) -> Tensor:
+        if self.second_moment is None:
+            self.second_moment = torch.zeros(
+                len(self.owned),
+                *neuron_shape(*as_matrix_shape(self.shape)),
+                dtype=state_dtype(self.params[0]),
+                device=self.params[0].device,
+            )
+        return self.second_moment
+
     def update(self, ns_dtype: torch.dtype) -> None:
         """The owner's Muon step on its matrices (the single-process math), then the all-gather."""
         g = self.group
         j = len(self.owned)
         if j:
-            beta, lr, wd = g["momentum"], g["lr"], g["weight_decay"]
+            beta = g["momentum"]
             buf = self.momentum_buffer()
             grad = self.grad_shard[:j].to(buf.dtype)
             buf.lerp_(grad, 1 - beta)  # m <- beta m + (1 - beta) g
             u = grad.lerp(buf, beta) if g["nesterov"] else buf
-            rows, cols = as_matrix_shape(self.shape)
-            ortho = newton_schulz(
-                u.view(j, rows, cols), g["ns_steps"], g["ns_coefficients"], dtype=ns_dtype
-            )
+            second_moment = self.second_moment_buffer() if g["normuon"] else None
+            update = orthogonal_update(u, g, ns_dtype, second_moment)
             new = self.update_shard[:j]
             torch.stack(self.owned, out=new)  # the current weights (they may have been reloaded)
-            if wd != 0:
-                new.mul_(1 - lr * wd)
-            scale = update_scale(rows, cols, g["scale_mode"])
-            new.add_(ortho.to(new.dtype).view_as(new), alpha=-lr * scale)
+            apply_update(list(new.unbind(0)), update, g)
         self.gather = self.comm.all_gather(self.flat, self.update_shard)
 
     def finish(self) -> None:
@@ -460,21 +474,31 @@ class DistributedMuon(BucketedStep, Muon):
             return packed
         index = {id(p): i for i, p in enumerate(chain(*(g["params"] for g in self.param_groups)))}
         for block in self.blocks:
-            local = torch.zeros_like(block.grad_shard, dtype=state_dtype(block.params[0]))
-            local[: len(block.owned)] = block.momentum_buffer()
-            full = _gathered(self.comm, local)
-            for i, p in enumerate(block.params):
-                packed["state"][index[id(p)]] = {"momentum_buffer": full[i].cpu()}
+            states: dict[str, Tensor] = {"momentum_buffer": block.momentum_buffer()}
+            if block.group["normuon"]:
+                states["second_moment"] = block.second_moment_buffer()
+            for key, owned in states.items():
+                local = torch.zeros(
+                    (block.k, *owned.shape[1:]), dtype=owned.dtype, device=owned.device
+                )
+                local[: len(block.owned)] = owned
+                full = _gathered(self.comm, local)
+                for i, p in enumerate(block.params):
+                    packed["state"].setdefault(index[id(p)], {})[key] = full[i].cpu()
         return packed
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Keep this rank's part of a ``Muon`` state (saved with any number of ranks)."""
         saved = _saved_states(self, state_dict)
+        fill_group_defaults(self)
         for block in self.blocks:
-            block.momentum = None
+            block.momentum = block.second_moment = None
             for j, p in enumerate(block.owned):
-                if id(p) in saved:
-                    block.momentum_buffer()[j].copy_(saved[id(p)]["momentum_buffer"])
+                state = saved.get(id(p), {})
+                if "momentum_buffer" in state:
+                    block.momentum_buffer()[j].copy_(state["momentum_buffer"])
+                if "second_moment" in state:
+                    block.second_moment_buffer()[j].copy_(state["second_moment"])
         self.has_state = bool(saved)
 
 
@@ -790,7 +814,8 @@ def optimizer_state_bytes(optimizer: CombinedOptimizer | torch.optim.Optimizer) 
     total = 0
     for opt in getattr(optimizer, "optimizers", [optimizer]):
         if isinstance(opt, DistributedMuon):
-            total += sum(b.momentum.nbytes for b in opt.blocks if b.momentum is not None)
+            held = [b.momentum for b in opt.blocks] + [b.second_moment for b in opt.blocks]
+            total += sum(t.nbytes for t in held if t is not None)
         elif isinstance(opt, ZeRO2AdamW):
             total += tensor_bytes(opt.local_state())
         else:

@@ -7,6 +7,16 @@ For every matrix W with gradient G, one step is
     O <- newton_schulz(u)                           # ~ U V^T of u = U S V^T
     W <- (1 - lr wd) W - lr * scale * O             # decoupled weight decay
 
+Two options (off by default):
+
+- ``normuon`` (NorMuon, Li et al. 2025, arXiv:2510.05491): O's neurons (rows, or columns of a
+  wide matrix: the longer side) get equal step sizes. A second moment v <- beta2 v + (1 - beta2)
+  mean(O^2) is kept per neuron, O <- O / sqrt(v), then O is rescaled to its Frobenius norm before
+  the division. Orthogonalization equalizes singular values, not the size of each neuron's
+  update; this does the latter. The rescale makes v's bias (it starts at 0) irrelevant.
+- ``cautious_wd`` (Chen et al. 2025, arXiv:2510.12402): the decay only touches entries where W
+  and the update have the same sign, i.e. where the step already moves W towards zero.
+
 with scale = sqrt(max(1, rows/cols)) ("spectral", the update's spectral norm scales with
 sqrt(fan_out/fan_in)) or 0.2 * sqrt(max(rows, cols)) ("match_adamw": the update's RMS matches
 AdamW's ~0.2, Moonshot 2025, so AdamW learning rates carry over).
@@ -43,6 +53,53 @@ def update_scale(rows: int, cols: int, mode: str) -> float:
 
 def as_matrix_shape(shape: torch.Size) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
+
+
+def neuron_shape(rows: int, cols: int) -> tuple[int, int]:
+    """NorMuon's second moment: one entry per row, or per column where columns are more."""
+    return (rows, 1) if rows >= cols else (1, cols)
+
+
+def normalize_neurons(ortho: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
+    """NorMuon on a stack of orthogonalized updates (n, rows, cols): updates ``second_moment``
+    (n, *neuron_shape) in place and returns the per-neuron normalized update (at least fp32) with
+    each matrix's Frobenius norm unchanged."""
+    o = ortho.to(second_moment.dtype)
+    reduce_dim = -1 if second_moment.shape[-1] == 1 else -2
+    mean_sq = o.square().mean(dim=reduce_dim, keepdim=True)
+    second_moment.lerp_(mean_sq, 1 - beta2)
+    inv_rms = second_moment.clamp_min(1e-20).rsqrt()
+    # |O|_F^2 = size * sum(mean_sq); after the division it is size * sum(mean_sq / v)
+    before = mean_sq.sum(dim=(-2, -1), keepdim=True)
+    after = (mean_sq * inv_rms.square()).sum(dim=(-2, -1), keepdim=True)
+    return o * (inv_rms * (before / after.clamp_min(1e-30)).sqrt())
+
+
+def orthogonal_update(
+    u: Tensor, group: dict, ns_dtype: torch.dtype, second_moment: Tensor | None
+) -> Tensor:
+    """The Muon direction of a stack of momentum updates ``u`` (n, *shape): Newton-Schulz, then
+    NorMuon if ``second_moment`` is given, times the shape's scale. Returns (n, rows, cols)."""
+    n, (rows, cols) = u.shape[0], as_matrix_shape(u.shape[1:])
+    ortho = newton_schulz(
+        u.view(n, rows, cols), group["ns_steps"], group["ns_coefficients"], dtype=ns_dtype
+    )
+    if second_moment is not None:
+        ortho = normalize_neurons(ortho, second_moment, group["normuon_beta2"])
+    return ortho * update_scale(rows, cols, group["scale_mode"])
+
+
+def apply_update(weights: list[Tensor], update: Tensor, group: dict) -> None:
+    """W <- W - lr * update, after the (cautious) decoupled weight decay; ``update`` stacks one
+    matrix per weight."""
+    lr, wd = group["lr"], group["weight_decay"]
+    updates = update.to(weights[0].dtype).view(len(weights), *weights[0].shape).unbind(0)
+    if wd != 0 and group["cautious_wd"]:
+        for w, d in zip(weights, updates):
+            w.addcmul_(w, (w * d > 0).to(w.dtype), value=-lr * wd)
+    elif wd != 0:
+        torch._foreach_mul_(weights, 1 - lr * wd)
+    torch._foreach_add_(weights, updates, alpha=-lr)
 
 
 def state_dtype(param: Tensor) -> torch.dtype:
@@ -104,12 +161,16 @@ class Muon(torch.optim.Optimizer):
         ns_steps: int = 5,
         ns_coefficients: str = "polar_express",
         scale_mode: str = "spectral",
+        normuon: bool = False,
+        normuon_beta2: float = 0.95,
+        cautious_wd: bool = False,
         ns_dtype: torch.dtype = torch.bfloat16,
     ):
         params = param_list(params, "Muon")
         check_lr(lr, "Muon lr")
         check_unit(momentum, "Muon momentum")
         check_nonnegative(weight_decay, "Muon weight_decay")
+        check_unit(normuon_beta2, "Muon normuon_beta2")
         coefficient_schedule(ns_coefficients, 1)  # validates the name
         update_scale(1, 1, scale_mode)  # validates the mode
         if ns_steps < 1:
@@ -122,6 +183,9 @@ class Muon(torch.optim.Optimizer):
             ns_steps=ns_steps,
             ns_coefficients=ns_coefficients,
             scale_mode=scale_mode,
+            normuon=normuon,
+            normuon_beta2=normuon_beta2,
+            cautious_wd=cautious_wd,
         )
         self.ns_dtype = ns_dtype
         super().__init__(params, defaults)
@@ -155,29 +219,38 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _step_same_shape(self, group: dict, params: list[Tensor]) -> None:
-        beta, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
-        bufs = []
-        for p in params:
-            state = self.state[p]
+        beta = group["momentum"]
+        rows, cols = as_matrix_shape(params[0].shape)
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=state_dtype(p))
-            bufs.append(state["momentum_buffer"])
+            if group["normuon"] and "second_moment" not in state:
+                state["second_moment"] = torch.zeros(
+                    neuron_shape(rows, cols), dtype=state_dtype(p), device=p.device
+                )
+        bufs = [s["momentum_buffer"] for s in states]
         grads = [p.grad.to(bufs[0].dtype) for p in params]
         torch._foreach_lerp_(bufs, grads, 1 - beta)  # m <- beta m + (1 - beta) g
         updates = torch._foreach_lerp(grads, bufs, beta) if group["nesterov"] else bufs
 
-        rows, cols = as_matrix_shape(params[0].shape)
-        stacked = torch.stack(updates).view(len(params), rows, cols)
-        ortho = newton_schulz(
-            stacked, group["ns_steps"], group["ns_coefficients"], dtype=self.ns_dtype
-        )
-        ortho = ortho.to(params[0].dtype).view(len(params), *params[0].shape).unbind(0)
-
-        if wd != 0:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        scale = update_scale(rows, cols, group["scale_mode"])
-        torch._foreach_add_(params, ortho, alpha=-lr * scale)
+        second_moment = None
+        if group["normuon"]:  # stacked for the batched math, written back below
+            second_moment = torch.stack([s["second_moment"] for s in states])
+        update = orthogonal_update(torch.stack(updates), group, self.ns_dtype, second_moment)
+        if second_moment is not None:
+            torch._foreach_copy_([s["second_moment"] for s in states], list(second_moment))
+        apply_update(params, update, group)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         load_state_keep_dtypes(self, state_dict)
+        fill_group_defaults(self)
+
+
+def fill_group_defaults(optimizer: torch.optim.Optimizer) -> None:
+    """Options added since a checkpoint was written take their defaults (torch's load replaces
+    the groups with the saved ones)."""
+    for group in optimizer.param_groups:
+        for key, value in optimizer.defaults.items():
+            group.setdefault(key, value)
