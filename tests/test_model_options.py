@@ -429,7 +429,12 @@ def test_dense_mask_refuses_a_size_it_cannot_hold():
 
 
 @pytest.mark.parametrize(
-    "options", [dict(smear=True, attn_gate=True), dict(bigram_embed=211, backout_after=2)]
+    "options",
+    [
+        dict(smear=True, attn_gate=True),
+        dict(bigram_embed=211, backout_after=2),
+        dict(key_offset=True, rope_truncate=True),
+    ],
 )
 def test_options_decode_like_the_full_forward(options):
     """Incremental decoding (KV caches + the smear's last embedding / the bigram's last token),
@@ -442,6 +447,34 @@ def test_options_decode_like_the_full_forward(options):
         caches = model.new_caches(2, 16)
         parts = [model(idx[:, a:b], caches=caches) for a, b in ((0, 7), (7, 8), (8, 16))]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_key_offset_shifts_only_the_unrotated_key_dims_of_long_window_layers():
+    from muongpt.model.attention import CausalSelfAttention
+
+    attn = CausalSelfAttention(32, 2, rope_truncate=True, key_offset=True)
+    k = torch.randn(2, 5, 2, 16)
+    out = attn.offset_keys(k, None)
+    still = [4, 5, 6, 7, 12, 13, 14, 15]  # [hd/4, hd/2) and [3hd/4, hd): zero RoPE frequency
+    rotated = [0, 1, 2, 3, 8, 9, 10, 11]
+    assert attn.rotary.inv_freq[still[:4]].eq(0).all() and attn.rotary.inv_freq[:4].gt(0).all()
+    torch.testing.assert_close(out[..., rotated], k[..., rotated], rtol=0, atol=0)
+    torch.testing.assert_close(out[:, 1:, :, still], k[:, :-1, :, still], rtol=0, atol=0)
+    assert out[:, 0, :, still].eq(0).all()
+    # only the long-window layers; causal all the same
+    c = GPTConfig(
+        **{**BASE, "n_layer": 4}, attention="flex", attn_window=8, window_pattern=[1.0, 0.5],
+        rope_truncate=True, key_offset=True,
+    )  # fmt: skip
+    model = perturbed(GPT(c))
+    assert [b.mixer.key_offset for b in model.blocks] == [True, False, True, False]
+    idx = torch.randint(0, 300, (1, 20))
+    changed = idx.clone()
+    changed[0, 12:] = (changed[0, 12:] + 1) % 300
+    with torch.no_grad():
+        torch.testing.assert_close(model(changed)[:, :12], model(idx)[:, :12])
+    with pytest.raises(MuonGPTError, match="key_offset needs model.rope_truncate"):
+        GPTConfig(**BASE, key_offset=True)
 
 
 def test_smear_starts_as_identity_and_stops_at_document_starts():

@@ -65,6 +65,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
+        self.last_key: Tensor | None = None  # key offset: the last token's key before the shift
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         end = self.pos + k.size(2)
@@ -178,6 +179,7 @@ class CausalSelfAttention(nn.Module):
         rope_truncate: bool = False,
         scale: float | None = None,
         gate: bool = False,
+        key_offset: bool = False,
     ):
         super().__init__()
         if dim % n_head:
@@ -189,6 +191,11 @@ class CausalSelfAttention(nn.Module):
         self.v = nn.Linear(dim, dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
         self.rotary = Rotary(self.head_dim, rope_base, rope_truncate)
+        # Key offset: the unrotated dims of token t's key come from token t-1, so one layer can
+        # match "the token after an earlier copy of the current one" (an induction head).
+        if key_offset and not rope_truncate:
+            raise MuonGPTError("model.key_offset needs model.rope_truncate (unrotated key dims)")
+        self.key_offset = key_offset
         self.scale = scale  # None: 1 / sqrt(head_dim)
         # v <- a v + b ve with a value embedding ve of the tokens (GPT(value_embeds=n))
         self.ve_lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if value_embed else None
@@ -199,6 +206,21 @@ class CausalSelfAttention(nn.Module):
             if dim < GATE_DIMS:
                 raise MuonGPTError(f"attention gate needs n_embd >= {GATE_DIMS}, got {dim}")
             nn.init.zeros_(self.gate.weight)
+
+    def offset_keys(self, k: Tensor, cache: KVCache | None) -> Tensor:
+        """Shift the unrotated dims of the keys (B, T, H, hd) one token later: with a
+        half-truncated RoPE those are the last quarter of each half, [hd/4, hd/2) and
+        [3hd/4, hd). The first token gets zeros there (or, decoding, the cached last key's)."""
+        B, T, H, hd = k.shape
+        halves = k.view(B, T, H, 2, hd // 2)
+        rotated, still = halves[..., : hd // 4], halves[..., hd // 4 :]
+        first = torch.zeros_like(still[:, :1])
+        if cache is not None:
+            if cache.last_key is not None:
+                first = cache.last_key
+            cache.last_key = still[:, -1:]
+        shifted = torch.cat([first, still[:, :-1]], dim=1)
+        return torch.cat([rotated, shifted], dim=-1).view(B, T, H, hd)
 
     def new_cache(self, batch_size: int, max_len: int, device, dtype) -> KVCache:
         return KVCache(batch_size, self.n_head, self.head_dim, max_len, device, dtype)
@@ -226,6 +248,8 @@ class CausalSelfAttention(nn.Module):
             self.rotary(rms_norm(q), start),
             self.rotary(rms_norm(k), start),
         )  # QK-norm, then RoPE
+        if self.key_offset:
+            k = self.offset_keys(k, cache)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if isinstance(block_mask, Tensor) and cache is None:  # the dense form (CPU)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask, scale=self.scale)

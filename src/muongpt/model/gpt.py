@@ -32,6 +32,9 @@ Optional speedrun tricks (modded-nanogpt, late 2024 to early 2025), each off by 
   input-gated share of the previous token; lambda starts at 0). ``attn_gate``: each head's output
   times sigmoid(w_h . x[:12]) of the attention input (w_h starts at 0, so the gate at 0.5).
   Both from modded-nanogpt's 2025 records; their tiny gate matrices train with the scalar AdamW.
+- ``key_offset`` (needs ``rope_truncate``): in the long-window layers the keys' unrotated dims
+  hold the previous token's, so a query can find "the token after an earlier copy of me" in one
+  layer (an induction head without a second layer). modded-nanogpt, December 2025.
 - ``embed_norm``: x0 = RMSNorm(embed(idx)). Keeps the residual stream at unit scale however far a
   high-lr (AdamW 0.6) embedding drifts; without it the embedding can swamp the blocks' outputs.
 - ``bigram_embed = rows``: a hashed table of token pairs, zero at start; before every block
@@ -101,6 +104,8 @@ class GPTConfig:
     embed_norm: bool = False
     smear: bool = False  # token smear: x_t += lambda * sigmoid(w . x_t[:12]) * x_{t-1} after embed
     attn_gate: bool = False  # per-head sigmoid gate on attention outputs, from x[:12]
+    # long-window layers: the keys' unrotated dims (rope_truncate) shifted one token later
+    key_offset: bool = False
     residual_bf16: bool = False
     bigram_embed: int = 0  # rows of the hashed (previous, current) token table; 0 = none
     backout_after: int = 0  # subtract lambda * (stream after this many blocks) at the end; 0 = off
@@ -151,6 +156,8 @@ class GPTConfig:
             raise MuonGPTError("model.window_pattern needs model.attention=flex")
         if self.attn_scale < 0:
             raise MuonGPTError(f"model.attn_scale must be >= 0, got {self.attn_scale}")
+        if self.key_offset and not self.rope_truncate:
+            raise MuonGPTError("model.key_offset needs model.rope_truncate (unrotated key dims)")
         if self.bigram_embed < 0 or self.bigram_embed == 1:
             raise MuonGPTError(
                 f"model.bigram_embed must be 0 (off) or >= 2 rows, got {self.bigram_embed}"
@@ -174,6 +181,10 @@ class GPTConfig:
 
     def mixer_of_layer(self, i: int) -> str:
         return self.mixer_pattern[i % len(self.mixer_pattern)]
+
+    def key_offset_of_layer(self, i: int) -> bool:
+        """``key_offset`` applies to the long-window layers (the largest window_pattern entry)."""
+        return self.key_offset and self.window_of_layer(i) == max(self.window_pattern)
 
     def window_of_layer(self, i: int) -> float:
         return float(self.window_pattern[i % len(self.window_pattern)])
@@ -260,6 +271,7 @@ class Block(nn.Module):
                 rope_truncate=config.rope_truncate,
                 scale=config.attn_scale or None,
                 gate=config.attn_gate,
+                key_offset=config.key_offset_of_layer(layer),
             )
         elif self.kind == "none":
             self.mixer = None

@@ -58,6 +58,7 @@ def build_model_config(cfg: DictConfig) -> GPTConfig:
         embed_norm=m.embed_norm,
         smear=m.get("smear", False),
         attn_gate=m.get("attn_gate", False),
+        key_offset=m.get("key_offset", False),
         residual_bf16=m.get("residual_bf16", False),
         bigram_embed=m.get("bigram_embed", 0),
         backout_after=m.get("backout_after", 0),
