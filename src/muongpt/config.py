@@ -47,6 +47,7 @@ class ModelConfig:
     embed_norm: bool = False  # RMSNorm on the embedding output
     smear: bool = False  # token smear: a gated share of the previous token's embedding
     attn_gate: bool = False  # per-head sigmoid gate on attention outputs
+    key_offset: bool = False  # long-window layers: unrotated key dims from the previous token
     residual_bf16: bool = False  # bf16 residual stream under bf16 autocast (default: fp32)
     bigram_embed: int = 0  # rows of a hashed (previous, current) token table added to every layer
     backout_after: int = 0  # subtract lambda * (stream after this many blocks) before the head

@@ -78,8 +78,9 @@ def compose_config(overrides: list[str]):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose(config_name="config", overrides=overrides)
     except Exception as e:  # Hydra raises several types; all mean a bad override
-        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise MuonGPTError(f"invalid config: {first}") from None
+        # Hydra's first line often only says where ("... raised while composing config:")
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()][:2]
+        raise MuonGPTError(f"invalid config: {' '.join(lines) or type(e).__name__}") from None
 
 
 def matmul_params(model) -> int:
