@@ -280,13 +280,14 @@ def test_flex_kernel_with_the_block_mask_matches_dense_sdpa_on_cuda(window):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_compiled_flex_model_on_cuda_matches_dense_sdpa():
+@pytest.mark.parametrize("extra", [{}, dict(rope_truncate=True, key_offset=True)])
+def test_compiled_flex_model_on_cuda_matches_dense_sdpa(extra):
     """The GPU path end to end: the compiled model with FlexAttention masks (documents, a window
     changed without recompiling) gives the loss and gradients of the dense-mask SDPA model, in
-    training and under no_grad (the evaluation path)."""
+    training and under no_grad (the evaluation path); also with the key offset traced."""
     from muongpt.model.attention import document_dense_mask
 
-    cfg = dict(vocab_size=512, n_layer=2, n_head=2, n_embd=128, bos_token=7)
+    cfg = dict(vocab_size=512, n_layer=2, n_head=2, n_embd=128, bos_token=7, **extra)
     torch.manual_seed(0)
     flex = perturbed(GPT(GPTConfig(**cfg, attention="flex", doc_mask=True, attn_window=512)))
     flex = flex.cuda()
