@@ -41,6 +41,7 @@ from muongpt.optim.config import OptimizerError, check_lr, check_nonnegative, ch
 from muongpt.optim.newton_schulz import coefficient_schedule, newton_schulz
 
 SCALE_MODES = ("spectral", "match_adamw")
+ADDED_OPTIONS = ("normuon", "normuon_beta2", "cautious_wd")  # absent from older checkpoints
 
 
 def update_scale(rows: int, cols: int, mode: str) -> float:
@@ -252,5 +253,5 @@ def fill_group_defaults(optimizer: torch.optim.Optimizer) -> None:
     """Options added since a checkpoint was written take their defaults (torch's load replaces
     the groups with the saved ones)."""
     for group in optimizer.param_groups:
-        for key, value in optimizer.defaults.items():
-            group.setdefault(key, value)
+        for key in ADDED_OPTIONS:
+            group.setdefault(key, optimizer.defaults[key])
