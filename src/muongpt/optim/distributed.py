@@ -55,7 +55,6 @@ from muongpt.optim.muon import (
     Muon,
     apply_update,
     as_matrix_shape,
-    fill_group_defaults,
     neuron_shape,
     orthogonal_update,
     run_closure,
@@ -489,8 +488,7 @@ class DistributedMuon(BucketedStep, Muon):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Keep this rank's part of a ``Muon`` state (saved with any number of ranks)."""
-        saved = _saved_states(self, state_dict)
-        fill_group_defaults(self)
+        saved = _saved_states(self, state_dict)  # updates the live groups: no key goes missing
         for block in self.blocks:
             block.momentum = block.second_moment = None
             for j, p in enumerate(block.owned):
