@@ -37,8 +37,7 @@ W2 (K, N) in the backward. Two implementations of that GEMM, chosen by ``KERNEL`
   (``triton.tools.tensor_descriptor.TensorDescriptor``: no device allocator needed). Elsewhere,
   or if the tensors are not 16-byte aligned, the pointer kernel runs instead.
 
-Launch shapes come from ``CONFIGS`` (``FWD_CONFIG``, ``BWD_CONFIG`` name the ones used);
-benchmarks/relu2_mlp.py times them all. The op is ``torch.library`` custom ops with fake kernels
+Launch shapes are ``FWD_CONFIG`` and ``BWD_CONFIG``; benchmarks/relu2_mlp.py times others. The op is ``torch.library`` custom ops with fake kernels
 (contiguous outputs, exactly as the real ones), so ``torch.compile`` treats the kernels as opaque
 nodes; the backward formula is traced (its matmuls are ordinary aten.mm). Without Triton or CUDA
 the ops compute the same math in PyTorch (fp32 accumulation, one rounding), so CPU tests exercise
@@ -52,7 +51,9 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from muongpt.model.gpt import MLP
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU builds may lack it
     import triton
@@ -79,29 +80,11 @@ class GemmConfig(NamedTuple):
     per_sm: int = 1  # "tma": persistent programs per SM
 
 
-# Hopper: bf16 wgmma, fp32 accumulators. Compiled offline for sm_90 by Triton 3.5 (shared memory
-# per program, pointer / tma kernel; H100 allows 227 KB per program, 228 KB per SM):
-#   128x256x64 s3: 144 / 208 KB (split2: 176 KB); s4 split2: 192 / 224 KB
-#   128x128x64 s4: 128 / 160 KB; s3: 96 / 128 KB (split2: 112 KB, so 2 programs fit an SM)
-#   256x128x64 s3: 144 / 208 KB; 128x128x128 s3: 192 / 224 KB
-# The backward's epilogue also holds the post tile: at 128 x 256 (and 256 x 128) the pointer
-# kernel then spills (255 registers + stack), the tma kernel with split2 does not (176).
-# Defaults: the fastest of benchmarks/relu2_mlp.py on an H100 (torch 2.11, Triton 3.6), M = 131,072:
-# tma 128x256x64-s3-w8 takes 0.96 ms forward / 1.22 ms backward against torch.mm's 0.86 / 0.88 ms
-# alone and the compiled mm + pointwise's 1.38 / 1.66 ms; the best pointer shape 1.19 / 1.37 ms.
-CONFIGS: dict[str, GemmConfig] = {
-    "128x256x64-s3-w8": GemmConfig(128, 256, 64, 8, 3, 8),
-    "128x256x64-s3-w8-split2": GemmConfig(128, 256, 64, 8, 3, 8, epi_split=2),
-    "128x256x64-s4-w8-split2": GemmConfig(128, 256, 64, 8, 4, 8, epi_split=2),
-    "128x128x64-s4-w8": GemmConfig(128, 128, 64, 8, 4, 8),
-    "128x128x64-s3-w8": GemmConfig(128, 128, 64, 8, 3, 8),
-    "128x128x64-s3-w8-2sm-split2": GemmConfig(128, 128, 64, 8, 3, 8, epi_split=2, per_sm=2),
-    "128x128x64-s4-w4": GemmConfig(128, 128, 64, 8, 4, 4),
-    "256x128x64-s3-w8": GemmConfig(256, 128, 64, 8, 3, 8),
-    "128x128x128-s3-w8": GemmConfig(128, 128, 128, 8, 3, 8),
-}
-FWD_CONFIG = "128x256x64-s3-w8"  # post = relu(x W1^T)^2
-BWD_CONFIG = "128x256x64-s3-w8"  # dpre = (dy W2) * 2 sqrt(post): the epilogue also loads post
+# The fastest launch shape of benchmarks/relu2_mlp.py (which times the alternatives) on an H100
+# (torch 2.11, Triton 3.6), M = 131,072: the tma kernel at 128x256x64, 3 stages, 8 warps takes
+# 0.96 ms forward / 1.22 ms backward, against 1.38 / 1.66 ms for the compiled mm + pointwise.
+FWD_CONFIG = GemmConfig(128, 256, 64, 8, 3, 8)  # post = relu(x W1^T)^2
+BWD_CONFIG = GemmConfig(128, 256, 64, 8, 3, 8)  # dpre = (dy W2) * 2 sqrt(post); also loads post
 KERNEL = "tma"  # or "pointer" (the tma kernel falls back to it before Hopper)
 KERNELS = ("pointer", "tma")
 
@@ -289,14 +272,14 @@ def _gemm(
     post: Tensor | None,
     epilogue: int,
     b_kmajor: bool,
-    config: str | GemmConfig,
+    config: GemmConfig,
     kernel: str,
 ) -> Tensor:
     """epilogue(a @ B) (M, N) in a's dtype, by the Triton kernel ``kernel`` (no device checks:
     CUDA, or CPU under TRITON_INTERPRET=1). B = b^T for b (N, K) if ``b_kmajor``, else b (K, N)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    cfg = CONFIGS[config] if isinstance(config, str) else config
+    cfg = config
     a, b = a.contiguous(), b.contiguous()
     M, K = a.shape
     N = b.size(0) if b_kmajor else b.size(1)
@@ -336,7 +319,7 @@ def _gemm(
 
 
 def fc_relu2_kernel(
-    x: Tensor, w1: Tensor, config: str | GemmConfig | None = None, kernel: str | None = None
+    x: Tensor, w1: Tensor, config: GemmConfig | None = None, kernel: str | None = None
 ) -> Tensor:
     """post = relu(x @ w1^T)^2 by kernel 1: x (M, D), w1 (H, D) -> (M, H) in x's dtype."""
     return _gemm(x, w1, None, 0, True, config or FWD_CONFIG, kernel or KERNEL)
@@ -346,7 +329,7 @@ def grad_pre_kernel(
     dy: Tensor,
     w2: Tensor,
     post: Tensor,
-    config: str | GemmConfig | None = None,
+    config: GemmConfig | None = None,
     kernel: str | None = None,
 ) -> Tensor:
     """dpre = (dy @ w2) * 2 sqrt(post) by kernel 2: dy (M, D), w2 (D, H), post (M, H)."""
@@ -455,3 +438,17 @@ def fused_mlp_usable(x: Tensor, hidden: int | None = None) -> bool:
     if x.size(-1) % 16 != 0 or (hidden is not None and hidden % 16 != 0):
         return False
     return torch.cuda.get_device_properties(x.device).major >= 8
+
+
+class FusedMLP(MLP):
+    """The model's MLP with ReLU^2 in the Triton GEMM epilogues where ``fused_mlp_usable``
+    (CUDA, bf16); elsewhere the plain MLP. Built by the ``fused_mlp`` converter."""
+
+    def __init__(self, mlp: MLP):
+        nn.Module.__init__(self)
+        self.fc, self.proj = mlp.fc, mlp.proj
+
+    def forward(self, x: Tensor) -> Tensor:
+        if fused_mlp_usable(x, self.fc.out_features):
+            return relu2_mlp(x, self.fc.weight, self.proj.weight)
+        return super().forward(x)

@@ -14,7 +14,7 @@ With K targets per row (multi-token prediction: targets t+1 .. t+K, weights w_k)
 sum_k w_k (lse - z[target_k]) and the softmax term of G has weight sum_k w_k: the same two passes.
 The logits are freed there; only G (1 byte per logit, half the bf16 logits) waits for the backward: dx = G W and dW = G^T x as two ``_scaled_mm`` calls, G^T made by the Triton transpose of
 fp8.py (fp8 tensor cores reduce only along contiguous dims). Writing G^T from kernel 2 as well
-measured 3x slower on an H100 than kernel 2 plus the transpose (benchmarks/NOTES.md). The
+measured 3x slower on an H100 than kernel 2 plus the transpose (docs/speedrun.md). The
 incoming gradient of the loss goes into the dequantization scale (grad_loss / grad_scale, a
 tensor: no host sync), so ``grad_scale`` means what it means in fp8.py: the multiplier on the
 gradient of the mean loss. Capped logits are bounded above by A, so the softmax needs no running
@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from muongpt.model.fp8 import E5M2_MAX, grad_input, grad_weight, quantized_linear
+from muongpt.kernels.fp8 import E5M2_MAX, FP8Head, grad_input, grad_weight, quantized_linear
+from muongpt.model.attention import rms_norm
 
 try:
     import triton
@@ -38,20 +39,10 @@ except ImportError:  # pragma: no cover - CPU builds of PyTorch may come without
 CAP_MODES = {"none": 0, "tanh": 1, "sigmoid": 2}
 
 
-SIGMOID_CAP = (30.0, 7.5, 0.0)  # A, B, C of 30 sigmoid(l / 7.5) (modded-nanogpt, early 2025)
-
-
-def cap_params(
-    softcap: str, softcap_value: float, sigmoid_cap=SIGMOID_CAP
-) -> tuple[int, float, float, float]:
-    """(mode, A, B, C) of z = A f((l + C) / B): the model's ``softcap`` in kernel form. tanh:
-    A = B = softcap_value, C = 0; sigmoid: ``sigmoid_cap`` = (A, B, C)."""
-    if softcap == "sigmoid":
-        a, b, c = (float(v) for v in sigmoid_cap)
-        return CAP_MODES["sigmoid"], a, b, c
-    if softcap == "tanh":
-        return CAP_MODES["tanh"], float(softcap_value), float(softcap_value), 0.0
-    return CAP_MODES["none"], 1.0, 1.0, 0.0
+def cap_mode(cap_form: tuple[str, float, float, float]) -> tuple[int, float, float, float]:
+    """(mode, A, B, C) of z = A f((l + C) / B) from a model soft-cap's ``kernel_form()``."""
+    kind, a, b, c = cap_form
+    return CAP_MODES[kind], float(a), float(b), float(c)
 
 
 # ---------------------------------------------------------------- reference (PyTorch)
@@ -344,15 +335,25 @@ def fp8_cross_entropy(
     w: Tensor,
     targets: Tensor,
     scales: tuple[float, float, float],
-    softcap: str = "none",
-    softcap_value: float = 15.0,
-    sigmoid_cap=SIGMOID_CAP,
+    cap_form: tuple[str, float, float, float] = ("none", 1.0, 1.0, 0.0),
     weights: Tensor | None = None,
 ) -> Tensor:
-    """Mean cross-entropy of ``softcap(x @ w.T)`` against ``targets`` (< 0: ignored), x (..., D),
+    """Mean cross-entropy of ``cap(x @ w.T)`` against ``targets`` (< 0: ignored), x (..., D),
     targets (...), or (..., K) with ``weights`` (K,) (multi-token prediction): the fused fp8 path
     (CUDA with Triton; token count a multiple of 16)."""
     x2 = x.reshape(-1, x.size(-1)).contiguous()
     targets, weights = target_columns(targets, weights, x2.size(0))
-    cap = cap_params(softcap, softcap_value, sigmoid_cap)
+    cap = cap_mode(cap_form)
     return fp8_head_loss(x2, w.contiguous(), targets, weights, *scales, *cap)[0]
+
+
+class FP8LossHead(FP8Head):
+    """The FP8 head whose training forward (gradients on, fp8 usable) is the fused op above:
+    matmul, soft-cap, loss and the e5m2 logit gradient; otherwise the FP8 head's plain path."""
+
+    def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
+        fused = targets is not None and torch.is_grad_enabled() and triton is not None
+        if fused and self.fp8_usable(x):
+            cap = self.cap.kernel_form()
+            return fp8_cross_entropy(rms_norm(x), self.weight, targets, self.scales, cap)
+        return super().forward(x, targets)

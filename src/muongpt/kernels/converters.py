@@ -1,0 +1,89 @@
+"""Kernel converters: swap a model's modules for faster kernels, from outside the model.
+
+The model files define the math; a converter replaces a module by one that computes the same
+function with another kernel (as torchtitan's float8 converter does), keeping every Parameter, so
+checkpoints, optimizer groups and parameter names do not change. Chosen by name in
+``kernels.converters``, applied in the order given, before the optimizer is built and before
+``torch.compile``:
+
+- ``flex_attention``: document/window masks as FlexAttention block masks (GPU) instead of dense
+  SDPA masks; for ``model=speedrun``. On CPU (no FlexAttention backward) the dense form stays.
+- ``fp8_head``: the lm_head matmul in fp8 (e4m3 forward, e5m2 gradients, fp8 weight gradient).
+- ``fp8_head_loss``: ``fp8_head`` whose training forward fuses matmul, soft-cap, loss and the
+  logit gradient into one op (``kernels/fp8_loss.py``).
+- ``fused_mlp``: ReLU^2 inside the Triton GEMM epilogues of every MLP (``kernels/relu2_mlp.py``).
+
+Where the hardware lacks a kernel (CPU, older GPUs) each converted module runs its plain path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from muongpt import MuonGPTError
+from muongpt.model.gpt import GPT
+
+
+@dataclass
+class KernelsConfig:
+    converters: list[str] = field(default_factory=list)  # names below, applied in order
+    fp8_scales: list[float] = field(default_factory=lambda: [2.0, 32.0, 2.0**29])  # x, W, grad
+
+
+def flex_attention(model: GPT, cfg: KernelsConfig) -> None:
+    from muongpt.model.masks import flex_or_dense_mask
+
+    if not hasattr(model, "mask_builder"):
+        raise MuonGPTError(
+            "kernels.converters: flex_attention needs a document-masked model (model=speedrun)"
+        )
+    model.mask_builder = flex_or_dense_mask
+
+
+def fp8_head(model: GPT, cfg: KernelsConfig) -> None:
+    from muongpt.kernels.fp8 import FP8Head
+
+    model.lm_head = FP8Head(model.lm_head, tuple(cfg.fp8_scales))
+
+
+def fp8_head_loss(model: GPT, cfg: KernelsConfig) -> None:
+    from muongpt.kernels.fp8_loss import FP8LossHead
+
+    model.lm_head = FP8LossHead(model.lm_head, tuple(cfg.fp8_scales))
+
+
+def fused_mlp(model: GPT, cfg: KernelsConfig) -> None:
+    from muongpt.kernels.relu2_mlp import FusedMLP
+
+    for block in model.blocks:
+        block.mlp = FusedMLP(block.mlp)
+
+
+CONVERTERS: dict[str, Callable[[GPT, KernelsConfig], None]] = {
+    "flex_attention": flex_attention,
+    "fp8_head": fp8_head,
+    "fp8_head_loss": fp8_head_loss,
+    "fused_mlp": fused_mlp,
+}
+
+
+def check_converters(names) -> None:
+    unknown = [n for n in names if n not in CONVERTERS]
+    if unknown:
+        raise MuonGPTError(
+            f"kernels.converters: unknown {unknown}; choose from {sorted(CONVERTERS)}"
+        )
+    if "fp8_head" in names and "fp8_head_loss" in names:
+        raise MuonGPTError("kernels.converters: fp8_head_loss already includes fp8_head")
+
+
+def apply_converters(model: GPT, cfg: KernelsConfig) -> GPT:
+    """Convert ``model`` in place by each of ``cfg.converters``; returns it."""
+    check_converters(cfg.converters)
+    params = {id(p) for p in model.parameters()}
+    for name in cfg.converters:
+        CONVERTERS[name](model, cfg)
+    if {id(p) for p in model.parameters()} != params:  # a converter must keep every Parameter
+        raise AssertionError("a kernel converter replaced a model parameter")
+    return model

@@ -1,0 +1,111 @@
+"""Attention masks of packed batches: causal, within one document, within a sliding window.
+
+Two forms of one rule (query q sees key k iff k <= q, same document, q - k < window): a dense
+(B, 1, T, T) bool tensor for SDPA (any device, O(T^2) memory), and a FlexAttention BlockMask built
+by hand at the level of 128 x 128 tiles (GPU; what the ``flex_attention`` converter selects).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from muongpt import MuonGPTError
+
+FLEX_BLOCK = 128  # FlexAttention's tile: masks are decided per 128 x 128 block, then per token
+UNBOUNDED_WINDOW = 2**30
+DENSE_MASK_LIMIT = 2**30  # elements (bytes) of the CPU path's dense mask
+
+
+def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, n, n) bool block table -> per row: the count of its True blocks and all n column
+    indices, the True ones first (ascending), then the others: a permutation of each row.
+
+    Sort-free (cumulative sums and one scatter): no ties for a sort to order wrongly."""
+    taken = dense.to(torch.int32)
+    counts = taken.sum(dim=-1, dtype=torch.int32)
+    slot = torch.where(
+        dense,
+        taken.cumsum(-1) - 1,  # the k-th True block goes to slot k
+        counts[..., None] + (1 - taken).cumsum(-1) - 1,  # the others after them, in order
+    )
+    cols = torch.arange(dense.size(-1), device=dense.device, dtype=torch.int32).expand_as(slot)
+    indices = torch.empty_like(cols).scatter_(-1, slot.long(), cols)
+    return counts[:, None].contiguous(), indices[:, None].contiguous()
+
+
+# Built eagerly even inside a compiled model (one graph break; O((T/128)^2) small ops): compiled
+# by torch 2.11's inductor, the block lists came out wrong (BlockMask.from_kv_blocks' stable
+# argsort: the model's attention gradients were off, measured on H100) or failed to compile
+# (a scatter). The BlockMask's tensors enter the compiled graph as inputs, as with
+# create_block_mask.
+@torch.compiler.disable
+def document_block_mask(docs: Tensor, window: Tensor | int | None = None):
+    """FlexAttention BlockMask: query q sees key k iff k <= q, same document, q - k < window.
+
+    ``docs`` (B, T) holds each token's document number, non-decreasing along T (a running count of
+    document starts). The mask is built directly at block level: a 128 x 128 block is skipped
+    when no pair in it can attend, marked full when every pair can (no per-token mask evaluated),
+    and partial otherwise. This costs O((T/128)^2) small ops, with no T x T tensor and no inner
+    ``torch.compile`` (``create_block_mask`` compiles its own vmap). ``window`` may be a 0-dim
+    tensor: changing its value does not recompile the model.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, T = docs.shape
+    n = -(-T // FLEX_BLOCK)
+    if n * FLEX_BLOCK != T:  # pad with the last document id; the kernel ignores positions >= T
+        docs = F.pad(docs, (0, n * FLEX_BLOCK - T), mode="replicate")
+    if window is None:
+        window = UNBOUNDED_WINDOW
+    blocks = docs.view(B, n, FLEX_BLOCK)
+    first, last = blocks[..., 0], blocks[..., -1]  # smallest and largest document of each block
+    i = torch.arange(n, device=docs.device)
+    gap = (i[:, None] - i[None, :]) * FLEX_BLOCK  # query block start - key block start
+    # some pair visible: causal (i >= j), nearest pair inside the window, documents overlap
+    any_pair = (gap >= 0) & (gap - (FLEX_BLOCK - 1) < window)
+    any_pair = any_pair[None] & (first[:, :, None] <= last[:, None, :])
+    # every pair visible: strictly below the diagonal, farthest pair inside the window, and the
+    # key block's first token in the same document as the query block's last one
+    all_pairs = (gap > 0) & (gap + (FLEX_BLOCK - 1) < window)
+    all_pairs = all_pairs[None] & (last[:, :, None] == first[:, None, :])
+    partial = any_pair & ~all_pairs
+
+    def mask_mod(b, h, q, kv):
+        return (q >= kv) & (docs[b, q] == docs[b, kv]) & (q - kv < window)
+
+    # kv blocks of each query block (forward, dq) and query blocks of each kv block (dk, dv),
+    # both from the block tables: no from_kv_blocks, whose transposition sorts
+    return BlockMask(
+        (T, T),
+        *_ordered(partial),
+        *_ordered(all_pairs),
+        *_ordered(partial.mT),
+        *_ordered(all_pairs.mT),
+        BLOCK_SIZE=(FLEX_BLOCK, FLEX_BLOCK),
+        mask_mod=mask_mod,
+    )
+
+
+def document_dense_mask(docs: Tensor, window: Tensor | int | None = None) -> Tensor:
+    """The same rule as ``document_block_mask`` as a (B, 1, T, T) bool tensor, for SDPA: the CPU
+    path (FlexAttention has no CPU backward), O(T^2) memory."""
+    B, T = docs.shape
+    if B * T * T > DENSE_MASK_LIMIT:
+        raise MuonGPTError(
+            f"document-masked attention as a dense {B} x {T} x {T} mask "
+            f"({B * T * T / 2**30:.1f} GiB) is too large: on a GPU use kernels.converters=[flex_attention], "
+            "or a shorter training.seq_len"
+        )
+    pos = torch.arange(T, device=docs.device)
+    gap = pos[:, None] - pos[None, :]
+    keep = (gap >= 0) & (gap < (UNBOUNDED_WINDOW if window is None else window))
+    return (keep[None] & (docs[:, :, None] == docs[:, None, :]))[:, None]
+
+
+def flex_or_dense_mask(docs: Tensor, window: Tensor | int | None = None):
+    """A BlockMask on GPU; on CPU, which has no FlexAttention backward, the dense form."""
+    if docs.device.type == "cpu":
+        return document_dense_mask(docs, window)
+    return document_block_mask(docs, window)

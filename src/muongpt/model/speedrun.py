@@ -1,0 +1,348 @@
+"""The speed-run GPT: the core GPT plus the parts that won modded-nanogpt's speed runs.
+
+    x = x0 = rmsnorm(embed(idx))                        # bf16 under autocast (residual stream)
+    for block i:
+        x = x + w_i * skip[L-1-i]            (second half: U-net skips from the first half)
+        x = x + lambda_i * bigram(prev token, token)    # hashed table, zero at start
+        x = a_i x + b_i x0                              # x0 mixing
+        x = x + attn_i(norm(x))                         # document-masked, sliding window;
+                                                        # v <- a v + b ve(idx) in the first and
+                                                        # last n layers (value embeddings)
+        x = x + mlp(norm(x))
+    x = x - lambda * x_k                                # backout of the stream after k blocks
+    logits = A sigmoid((lm_head(norm(x)) + C) / B)      # sigmoid soft-cap, fp32
+
+Each part is plain code below, on in every speed-run model:
+
+- **value embeddings** (``value_embeds`` = n tables): table i is mixed into the attention values of
+  layer i and of layer L - n + i (a, b learned, start at 0.5).
+- **U-net skips**: the first L/2 blocks' outputs are added back, last in first out, to the inputs
+  of the last L/2 blocks, each with a learned weight (starts at 1).
+- **x0 mixing**: every block first mixes in the embedding output (a = 1, b = 0 at start).
+- **bigram table** (``bigram_rows``): a hashed (previous, current) token table; a token with no
+  predecessor (a row's first token, a document's first token) reads a reserved row.
+- **backout** (``backout_after`` = k): the head reads less of the early layers' raw features.
+- **document-masked attention with long/short sliding windows**: documents start at the
+  end-of-text token; each layer's window is its ``window_pattern`` fraction of the current window
+  (``set_attn_window``: the trainer grows it over the run without recompiling). Masks are dense
+  bool tensors for SDPA unless the ``flex_attention`` converter selects FlexAttention block masks.
+- **half-truncated RoPE** (``rope_base``): half the head dims rotate, the other half carry no
+  position; the softmax scale is ``attn_scale``.
+- **key offset**: in the long-window layers the keys' unrotated dims hold the previous token's,
+  so one layer can find "the token after an earlier copy of me" (an induction head).
+- **MLP-only layers**: a ``mixing.pattern`` entry ``none`` leaves a block without attention.
+- **embedding norm** and a **bf16 residual stream** under bf16 autocast (autocast alone keeps it
+  fp32: the embedding output is fp32 and fp32 + bf16 stays fp32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from muongpt import MuonGPTError
+from muongpt.model.attention import CausalSelfAttention, KVCache, cached_attention, rms_norm
+from muongpt.model.gpt import GPT, MLP, GPTConfig, SoftCap
+from muongpt.model.masks import UNBOUNDED_WINDOW, document_dense_mask
+
+# The 12-layer window pattern of the speed runs: long windows at layers 0, 4, 7 and 11.
+D12_WINDOWS = [1.0, 0.5, 0.5, 0.5, 1.0, 0.5, 0.5, 1.0, 0.5, 0.5, 0.5, 1.0]
+
+
+@dataclass
+class SpeedrunConfig(GPTConfig):
+    name: str = "speedrun"
+    rope_base: float = 1024.0  # of the rotated half of the head dims
+    value_embeds: int = 3  # tables, for the first n and the last n attention layers
+    bigram_rows: int = 251520  # rows of the hashed (previous, current) table (5 x 50,304); 0 = none
+    backout_after: int = 8  # subtract lambda * (stream after this many blocks); 0 = none
+    attn_window: int = 1792  # sliding window in tokens at the end of the run; 0 = full causal
+    window_pattern: list[float] = field(default_factory=lambda: list(D12_WINDOWS))
+    attn_scale: float = 0.12  # softmax scale; 0 = 1 / sqrt(head_dim)
+    sigmoid_cap: list[float] = field(default_factory=lambda: [30.0, 7.5, 0.0])  # A, B, C
+    bos_token: int = 50256  # documents start at this token
+
+    mixers = ("attention", "none")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.logit_softcap:
+            raise MuonGPTError(
+                "model.logit_softcap (tanh) is for model=gpt; model=speedrun caps logits with "
+                "model.sigmoid_cap"
+            )
+        if len(self.sigmoid_cap) != 3 or min(self.sigmoid_cap[:2]) <= 0:
+            raise MuonGPTError(
+                f"model.sigmoid_cap must be [A > 0, B > 0, C] of A sigmoid((x + C) / B), "
+                f"got {list(self.sigmoid_cap)}"
+            )
+        if (self.n_embd // self.n_head) % 4:
+            raise MuonGPTError(
+                f"model=speedrun needs a head dim divisible by 4 (half-truncated RoPE), got "
+                f"{self.n_embd} / {self.n_head}"
+            )
+        if self.attn_window < 0:
+            raise MuonGPTError(f"model.attn_window must be >= 0, got {self.attn_window}")
+        if not self.window_pattern or any(not 0 < f <= 1 for f in self.window_pattern):
+            raise MuonGPTError(
+                f"model.window_pattern entries must be in (0, 1], got {list(self.window_pattern)}"
+            )
+        if self.attn_scale < 0:
+            raise MuonGPTError(f"model.attn_scale must be >= 0, got {self.attn_scale}")
+        if self.bigram_rows < 0 or self.bigram_rows == 1:
+            raise MuonGPTError(
+                f"model.bigram_rows must be 0 (none) or >= 2, got {self.bigram_rows}"
+            )
+        if not 0 <= self.backout_after < self.n_layer:
+            raise MuonGPTError(
+                f"model.backout_after must be in [0, n_layer = {self.n_layer}), got "
+                f"{self.backout_after} (the speed-run defaults are d12's)"
+            )
+        if not 0 <= 2 * self.value_embeds <= self.n_layer:
+            raise MuonGPTError(
+                f"model.value_embeds must be in [0, n_layer / 2 = {self.n_layer // 2}], got "
+                f"{self.value_embeds} (the speed-run defaults are d12's)"
+            )
+
+    def window_of_layer(self, i: int) -> float:
+        return float(self.window_pattern[i % len(self.window_pattern)])
+
+    def layer_window(self, i: int, window: int) -> int:
+        """Layer i's share of a ``window``-token window: its fraction, truncated, at least one
+        token (the rule ``SpeedrunGPT.masks`` applies to the window tensor)."""
+        return max(int(window * self.window_of_layer(i)), 1)
+
+    def key_offset_of_layer(self, i: int) -> bool:
+        """The key offset applies to the long-window layers (the largest window fraction)."""
+        return self.window_of_layer(i) == max(self.window_pattern)
+
+    def value_embed_of_layer(self, i: int) -> int | None:
+        """The value-embedding table of layer i (first n and last n attention layers), or None."""
+        n = self.value_embeds
+        if self.mixer_of_layer(i) != "attention" or n == 0:
+            return None
+        if i < n:
+            return i
+        if i >= self.n_layer - n:
+            return i - (self.n_layer - n)
+        return None
+
+
+BIGRAM_MULTIPLIERS = (40503, 65599)  # odd, so both tokens spread over every row
+
+
+def bigram_rows(
+    idx: Tensor, rows: int, prev: Tensor | None = None, doc_start: int | None = None
+) -> Tensor:
+    """Row of each (previous, current) token pair in a ``rows``-row table: a multiplicative hash
+    of the pair into rows 0 .. rows - 2. A token with no previous one reads the reserved last
+    row: the first of ``idx`` when ``prev`` (B, 1) is not given, and every ``doc_start`` token
+    (so that no document sees the one before it)."""
+    a, b = BIGRAM_MULTIPLIERS
+    cur = idx.long()
+    first = torch.full_like(cur[:, :1], -1) if prev is None else prev.long()  # -1: none
+    before = torch.cat([first, cur[:, :-1]], dim=1)
+    h = torch.bitwise_xor(cur * a, before * b) % (rows - 1)
+    no_predecessor = before < 0
+    if doc_start is not None:
+        no_predecessor |= cur == doc_start
+    return torch.where(no_predecessor, rows - 1, h)
+
+
+def offset_keys(k: Tensor, cache: KVCache | None) -> Tensor:
+    """Shift the unrotated dims of the keys (B, T, H, hd) one token later: with a half-truncated
+    RoPE those are the last quarter of each half, [hd/4, hd/2) and [3hd/4, hd). The first token
+    gets zeros there (or, decoding, the cached last key's)."""
+    B, T, H, hd = k.shape
+    halves = k.view(B, T, H, 2, hd // 2)
+    rotated, still = halves[..., : hd // 4], halves[..., hd // 4 :]
+    first = torch.zeros_like(still[:, :1])
+    if cache is not None:
+        if cache.last_key is not None:
+            first = cache.last_key
+        cache.last_key = still[:, -1:]
+    shifted = torch.cat([first, still[:, :-1]], dim=1)
+    return torch.cat([rotated, shifted], dim=-1).view(B, T, H, hd)
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask, scale: float | None) -> Tensor:
+    """Attention under a whole-sequence mask: a dense bool tensor goes to SDPA, a FlexAttention
+    BlockMask to flex_attention."""
+    if isinstance(mask, Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(q, k, v, block_mask=mask, scale=scale)
+
+
+class SpeedrunAttention(CausalSelfAttention):
+    """Causal attention with half-truncated RoPE, a document/window mask, an optional value
+    embedding (v <- a v + b ve) and an optional key offset."""
+
+    def __init__(self, config: SpeedrunConfig, layer: int):
+        super().__init__(config.n_embd, config.n_head, config.rope_base, rope_truncate=True)
+        self.key_offset = config.key_offset_of_layer(layer)
+        self.scale = config.attn_scale or None  # None: 1 / sqrt(head_dim)
+        has_ve = config.value_embed_of_layer(layer) is not None
+        self.ve_lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if has_ve else None
+
+    def forward(
+        self, x: Tensor, mask=None, ve: Tensor | None = None, cache=None, window: int = 0
+    ) -> Tensor:
+        """``mask``: the whole-sequence mask (training, evaluation); ``cache`` and ``window``:
+        decoding, with the training window (0 = unbounded)."""
+        B, T, D = x.shape
+        q, k = self.query_key(x, cache.pos if cache is not None else 0)
+        v = self.v(x)
+        if self.ve_lambdas is not None:
+            v = self.ve_lambdas[0] * v + self.ve_lambdas[1] * ve.to(v.dtype)
+        v = self.heads(v)
+        if self.key_offset:
+            k = offset_keys(k, cache)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+        if cache is None:
+            y = masked_attention(q, k, v, mask, self.scale)
+        else:
+            y = cached_attention(q, k, v, cache, window, self.scale)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class SpeedrunBlock(nn.Module):
+    def __init__(self, mixer: SpeedrunAttention | None, mlp: MLP):
+        super().__init__()
+        self.mixer, self.mlp = mixer, mlp
+        # x <- a x + b x0 before the block (a scalar-group parameter: no weight decay)
+        self.x0_lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))
+
+    def forward(self, x: Tensor, x0: Tensor, mask=None, ve=None, cache=None, window: int = 0):
+        x = self.x0_lambdas[0] * x + self.x0_lambdas[1] * x0
+        if self.mixer is not None:
+            x = x + self.mixer(rms_norm(x), mask=mask, ve=ve, cache=cache, window=window)
+        return x + self.mlp(rms_norm(x))
+
+
+class DecodeState(list):
+    """The per-layer caches of incremental decoding, plus the last token (bigram table)."""
+
+    last_token: Tensor | None = None
+
+
+class SpeedrunGPT(GPT):
+    config: SpeedrunConfig
+    window_block = 128  # FlexAttention's tile: window schedules round to whole tiles
+
+    def make_mixer(self, layer: int) -> SpeedrunAttention | None:
+        if self.config.mixer_of_layer(layer) == "none":
+            return None
+        return SpeedrunAttention(self.config, layer)
+
+    def make_block(self, layer: int) -> SpeedrunBlock:
+        return SpeedrunBlock(self.make_mixer(layer), MLP(self.config.n_embd, self.config.mlp_ratio))
+
+    def add_parts(self) -> None:
+        c = self.config
+        self.value_embeds = nn.ModuleList(
+            nn.Embedding(c.padded_vocab_size, c.n_embd) for _ in range(c.value_embeds)
+        )
+        self.bigram_embed = nn.Embedding(c.bigram_rows, c.n_embd) if c.bigram_rows else None
+        self.bigram_lambdas = nn.Parameter(torch.full((c.n_layer,), 0.1)) if c.bigram_rows else None
+        self.backout_lambda = nn.Parameter(torch.tensor(0.5)) if c.backout_after else None
+        self.skip_weights = nn.Parameter(torch.ones(c.n_layer // 2))
+        # the current window in tokens: a buffer, so that a window schedule does not recompile
+        window = torch.tensor(c.attn_window or UNBOUNDED_WINDOW, dtype=torch.int32)
+        self.register_buffer("current_window", window, persistent=False)
+        # how whole-sequence masks are built: dense for SDPA; the flex_attention converter swaps it
+        self.mask_builder = document_dense_mask
+
+    def make_cap(self) -> SoftCap:
+        return SoftCap("sigmoid", *self.config.sigmoid_cap)
+
+    def lookup_tables(self) -> list[nn.Parameter]:
+        tables = [self.embed.weight] + [e.weight for e in self.value_embeds]
+        return tables + ([self.bigram_embed.weight] if self.bigram_embed is not None else [])
+
+    def zero_init(self) -> list[nn.Parameter]:
+        zeros = [self.lm_head.weight]
+        for b in self.blocks:
+            zeros.append(b.mlp.proj.weight)
+            if b.mixer is not None:
+                zeros.append(b.mixer.proj.weight)
+        return zeros + ([self.bigram_embed.weight] if self.bigram_embed is not None else [])
+
+    def new_caches(self, batch_size: int, max_len: int, device=None, dtype=None) -> DecodeState:
+        return DecodeState(super().new_caches(batch_size, max_len, device, dtype))
+
+    def set_attn_window(self, tokens: int) -> None:
+        """Sliding attention window from now on (0 = unbounded). No recompilation: the window is
+        a buffer read by the mask builder."""
+        if tokens < 0:
+            raise MuonGPTError(f"attention window must be >= 0, got {tokens}")
+        self.current_window.fill_(tokens or UNBOUNDED_WINDOW)
+
+    # ---------------------------------------------------------------- parts
+    def masks(self, idx: Tensor) -> dict[float, object]:
+        """One whole-sequence mask per distinct window fraction: causal, within each document
+        (documents start at ``bos_token``), within the fraction of the current window."""
+        docs = (idx == self.config.bos_token).cumsum(-1, dtype=torch.int32)
+        masks = {}
+        for fraction in set(self.config.window_pattern):
+            window = self.current_window
+            if fraction != 1.0:  # a short-window layer: a fraction of the current window
+                window = (window * fraction).to(torch.int32).clamp(min=1)
+            masks[fraction] = self.mask_builder(docs, window)
+        return masks
+
+    def decode_window(self) -> int:
+        window = int(self.current_window)
+        return 0 if window >= UNBOUNDED_WINDOW else window
+
+    def bigrams(self, idx: Tensor, caches: DecodeState | None, dtype: torch.dtype) -> Tensor:
+        """The bigram table's rows for ``idx``; decoding continues from the last token seen."""
+        prev = None
+        if caches is not None:
+            prev = caches.last_token
+            caches.last_token = idx[:, -1:]
+        rows = bigram_rows(idx, self.config.bigram_rows, prev, self.config.bos_token)
+        return self.bigram_embed(rows).to(dtype)
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, caches: DecodeState | None = None
+    ):
+        """Mean cross-entropy over ``targets`` (ids < 0 are ignored), or fp32 logits (B, T, vocab).
+        With ``caches`` (decoding) the prompt counts as one document."""
+        c = self.config
+        x = self.embed(idx)
+        if torch.is_autocast_enabled(x.device.type):  # bf16 residual stream
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = x0 = rms_norm(x)
+        ves = [e(idx) for e in self.value_embeds]
+        bigram = self.bigrams(idx, caches, x.dtype) if self.bigram_embed is not None else None
+        masks = self.masks(idx) if caches is None else {}
+        window = self.decode_window() if caches is not None else 0
+        n_skip = len(self.skip_weights)
+        skips, early = [], None
+        for i, block in enumerate(self.blocks):
+            if self.backout_lambda is not None and i == c.backout_after:
+                early = x
+            if i >= c.n_layer - n_skip:  # U-net: the second half takes the first half's outputs
+                x = x + self.skip_weights[i - (c.n_layer - n_skip)] * skips.pop()
+            if bigram is not None:
+                x = x + self.bigram_lambdas[i] * bigram
+            v = c.value_embed_of_layer(i)
+            x = block(
+                x,
+                x0,
+                mask=masks.get(c.window_of_layer(i)),
+                ve=None if v is None else ves[v],
+                cache=None if caches is None else caches[i],
+                window=window and c.layer_window(i, window),
+            )
+            if i < n_skip:
+                skips.append(x)
+        if early is not None:
+            x = x - self.backout_lambda * early
+        return self.lm_head(x, targets)
