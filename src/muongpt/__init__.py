@@ -1,6 +1,6 @@
 """muongpt: GPT training at speedrun speed, as a configurable library."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 class MuonGPTError(Exception):

@@ -1,79 +1,38 @@
-"""Structured config schemas, registered in Hydra's ConfigStore.
+"""Config schemas, registered in Hydra's ConfigStore, and the upgrade of stored configs.
 
-The yaml tree under ``muongpt/conf`` is merged onto these dataclasses, so a misspelled key or a
-value of the wrong type is an error before anything runs. Groups: model (with model/gpt sizes),
-mixing_layer, optimizer, data, training, experiment.
+Each dataclass is the only place its defaults live; the yaml tree under ``muongpt/conf`` holds
+only what a group choice or an experiment changes, so a misspelled key or a value of the wrong
+type is an error before anything runs. Schemas live beside what they configure:
+
+- ``model``: ``muongpt.model.MODELS`` (``gpt``: ``GPTConfig``, ``speedrun``: ``SpeedrunConfig``),
+  sizes in ``model/size``, token mixers in ``mixing_layer`` (``model.mixing``);
+- ``optimizer``: ``muongpt.optim.config`` (``muon``, ``soap``, ``adamw``);
+- ``kernels``: ``muongpt.kernels.converters.KernelsConfig``;
+- ``data``, ``training``, ``logging``: here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from muongpt.optim.config import OptimizerConfig
-from muongpt.train.sinks import LoggingConfig
+from muongpt import MuonGPTError
+from muongpt.kernels.converters import KernelsConfig
+from muongpt.model import MODELS, GPTConfig
+from muongpt.optim.config import OPTIMIZER_CONFIGS
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 @dataclass
-class GPTSizeConfig:
-    n_layer: int = MISSING
-    n_head: int = MISSING
-    n_embd: int = MISSING
-
-
-@dataclass
-class ModelConfig:
-    gpt: GPTSizeConfig = field(default_factory=GPTSizeConfig)
-    vocab_size: int = 50257
-    mlp_ratio: int = 4
-    rope_base: float = 10000.0
-    logit_softcap: str = "none"  # none | tanh | sigmoid
-    softcap_value: float = 15.0
-    sigmoid_cap: list[float] = field(default_factory=lambda: [30.0, 7.5, 0.0])  # A, B, C
-    fp8_head: bool = False
-    fp8_scales: list[float] = field(default_factory=lambda: [2.0, 32.0, 2.0**29])  # x, W, grad
-    fp8_dw: bool = False  # fp8 head: the weight gradient in fp8 too
-    fp8_fused_loss: bool = False  # fp8 head: matmul + soft-cap + loss + gradient in one op
-    fused_mlp: bool = False  # ReLU^2 in the MLP matmuls' Triton epilogues (CUDA, bf16)
-    value_embeds: int = 0  # value-embedding tables, for the first and last n attention layers
-    unet_skips: bool = False  # first-half block outputs added to second-half block inputs
-    x0_mix: bool = False  # each block mixes in the embedding output: a x + b x0
-    embed_norm: bool = False  # RMSNorm on the embedding output
-    smear: bool = False  # token smear: a gated share of the previous token's embedding
-    attn_gate: bool = False  # per-head sigmoid gate on attention outputs
-    key_offset: bool = False  # long-window layers: unrotated key dims from the previous token
-    residual_bf16: bool = False  # bf16 residual stream under bf16 autocast (default: fp32)
-    bigram_embed: int = 0  # rows of a hashed (previous, current) token table added to every layer
-    backout_after: int = 0  # subtract lambda * (stream after this many blocks) before the head
-    mtp_weights: list[float] = field(default_factory=list)  # loss weights of targets t+2, t+3, ...
-    rope_truncate: bool = False  # RoPE on half the head dims only (the rest position-free)
-    attn_scale: float = 0.0  # attention softmax scale; 0 = 1/sqrt(head_dim)
-    # per-layer fraction of model.attn_window, cycled over the depth
-    window_pattern: list[float] = field(default_factory=lambda: [1.0])
-    attention: str = "sdpa"  # sdpa (cuDNN/flash, causal) | flex (FlexAttention block masks)
-    doc_mask: bool = False  # flex: attend within the document only (documents start at EOT)
-    attn_window: int = 0  # flex: sliding window in tokens; 0 = full causal
-
-
-@dataclass
-class MixingLayerConfig:
-    name: str = MISSING
-    pattern: list[str] = field(default_factory=lambda: ["attention"])  # cycled over the layers
-    pom_degree: int = 2
-    pom_expand: int = 2
-    pom_n_sel_heads: int = 1
-
-
-@dataclass
 class DataConfig:
-    name: str = MISSING
-    source: str = MISSING  # "text": one text file split into train/val; "shards": .bin files
+    name: str = "shakespeare"
+    source: str = "text"  # "text": one text file split into train/val; "shards": .bin files
     text_path: str = ""  # empty: the tiny-Shakespeare text shipped in the package
     val_fraction: float = 0.1  # held-out tail of the text
     train_files: str = ""  # glob, folder or file of .bin shards
@@ -94,8 +53,12 @@ class TrainingConfig:
     batch_size: int = 8  # sequences per optimizer step, over all ranks
     micro_batch_size: int = 8  # sequences per forward pass on one rank
     max_steps: int = 1000
+    # lr warmup and linear cooldown (to final_lr_frac): in steps (when > 0), else as fractions
+    # of max_steps
     warmup_steps: int = 0
     cooldown_steps: int = 0
+    warmup_frac: float = 0.0
+    cooldown_frac: float = 0.0
     final_lr_frac: float = 0.0
     grad_clip: float = 0.0  # 0 disables clipping
     eval_every: int = 100
@@ -116,22 +79,155 @@ class TrainingConfig:
     # Steps run (and then undone: weights, optimizer state, data position restored) before the
     # timed run, so compilation and autotuning stay out of train_seconds. 0: none.
     compile_warmup_steps: int = 0
-    attn_window_start: int = 0  # flex: grow the window from this to model.attn_window (0: fixed)
-    mtp_decay: list[float] = field(default_factory=list)  # run fraction where each mtp weight is 0
+    attn_window_start: int = (
+        0  # speedrun: grow the window from this to model.attn_window (0: fixed)
+    )
     batch_size_start: int = 0  # sequences per step at step 0, grown to batch_size (0: fixed)
     batch_ramp_steps: int = 0  # ... linearly over this many steps
 
 
 @dataclass
+class LoggingConfig:
+    tensorboard: bool = False  # event files in <run_dir>/tensorboard
+    wandb: bool = False  # needs `pip install wandb`
+    wandb_project: str = "muongpt"
+    wandb_mode: str = "offline"  # offline (default, no network) | online | disabled
+
+
+@dataclass
 class Config:
     experiment_name: str = MISSING
-    model: ModelConfig = field(default_factory=ModelConfig)
-    mixing_layer: MixingLayerConfig = field(default_factory=MixingLayerConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    model: Any = MISSING  # a schema of muongpt.model.MODELS, chosen by the model group
+    optimizer: Any = MISSING  # a schema of muongpt.optim.config, chosen by the optimizer group
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def register_configs() -> None:
-    ConfigStore.instance().store(name="muongpt_schema", node=Config)
+    store = ConfigStore.instance()
+    store.store(name="muongpt_schema", node=Config)
+    for name, (schema, _) in MODELS.items():
+        store.store(group="model", name=f"{name}_schema", node=schema)
+    for name, schema in OPTIMIZER_CONFIGS.items():
+        store.store(group="optimizer", name=f"{name}_schema", node=schema)
+
+
+def model_config(model: DictConfig | dict) -> GPTConfig:
+    """The model dataclass of a composed or stored ``model`` section (its ``name`` picks the
+    schema); validation errors are one line naming the key."""
+    if isinstance(model, DictConfig):
+        model = OmegaConf.to_container(model, resolve=True)
+    name = model.get("name", "gpt")
+    if name not in MODELS:
+        raise MuonGPTError(f"model.name must be one of {sorted(MODELS)}, got {name!r}")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MODELS[name][0]), model))
+
+
+# ---------------------------------------------------------------- stored configs of older versions
+# muongpt 0.1 kept every model option in one flat section (sizes under model.gpt, mixers under
+# mixing_layer, kernels as model flags); the speed-run model had each part behind its own flag.
+V01_SPEEDRUN_PARTS = {
+    "unet_skips": True,
+    "x0_mix": True,
+    "embed_norm": True,
+    "residual_bf16": True,
+    "key_offset": True,
+    "rope_truncate": True,
+    "attention": "flex",
+    "doc_mask": True,
+    "logit_softcap": "sigmoid",
+}
+V01_PLAIN = {
+    "value_embeds": 0,
+    "unet_skips": False,
+    "x0_mix": False,
+    "embed_norm": False,
+    "smear": False,
+    "attn_gate": False,
+    "key_offset": False,
+    "residual_bf16": False,
+    "bigram_embed": 0,
+    "backout_after": 0,
+    "mtp_weights": [],
+    "rope_truncate": False,
+    "attn_scale": 0.0,
+    "window_pattern": [1.0],
+    "attention": "sdpa",
+    "doc_mask": False,
+    "attn_window": 0,
+}
+
+
+def _upgrade_v01_model(old: dict, mixing: dict) -> tuple[dict, list[str]]:
+    """(model section, converters) of a muongpt 0.1 model section."""
+    sizes = {k: old["gpt"][k] for k in ("n_layer", "n_head", "n_embd")}
+    common = {
+        "vocab_size": old.get("vocab_size", 50257),
+        "mlp_ratio": old.get("mlp_ratio", 4),
+        "rope_base": old.get("rope_base", 10000.0),
+        **sizes,
+        "mixing": {
+            k: mixing[k] for k in ("pattern", "pom_degree", "pom_expand", "pom_n_sel_heads")
+        },
+    }
+    converters = []
+    if old.get("fp8_head"):
+        converters.append("fp8_head_loss" if old.get("fp8_fused_loss") else "fp8_head")
+    if old.get("fused_mlp"):
+        converters.append("fused_mlp")
+    plain = all(old.get(k, v) == v for k, v in V01_PLAIN.items())
+    if plain and old.get("logit_softcap", "none") in ("none", "tanh"):
+        cap = old.get("softcap_value", 15.0) if old.get("logit_softcap") == "tanh" else 0.0
+        return {"name": "gpt", **common, "logit_softcap": cap}, converters
+    speedrun = all(old.get(k) == v for k, v in V01_SPEEDRUN_PARTS.items())
+    removed = [k for k in ("smear", "attn_gate") if old.get(k)] + (
+        ["mtp_weights"] if old.get("mtp_weights") else []
+    )
+    if not speedrun or removed:
+        off = sorted(k for k, v in V01_SPEEDRUN_PARTS.items() if old.get(k) != v)
+        raise MuonGPTError(
+            "config of muongpt 0.1 (format 1): this combination of model options has no "
+            f"muongpt 0.2 model (removed options on: {removed or 'none'}; speed-run parts off: "
+            f"{off or 'none'})"
+        )
+    model = {
+        "name": "speedrun",
+        **common,
+        "value_embeds": old["value_embeds"],
+        "bigram_rows": old["bigram_embed"],
+        "backout_after": old["backout_after"],
+        "attn_window": old["attn_window"],
+        "window_pattern": old["window_pattern"],
+        "attn_scale": old["attn_scale"],
+        "sigmoid_cap": old.get("sigmoid_cap", [30.0, 7.5, 0.0]),
+    }
+    return model, ["flex_attention", *converters]
+
+
+def upgrade_config(stored: dict) -> dict:
+    """A config stored by an older muongpt (checkpoint, export) in the current layout; configs of
+    the current layout pass unchanged. Unknown layouts stop with one line naming the format."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("model"), dict):
+        raise MuonGPTError("stored config has no model section: not a muongpt config")
+    if "name" in stored["model"]:  # the current layout (format 2, muongpt 0.2)
+        return stored
+    if "gpt" not in stored["model"] or "mixing_layer" not in stored:
+        raise MuonGPTError("stored config is of an unknown format (neither muongpt 0.1 nor 0.2)")
+    config = {k: v for k, v in stored.items() if k not in ("model", "mixing_layer")}
+    old = stored["model"]
+    config["model"], converters = _upgrade_v01_model(old, stored["mixing_layer"])
+    config["kernels"] = {
+        "converters": converters,
+        "fp8_scales": old.get("fp8_scales", [2.0, 32.0, 2.0**29]),
+    }
+    optimizer = dict(stored.get("optimizer", {}))
+    schema = OPTIMIZER_CONFIGS.get(optimizer.get("name", "muon"))
+    if schema is not None:
+        known = {f.name for f in dataclasses.fields(schema)}
+        config["optimizer"] = {k: v for k, v in optimizer.items() if k in known}
+    training = dict(config.get("training", {}))
+    training.pop("mtp_decay", None)
+    config["training"] = training
+    return config

@@ -37,11 +37,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     ``path`` is a training checkpoint (``step_NNNNNN.pt``) or its weights-only export
     (``model.safetensors``, whose metadata carries the config).
     """
-    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from muongpt.config import model_config, upgrade_config
+    from muongpt.model import build_model
     from muongpt.train.checkpoint import CheckpointError, load_checkpoint, read_export
-    from muongpt.train.trainer import build_model_config
 
     try:
         if str(path).endswith(".safetensors"):
@@ -60,13 +60,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     if not isinstance(state["config"], dict) or not isinstance(state["model"], dict):
         raise CheckpointError(f"{path}: not a muongpt checkpoint (config or weights malformed)")
     try:
-        config = build_model_config(OmegaConf.create(state["config"]))
-    except (OmegaConfBaseException, TypeError, ValueError) as e:
+        config = model_config(upgrade_config(state["config"])["model"])
+    except MuonGPTError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (OmegaConfBaseException, TypeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"{path}: not a muongpt checkpoint (bad model config: {first})"
         ) from None
-    model = GPT(config)
+    model = build_model(config)
     # A state dict saved from a torch.compile'd module carries an "_orig_mod." prefix.
     weights = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
     missing, unexpected = model.load_state_dict(weights, strict=False)

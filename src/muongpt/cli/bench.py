@@ -100,7 +100,8 @@ def flops_per_token(model, seq_len: int) -> float:
     context = 0  # summed over the attention layers, each with its own window (window_pattern)
     for i in range(c.n_layer):
         if c.mixer_of_layer(i) == "attention":
-            context += min(seq_len, c.layer_window(i, c.attn_window) if c.attn_window else seq_len)
+            window = getattr(c, "attn_window", 0)  # the speed-run model's sliding window
+            context += min(seq_len, c.layer_window(i, window) if window else seq_len)
     return 6.0 * matmul_params(model) + 12.0 * context * c.n_embd
 
 
@@ -203,7 +204,7 @@ def run_bench(opts: dict, overrides: list[str]) -> dict:
             "warmup_step_s": warm_times,
             "last_train_loss": float(last_loss),
             "fp8_head": bool(getattr(model.lm_head, "fp8_ok", False)),
-            "fp8_dw": bool(getattr(model.lm_head, "fp8_dw", False)),
+            "converters": list(cfg.kernels.converters),
         }
         if splits:
             report["split_ms"] = {

@@ -1,21 +1,26 @@
-"""Optimizers: Muon, SOAP and AdamW, and the config-driven hybrid that routes parameters to them."""
+"""Optimizers: Muon, SOAP and AdamW, and the config-driven hybrid over a model's declared groups."""
 
-from muongpt.optim.combined import CombinedOptimizer, build_optimizer, route_parameters
-from muongpt.optim.config import OptimizerConfig, OptimizerError
+from muongpt.optim.combined import CombinedOptimizer, build_optimizer
+from muongpt.optim.config import (
+    AdamWConfig,
+    MuonConfig,
+    OptimizerConfig,
+    OptimizerError,
+    SOAPConfig,
+)
 from muongpt.optim.muon import Muon
 from muongpt.optim.newton_schulz import newton_schulz
-from muongpt.optim.schedule import lr_multiplier, muon_momentum
 from muongpt.optim.soap import SOAP
 
 __all__ = [
     "SOAP",
+    "AdamWConfig",
     "CombinedOptimizer",
     "Muon",
+    "MuonConfig",
     "OptimizerConfig",
     "OptimizerError",
+    "SOAPConfig",
     "build_optimizer",
-    "lr_multiplier",
-    "muon_momentum",
     "newton_schulz",
-    "route_parameters",
 ]

@@ -1,24 +1,13 @@
-"""The hybrid optimizer: routing parameters to Muon / SOAP / AdamW, and one object over them.
+"""The hybrid optimizer: the model's parameter groups given to Muon / SOAP / AdamW, stepped as one.
 
-Routing rule of ``build_optimizer(model, cfg)``, applied to ``model.named_parameters()`` that
-require grad, first match wins:
-
-1. ``ndim < 2`` (scalars, vectors, norm gains, biases, wherever they live), or a parameter of a
-   module named ``gate`` / ``*_gate`` (the model's tiny input-dependent gates, e.g. 12 x n_head:
-   not hidden matrices worth orthogonalizing) -> AdamW ``scalar`` group
-2. a parameter of an ``nn.Embedding`` (the token embedding, any other embedding, even inside a
-   block) -> AdamW ``embed`` group
-3. ``lm_head.*`` -> AdamW ``head`` group
-4. ``blocks.*`` (the transformer's hidden matrices, ndim >= 2) -> ``matrix`` group of the matrix
-   optimizer: Muon (``name: muon``), SOAP (``name: soap``) or AdamW (``name: adamw``)
-5. anything else -> AdamW ``embed`` group
-
-Every AdamW group's lr (for ``adamw``: the matrix group's too) is multiplied by (n_embd / 768) ** -0.5,
-n_embd read from ``model.embed.embedding_dim``; AdamW side groups have no weight decay
-(``weight_decay`` is the matrix group's). Each parameter lands in exactly one group (checked).
-AdamW is ``fused`` when every parameter is on CUDA. Each group remembers its ``base_lr``;
-``update_schedule(step, lr_scale)`` sets lr = base_lr * lr_scale for every group and warms the
-Muon momentum up from ``momentum_start`` to ``momentum`` over ``momentum_warmup_steps``.
+The model declares its groups (``model.optimizer_groups()``: ``matrix``, ``embed``, ``head``,
+``scalar``); ``build_optimizer(model, cfg)`` gives ``matrix`` to the matrix optimizer of ``cfg``
+(Muon, SOAP, or AdamW for ``name: adamw``) and the other three to AdamW at ``embed_lr``,
+``head_lr``, ``scalar_lr``, without weight decay. Every AdamW lr (for ``adamw``: the matrix
+group's too) is multiplied by (n_embd / 768) ** -0.5. Each parameter lands in exactly one group
+(checked). AdamW is ``fused`` when every parameter is on CUDA. Each group remembers its
+``base_lr``; ``apply_schedule(lr_scale, momentum)`` sets lr = base_lr * lr_scale for every group
+and, where given, Muon's momentum (the trainer's schedule computes both).
 """
 
 from __future__ import annotations
@@ -32,7 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from muongpt.optim.config import (
+    OPTIMIZER_CONFIGS,
     OPTIMIZER_NAMES,
+    MuonConfig,
     OptimizerConfig,
     OptimizerError,
     check_betas,
@@ -41,7 +32,6 @@ from muongpt.optim.config import (
     check_unit,
 )
 from muongpt.optim.muon import Muon, run_closure
-from muongpt.optim.schedule import muon_momentum
 from muongpt.optim.soap import SOAP
 
 REFERENCE_WIDTH = 768
@@ -56,20 +46,10 @@ def optimizer_kind(opt: torch.optim.Optimizer) -> str:
 class CombinedOptimizer:
     """Several torch optimizers stepped as one; ``optimizers`` lists them."""
 
-    def __init__(
-        self,
-        optimizers: list[torch.optim.Optimizer],
-        momentum_start: float = 0.85,
-        momentum_end: float = 0.95,
-        momentum_warmup_steps: int = 300,
-        header: str = "",
-    ):
+    def __init__(self, optimizers: list[torch.optim.Optimizer], header: str = ""):
         if not optimizers:
             raise OptimizerError("CombinedOptimizer got no optimizers")
         self.optimizers = list(optimizers)
-        self.momentum_start = momentum_start
-        self.momentum_end = momentum_end
-        self.momentum_warmup_steps = momentum_warmup_steps
         self.header = header
 
     @property
@@ -95,14 +75,12 @@ class CombinedOptimizer:
         params = [p for g in self.param_groups for p in g["params"]]
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
-    def update_schedule(self, step: int, lr_scale: float) -> None:
-        momentum = muon_momentum(
-            step, self.momentum_start, self.momentum_end, self.momentum_warmup_steps
-        )
+    def apply_schedule(self, lr_scale: float, momentum: float | None = None) -> None:
+        """lr = base_lr * lr_scale in every group; Muon's momentum, when given."""
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * lr_scale
-                if isinstance(opt, Muon):
+                if momentum is not None and isinstance(opt, Muon):
                     group["momentum"] = momentum
 
     def state_dict(self) -> dict[str, Any]:
@@ -152,46 +130,40 @@ class CombinedOptimizer:
 
 
 def as_optimizer_config(cfg: Any) -> OptimizerConfig:
-    """An OptimizerConfig from itself, a DictConfig (structured or not) or a plain mapping."""
-    if isinstance(cfg, OptimizerConfig):
+    """The optimizer config of ``cfg``: itself, or the schema its ``name`` picks, filled from a
+    DictConfig (structured or not) or a plain mapping."""
+    if isinstance(cfg, tuple(OPTIMIZER_CONFIGS.values())):
         return cfg
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     if not isinstance(cfg, Mapping):
         raise OptimizerError(f"optimizer config must be a mapping, got {type(cfg).__name__}")
-    known = {f.name for f in dataclasses.fields(OptimizerConfig)}
+    name = cfg.get("name", "muon")
+    if name not in OPTIMIZER_CONFIGS:
+        raise OptimizerError(f"optimizer.name must be one of {OPTIMIZER_NAMES}, got {name!r}")
+    schema = OPTIMIZER_CONFIGS[name]
+    known = {f.name for f in dataclasses.fields(schema)}
     unknown = sorted(set(cfg) - known)
     if unknown:
-        raise OptimizerError(f"unknown optimizer config key(s): {', '.join(unknown)}")
-    return OptimizerConfig(**cfg)
+        raise OptimizerError(f"unknown optimizer.{name} config key(s): {', '.join(unknown)}")
+    return schema(**cfg)
 
 
-def route_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """(name, parameter) pairs of each group name, by the rule in the module docstring."""
-    embedding_params = {
-        id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
-    }
-    groups: dict[str, list[tuple[str, nn.Parameter]]] = {name: [] for name in GROUP_NAMES}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        module_name = name.rpartition(".")[0].rpartition(".")[2]
-        if p.ndim < 2 or module_name == "gate" or module_name.endswith("_gate"):
-            groups["scalar"].append((name, p))
-        elif id(p) in embedding_params:
-            groups["embed"].append((name, p))
-        elif name.startswith("lm_head."):
-            groups["head"].append((name, p))
-        elif name.startswith("blocks."):
-            groups["matrix"].append((name, p))
-        else:
-            groups["embed"].append((name, p))
-    return groups
+def model_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """The model's own declaration of its parameter groups (``optimizer_groups``)."""
+    declare = getattr(model, "optimizer_groups", None)
+    if declare is None:
+        raise OptimizerError(
+            f"{type(model).__name__} does not declare optimizer_groups() "
+            f"(a dict of {GROUP_NAMES} to (name, parameter) pairs)"
+        )
+    groups = declare()
+    if set(groups) - set(GROUP_NAMES):
+        raise OptimizerError(f"unknown optimizer groups {sorted(set(groups) - set(GROUP_NAMES))}")
+    return {name: list(groups.get(name, [])) for name in GROUP_NAMES}
 
 
 def validate_config(cfg: OptimizerConfig) -> None:
-    if cfg.name not in OPTIMIZER_NAMES:
-        raise OptimizerError(f"optimizer.name must be one of {OPTIMIZER_NAMES}, got {cfg.name!r}")
     check_lr(cfg.lr, "optimizer.lr")
     check_nonnegative(cfg.weight_decay, "optimizer.weight_decay")
     if cfg.name in ("adamw", "soap"):
@@ -202,7 +174,7 @@ def validate_config(cfg: OptimizerConfig) -> None:
     if cfg.name in ("muon", "soap"):
         check_betas(cfg.adam_betas, "optimizer.adam_betas")
         check_nonnegative(cfg.adam_eps, "optimizer.adam_eps")
-    if cfg.name == "muon":
+    if isinstance(cfg, MuonConfig):
         check_unit(cfg.momentum, "optimizer.momentum")
         check_unit(cfg.momentum_start, "optimizer.momentum_start")
         check_unit(cfg.normuon_beta2, "optimizer.normuon_beta2")
@@ -232,15 +204,13 @@ def _adamw(groups: list[dict], betas, eps: float) -> torch.optim.AdamW:
 
 
 def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
-    """The optimizer a config describes, over ``model``'s trainable parameters."""
+    """The optimizer a config describes, over the groups ``model`` declares (one process; the
+    trainer wraps it with ``optim.distributed.distribute`` under torchrun)."""
     cfg = as_optimizer_config(cfg)
     validate_config(cfg)
-    embed = getattr(model, "embed", None)
-    if not isinstance(embed, nn.Embedding):
-        raise OptimizerError("model has no `embed` nn.Embedding to read n_embd from")
-    n_embd = embed.embedding_dim
+    n_embd = model.config.n_embd
     adam_scale = (n_embd / REFERENCE_WIDTH) ** -0.5
-    routed = route_parameters(model)
+    routed = model_groups(model)
     if not any(routed.values()):
         raise OptimizerError("model has no trainable parameters (empty parameter list)")
 
@@ -307,21 +277,10 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
             optimizers.append(_adamw(groups, cfg.adam_betas, cfg.adam_eps))
 
     _check_partition(model, optimizers)
-    header = f"optimizer {cfg.name}: routing (n_embd {n_embd}, AdamW lrs x {adam_scale:.3f})"
-    momentum = {}
-    if cfg.name == "muon":
-        momentum = dict(
-            momentum_start=cfg.momentum_start,
-            momentum_end=cfg.momentum,
-            momentum_warmup_steps=cfg.momentum_warmup_steps,
-        )
-    combined = CombinedOptimizer(optimizers, header=header, **momentum)
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from muongpt.optim.distributed import distribute
-
-        return distribute(combined, model)  # no DDP: the sharded optimizers reduce the grads
-    return combined
+    header = (
+        f"optimizer {cfg.name}: the model's groups (n_embd {n_embd}, AdamW lrs x {adam_scale:.3f})"
+    )
+    return CombinedOptimizer(optimizers, header=header)
 
 
 def _check_partition(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:

@@ -1,21 +1,12 @@
-"""OptimizerConfig: the structured schema of the Hydra ``optimizer`` group.
+"""Optimizer configs: one schema per choice of the Hydra ``optimizer`` group, each the only place
+its defaults live (the optimizers' own keyword defaults read them from here).
 
-One dataclass serves the three yaml files (``conf/optimizer/{muon,soap,adamw}.yaml``); each file
-sets only the fields its optimizer reads, and a field means the same thing wherever it is used:
-
-- ``lr``, ``weight_decay``: the hidden-matrix optimizer (``blocks.*`` matrices). With
-  ``name: adamw`` the matrices get AdamW at ``lr`` (with ``betas``, ``eps``).
-- ``betas``, ``eps``: the hidden-matrix optimizer's moments (SOAP; AdamW for ``name: adamw``).
-- ``embed_lr``, ``head_lr``, ``scalar_lr``: the AdamW groups for embeddings, the lm_head and every
-  scalar/vector parameter (all three configs); ``adam_betas``, ``adam_eps``: their moments in the
-  hybrids (``muon``, ``soap``; ``adamw`` uses ``betas``, ``eps`` everywhere).
-- ``momentum*``, ``nesterov``, ``ns_*``, ``scale_mode``, ``normuon*``, ``cautious_wd``: Muon only.
-- ``shampoo_beta`` ... ``correct_bias``: SOAP only (Vyas et al. 2024, same names and defaults).
-
-The defaults are the Muon hybrid's (the GPU default), modded-nanogpt-like: Muon lr 0.05 with the
-spectral scale sqrt(max(1, rows/cols)), momentum 0.95 (warmed up from 0.85 over 300 steps), AdamW
-embed 0.6 / head 0.008 / scalars 0.04, betas (0.8, 0.95), eps 1e-10, no weight decay. The head lr
-0.008 is for a plain ``nn.Linear`` lm_head (no 1/sqrt(d) output scaling in the model).
+- ``muon`` (``MuonConfig``): Muon for the hidden matrices, AdamW for embeddings, lm_head and
+  scalars (``embed_lr``, ``head_lr``, ``scalar_lr``, ``adam_betas``, ``adam_eps``).
+  modded-nanogpt-like: Muon lr 0.05 with the spectral scale sqrt(max(1, rows/cols)), momentum
+  0.95 warmed up from 0.85 over 300 steps, AdamW embed 0.6 / head 0.008 / scalars 0.04.
+- ``soap`` (``SOAPConfig``): SOAP for the hidden matrices, the same AdamW groups.
+- ``adamw`` (``AdamWConfig``): AdamW everywhere (``betas``, ``eps`` for every group).
 """
 
 from __future__ import annotations
@@ -24,33 +15,57 @@ from dataclasses import dataclass, field
 
 from muongpt import MuonGPTError
 
-OPTIMIZER_NAMES = ("adamw", "muon", "soap")
-
 
 class OptimizerError(MuonGPTError, ValueError):
     """Bad optimizer input: names the parameter or argument at fault."""
 
 
 @dataclass
-class OptimizerConfig:
-    name: str = "muon"  # adamw | muon | soap
-    # hidden-matrix optimizer (AdamW itself for adamw)
-    lr: float = 0.05
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.95, 0.95])
-    eps: float = 1e-8
-    # Muon
+class SideGroupsConfig:
+    """The AdamW groups beside the hidden matrices; every lr times (n_embd / 768) ** -0.5."""
+
+    embed_lr: float = 0.6
+    head_lr: float = 0.008  # a plain nn.Linear head (no 1/sqrt(d) output scaling)
+    scalar_lr: float = 0.04
+
+
+@dataclass
+class HybridConfig(SideGroupsConfig):
+    """A matrix optimizer (Muon, SOAP) with AdamW for the side groups."""
+
+    adam_betas: list[float] = field(default_factory=lambda: [0.8, 0.95])
+    adam_eps: float = 1e-10
+
+
+@dataclass
+class MuonConfig(HybridConfig):
+    name: str = "muon"
+    lr: float = 0.05  # of the hidden matrices
+    weight_decay: float = 0.0  # decoupled, hidden matrices only
     momentum: float = 0.95
-    momentum_start: float = 0.85  # warmed up linearly to `momentum`
-    momentum_warmup_steps: int = 300
+    momentum_start: float = 0.85  # warmed up linearly to `momentum` ...
+    momentum_warmup_steps: int = 300  # ... over this many steps
     nesterov: bool = True
     ns_steps: int = 5
     ns_coefficients: str = "polar_express"  # classic | polar_express
     scale_mode: str = "spectral"  # spectral: sqrt(max(1, rows/cols)) | match_adamw: 0.2*sqrt(max)
-    normuon: bool = False  # NorMuon: per-neuron second moment normalizes the orthogonal update
+    normuon: bool = False  # NorMuon: a per-neuron second moment normalizes the orthogonal update
     normuon_beta2: float = 0.95
     cautious_wd: bool = False  # decay only where the weight and its update have the same sign
-    # SOAP
+
+
+SOAP_BETAS = (0.95, 0.95)
+
+
+@dataclass
+class SOAPConfig(HybridConfig):
+    """SOAP (Vyas et al. 2024), same names and defaults."""
+
+    name: str = "soap"
+    lr: float = 0.003
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: list(SOAP_BETAS))
+    eps: float = 1e-8
     shampoo_beta: float = -1.0  # < 0 means betas[1]
     precondition_frequency: int = 10
     max_precond_dim: int = 10000
@@ -59,12 +74,23 @@ class OptimizerConfig:
     normalize_grads: bool = False
     data_format: str = "channels_first"
     correct_bias: bool = True
-    # AdamW groups of the hybrids; lrs are multiplied by (n_embd / 768) ** -0.5
-    embed_lr: float = 0.6
-    head_lr: float = 0.008
-    scalar_lr: float = 0.04
-    adam_betas: list[float] = field(default_factory=lambda: [0.8, 0.95])
-    adam_eps: float = 1e-10
+
+
+@dataclass
+class AdamWConfig(SideGroupsConfig):
+    """AdamW everywhere: the hidden matrices at ``lr`` (with ``weight_decay``), the side groups at
+    the hybrids' lrs, so that a comparison differs only in the matrix optimizer."""
+
+    name: str = "adamw"
+    lr: float = 0.003
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+
+
+OPTIMIZER_CONFIGS: dict[str, type] = {"muon": MuonConfig, "soap": SOAPConfig, "adamw": AdamWConfig}
+OPTIMIZER_NAMES = tuple(sorted(OPTIMIZER_CONFIGS))
+OptimizerConfig = MuonConfig | SOAPConfig | AdamWConfig
 
 
 def check_lr(value: float, what: str) -> float:

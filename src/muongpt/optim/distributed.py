@@ -789,9 +789,6 @@ def distribute(
         owner,
         reducer,
         comm,
-        momentum_start=combined.momentum_start,
-        momentum_end=combined.momentum_end,
-        momentum_warmup_steps=combined.momentum_warmup_steps,
         header=combined.header,
     )
 

@@ -37,7 +37,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from muongpt.optim.config import OptimizerError, check_lr, check_nonnegative, check_unit
+from muongpt.optim.config import (
+    MuonConfig,
+    OptimizerError,
+    check_lr,
+    check_nonnegative,
+    check_unit,
+)
 from muongpt.optim.newton_schulz import coefficient_schedule, newton_schulz
 
 SCALE_MODES = ("spectral", "match_adamw")
@@ -155,16 +161,16 @@ class Muon(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable,
-        lr: float = 0.05,
-        momentum: float = 0.95,
-        nesterov: bool = True,
-        weight_decay: float = 0.0,
-        ns_steps: int = 5,
-        ns_coefficients: str = "polar_express",
-        scale_mode: str = "spectral",
-        normuon: bool = False,
-        normuon_beta2: float = 0.95,
-        cautious_wd: bool = False,
+        lr: float = MuonConfig.lr,
+        momentum: float = MuonConfig.momentum,
+        nesterov: bool = MuonConfig.nesterov,
+        weight_decay: float = MuonConfig.weight_decay,
+        ns_steps: int = MuonConfig.ns_steps,
+        ns_coefficients: str = MuonConfig.ns_coefficients,
+        scale_mode: str = MuonConfig.scale_mode,
+        normuon: bool = MuonConfig.normuon,
+        normuon_beta2: float = MuonConfig.normuon_beta2,
+        cautious_wd: bool = MuonConfig.cautious_wd,
         ns_dtype: torch.dtype = torch.bfloat16,
     ):
         params = param_list(params, "Muon")

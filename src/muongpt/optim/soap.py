@@ -34,7 +34,9 @@ import torch
 from torch import Tensor
 
 from muongpt.optim.config import (
+    SOAP_BETAS,
     OptimizerError,
+    SOAPConfig,
     check_betas,
     check_lr,
     check_nonnegative,
@@ -86,23 +88,23 @@ def eigenbasis(stat: Tensor) -> Tensor:
 
 
 class SOAP(torch.optim.Optimizer):
-    """SOAP with the argument list and defaults of the reference implementation."""
+    """SOAP with the argument list and defaults of the reference implementation (``SOAPConfig``)."""
 
     def __init__(
         self,
         params: Iterable,
-        lr: float = 3e-3,
-        betas: tuple[float, float] = (0.95, 0.95),
-        shampoo_beta: float = -1,
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        precondition_frequency: int = 10,
-        max_precond_dim: int = 10000,
-        merge_dims: bool = False,
-        precondition_1d: bool = False,
-        normalize_grads: bool = False,
-        data_format: str = "channels_first",
-        correct_bias: bool = True,
+        lr: float = SOAPConfig.lr,
+        betas: tuple[float, float] = SOAP_BETAS,
+        shampoo_beta: float = SOAPConfig.shampoo_beta,
+        eps: float = SOAPConfig.eps,
+        weight_decay: float = SOAPConfig.weight_decay,
+        precondition_frequency: int = SOAPConfig.precondition_frequency,
+        max_precond_dim: int = SOAPConfig.max_precond_dim,
+        merge_dims: bool = SOAPConfig.merge_dims,
+        precondition_1d: bool = SOAPConfig.precondition_1d,
+        normalize_grads: bool = SOAPConfig.normalize_grads,
+        data_format: str = SOAPConfig.data_format,
+        correct_bias: bool = SOAPConfig.correct_bias,
     ):
         params = param_list(params, "SOAP")
         defaults = dict(

@@ -210,7 +210,7 @@ def _say(message: str) -> None:
 
 # ---------------------------------------------------------------- resume checks
 # Keys under these sections that do not change the weights a checkpoint holds.
-NOT_ARCHITECTURE = {"mixing_layer.name", "model.fp8_head", "model.fp8_scales"}
+NOT_ARCHITECTURE: set[str] = set()  # model keys that do not change the weights
 IGNORED_ON_RESUME = {"training.resume", "training.progress_bar"}
 
 
@@ -237,9 +237,7 @@ def config_differences(saved: dict, requested: dict) -> tuple[list[str], list[st
         line = f"{key} (checkpoint {old!r}, requested {new!r})"
         # A key on one side only (a setting added since the checkpoint) is listed, not refused.
         is_arch = (
-            key.startswith(("model.", "mixing_layer."))
-            and key not in NOT_ARCHITECTURE
-            and absent not in (old, new)
+            key.startswith("model.") and key not in NOT_ARCHITECTURE and absent not in (old, new)
         )
         (arch if is_arch else other).append(line)
     return arch, other
@@ -249,7 +247,9 @@ def check_resume_config(
     saved: dict, requested: dict, source: Path, log: Callable[[str], None] = print
 ) -> None:
     """A different model is an error; other changed settings are listed, then used."""
-    arch, other = config_differences(saved, requested)
+    from muongpt.config import upgrade_config
+
+    arch, other = config_differences(upgrade_config(saved), requested)
     if arch:
         raise ConfigMismatchError(
             f"{source} holds a different model than requested: {'; '.join(arch)}; request the "

@@ -1,8 +1,16 @@
-"""Learning-rate, Muon-momentum and attention-window schedules, as plain functions of the step."""
+"""Everything that depends on the step, computed in one place.
+
+``Schedule.at(step)`` gives the settings of one optimizer step: the lr multiplier (warmup, flat,
+linear cooldown), Muon's momentum (warmed up), the attention window (grown over the run) and the
+number of micro-steps (the batch ramp). The trainer applies them once per step; the pure
+functions below are the math of each.
+"""
 
 from __future__ import annotations
 
-from muongpt.optim.config import OptimizerError
+from dataclasses import dataclass
+
+from muongpt import MuonGPTError as OptimizerError
 
 
 def lr_multiplier(
@@ -75,18 +83,77 @@ def batch_rows(step: int, start: int, full: int, ramp_steps: int, unit: int = 1)
     return max(int(rows) // unit * unit, unit)
 
 
-def multi_token_weights(
-    step: int, total_steps: int, weights: list[float], decay: list[float]
-) -> list[float]:
-    """Loss weights of the extra targets t+2, t+3, ... at ``step``: weight k falls linearly from
-    ``weights[k]`` to 0 at the fraction ``decay[k]`` of the run (0 then on); no ``decay``: constant.
-    Predicting further ahead helps most early, while the model learns coarse statistics."""
-    if not decay:
-        return list(weights)
-    if len(decay) != len(weights) or any(not 0 < d <= 1 for d in decay):
-        raise OptimizerError(
-            f"training.mtp_decay needs one fraction in (0, 1] per model.mtp_weights entry "
-            f"({len(weights)}), got {list(decay)}"
-        )
-    frac = max(step, 0) / max(total_steps, 1)
-    return [w * max(0.0, 1.0 - frac / d) for w, d in zip(weights, decay)]
+def phase_steps(steps: int, frac: float, total_steps: int, what: str) -> int:
+    """A warmup/cooldown length: ``steps`` when > 0, else the fraction ``frac`` of the run
+    (rounded), so that ``training.max_steps=N`` alone rescales an experiment's schedule."""
+    if not 0 <= frac <= 1:
+        raise OptimizerError(f"training.{what}_frac must be in [0, 1], got {frac}")
+    if steps < 0:
+        raise OptimizerError(f"training.{what}_steps must be >= 0, got {steps}")
+    return steps if steps else round(frac * total_steps)
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    lr_scale: float  # times each group's base lr
+    momentum: float | None  # Muon's momentum; None when the optimizer has none
+    attn_window: int | None  # tokens; None when the window does not change
+    micro_steps: int  # forward/backward passes of this step (rank-local)
+
+
+class Schedule:
+    """The step-dependent settings of a run, from its training and optimizer configs.
+
+    ``window_end``: the model's final attention window (``attn_window``), ``window_block``: the
+    tile the window rounds to; ``unit``: sequences per micro-step over all ranks."""
+
+    def __init__(self, training, optimizer, unit: int, window_end: int = 0, window_block: int = 1):
+        t = training
+        self.total = t.max_steps
+        self.warmup = phase_steps(t.warmup_steps, t.warmup_frac, t.max_steps, "warmup")
+        self.cooldown = phase_steps(t.cooldown_steps, t.cooldown_frac, t.max_steps, "cooldown")
+        if self.warmup + self.cooldown > t.max_steps:
+            raise OptimizerError(
+                f"warmup + cooldown ({self.warmup} + {self.cooldown} steps) exceed "
+                f"training.max_steps ({t.max_steps})"
+            )
+        self.final_lr_frac = t.final_lr_frac
+        lr_multiplier(0, self.total, self.warmup, self.cooldown, self.final_lr_frac)  # checks
+        self.momentum = None
+        if getattr(optimizer, "name", None) == "muon":
+            self.momentum = (
+                optimizer.momentum_start,
+                optimizer.momentum,
+                optimizer.momentum_warmup_steps,
+            )
+        self.window = None
+        if t.attn_window_start:
+            if not window_end:
+                raise OptimizerError(
+                    "training.attn_window_start needs a model with an attention window "
+                    "(model=speedrun with model.attn_window > 0)"
+                )
+            if not 0 < t.attn_window_start <= window_end:
+                raise OptimizerError(
+                    f"training.attn_window_start must be in (0, model.attn_window = "
+                    f"{window_end}], got {t.attn_window_start}"
+                )
+            self.window = (t.attn_window_start, window_end, window_block)
+        self.batch = (t.batch_size_start, t.batch_size, t.batch_ramp_steps, unit)
+        if t.batch_size_start and (t.batch_size_start % unit or t.batch_size_start > t.batch_size):
+            raise OptimizerError(
+                f"training.batch_size_start ({t.batch_size_start}) must be a multiple of "
+                f"micro_batch_size x world size ({unit}) and at most batch_size ({t.batch_size})"
+            )
+        if t.batch_size_start and t.batch_ramp_steps < 1:
+            raise OptimizerError("training.batch_size_start needs training.batch_ramp_steps >= 1")
+
+    def at(self, step: int) -> StepSettings:
+        lr = lr_multiplier(step, self.total, self.warmup, self.cooldown, self.final_lr_frac)
+        momentum = muon_momentum(step, *self.momentum) if self.momentum else None
+        window = None
+        if self.window is not None:
+            start, end, block = self.window
+            window = attention_window(step, self.total, start, end, block=block)
+        start, full, ramp, unit = self.batch
+        return StepSettings(lr, momentum, window, batch_rows(step, start, full, ramp, unit) // unit)

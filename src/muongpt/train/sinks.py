@@ -13,22 +13,14 @@ lists) are skipped. ``metrics.jsonl`` stays the source of truth: the sinks only 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from muongpt import MuonGPTError
+from muongpt.config import LoggingConfig
 
 WANDB_MODES = ("offline", "online", "disabled")
 TENSORBOARD_DIR = "tensorboard"  # inside the run directory
-
-
-@dataclass
-class LoggingConfig:
-    tensorboard: bool = False  # event files in <run_dir>/tensorboard
-    wandb: bool = False  # needs `pip install wandb`
-    wandb_project: str = "muongpt"
-    wandb_mode: str = "offline"  # offline (default, no network) | online | disabled
 
 
 def scalars(record: dict) -> dict[str, float]:
@@ -116,12 +108,11 @@ def make_sinks(
     """
     if cfg_logging is None:
         return []
+    if isinstance(cfg_logging, dict):
+        cfg_logging = LoggingConfig(**cfg_logging)
 
     def get(name: str):
-        default = getattr(LoggingConfig, name)
-        if isinstance(cfg_logging, dict):
-            return cfg_logging.get(name, default)
-        return getattr(cfg_logging, name, default)
+        return getattr(cfg_logging, name)
 
     run_dir = Path(run_dir)
     sinks: list[Sink] = []

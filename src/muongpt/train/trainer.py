@@ -15,65 +15,20 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from muongpt import MuonGPTError
+from muongpt.config import model_config
 from muongpt.data.loader import TokenLoader
 from muongpt.data.shards import open_shard, resolve_shards
 from muongpt.data.tokenizer import EOT_TOKEN, decode, encode
-from muongpt.model.attention import FLEX_BLOCK
-from muongpt.model.fp8_loss import SIGMOID_CAP
-from muongpt.model.gpt import GPT, GPTConfig
+from muongpt.kernels.converters import KernelsConfig, apply_converters
+from muongpt.model import GPT, build_model
 from muongpt.optim import build_optimizer
-from muongpt.optim.schedule import (
-    attention_window,
-    batch_rows,
-    lr_multiplier,
-    multi_token_weights,
-)
+from muongpt.optim.distributed import distribute
 from muongpt.train import checkpoint as ckpt
 from muongpt.train import resilience
 from muongpt.train.distributed import DistContext, all_reduce_mean, init_distributed, shutdown
 from muongpt.train.runtime import keep_large_cpu_allocations
+from muongpt.train.schedule import Schedule
 from muongpt.train.sinks import make_sinks
-
-
-def build_model_config(cfg: DictConfig) -> GPTConfig:
-    m, mix = cfg.model, cfg.mixing_layer
-    return GPTConfig(
-        vocab_size=m.vocab_size,
-        n_layer=m.gpt.n_layer,
-        n_head=m.gpt.n_head,
-        n_embd=m.gpt.n_embd,
-        mlp_ratio=m.mlp_ratio,
-        rope_base=m.rope_base,
-        logit_softcap=m.logit_softcap,
-        softcap_value=m.softcap_value,
-        sigmoid_cap=list(m.get("sigmoid_cap", SIGMOID_CAP)),
-        fp8_head=m.fp8_head,
-        fp8_scales=list(m.fp8_scales),
-        fp8_dw=m.get("fp8_dw", False),
-        fp8_fused_loss=m.get("fp8_fused_loss", False),
-        fused_mlp=m.get("fused_mlp", False),
-        value_embeds=m.value_embeds,
-        unet_skips=m.unet_skips,
-        x0_mix=m.x0_mix,
-        embed_norm=m.embed_norm,
-        smear=m.get("smear", False),
-        attn_gate=m.get("attn_gate", False),
-        key_offset=m.get("key_offset", False),
-        residual_bf16=m.get("residual_bf16", False),
-        bigram_embed=m.get("bigram_embed", 0),
-        backout_after=m.get("backout_after", 0),
-        mtp_weights=list(m.get("mtp_weights", [])),
-        rope_truncate=m.get("rope_truncate", False),
-        attn_scale=m.get("attn_scale", 0.0),
-        window_pattern=list(m.get("window_pattern", [1.0])),
-        attention=m.attention,
-        doc_mask=m.doc_mask,
-        attn_window=m.attn_window,
-        mixer_pattern=list(mix.pattern),
-        pom_degree=mix.pom_degree,
-        pom_expand=mix.pom_expand,
-        pom_n_sel_heads=mix.pom_n_sel_heads,
-    )
 
 
 def load_text_tokens(data: DictConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -111,19 +66,6 @@ def check_batch_config(t: DictConfig, world_size: int) -> int:
             f"training.batch_size ({t.batch_size}) must be a multiple of micro_batch_size x world size "
             f"({t.micro_batch_size} x {world_size} = {per_step})"
         )
-    if t.warmup_steps + t.cooldown_steps > t.max_steps:
-        raise MuonGPTError(
-            f"warmup_steps + cooldown_steps ({t.warmup_steps} + {t.cooldown_steps}) exceed max_steps "
-            f"({t.max_steps})"
-        )
-    start = t.get("batch_size_start", 0)
-    if start and (start % per_step or not 0 < start <= t.batch_size):
-        raise MuonGPTError(
-            f"training.batch_size_start ({start}) must be a multiple of micro_batch_size x world "
-            f"size ({per_step}) and at most batch_size ({t.batch_size})"
-        )
-    if start and t.get("batch_ramp_steps", 0) < 1:
-        raise MuonGPTError("training.batch_size_start needs training.batch_ramp_steps >= 1")
     return t.batch_size // per_step
 
 
@@ -154,25 +96,9 @@ def compile_model(model: GPT, mode: str, options=None):
     if mode == "blocks":
         for block in model.blocks:
             block.compile(options=options)
-        model.head = torch.compile(
-            model.head, options=options
-        )  # logits, soft-cap and loss fused, as in "model"
+        model.lm_head.compile(options=options)  # logits, soft-cap and loss fused, as in "model"
         return model
     raise MuonGPTError(f"training.compile_mode must be one of {COMPILE_MODES}, got {mode!r}")
-
-
-def check_window_schedule(cfg: DictConfig) -> None:
-    start, end = cfg.training.attn_window_start, cfg.model.attn_window
-    if start == 0:
-        return
-    if cfg.model.attention != "flex" or end == 0:
-        raise MuonGPTError(
-            "training.attn_window_start needs model.attention=flex and a model.attn_window > 0"
-        )
-    if not 0 < start <= end:
-        raise MuonGPTError(
-            f"training.attn_window_start must be in (0, model.attn_window = {end}], got {start}"
-        )
 
 
 class Trainer:
@@ -182,9 +108,6 @@ class Trainer:
         self.ctx: DistContext = init_distributed(t.device)
         self.device = self.ctx.device
         self.grad_accum = check_batch_config(t, self.ctx.world_size)
-        check_window_schedule(cfg)
-        mtp = list(cfg.model.get("mtp_weights", [])), list(t.get("mtp_decay", []))
-        multi_token_weights(0, t.max_steps, *mtp)  # a bad mtp_decay fails here, not at step 1
         self.tokens_per_step = t.batch_size * t.seq_len
 
         torch.manual_seed(t.seed)
@@ -195,13 +118,22 @@ class Trainer:
         if self.device.type == "cpu":
             keep_large_cpu_allocations()
 
-        self.model_config = build_model_config(cfg)
-        self.model = GPT(self.model_config).to(self.device)
+        self.model_config = model_config(cfg.model)
+        self.model: GPT = build_model(self.model_config)
+        apply_converters(self.model, KernelsConfig(**OmegaConf.to_container(cfg.kernels)))
+        self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        if self.ctx.world_size > 1:  # no DDP: the sharded optimizers reduce the gradients
+            self.optimizer = distribute(self.optimizer, self.model)
+        self.schedule = Schedule(
+            t,
+            cfg.optimizer,
+            unit=t.micro_batch_size * self.ctx.world_size,
+            window_end=getattr(self.model_config, "attn_window", 0),
+            window_block=getattr(self.model, "window_block", 1),
+        )
         self.forward = (
-            compile_model(self.model, t.compile_mode, t.get("inductor"))
-            if t.compile
-            else self.model
+            compile_model(self.model, t.compile_mode, t.inductor) if t.compile else self.model
         )
         self.use_bf16 = t.autocast_bf16 and self.device.type == "cuda"
 
@@ -291,54 +223,18 @@ class Trainer:
         return float(all_reduce_mean(total / count, self.ctx))
 
     # ---------------------------------------------------------------- training
-    def apply_schedules(self) -> None:
-        """Learning rates, Muon momentum, (flex) attention window and multi-token loss weights of
-        the coming step."""
-        t = self.cfg.training
-        self.optimizer.update_schedule(
-            self.step,
-            lr_multiplier(
-                self.step, t.max_steps, t.warmup_steps, t.cooldown_steps, t.final_lr_frac
-            ),
-        )
-        if t.attn_window_start:
-            self.model.set_attn_window(
-                attention_window(
-                    self.step,
-                    t.max_steps,
-                    t.attn_window_start,
-                    self.model_config.attn_window,
-                    block=FLEX_BLOCK,
-                )
-            )
-        if self.model_config.mtp_weights:
-            self.model.set_mtp_weights(
-                multi_token_weights(
-                    self.step,
-                    t.max_steps,
-                    self.model_config.mtp_weights,
-                    list(t.get("mtp_decay", [])),
-                )
-            )
-
-    def step_accum(self) -> int:
-        """Micro-steps of the coming optimizer step (``grad_accum`` unless the batch ramps up)."""
-        t = self.cfg.training
-        unit = t.micro_batch_size * self.ctx.world_size
-        rows = batch_rows(
-            self.step,
-            t.get("batch_size_start", 0),
-            t.batch_size,
-            t.get("batch_ramp_steps", 0),
-            unit,
-        )
-        return rows // unit
+    def apply_schedule(self) -> int:
+        """Set the coming step's lr, momentum and attention window; returns its micro-steps."""
+        settings = self.schedule.at(self.step)
+        self.optimizer.apply_schedule(settings.lr_scale, settings.momentum)
+        if settings.attn_window is not None:
+            self.model.set_attn_window(settings.attn_window)
+        return settings.micro_steps
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over its micro-batches; returns the mean loss (on device)."""
         t = self.cfg.training
-        self.apply_schedules()
-        accum = self.step_accum()
+        accum = self.apply_schedule()
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
             inputs, targets = next(self.train_loader)
@@ -376,7 +272,8 @@ class Trainer:
             f"model: {self.model.num_params():,} parameters "
             f"({self.model.num_params(non_embedding=True):,} without the embedding); "
             f"{self.model_config.n_layer} layers, {self.model_config.n_embd} wide, "
-            f"{self.model_config.n_head} heads, mixers {list(self.model_config.mixer_pattern)}"
+            f"{self.model_config.n_head} heads, model={self.model_config.name}, mixers "
+            f"{list(self.model_config.mixing.pattern)}"
         )
         self.log(self.optimizer.summary())
         self.log(
@@ -384,7 +281,7 @@ class Trainer:
             f"({self.grad_accum} micro-steps x {self.ctx.world_size} ranks); device {self.device}"
             + (
                 f"; ramped from {t.batch_size_start} sequences over {t.batch_ramp_steps} steps"
-                if t.get("batch_size_start", 0)
+                if t.batch_size_start
                 else ""
             )
         )
