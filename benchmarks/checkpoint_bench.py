@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from muongpt.model.gpt import GPT
+from muongpt.config import model_config
+from muongpt.model import build_model
 from muongpt.optim import build_optimizer
 from muongpt.train import checkpoint as ckpt
 from muongpt.train.resilience import capture_rng_state
-from muongpt.train.trainer import build_model_config
 
 
 def compose(experiment: str, size: str):
@@ -50,7 +50,7 @@ def compose(experiment: str, size: str):
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(
-            config_name="config", overrides=[f"experiment={experiment}", f"model/gpt={size}"]
+            config_name="config", overrides=[f"experiment={experiment}", f"model/size={size}"]
         )
 
 
@@ -94,13 +94,13 @@ def main() -> None:
 
     cfg = compose(args.experiment, args.size)
     torch.manual_seed(0)
-    model = GPT(build_model_config(cfg)).to(device)
+    model = build_model(model_config(cfg.model)).to(device)
     optimizer = build_optimizer(model, cfg.optimizer)
     kinds = [type(opt).__name__ for opt in optimizer.optimizers]
     generator = torch.Generator(device="cpu").manual_seed(1)
     for p in model.parameters():  # fixed random gradients, then one step: the state exists
         p.grad = (torch.randn(p.shape, generator=generator) * 1e-3).to(device, p.dtype)
-    optimizer.update_schedule(0, 1.0)
+    optimizer.apply_schedule(1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     sync(device)

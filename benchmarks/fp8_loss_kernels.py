@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from optimizer_step import time_steps  # benchmarks/ is on sys.path when run as a script
 
-from muongpt.model import fp8, fp8_loss
+from muongpt.kernels import fp8, fp8_loss
 
 
 def timed(fn) -> float:

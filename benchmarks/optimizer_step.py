@@ -29,18 +29,20 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from muongpt.optim import SOAP, Muon, OptimizerConfig, build_optimizer
+from muongpt.optim import SOAP, Muon, MuonConfig, SOAPConfig, build_optimizer
 
 
 class ParamSet(nn.Module):
-    """GPT-shaped parameters with muongpt's names, so build_optimizer routes them as in training."""
+    """GPT-shaped parameters with muongpt's names and the GPT's optimizer groups."""
 
     def __init__(self, n_layer: int, n_embd: int, vocab: int):
         super().__init__()
+        self.config = SimpleNamespace(n_embd=n_embd)
         self.embed = nn.Embedding(vocab, n_embd)
         self.blocks = nn.ModuleList()
         for _ in range(n_layer):
@@ -56,6 +58,14 @@ class ParamSet(nn.Module):
 
     def block_matrices(self) -> list[nn.Parameter]:
         return list(self.blocks.parameters())
+
+    def optimizer_groups(self) -> dict:
+        return {
+            "matrix": list(self.blocks.named_parameters(prefix="blocks")),
+            "embed": list(self.embed.named_parameters(prefix="embed")),
+            "head": list(self.lm_head.named_parameters(prefix="lm_head")),
+            "scalar": [],
+        }
 
 
 def state_bytes(optimizers) -> int:
@@ -169,12 +179,12 @@ def main() -> None:
         ("muongpt SOAP", lambda: SOAP(matrices, lr=3e-3), matrices),
         (
             "hybrid muon (all)",
-            lambda: build_optimizer(model, OptimizerConfig(name="muon")),
+            lambda: build_optimizer(model, MuonConfig()),
             everything,
         ),
         (
             "hybrid soap (all)",
-            lambda: build_optimizer(model, OptimizerConfig(name="soap", lr=3e-3)),
+            lambda: build_optimizer(model, SOAPConfig(lr=3e-3)),
             everything,
         ),
     ]

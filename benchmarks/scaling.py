@@ -58,25 +58,28 @@ def build(model_name: str, overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(
             config_name="config",
-            overrides=["experiment=speedrun_d12", f"model/gpt={model_name}", *overrides],
+            overrides=["experiment=speedrun_d12", f"model/size={model_name}", *overrides],
         )
 
 
 def worker(args) -> None:
     import torch.distributed as dist
 
-    from muongpt.model.gpt import GPT
+    from muongpt.config import model_config
+    from muongpt.model import build_model
     from muongpt.optim import build_optimizer
-    from muongpt.optim.distributed import optimizer_state_bytes
+    from muongpt.optim.distributed import distribute, optimizer_state_bytes
     from muongpt.train.distributed import init_distributed
-    from muongpt.train.trainer import build_model_config, compile_model
+    from muongpt.train.trainer import compile_model
 
     ctx = init_distributed(args.device)
     W, device = ctx.world_size, ctx.device
     cfg = build(args.model, args.override)
     torch.manual_seed(0)
-    model = GPT(build_model_config(cfg)).to(device)
+    model = build_model(model_config(cfg.model)).to(device)
     optimizer = build_optimizer(model, cfg.optimizer)
+    if W > 1:
+        optimizer = distribute(optimizer, model)
     forward = model if args.compile == "none" else compile_model(model, args.compile)
     per_step = args.micro_batch * W
     if args.batch_size % per_step:

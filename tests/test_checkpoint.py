@@ -162,31 +162,31 @@ def test_rng_states_roundtrip_through_a_checkpoint(tmp_path):
 
 def test_config_differences_split_model_from_other_settings(tmp_path):
     saved = {
-        "model": {"gpt": {"n_layer": 4, "n_embd": 128}, "fp8_head": False},
-        "mixing_layer": {"name": "a", "pattern": ["attention"]},
+        "model": {"name": "gpt", "n_layer": 4, "n_embd": 128, "mixing": {"pattern": ["attention"]}},
+        "kernels": {"converters": []},
         "training": {"max_steps": 100, "resume": "none", "lr": 1.0},
     }
     requested = json.loads(json.dumps(saved))
-    requested["model"]["gpt"]["n_layer"] = 6
-    requested["model"]["fp8_head"] = True  # numerics of the head, not the weights
-    requested["model"]["attention"] = "sdpa"  # a setting added since: listed, not refused
-    requested["mixing_layer"]["pattern"] = ["pom"]
+    requested["model"]["n_layer"] = 6
+    requested["kernels"]["converters"] = ["fp8_head"]  # numerics of the head, not the weights
+    requested["model"]["rope_base"] = 500.0  # a setting added since: listed, not refused
+    requested["model"]["mixing"]["pattern"] = ["pom"]
     requested["training"].update(max_steps=200, resume="auto")
     arch, other = resilience.config_differences(saved, requested)
     assert arch == [
-        "mixing_layer.pattern (checkpoint ['attention'], requested ['pom'])",
-        "model.gpt.n_layer (checkpoint 4, requested 6)",
+        "model.mixing.pattern (checkpoint ['attention'], requested ['pom'])",
+        "model.n_layer (checkpoint 4, requested 6)",
     ]
     assert other == [
-        "model.attention (checkpoint '<absent>', requested 'sdpa')",
-        "model.fp8_head (checkpoint False, requested True)",
+        "kernels.converters (checkpoint [], requested ['fp8_head'])",
+        "model.rope_base (checkpoint '<absent>', requested 500.0)",
         "training.max_steps (checkpoint 100, requested 200)",
     ]
-    with pytest.raises(resilience.ConfigMismatchError, match="model.gpt.n_layer"):
+    with pytest.raises(resilience.ConfigMismatchError, match="model.n_layer"):
         resilience.check_resume_config(saved, requested, tmp_path / "x.pt", log=print)
     logged = []
-    requested["model"]["gpt"]["n_layer"] = 4
-    requested["mixing_layer"]["pattern"] = ["attention"]
+    requested["model"]["n_layer"] = 4
+    requested["model"]["mixing"]["pattern"] = ["attention"]
     resilience.check_resume_config(saved, requested, tmp_path / "x.pt", log=logged.append)
     assert logged == [f"resuming with changed settings: {'; '.join(other)}"]
 

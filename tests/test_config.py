@@ -1,46 +1,132 @@
-"""The config tree: every schema field has a yaml value, and every yaml key is a schema field."""
+"""The config tree: one schema per group, yaml files holding only changes, and stored configs of
+older versions upgraded to the current layout."""
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from muongpt.config import CONF_DIR, DataConfig, MixingLayerConfig, ModelConfig, TrainingConfig
-from muongpt.train.sinks import LoggingConfig
+from muongpt import MuonGPTError
+from muongpt.config import CONF_DIR, Config, model_config, register_configs, upgrade_config
+from muongpt.model import MODELS, GPTConfig, SpeedrunConfig, build_model
+from muongpt.optim.config import OPTIMIZER_CONFIGS
 
-
-def fields(cls) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
-
-
-@pytest.mark.parametrize(
-    "cls,yaml_file,exempt",
-    [
-        (TrainingConfig, "training/default.yaml", set()),
-        (ModelConfig, "model/gpt.yaml", {"gpt"}),  # sizes come from model/gpt/*.yaml
-        (LoggingConfig, "logging/default.yaml", set()),
-    ],
-)
-def test_group_defaults_hold_every_schema_field(cls, yaml_file, exempt):
-    keys = set(yaml.safe_load((CONF_DIR / yaml_file).read_text()))
-    assert keys == fields(cls) - exempt
+V01_CONFIGS = json.loads((Path(__file__).parent / "data" / "configs_v0.1.json").read_text())
 
 
-@pytest.mark.parametrize(
-    "cls,folder",
-    [(MixingLayerConfig, "mixing_layer"), (DataConfig, "data")],
-)
-def test_group_options_use_only_schema_fields(cls, folder):
-    for path in sorted((CONF_DIR / folder).glob("*.yaml")):
-        keys = set(yaml.safe_load(path.read_text()))
-        assert keys <= fields(cls), f"{path.name}: {keys - fields(cls)}"
+def composed(*overrides: str) -> dict:
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_container(compose("config", overrides=list(overrides)), resolve=True)
+
+
+def test_the_core_model_config_stays_small():
+    assert len(dataclasses.fields(GPTConfig)) <= 12
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_both_models_compose_and_build(model):
+    cfg = composed(f"model={model}", "model/size=d12")
+    config = model_config(cfg["model"])
+    assert type(config) is MODELS[model][0] and config.n_layer == 12
+    assert cfg["optimizer"]["name"] == "muon" and cfg["kernels"]["converters"] == []
+
+
+def test_every_group_option_and_experiment_composes():
+    for folder in ("model", "model/size", "mixing_layer", "optimizer", "data", "experiment"):
+        for path in sorted((CONF_DIR / folder).glob("*.yaml")):
+            cfg = composed(f"{folder}={path.stem}", "model/size=d12")
+            model_config(cfg["model"])  # validates the model section against its schema
+
+
+def _defaults(schema) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(schema))
+
+
+def _repeats(values: dict, defaults: dict, where: str) -> list[str]:
+    out = []
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            out += _repeats(value, defaults[key], f"{where}.{key}")
+        elif key in defaults and defaults[key] == value and key != "name":
+            out.append(f"{where}.{key}")
+    return out
+
+
+def test_group_files_hold_only_what_they_change():
+    """Each default lives in its dataclass: no group file repeats a schema default."""
+    schemas = {"data": _defaults(Config)["data"]}
+    for name, schema in OPTIMIZER_CONFIGS.items():
+        schemas[f"optimizer/{name}"] = _defaults(schema)
+    repeated = []
+    for path in sorted((CONF_DIR / "data").glob("*.yaml")):
+        repeated += _repeats(yaml.safe_load(path.read_text()), schemas["data"], path.name)
+    for path in sorted((CONF_DIR / "optimizer").glob("*.yaml")):
+        values = {k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "defaults"}
+        repeated += _repeats(values, schemas[f"optimizer/{path.stem}"], path.name)
+    for path in sorted((CONF_DIR / "experiment").glob("*.yaml")):
+        values = yaml.safe_load(path.read_text())
+        cfg = composed(f"experiment={path.stem}")
+        model_defaults = _defaults(MODELS[cfg["model"]["name"]][0])
+        repeated += _repeats(values.get("model", {}), model_defaults, f"{path.name}: model")
+        optimizer = _defaults(OPTIMIZER_CONFIGS[cfg["optimizer"]["name"]])
+        repeated += _repeats(values.get("optimizer", {}), optimizer, f"{path.name}: optimizer")
+        training = _defaults(Config)["training"]
+        repeated += _repeats(values.get("training", {}), training, f"{path.name}: training")
+    assert repeated == []
 
 
 def test_size_files_are_gpt2_shapes():
     sizes = {
-        p.stem: yaml.safe_load(p.read_text()) for p in (CONF_DIR / "model" / "gpt").glob("*.yaml")
+        p.stem: yaml.safe_load(p.read_text()) for p in (CONF_DIR / "model/size").glob("*.yaml")
     }
     assert sizes["d12"] == {"n_layer": 12, "n_head": 12, "n_embd": 768}
     assert sizes["d24"] == {"n_layer": 24, "n_head": 16, "n_embd": 1024}
     assert sizes["d36"] == {"n_layer": 36, "n_head": 20, "n_embd": 1280}
     assert sizes["d48"] == {"n_layer": 48, "n_head": 25, "n_embd": 1600}
+
+
+@pytest.mark.parametrize(
+    "name,overrides",
+    [
+        ("tiny", []),
+        ("speedrun_bench", ["experiment=speedrun_bench"]),
+        ("hybrid_baseline", ["experiment=hybrid_baseline"]),
+    ],
+)
+def test_configs_stored_by_version_0_1_upgrade_to_the_same_run(name, overrides):
+    """The resolved configs muongpt 0.1 wrote into its checkpoints (composed by that version's
+    code) describe the same model, kernels, optimizer and schedule as today's experiment."""
+    old, new = upgrade_config(V01_CONFIGS[name]), composed(*overrides)
+    assert model_config(old["model"]) == model_config(new["model"])
+    assert old["kernels"] == new["kernels"]
+    assert old["optimizer"] == new["optimizer"]
+    schedule = ("max_steps", "final_lr_frac", "attn_window_start", "seq_len", "batch_size")
+    assert {k: old["training"][k] for k in schedule} == {k: new["training"][k] for k in schedule}
+    total = new["training"]["max_steps"]
+    for phase in ("warmup", "cooldown"):
+        steps = round(new["training"][f"{phase}_frac"] * total) or new["training"][f"{phase}_steps"]
+        assert old["training"][f"{phase}_steps"] == steps
+    assert upgrade_config(new) is new  # the current layout passes unchanged
+
+
+def test_removed_options_and_unknown_layouts_are_one_line_errors():
+    with pytest.raises(MuonGPTError, match="removed options on: \\['smear'\\]"):
+        upgrade_config(V01_CONFIGS["smear"])
+    with pytest.raises(MuonGPTError, match="unknown format"):
+        upgrade_config({"model": {"n_layer": 2}})
+    with pytest.raises(MuonGPTError, match="no model section"):
+        upgrade_config({"training": {}})
+
+
+def test_speedrun_config_errors_name_the_key():
+    with pytest.raises(MuonGPTError, match="model.backout_after"):
+        SpeedrunConfig(n_layer=4, n_head=4, n_embd=128)
+    with pytest.raises(MuonGPTError, match="logit_softcap"):
+        SpeedrunConfig(logit_softcap=15.0)
+    with pytest.raises(MuonGPTError, match="pattern entries"):
+        build_model(model_config({"name": "gpt", "mixing": {"pattern": ["none"]}}))

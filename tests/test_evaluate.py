@@ -10,13 +10,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from muongpt.cli import evaluate as eval_cli
-from muongpt.config import CONF_DIR, register_configs
+from muongpt.config import CONF_DIR, model_config, register_configs
 from muongpt.data.shards import write_shard
 from muongpt.data.tokenizer import EOT_TOKEN, encode
 from muongpt.generate import load_model
-from muongpt.model.gpt import GPT
+from muongpt.model import build_model
 from muongpt.train.checkpoint import save_checkpoint
-from muongpt.train.trainer import build_model_config
 
 # Real text (the opening of tiny Shakespeare) plus characters of 2, 3 and 4 UTF-8 bytes.
 TEXT = (
@@ -29,12 +28,12 @@ DOC2 = "Second Citizen:\nWe are accounted poor citizens, the patricians good.\n"
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     register_configs()
-    overrides = ["experiment=tiny", "model.gpt.n_layer=2", "model.gpt.n_head=2"]
-    overrides += ["model.gpt.n_embd=32", "training.seq_len=64"]
+    overrides = ["experiment=tiny", "model.n_layer=2", "model.n_head=2"]
+    overrides += ["model.n_embd=32", "training.seq_len=64"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         config = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
     torch.manual_seed(0)
-    model = GPT(build_model_config(OmegaConf.create(config)))
+    model = build_model(model_config(config["model"]))
     with torch.no_grad():  # fill the zero-initialised projections: token losses must differ
         for name, p in model.named_parameters():
             if p.ndim == 2 and not name.startswith("embed"):

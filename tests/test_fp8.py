@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from muongpt import MuonGPTError
-from muongpt.model import fp8
-from muongpt.model.fp8 import FP8Linear, fp8_available, fp8_linear, make_head
+from muongpt.kernels import fp8
+from muongpt.kernels.converters import KernelsConfig, apply_converters
+from muongpt.kernels.fp8 import FP8Head, FP8Linear, fp8_available, fp8_linear
 from muongpt.model.gpt import GPT, GPTConfig
 
 needs_fp8 = pytest.mark.skipif(not fp8_available(), reason="needs a CUDA GPU with fp8 (cc >= 8.9)")
@@ -20,8 +21,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_cpu_fallback_is_plain_linear(caplog):
     fp8._fallback_logged = False
-    with caplog.at_level(logging.WARNING, logger="muongpt.model.fp8"):
-        head = make_head(32, 64)
+    with caplog.at_level(logging.WARNING, logger="muongpt.kernels.fp8"):
+        head = FP8Linear(32, 64)
     if fp8_available():
         pytest.skip("this machine has an fp8 GPU: no fall-back to observe")
     assert not head.fp8_ok
@@ -40,7 +41,7 @@ def test_cpu_fallback_is_plain_linear(caplog):
 
 
 def test_bad_scales_and_odd_shapes():
-    with pytest.raises(MuonGPTError, match="fp8_scales"):
+    with pytest.raises(MuonGPTError, match="kernels.fp8_scales"):
         FP8Linear(32, 64, scales=(2.0, 0.0, 1.0))
     assert not FP8Linear(30, 64).fp8_ok  # not multiples of 16: never fp8
 
@@ -52,7 +53,8 @@ def test_gpt_with_fp8_head_matches_plain_head_on_cpu():
     torch.manual_seed(0)
     plain = GPT(GPTConfig(**cfg))
     torch.manual_seed(0)
-    with_fp8 = GPT(GPTConfig(**cfg, fp8_head=True))
+    with_fp8 = apply_converters(GPT(GPTConfig(**cfg)), KernelsConfig(["fp8_head"]))
+    assert isinstance(with_fp8.lm_head, FP8Head)
     with_fp8.load_state_dict(plain.state_dict())
     with torch.no_grad():
         for m in (plain, with_fp8):

@@ -10,15 +10,32 @@ import torch
 import torch.nn.functional as F
 
 from muongpt import MuonGPTError
-from muongpt.model import fp8, fp8_loss
-from muongpt.model.fp8 import fp8_available
-from muongpt.model.gpt import GPT, GPTConfig
+from muongpt.kernels import fp8, fp8_loss
+from muongpt.kernels.converters import KernelsConfig, apply_converters
+from muongpt.kernels.fp8 import fp8_available
+from muongpt.model.gpt import GPT, GPTConfig, SoftCap
+from muongpt.model.speedrun import SpeedrunConfig
 
 needs_fp8 = pytest.mark.skipif(
     not (fp8_available() and fp8_loss.triton is not None),
     reason="needs a CUDA GPU with fp8 (cc >= 8.9) and Triton",
 )
-SIG = fp8_loss.SIGMOID_CAP
+SIG = (30.0, 7.5, 0.0)  # the speed-run model's sigmoid cap
+
+
+def cap_params(softcap, value, sig=SIG):
+    """The kernels' (mode, A, B, C) of a model soft-cap, as the fused head passes them."""
+    cap = {"none": SoftCap(), "tanh": SoftCap.tanh(value), "sigmoid": SoftCap("sigmoid", *sig)}
+    return fp8_loss.cap_mode(cap[softcap].kernel_form())
+
+
+def capped_gpt(cap: SoftCap, converters=(), scales=(2.0, 32.0, 2.0**29), **config) -> GPT:
+    """A core GPT with the given soft-cap and kernel converters."""
+    model = GPT(GPTConfig(**config))
+    model.lm_head.cap = cap
+    return apply_converters(model, KernelsConfig(list(converters), list(scales)))
+
+
 # (softcap, softcap_value, sigmoid_cap): the last a shifted, lower sigmoid cap
 CAPS = [
     ("none", 15.0, SIG),
@@ -37,7 +54,7 @@ def rel_err(a, b) -> float:
 
 
 def plain_loss(logits, targets, softcap, value, sig=SIG):
-    z = fp8_loss.capped(logits, *fp8_loss.cap_params(softcap, value, sig))[0]
+    z = fp8_loss.capped(logits, *cap_params(softcap, value, sig))[0]
     return F.cross_entropy(z, targets, ignore_index=-1)
 
 
@@ -61,7 +78,7 @@ def logits_case(T=96, V=640, seed=0, device="cpu", ignore=()):
 def test_reference_math_equals_autograd_of_the_plain_loss(softcap, value, sig):
     logits, targets = logits_case(ignore=(3, 50))
     loss_ref, grad_ref = autograd_reference(logits, targets, softcap, value, sig)
-    mode, a, b, c = fp8_loss.cap_params(softcap, value, sig)
+    mode, a, b, c = cap_params(softcap, value, sig)
     loss, g8 = fp8_loss.reference_loss_and_grad(logits, targets, mode, a, b, GRAD_SCALE, c)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
     assert g8.dtype == torch.float8_e5m2
@@ -90,14 +107,14 @@ def test_reference_math_with_several_targets_equals_autograd(softcap, value, sig
     rows, divided by the rows with a first target) and its gradient."""
     logits, targets = multi_case()
     lf = logits.detach().float().requires_grad_()
-    z = fp8_loss.capped(lf, *fp8_loss.cap_params(softcap, value, sig))[0]
+    z = fp8_loss.capped(lf, *cap_params(softcap, value, sig))[0]
     n = (targets[:, 0] >= 0).sum()
     loss_ref = sum(
         w * F.cross_entropy(z, targets[:, k], ignore_index=-1, reduction="sum") / n
         for k, w in enumerate(MTP_WEIGHTS)
     )
     loss_ref.backward()
-    mode, a, b, c = fp8_loss.cap_params(softcap, value, sig)
+    mode, a, b, c = cap_params(softcap, value, sig)
     loss, g8 = fp8_loss.reference_loss_and_grad(
         logits, targets, mode, a, b, GRAD_SCALE, c, MTP_WEIGHTS
     )
@@ -113,37 +130,39 @@ def test_reference_math_with_several_targets_equals_autograd(softcap, value, sig
     assert torch.equal(one[0], one_k[0]) and torch.equal(one[1].float(), one_k[1].float())
 
 
-def test_sigmoid_cap_matches_the_models_softcap():
-    cfg = GPTConfig(vocab_size=64, n_layer=1, n_head=1, n_embd=16, logit_softcap="sigmoid")
-    x = torch.randn(5, 64) * 20
-    mode, a, b, _ = fp8_loss.cap_params("sigmoid", 15.0)
-    torch.testing.assert_close(fp8_loss.capped(x, mode, a, b)[0], GPT(cfg).softcap(x))
-    cfg = GPTConfig(vocab_size=64, n_layer=1, n_head=1, n_embd=16, logit_softcap="tanh")
-    mode, a, b, _ = fp8_loss.cap_params("tanh", cfg.softcap_value)
-    torch.testing.assert_close(fp8_loss.capped(x, mode, a, b)[0], GPT(cfg).softcap(x))
-    cfg = GPTConfig(
-        vocab_size=64, n_layer=1, n_head=1, n_embd=16, logit_softcap="sigmoid",
-        sigmoid_cap=[23.0, 7.5, 5.0],
-    )  # fmt: skip
-    cap = fp8_loss.cap_params("sigmoid", 15.0, cfg.sigmoid_cap)
-    torch.testing.assert_close(fp8_loss.capped(x, *cap)[0], GPT(cfg).softcap(x))
-    torch.testing.assert_close(GPT(cfg).softcap(x), 23 * torch.sigmoid((x + 5) / 7.5))
+def test_kernel_caps_match_the_models_softcap():
+    x = torch.linspace(-60, 60, 101)
+    for cap in (SoftCap("sigmoid", *SIG), SoftCap.tanh(15.0), SoftCap("sigmoid", 23.0, 7.5, 5.0)):
+        torch.testing.assert_close(
+            fp8_loss.capped(x, *fp8_loss.cap_mode(cap.kernel_form()))[0], cap(x)
+        )
+    torch.testing.assert_close(
+        SoftCap("sigmoid", 23.0, 7.5, 5.0)(x), 23 * torch.sigmoid((x + 5) / 7.5)
+    )
+    torch.testing.assert_close(SoftCap.tanh(15.0)(x), 15 * torch.tanh(x / 15))
     with pytest.raises(MuonGPTError, match="sigmoid_cap"):
-        GPTConfig(vocab_size=64, n_layer=1, n_head=1, n_embd=16, sigmoid_cap=[23.0, 0.0, 5.0])
+        SpeedrunConfig(sigmoid_cap=[23.0, 0.0, 5.0])
 
 
-def test_fused_loss_needs_the_fp8_head():
-    with pytest.raises(MuonGPTError, match="fp8_fused_loss"):
-        GPTConfig(vocab_size=64, n_layer=1, n_head=1, n_embd=16, fp8_fused_loss=True)
+def test_converters_refuse_unknown_names_and_keep_every_parameter():
+    with pytest.raises(MuonGPTError, match="fp8_head_loss already includes fp8_head"):
+        capped_gpt(
+            SoftCap(), ["fp8_head", "fp8_head_loss"], vocab_size=64, n_layer=1, n_head=1, n_embd=16
+        )
+    model = capped_gpt(SoftCap(), ["fp8_head_loss"], vocab_size=64, n_layer=1, n_head=1, n_embd=16)
+    assert isinstance(model.lm_head, fp8_loss.FP8LossHead)
+    assert [n for n, _ in model.named_parameters()] == [
+        n for n, _ in GPT(model.config).named_parameters()
+    ]
 
 
 def test_fused_loss_model_falls_back_to_the_plain_path_without_fp8():
     if fp8_available():
         pytest.skip("this machine has an fp8 GPU")
-    base = dict(vocab_size=300, n_layer=2, n_head=2, n_embd=32, fp8_head=True)
+    base = dict(vocab_size=300, n_layer=2, n_head=2, n_embd=32)
     torch.manual_seed(0)
-    plain = GPT(GPTConfig(**base, logit_softcap="sigmoid"))
-    fused = GPT(GPTConfig(**base, logit_softcap="sigmoid", fp8_fused_loss=True))
+    plain = capped_gpt(SoftCap("sigmoid", *SIG), **base)
+    fused = capped_gpt(SoftCap("sigmoid", *SIG), ["fp8_head_loss"], **base)
     fused.load_state_dict(plain.state_dict())
     idx = torch.randint(0, 300, (2, 16))
     torch.testing.assert_close(fused(idx, idx), plain(idx, idx))
@@ -173,7 +192,7 @@ def test_op_wiring_on_cpu_equals_the_unfused_fp8_path(monkeypatch, sig):
     t = torch.randint(0, V, (T,), generator=g)
     t[:3] = -1
     fused = _run(
-        lambda a, b, t: fp8_loss.fp8_cross_entropy(a, b, t, scales, "sigmoid", 15.0, sig), x, w, t
+        lambda a, b, t: fp8_loss.fp8_cross_entropy(a, b, t, scales, ("sigmoid", *sig)), x, w, t
     )
     unfused = _run(
         lambda a, b, t: plain_loss(fp8.fp8_linear(a, b, scales, True), t, "sigmoid", 15.0, sig),
@@ -196,7 +215,7 @@ def test_op_wiring_on_cpu_equals_the_unfused_fp8_path(monkeypatch, sig):
 @pytest.mark.parametrize("shape", [(256, 50304), (200, 1000)])
 def test_kernels_equal_the_reference(softcap, value, sig, shape):
     logits, targets = logits_case(*shape, seed=1, device="cuda", ignore=(7,))
-    mode, a, b, c = fp8_loss.cap_params(softcap, value, sig)
+    mode, a, b, c = cap_params(softcap, value, sig)
     loss_ref, g_ref = fp8_loss.reference_loss_and_grad(logits, targets, mode, a, b, GRAD_SCALE, c)
     loss, g = fp8_loss.loss_and_grad(logits, targets, mode, a, b, GRAD_SCALE, c)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
@@ -214,7 +233,7 @@ def test_kernels_equal_the_reference(softcap, value, sig, shape):
 def test_kernels_with_several_targets_equal_the_reference(softcap, value, sig, shape):
     logits, targets = multi_case(*shape, seed=1, device="cuda")
     weights = MTP_WEIGHTS.cuda()
-    mode, a, b, c = fp8_loss.cap_params(softcap, value, sig)
+    mode, a, b, c = cap_params(softcap, value, sig)
     args = (mode, a, b, GRAD_SCALE, c, weights)
     loss_ref, g_ref = fp8_loss.reference_loss_and_grad(logits, targets, *args)
     loss, g = fp8_loss.loss_and_grad(logits, targets, *args)
@@ -242,7 +261,7 @@ def _run(fn, x, w, targets, grad_loss=0.5):
 
 
 def _fused(x, w, t):
-    return fp8_loss.fp8_cross_entropy(x, w, t, SCALES, "sigmoid")
+    return fp8_loss.fp8_cross_entropy(x, w, t, SCALES, ("sigmoid", *SIG))
 
 
 def _unfused_fp8(x, w, t):
@@ -283,7 +302,7 @@ def test_fused_op_under_torch_compile_equals_eager():
 @needs_fp8
 def test_fake_kernels_match_real_outputs():
     x, w, t = _head_case(T=256, D=128, V=512, seed=3)
-    args = (*SCALES, *fp8_loss.cap_params("sigmoid", 15.0))
+    args = (*SCALES, *cap_params("sigmoid", 15.0))
     t, weights = t[:, None], torch.ones(1, device="cuda")
     real = fp8_loss.fp8_head_loss(x, w, t, weights, *args)
     real_bwd = fp8_loss.fp8_head_loss_backward(torch.ones((), device="cuda"), *real[1:], *args[:3])
@@ -298,20 +317,17 @@ def test_fake_kernels_match_real_outputs():
 
 
 @needs_fp8
-@pytest.mark.parametrize("sig,mtp", [(SIG, []), ((23.0, 7.5, 5.0), []), (SIG, [0.5, 0.25])])
-def test_gpt_with_the_fused_loss_trains_like_the_unfused_fp8_head(sig, mtp):
-    base = dict(
-        vocab_size=50257, n_layer=2, n_head=4, n_embd=256, fp8_head=True, fp8_dw=True,
-        logit_softcap="sigmoid", fp8_scales=[2.0, 32.0, 2.0**23], sigmoid_cap=list(sig),
-        mtp_weights=mtp,
-    )  # fmt: skip
+@pytest.mark.parametrize("sig", [SIG, (23.0, 7.5, 5.0)])
+def test_gpt_with_the_fused_loss_trains_like_the_unfused_fp8_head(sig):
+    base = dict(vocab_size=50257, n_layer=2, n_head=4, n_embd=256)
+    scales = (2.0, 32.0, 2.0**23)
     # The unfused path rounds the logit gradient to bf16, then to e5m2; the fused one once, to
     # e5m2. Under the shifted cap the two differ by up to 3.8% (H100; 4.8% in the CPU op test
     # below, where both stay equally far from fp32), under the default cap by < 3%.
     bound = 0.03 if tuple(sig) == SIG else 0.05
     torch.manual_seed(0)
-    unfused = GPT(GPTConfig(**base)).cuda()
-    fused = GPT(GPTConfig(**base, fp8_fused_loss=True)).cuda()
+    unfused = capped_gpt(SoftCap("sigmoid", *sig), ["fp8_head"], scales, **base).cuda()
+    fused = capped_gpt(SoftCap("sigmoid", *sig), ["fp8_head_loss"], scales, **base).cuda()
     fused.load_state_dict(unfused.state_dict())
     head = torch.randn_like(unfused.lm_head.weight) * 0.05  # trained scale (it starts at zero)
     with torch.no_grad():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from muongpt import MuonGPTError
 from muongpt.generate import generate_tokens
 from muongpt.model.attention import Rotary
-from muongpt.model.gpt import GPT, GPTConfig
+from muongpt.model.gpt import GPT, GPTConfig, MixingConfig
 
 
 def tiny(**kw) -> GPT:
@@ -75,7 +75,8 @@ def test_causality_of_whole_model():
 def test_loss_matches_reference_cross_entropy():
     model = tiny()
     idx = torch.randint(0, 300, (2, 8))
-    logits = model.softcap(model.lm_head(F.rms_norm(_hidden(model, idx), (32,))).float())
+    hidden = F.rms_norm(_hidden(model, idx), (32,))
+    logits = model.lm_head.cap(F.linear(hidden, model.lm_head.weight).float())
     ref = F.cross_entropy(logits.view(-1, logits.size(-1)), idx.view(-1))
     torch.testing.assert_close(model(idx, idx), ref)
 
@@ -87,14 +88,59 @@ def _hidden(model, idx):
     return x
 
 
-@pytest.mark.parametrize("mode", ["tanh", "sigmoid"])
-def test_softcap_formulas(mode):
-    model = tiny(logit_softcap=mode, softcap_value=15.0)
+def test_tanh_softcap_bounds_the_logits():
+    model = tiny(logit_softcap=15.0)
     x = torch.linspace(-100, 100, 101)
-    expected = 15 * torch.tanh(x / 15) if mode == "tanh" else 30 * torch.sigmoid(x / 7.5)
-    torch.testing.assert_close(model.softcap(x), expected)
+    torch.testing.assert_close(model.lm_head.cap(x), 15 * torch.tanh(x / 15))
     logits = model(torch.randint(0, 300, (1, 4)))
-    assert logits.max() <= (15 if mode == "tanh" else 30)
+    assert logits.abs().max() <= 15
+    torch.testing.assert_close(tiny().lm_head.cap(x), x)  # 0: no cap
+
+
+def rope(t, cos, sin, hd):
+    t1, t2 = t[..., : hd // 2], t[..., hd // 2 :]
+    return torch.cat([t1 * cos + t2 * sin, t2 * cos - t1 * sin], dim=-1)
+
+
+def reference_forward(model: GPT, idx: torch.Tensor, cap: float) -> torch.Tensor:
+    """The core GPT's math written out from the module docstring with plain tensor ops: RMSNorm,
+    QK-norm, rotary pairs (i, i + hd/2) at frequency base^(-2i/hd), a causal softmax over an
+    explicit mask, ReLU^2, the tanh cap."""
+
+    def norm(x):
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)
+
+    B, T = idx.shape
+    x = model.embed.weight[idx]
+    for block in model.blocks:
+        a = block.mixer
+        H, hd = a.n_head, a.head_dim
+        h = norm(x)
+        q = norm((h @ a.q.weight.T).view(B, T, H, hd))
+        k = norm((h @ a.k.weight.T).view(B, T, H, hd))
+        v = (h @ a.v.weight.T).view(B, T, H, hd)
+        freq = 10000.0 ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+        angle = torch.arange(T, dtype=torch.float32)[:, None] * freq  # (T, hd/2)
+        cos, sin = angle.cos()[:, None], angle.sin()[:, None]
+
+        q, k = rope(q, cos, sin, hd), rope(k, cos, sin, hd)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
+        future = torch.ones(T, T, dtype=torch.bool).triu(1)
+        att = scores.masked_fill(future, float("-inf")).softmax(-1)
+        y = torch.einsum("bhqk,bkhd->bqhd", att, v).reshape(B, T, H * hd)
+        x = x + y @ a.proj.weight.T
+        m = block.mlp
+        x = x + torch.relu(norm(x) @ m.fc.weight.T).pow(2) @ m.proj.weight.T
+    logits = norm(x) @ model.lm_head.weight.T
+    return (cap * torch.tanh(logits / cap))[..., :300]
+
+
+def test_model_equals_a_written_out_reference():
+    model = tiny(n_layer=3, logit_softcap=15.0)
+    idx = torch.randint(0, 300, (2, 12))
+    torch.testing.assert_close(
+        model(idx), reference_forward(model, idx, 15.0), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_rotary_is_a_rotation_with_relative_positions():
@@ -130,9 +176,10 @@ def test_generation_with_and_without_cache_agree():
 @pytest.mark.parametrize(
     "bad,match",
     [
-        (dict(n_embd=30, n_head=4), "divisible by n_head"),
-        (dict(logit_softcap="cube"), "logit_softcap"),
-        (dict(mixer_pattern=["conv"]), "mixer_pattern"),
+        (dict(n_embd=30, n_head=4), "divisible by model.n_head"),
+        (dict(logit_softcap=-1.0), "logit_softcap"),
+        (dict(mixing=MixingConfig(pattern=["conv"])), "mixing.pattern"),
+        (dict(mixing=MixingConfig(pattern=["none"])), "mixing.pattern"),
         (dict(n_layer=0), "n_layer"),
     ],
 )

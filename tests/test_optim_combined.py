@@ -4,22 +4,16 @@ import copy
 import dataclasses
 import io
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from muongpt import MuonGPTError
-from muongpt.optim import (
-    SOAP,
-    CombinedOptimizer,
-    Muon,
-    OptimizerConfig,
-    build_optimizer,
-    lr_multiplier,
-    muon_momentum,
-)
+from muongpt.optim import SOAP, CombinedOptimizer, Muon, build_optimizer
+from muongpt.optim.config import OPTIMIZER_CONFIGS
+from muongpt.train.schedule import lr_multiplier, muon_momentum
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "src" / "muongpt" / "conf"
 VOCAB, DIM = 64, 16
@@ -54,7 +48,9 @@ class Block(nn.Module):
 
 
 class TinyModel(nn.Module):
-    """The naming of muongpt's GPT: embed, blocks.*, lm_head, plus odd extras."""
+    """A model that declares its optimizer groups: muongpt's layout plus odd extras."""
+
+    config = SimpleNamespace(n_embd=DIM)
 
     def __init__(self):
         super().__init__()
@@ -70,6 +66,13 @@ class TinyModel(nn.Module):
         for lam, block in zip(self.x0_lambdas, self.blocks):
             x = block(x + lam * x0, idx)
         return nn.functional.cross_entropy(self.lm_head(x).flatten(0, 1), targets.flatten())
+
+    def optimizer_groups(self):
+        groups = {"matrix": [], "embed": [], "head": [], "scalar": []}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                groups[expected_group(name, p)].append((name, p))
+        return groups
 
 
 EXPECTED_GROUP = {  # name prefix / suffix -> group
@@ -98,17 +101,14 @@ def batch(seed):
 
 def train_steps(model, opt, seeds):
     for s in seeds:
-        opt.update_schedule(s, lr_multiplier(s, 20, 2, 5, 0.1))
+        opt.apply_schedule(lr_multiplier(s, 20, 2, 5, 0.1), muon_momentum(s, 0.85, 0.95, 300))
         model(*batch(s)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
 
-def config(yaml_name, **overrides):
-    path = CONF_DIR / "optimizer" / f"{yaml_name}.yaml"
-    fields = OmegaConf.to_container(OmegaConf.load(path))
-    fields.update(overrides)
-    return OptimizerConfig(**fields)
+def config(name, **overrides):
+    return OPTIMIZER_CONFIGS[name](**overrides)
 
 
 @pytest.mark.parametrize("name", ["muon", "soap", "adamw"])
@@ -129,9 +129,15 @@ def test_routing_covers_every_parameter_once(name):
         assert kind is (matrix_kind if group == "matrix" else torch.optim.AdamW)
 
 
-def test_routing_on_the_real_gpt():
-    gpt = pytest.importorskip("muongpt.model.gpt")
-    model = gpt.GPT(gpt.GPTConfig(vocab_size=200, n_layer=2, n_head=2, n_embd=32))
+@pytest.mark.parametrize("model_name", ["gpt", "speedrun"])
+def test_routing_on_the_real_models(model_name):
+    from muongpt.model import MODELS
+
+    schema, cls = MODELS[model_name]
+    extra = (
+        dict(backout_after=1, value_embeds=1, bigram_rows=64) if model_name == "speedrun" else {}
+    )
+    model = cls(schema(vocab_size=200, n_layer=2, n_head=2, n_embd=32, **extra))
     opt = build_optimizer(model, config("muon"))
     placed = {
         n: (type(o), g["name"])
@@ -150,6 +156,7 @@ def test_routing_on_the_real_gpt():
         else:
             assert kind is torch.optim.AdamW and group != "matrix"
     assert placed["embed.weight"][1] == "embed" and placed["lm_head.weight"][1] == "head"
+    assert opt.summary().splitlines()[0].startswith("optimizer muon: the model's groups")
 
 
 def test_adamw_lr_scaling_schedule_and_summary():
@@ -165,14 +172,12 @@ def test_adamw_lr_scaling_schedule_and_summary():
         g["betas"] == (0.8, 0.95) and g["eps"] == 1e-10 for g in opt.optimizers[1].param_groups
     )
 
-    opt.update_schedule(150, 0.25)
+    opt.apply_schedule(0.25, 0.9)
     for g in opt.param_groups:
         assert g["lr"] == g["base_lr"] * 0.25
     assert groups["matrix"]["momentum"] == pytest.approx(0.9)
-    opt.update_schedule(0, 1.0)
-    assert groups["matrix"]["momentum"] == pytest.approx(0.85)
-    opt.update_schedule(1000, 1.0)
-    assert groups["matrix"]["momentum"] == pytest.approx(0.95)
+    opt.apply_schedule(1.0)  # no momentum given: Muon's stays
+    assert groups["matrix"]["momentum"] == pytest.approx(0.9)
 
     summary = opt.summary()
     for g in opt.param_groups:
@@ -255,23 +260,28 @@ def test_dictconfig_and_hydra_override():
     assert isinstance(soap, SOAP) and soap.param_groups[0]["lr"] == 0.003
 
 
-class RecordingConfig(OptimizerConfig):
-    """Records which fields the builder reads."""
-
-    def __getattribute__(self, key):
-        if key in {f.name for f in dataclasses.fields(OptimizerConfig)}:
-            object.__getattribute__(self, "_read").add(key)
-        return object.__getattribute__(self, key)
-
-
 @pytest.mark.parametrize("name", ["muon", "soap", "adamw"])
-def test_each_yaml_holds_exactly_the_fields_its_optimizer_reads(name):
-    yaml_fields = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "optimizer" / f"{name}.yaml"))
-    assert yaml_fields["name"] == name
-    cfg = RecordingConfig(**yaml_fields)
-    object.__setattr__(cfg, "_read", set())
-    build_optimizer(TinyModel(), cfg)
-    assert object.__getattribute__(cfg, "_read") == set(yaml_fields)
+def test_the_builder_reads_every_field_of_each_schema(name):
+    """No option is dead: building the optimizer reads each field of its schema."""
+    schema = OPTIMIZER_CONFIGS[name]
+    read = set()
+
+    class Recording(schema):
+        def __getattribute__(self, key):
+            if key in {f.name for f in dataclasses.fields(schema)}:
+                read.add(key)
+            return object.__getattribute__(self, key)
+
+    build_optimizer(TinyModel(), Recording())
+    schedule = {"momentum_start", "momentum_warmup_steps"}  # the trainer's schedule reads these
+    assert read | schedule >= {f.name for f in dataclasses.fields(schema)}
+
+
+def test_a_model_must_declare_its_groups():
+    model = nn.Linear(4, 4)
+    model.config = SimpleNamespace(n_embd=4)
+    with pytest.raises(MuonGPTError, match="optimizer_groups"):
+        build_optimizer(model, config("muon"))
 
 
 def test_bad_config_and_model():
@@ -281,15 +291,16 @@ def test_bad_config_and_model():
         ({"embed_lr": -1.0}, "optimizer.embed_lr"),
         ({"adam_betas": [0.9, 1.0]}, r"optimizer.adam_betas\[1\]"),
         ({"momentum": 1.0}, "optimizer.momentum"),
-        ({"name": "sgd"}, "optimizer.name"),
         ({"scale_mode": "big"}, "scale_mode"),
     ]
     for overrides, message in cases:
         with pytest.raises(MuonGPTError, match=message):
             build_optimizer(model, config("muon", **overrides))
+    with pytest.raises(MuonGPTError, match="optimizer.name must be one of"):
+        build_optimizer(model, {"name": "sgd"})
     with pytest.raises(MuonGPTError, match=r"optimizer.betas\[0\]"):
         build_optimizer(model, config("soap", betas=[-0.1, 0.9]))
-    with pytest.raises(MuonGPTError, match="unknown optimizer config key"):
+    with pytest.raises(MuonGPTError, match="unknown optimizer.adamw config key"):
         build_optimizer(model, {"name": "adamw", "lr": 1e-3, "learning_rate": 1e-3})
     for p in model.parameters():
         p.requires_grad_(False)

@@ -18,10 +18,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 OPTIMIZERS = ("adamw", "muon")
 # A 1-layer, 32-wide GPT for 3 steps of 32 tokens, validated after every step.
 TRAIN_OVERRIDES = [
-    "model/gpt=tiny",
-    "model.gpt.n_layer=1",
-    "model.gpt.n_embd=32",
-    "model.gpt.n_head=2",
+    "model/size=tiny",
+    "model.n_layer=1",
+    "model.n_embd=32",
+    "model.n_head=2",
     "training.max_steps=3",
     "training.seq_len=16",
     "training.batch_size=2",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -211,20 +210,15 @@ def test_bad_input_and_cache_raise():
         pom(torch.randn(2, 1, 16), cache=pom.new_cache(3))
 
 
-# --- whole model (runs once muongpt.model.gpt builds PoM layers) ---------------------------------
+# --- whole model ------------------------------------------------------------------------------
 
 
-def _gpt_or_skip(pattern: list[str], **overrides):
-    gpt = pytest.importorskip("muongpt.model.gpt")
-    config_cls = getattr(gpt, "GPTConfig", None)
-    fields = {f.name for f in dataclasses.fields(config_cls)} if config_cls else set()
-    if "mixer_pattern" not in fields:
-        pytest.skip("muongpt.model.gpt has no GPTConfig.mixer_pattern yet")
+def _gpt(pattern: list[str]):
+    from muongpt.model.gpt import GPT, GPTConfig, MixingConfig
+
     torch.manual_seed(0)
-    config = config_cls(
-        vocab_size=97, n_layer=2, n_head=2, n_embd=32, mixer_pattern=pattern, **overrides
-    )
-    model = gpt.GPT(config)
+    config = GPTConfig(vocab_size=97, n_layer=2, n_head=2, n_embd=32, mixing=MixingConfig(pattern))
+    model = GPT(config)
     # Output projections start at zero, which would make any model trivially causal.
     with torch.no_grad():
         for p in model.parameters():
@@ -235,7 +229,7 @@ def _gpt_or_skip(pattern: list[str], **overrides):
 
 @pytest.mark.parametrize("pattern", [["pom"], ["pom", "attention"]])
 def test_whole_model_is_causal(pattern):
-    model = _gpt_or_skip(pattern)
+    model = _gpt(pattern)
     assert any(type(b.mixer).__name__ == "PoM" for b in model.blocks)
     idx = torch.randint(0, 97, (2, 24))
     t = 10
@@ -249,9 +243,7 @@ def test_whole_model_is_causal(pattern):
 
 @pytest.mark.parametrize("pattern", [["pom"], ["pom", "attention"]])
 def test_whole_model_incremental_decoding(pattern):
-    model = _gpt_or_skip(pattern)
-    if not hasattr(model, "new_caches"):
-        pytest.skip("GPT has no new_caches yet")
+    model = _gpt(pattern)
     idx = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
         full = model(idx)

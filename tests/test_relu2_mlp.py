@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from muongpt.model import relu2_mlp as R
+from muongpt.kernels import relu2_mlp as R
 
 
 def rel_err(a, b) -> float:
@@ -190,8 +190,8 @@ def test_fake_kernels_match_real_outputs_cpu():
 
 def test_no_fused_path_on_cpu_and_a_sane_config_table():
     assert not R.fused_mlp_usable(torch.zeros(4, 32, dtype=torch.bfloat16))
-    assert R.FWD_CONFIG in R.CONFIGS and R.BWD_CONFIG in R.CONFIGS and R.KERNEL in R.KERNELS
-    for cfg in R.CONFIGS.values():
+    assert R.KERNEL in R.KERNELS
+    for cfg in (R.FWD_CONFIG, R.BWD_CONFIG):
         for block in (cfg.block_m, cfg.block_n, cfg.block_k):
             assert block >= 16 and block & (block - 1) == 0
         assert cfg.epi_split in (1, 2) and cfg.per_sm >= 1 and cfg.group_m >= 1
@@ -228,9 +228,9 @@ def test_kernels_equal_the_pytorch_math(kernel, M):
     x, w1, w2, dy = mlp_case(M=M, D=768, H=3072, seed=7, dtype=torch.bfloat16, device="cuda")
     post_ref = R._fc_relu2_torch(x, w1)
     dpre_ref = R._grad_pre_torch(dy, w2, post_ref)
-    for name in R.CONFIGS:
-        post = R.fc_relu2_kernel(x, w1, name, kernel)
-        dpre = R.grad_pre_kernel(dy, w2, post_ref, name, kernel)
+    for name, config in (("fwd", R.FWD_CONFIG), ("bwd", R.BWD_CONFIG), ("small", SMALL)):
+        post = R.fc_relu2_kernel(x, w1, config, kernel)
+        dpre = R.grad_pre_kernel(dy, w2, post_ref, config, kernel)
         for got, want in ((post, post_ref), (dpre, dpre_ref)):
             assert got.shape == want.shape and got.dtype == torch.bfloat16, name
             assert rel_err(got, want) < 1e-3, name
@@ -313,13 +313,18 @@ def test_fused_mlp_usable():
 
 @needs_gpu
 def test_gpt_with_the_fused_mlp_trains_like_the_plain_mlp():
-    """model.fused_mlp: the same loss and gradients as the plain MLP, within bf16 rounding."""
-    from muongpt.model.gpt import GPT, GPTConfig
+    """The fused_mlp converter: the same loss and gradients as the plain MLP, within bf16
+    rounding (in the speed-run model, whose residual stream is bf16)."""
+    from muongpt.kernels.converters import KernelsConfig, apply_converters
+    from muongpt.model.speedrun import SpeedrunConfig, SpeedrunGPT
 
-    base = dict(vocab_size=1000, n_layer=2, n_head=4, n_embd=256, residual_bf16=True)
+    base = dict(vocab_size=1000, n_layer=2, n_head=4, n_embd=256, value_embeds=0)
+    base.update(bigram_rows=0, backout_after=0, attn_window=0)
     torch.manual_seed(0)
-    plain = GPT(GPTConfig(**base)).cuda()
-    fused = GPT(GPTConfig(**base, fused_mlp=True)).cuda()
+    plain = SpeedrunGPT(SpeedrunConfig(**base)).cuda()
+    fused = SpeedrunGPT(SpeedrunConfig(**base))
+    fused = apply_converters(fused, KernelsConfig(["fused_mlp"])).cuda()
+    assert isinstance(fused.blocks[0].mlp, R.FusedMLP)
     fused.load_state_dict(plain.state_dict())
     with torch.no_grad():  # trained-like weights: the output projections start at zero
         for p, q in zip(plain.parameters(), fused.parameters()):

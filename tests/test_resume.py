@@ -31,10 +31,10 @@ pytestmark = pytest.mark.slow
 
 MAX_STEPS = 12
 RUN = [
-    "model/gpt=tiny",  # narrowed further: the 50K-token embedding and head dominate the cost
-    "model.gpt.n_layer=2",
-    "model.gpt.n_head=2",
-    "model.gpt.n_embd=32",
+    "model/size=tiny",  # narrowed further: the 50K-token embedding and head dominate the cost
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
     "training.device=cpu",
     f"training.max_steps={MAX_STEPS}",
     "training.seq_len=32",
@@ -288,10 +288,10 @@ def test_resume_refuses_a_checkpoint_of_another_model_shape(tmp_path):
     trainer.save_checkpoint()
     trainer.close()
     with pytest.raises(ConfigMismatchError) as info:
-        make_trainer(tmp_path, "training.resume=auto", "model.gpt.n_layer=3", "model.gpt.n_embd=64")
+        make_trainer(tmp_path, "training.resume=auto", "model.n_layer=3", "model.n_embd=64")
     message = str(info.value)
-    assert "model.gpt.n_layer (checkpoint 2, requested 3)" in message
-    assert "model.gpt.n_embd (checkpoint 32, requested 64)" in message
+    assert "model.n_layer (checkpoint 2, requested 3)" in message
+    assert "model.n_embd (checkpoint 32, requested 64)" in message
 
 
 def test_second_signal_exits_at_once(monkeypatch):
@@ -316,13 +316,16 @@ def test_second_signal_exits_at_once(monkeypatch):
 
 
 def test_window_schedule_grows_the_flex_window_during_training(tmp_path):
-    """Document-masked sliding-window attention trains on CPU (dense-mask path), the window
+    """The speed-run model trains on CPU (dense document masks), the window
     follows the schedule step by step, and evaluation runs with the current window."""
-    from muongpt.optim.schedule import attention_window
+    from muongpt.train.schedule import attention_window
 
     flex = [
-        "model.attention=flex",
-        "model.doc_mask=true",
+        "model=speedrun",
+        "model.value_embeds=1",
+        "model.bigram_rows=64",
+        "model.backout_after=1",
+        "model.window_pattern=[1.0]",
         "model.attn_window=24",
         "training.attn_window_start=4",
     ]
@@ -347,7 +350,7 @@ def test_per_block_compilation_trains_like_eager(tmp_path):
         losses[mode] = [float(trainer.train_step()) for _ in range(3)]
         if mode == "blocks":
             assert all(hasattr(b, "_compiled_call_impl") for b in trainer.model.blocks)
-            assert "head" in vars(trainer.model)  # the compiled head shadows the method
+            assert hasattr(trainer.model.lm_head, "_compiled_call_impl")
         trainer.close()
     torch.testing.assert_close(losses["blocks"], losses["eager"], atol=1e-4, rtol=1e-4)
 
@@ -373,7 +376,7 @@ def test_inductor_options_are_checked_by_name(tmp_path):
 def test_batch_ramp_trains_small_batches_first_and_counts_their_tokens(tmp_path):
     """training.batch_size_start: the first steps take fewer micro-batches (each a full
     micro-batch of fresh data), and tokens_seen counts what was actually trained on."""
-    from muongpt.optim.schedule import batch_rows
+    from muongpt.train.schedule import batch_rows
 
     ramp = [
         "training.micro_batch_size=1",

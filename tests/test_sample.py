@@ -10,12 +10,12 @@ from omegaconf import OmegaConf
 
 from muongpt import MuonGPTError
 from muongpt.cli import sample as sample_cli
-from muongpt.config import CONF_DIR, register_configs
+from muongpt.config import CONF_DIR, model_config, register_configs
 from muongpt.data.tokenizer import EOT_TOKEN, decode, encode, get_tokenizer
 from muongpt.generate import TextStreamer, filter_logits, generate_tokens, load_model
+from muongpt.model import build_model
 from muongpt.model.gpt import GPT
 from muongpt.train.checkpoint import save_checkpoint
-from muongpt.train.trainer import build_model_config
 
 MIXINGS = {"attention": "self_attention", "pom": "pom", "hybrid": "hybrid"}
 
@@ -23,8 +23,8 @@ MIXINGS = {"attention": "self_attention", "pom": "pom", "hybrid": "hybrid"}
 def run_config(mixing: str = "self_attention") -> dict:
     """The real composed config of a tiny experiment, shrunk to a 3-layer, 32-wide model."""
     register_configs()
-    overrides = ["experiment=tiny", f"mixing_layer={mixing}", "model.gpt.n_layer=3"]
-    overrides += ["model.gpt.n_head=2", "model.gpt.n_embd=32"]
+    overrides = ["experiment=tiny", f"mixing_layer={mixing}", "model.n_layer=3"]
+    overrides += ["model.n_head=2", "model.n_embd=32"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     return OmegaConf.to_container(cfg, resolve=True)
@@ -33,7 +33,7 @@ def run_config(mixing: str = "self_attention") -> dict:
 def random_model(config: dict, dtype=torch.float32, seed: int = 0) -> GPT:
     """A model with its zero-initialised projections filled in: the logits depend on the input."""
     torch.manual_seed(seed)
-    model = GPT(build_model_config(OmegaConf.create(config))).to(dtype)
+    model = build_model(model_config(config["model"])).to(dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2 and not name.startswith("embed"):

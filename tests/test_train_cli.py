@@ -66,15 +66,14 @@ def test_default_experiment_end_to_end(tmp_path):
 def test_size_override_changes_the_model(size, n_layer, n_embd):
     from hydra import compose, initialize_config_dir
 
-    from muongpt.config import CONF_DIR, register_configs
-    from muongpt.model.gpt import GPT
-    from muongpt.train.trainer import build_model_config
+    from muongpt.config import CONF_DIR, model_config, register_configs
+    from muongpt.model import build_model
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"model/gpt={size}"])
+        cfg = compose(config_name="config", overrides=[f"model/size={size}"])
     with torch.device("meta"):
-        model = GPT(build_model_config(cfg))
+        model = build_model(model_config(cfg.model))
     # 12 d^2 per layer plus the untied, padded embedding and head.
     assert model.num_params() == 12 * n_layer * n_embd**2 + 2 * 50304 * n_embd
 
@@ -83,13 +82,16 @@ def test_size_override_changes_the_model(size, n_layer, n_embd):
     "overrides,message",
     [
         (["training.no_such_key=1"], "no_such_key"),
-        (["model/gpt=d13"], "d13"),
-        (["model.gpt.n_embd=130"], "divisible by n_head"),
+        (["model/size=d13"], "d13"),
+        (["model.n_embd=130"], "divisible by model.n_head"),
         (["training.batch_size=0"], "batch_size"),
         (["training.batch_size=6", "training.micro_batch_size=4"], "multiple of micro_batch_size"),
         (["data=bench", "data.train_files=/nonexistent/*.bin"], "no shard files match"),
-        (["training.attn_window_start=64"], "attn_window_start needs model.attention=flex"),
-        (["model.mtp_weights=[0.5]", "training.mtp_decay=[0.5,0.2]"], "training.mtp_decay"),
+        (["training.attn_window_start=64"], "attn_window_start needs a model with an attention"),
+        (["model=speedrun"], "model.backout_after must be in [0, n_layer = 4)"),
+        (["training.cooldown_frac=1.5"], "training.cooldown_frac must be in [0, 1]"),
+        (["kernels.converters=[fp8]"], "kernels.converters: unknown ['fp8']"),
+        (["kernels.converters=[flex_attention]"], "flex_attention needs a document-masked model"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, overrides, message):
