@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device call that runs the single-GPU benchmarks of issues 3, 4, 7, 8 and 9 and packs every
-# JSON result into $OUT/suite.tar.gz (the device returns at most 8 files). Usage on the GPU machine:
+# One device call that runs the single-GPU benchmarks (optimizer step, PoM, loader, checkpoint,
+# d12 equal-token runs; docs/benchmarks.md) and packs every JSON result into $OUT/suite.tar.gz
+# (the device returns at most 8 files). Usage on the GPU machine:
 #   bash benchmarks/gpu_suite.sh            (expects .whl/ and .devdata/bench/*.xz, see device_setup.sh)
 set -uo pipefail
 source benchmarks/device_setup.sh

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Single-H100 speed runs of issue 5 (one device call): each RUN line is one full speedrun_bench
+# Single-GPU speed runs (one device call): each RUN line is one full speedrun_bench
 # training + final validation with extra Hydra overrides; JSON results and logs are packed into
 # $OUT/speed.tar.gz after every run (a call cut off at its limit still returns what finished).
 #   RUNS="name1|overrides...;name2|overrides..." bash benchmarks/speed_runs.sh

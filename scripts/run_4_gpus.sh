@@ -10,7 +10,7 @@
 # owns them, AdamW's moments are sharded by rows (ZeRO-2). The global batch stays
 # training.batch_size sequences (accumulation fills the gap), so results match one GPU.
 # Rank 0 alone logs and writes the run directory (one for all ranks) and checkpoints.
-# For several machines see the README ("Several nodes").
+# For several machines see docs/scaling.md ("Several nodes").
 set -euo pipefail
 
 experiment="${1:-speedrun_d12}"
