@@ -56,7 +56,7 @@ def test_default_experiment_end_to_end(tmp_path):
     assert len(vals) == 3  # step 0, 6 and 12
     assert vals[-1] < vals[0] - 1.0, vals  # it learned
     ckpt = load_checkpoint(run_dir / "checkpoints" / "step_000012.pt")
-    assert ckpt["step"] == 12 and ckpt["config"]["model"]["gpt"]["n_layer"] == 4
+    assert ckpt["step"] == 12 and ckpt["config"]["model"]["n_layer"] == 4
 
 
 @pytest.mark.parametrize(
