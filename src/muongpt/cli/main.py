@@ -14,6 +14,7 @@ COMMANDS = {
     "sample": ("muongpt.cli.sample", "generate text from a checkpoint"),
     "eval": ("muongpt.cli.evaluate", "validation loss and bits per byte of a checkpoint"),
     "plot": ("muongpt.cli.plot", "plot and tabulate runs"),
+    "report": ("muongpt.cli.report", "write each run's report.md; compare several runs"),
     "bench": ("muongpt.cli.bench", "time training steps of an experiment (Hydra overrides follow)"),
 }
 

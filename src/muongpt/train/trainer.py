@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import random
 import time
@@ -257,6 +258,7 @@ class Trainer:
     def log(self, message: str) -> None:
         if self.ctx.is_main:
             tqdm.write(message)
+            logging.getLogger("muongpt.run").info(message)  # train.log, when Hydra set one up
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -390,18 +392,18 @@ class Trainer:
         )
         if t.compile_warmup_steps > 0 and self.step == 0:
             compile_warmup(self, t.compile_warmup_steps)
-        bar = tqdm(
+        val_loss = float("nan")
+        if self.step == 0:  # the untrained baseline, so every run shows how far val loss fell
+            val_loss = self.evaluate()
+            self.write_metrics({**self._record(None, None), "val_loss": val_loss})
+            self.log(f"step 0: val loss {val_loss:.4f}")
+        bar = tqdm(  # made after the step-0 evaluation: its time is not in the ETA
             total=t.max_steps,
             initial=self.step,
             disable=not (t.progress_bar and self.ctx.is_main),
             unit="step",
             dynamic_ncols=True,
         )
-        val_loss = float("nan")
-        if self.step == 0:  # the untrained baseline, so every run shows how far val loss fell
-            val_loss = self.evaluate()
-            self.write_metrics({**self._record(None, None), "val_loss": val_loss})
-            self.log(f"step 0: val loss {val_loss:.4f}")
         window_start, window_tokens = time.perf_counter(), 0
         while self.step < t.max_steps:
             step_start = time.perf_counter()
