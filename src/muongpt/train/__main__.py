@@ -33,6 +33,9 @@ Arguments are Hydra overrides, e.g.  muongpt-train experiment=tiny training.max_
 LOG = logging.getLogger("muongpt.run")
 # What Hydra puts in a run folder before the run writes anything of its own.
 HYDRA_FILES = {".hydra", "train.log", "config.yaml"}
+# Folders above the run folder that did not exist before this process (check_overrides finds
+# them): removed with a failed run's folder when nothing else is in them.
+_NEW_PARENTS: list[Path] = []
 
 
 def log_to_hydra_file() -> None:
@@ -57,6 +60,11 @@ def remove_if_empty(run_dir: str | Path) -> bool:
     if not run_dir.is_dir() or not {p.name for p in run_dir.iterdir()} <= HYDRA_FILES:
         return False
     shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in _NEW_PARENTS:  # innermost first; stops at one that holds anything
+        try:
+            parent.rmdir()
+        except OSError:
+            break
     return not run_dir.exists()
 
 
@@ -176,7 +184,9 @@ def check_overrides(argv: list[str]) -> None:
         check_config_keys(cfg)
         if env_rank() == 0:
             setup_globals()  # the ${now:...} resolver of the default run folder
-            probe_dir(str(cfg.hydra.run.dir), "hydra.run.dir")
+            run_dir = Path(str(cfg.hydra.run.dir)).absolute()
+            _NEW_PARENTS[:] = [p for p in run_dir.parents if not p.exists()]
+            probe_dir(run_dir, "hydra.run.dir")
     except MuonGPTError as e:
         fail(str(e))
 

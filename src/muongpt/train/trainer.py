@@ -86,7 +86,10 @@ def load_text_tokens(data: DictConfig) -> tuple[np.ndarray, np.ndarray]:
         raise MuonGPTError(f"data.text_path: file not found: {path}")
     if not 0.0 < data.val_fraction < 1.0:
         raise MuonGPTError(f"data.val_fraction must be in (0, 1), got {data.val_fraction}")
-    tokens = np.array([EOT_TOKEN] + encode(path.read_text(encoding="utf-8")), dtype=np.uint16)
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise MuonGPTError(f"data.text_path {path}: the file is empty, no text to train on")
+    tokens = np.array([EOT_TOKEN] + encode(text), dtype=np.uint16)
     split = int(len(tokens) * (1.0 - data.val_fraction))
     return tokens[:split], tokens[split:]
 
@@ -238,16 +241,26 @@ class Trainer:
             entropy = unigram_entropy(open_shard(train_sources[0])) if self.ctx.is_main else None
         else:
             raise MuonGPTError(f"data.source must be 'text' or 'shards', got {data.source!r}")
-        loader = TokenLoader(
-            train_sources,
-            t.micro_batch_size,
-            t.seq_len,
-            rank=self.ctx.rank,
-            world_size=self.ctx.world_size,
-            device=self.device,
-            align_to_bos=data.align_to_bos,
-            vocab_size=self.model_config.vocab_size,
-        )
+        try:
+            loader = TokenLoader(
+                train_sources,
+                t.micro_batch_size,
+                t.seq_len,
+                rank=self.ctx.rank,
+                world_size=self.ctx.world_size,
+                device=self.device,
+                align_to_bos=data.align_to_bos,
+                vocab_size=self.model_config.vocab_size,
+            )
+        except MuonGPTError as e:
+            if data.source != "text":
+                raise
+            # the loader knows the text's tokens as "array[0]"; name the file instead
+            from muongpt.assets import TINY_SHAKESPEARE
+
+            why = str(e).split(": ", 1)[-1] if str(e).startswith("array[") else str(e)
+            name = data.text_path or TINY_SHAKESPEARE
+            raise MuonGPTError(f"data.text_path {name}: training split of {why}") from None
         return loader, val_sources, entropy
 
     def autocast(self):
