@@ -49,7 +49,7 @@ def model_file(path: str | Path) -> Path:
     if path.is_file():
         return path
     if not path.is_dir():
-        raise MuonGPTError(f"{path}: no such checkpoint file or run folder")
+        raise MuonGPTError(f"{path}: checkpoint not found (no such file or run folder)")
     folder = path if path.name == CHECKPOINT_DIR else path / CHECKPOINT_DIR
     newest = list_checkpoints(path)[-1:]
     export = folder / EXPORT_NAME
