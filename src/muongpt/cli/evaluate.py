@@ -220,15 +220,13 @@ def run(args: argparse.Namespace) -> dict:
     from muongpt.cli.sample import model_file
 
     device = resolve_device(args.device)
-    path = model_file(args.checkpoint)
-    print(f"loading {path}", file=sys.stderr)
-    model, state = load_model(path, device)
+    model, state = load_model(model_file(args.checkpoint), device)
     training = state["config"].get("training") or {}
     seq_len = args.seq_len or int(training.get("seq_len", 1024))
     autocast = device.type == "cuda" and bool(training.get("autocast_bf16", True))
     results, total = evaluate_files(
-        model, files, seq_len, args.batch_size, args.max_tokens, autocast, progress=True
-    )
+        model, files, seq_len, args.batch_size, args.max_tokens, autocast, sys.stderr.isatty()
+    )  # a progress bar on a terminal; none in logs and pipes
     report = {
         "checkpoint": str(args.checkpoint),
         "step": state.get("step"),
