@@ -199,3 +199,37 @@ def test_corrupt_shard_is_one_line_error(tmp_path):
     assert proc.returncode == 2
     err = proc.stderr.strip()
     assert "bad magic" in err and str(bad) in err and len(err.splitlines()) == 1, err
+
+
+def test_progress_bar_starts_after_the_step0_evaluation(tmp_path, monkeypatch):
+    """The bar's rate (and so its ETA) must not include the step-0 evaluation's time."""
+    from hydra import compose, initialize_config_dir
+
+    from muongpt.config import CONF_DIR, register_configs
+    from muongpt.train import trainer as trainer_module
+
+    register_configs()
+    drop = ("training.max_steps", "training.warmup_steps", "training.cooldown_steps")
+    overrides = [o for o in SMALL if not o.startswith(drop)] + [
+        "training.max_steps=1",
+        "training.warmup_steps=0",
+        "training.cooldown_steps=0",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides + ["model.gpt.n_layer=1"])
+    events = []
+
+    class RecordingTqdm(trainer_module.tqdm):
+        def __init__(self, *args, **kwargs):
+            events.append("bar")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "tqdm", RecordingTqdm)
+    trainer = trainer_module.Trainer(cfg, tmp_path)
+    real_evaluate = trainer.evaluate
+    trainer.evaluate = lambda: events.append(f"eval at step {trainer.step}") or real_evaluate()
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    assert events[:2] == ["eval at step 0", "bar"], events
