@@ -146,7 +146,8 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
         if not p.exists():
             raise MuonGPTError(f"{p}: not a directory")
         if not p.is_dir():
-            print(f"warning: {p}: a file, not a run folder; skipped", file=sys.stderr)
+            if p.name != DEFAULT_PNG:  # runs/tiny/* meets the plot of runs/tiny: no news
+                print(f"warning: {p}: a file, not a run folder; skipped", file=sys.stderr)
             continue
         if _is_run(p):
             if _has_metrics(p):
