@@ -182,6 +182,23 @@ def test_folders_that_are_not_runs_are_skipped_with_one_line(sweep, tmp_path, ca
         f"plot: {runs / '2026-12-01_10-00-00' / 'loss.png'}",  # no --out: into the run folder
     ]
     assert png_size(runs / "2026-12-01_10-00-00" / "loss.png")
+    # files among the runs: a plot made earlier passes silently, anything else is named
+    (runs / "loss.png").write_bytes(b"")
+    (runs / "notes.txt").write_text("x")
+    rc, err = run_plot(
+        [
+            str(runs / "2026-12-01_10-00-00"),
+            str(runs / "loss.png"),
+            str(runs / "notes.txt"),
+            "--out",
+            str(tmp_path / "o.png"),
+        ],
+        capsys,
+    )
+    assert rc == 0 and err.splitlines() == [
+        f"warning: {runs / 'notes.txt'}: a file, not a run folder; skipped",
+        f"plot: {tmp_path / 'o.png'}",
+    ]
 
     empty = tmp_path / "empty"
     empty.mkdir()
