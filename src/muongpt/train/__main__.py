@@ -119,7 +119,13 @@ def _train(cfg: DictConfig, run_dir: str, steps_done: list[int]) -> dict:
             )
             facts = run_facts(trainer, HydraConfig.get().overrides.task, sys.argv, started)
             write_summary(trainer.run_dir, {**summary, **facts, "sample": sample})
-            say(f"report: {write_report(trainer.run_dir)}")
+            try:
+                say(f"report: {write_report(trainer.run_dir)}")
+            except Exception as e:  # the run itself succeeded: a report problem must not fail it
+                say(
+                    f"warning: report.md not written ({type(e).__name__}: {e}); retry with "
+                    f"`muongpt report {trainer.run_dir}`"
+                )
         return summary
     finally:
         trainer.close()
