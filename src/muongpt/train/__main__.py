@@ -117,9 +117,9 @@ def _train(cfg: DictConfig, run_dir: str, steps_done: list[int]) -> dict:
                 f"final val loss {summary['final_val_loss']:.4f} nats/token; "
                 f"unigram entropy of the training tokens {summary['unigram_entropy']:.4f} nats/token"
             )
-            facts = run_facts(trainer, HydraConfig.get().overrides.task, sys.argv, started)
-            write_summary(trainer.run_dir, {**summary, **facts, "sample": sample})
             try:
+                facts = run_facts(trainer, HydraConfig.get().overrides.task, sys.argv, started)
+                write_summary(trainer.run_dir, {**summary, **facts, "sample": sample})
                 say(f"report: {write_report(trainer.run_dir)}")
             except Exception as e:  # the run itself succeeded: a report problem must not fail it
                 say(
