@@ -57,8 +57,10 @@ def openai_gpt2() -> tiktoken.Encoding:
 
 
 def read_stream(folder: Path) -> tuple[np.ndarray, list[Path]]:
-    """All shards of a folder concatenated in index order (val_000000, train_000001, ...)."""
-    shards = sorted(folder.glob("*.bin"), key=lambda p: p.stem.split("_")[-1])
+    """All shards of a folder in stream order: the val shards, then the train shards (each split
+    numbered from 000000)."""
+    split_index = lambda p: (p.stem.split("_")[0] != "val", p.stem.split("_")[-1])
+    shards = sorted(folder.glob("*.bin"), key=split_index)
     return np.concatenate([np.array(open_shard(p)) for p in shards]), shards
 
 
@@ -106,9 +108,9 @@ def test_docs_sample_tokens_equal_tiktoken_per_document(cli_run, docs, reference
         assert piece[0] == EOT and piece[1:].tolist() == expected
         assert expected == openai_gpt2.encode_ordinary(text)
         assert decode(piece[1:]) == text  # lossless round trip
-    # layout: the first shard is validation, then train shards numbered on; all full but the last
+    # layout: the first shard is validation, then train shards numbered from 0; all full but the last
     names = [p.name for p in shards]
-    assert names[:3] == ["val_000000.bin", "train_000001.bin", "train_000002.bin"]
+    assert names[:3] == ["val_000000.bin", "train_000000.bin", "train_000001.bin"]
     sizes = [read_header(p)[2] for p in shards]
     assert all(n == 300_000 for n in sizes[:-1]) and 0 < sizes[-1] <= 300_000
     # the summary
@@ -139,8 +141,9 @@ def test_val_fraction_takes_every_kth_document(tmp_path, docs):
     expect = lambda texts: [t for d in texts for t in [EOT, *enc.encode_ordinary(d)]]
     assert val.tolist() == expect(docs[:300:10])
     assert train.tolist() == expect([d for i, d in enumerate(docs[:300]) if i % 10])
-    names = sorted(p.name for p in out.glob("*.bin"))  # one index counter across both splits
-    assert len({n.split("_")[1] for n in names}) == len(names)
+    for split in ("val", "train"):  # each split numbered on its own, from 000000, no gaps
+        names = sorted(p.name for p in out.glob(f"{split}_*.bin"))
+        assert len(names) > 1 and names == [f"{split}_{i:06d}.bin" for i in range(len(names))]
 
 
 def test_txt_whole_file_and_blank_line_paragraphs(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -188,3 +189,27 @@ def test_bad_inputs(checkpoint, tmp_path, capsys):
 
     argv = [str(checkpoint), "--data", str(text_file), "--seq-len", "0"]
     assert_clear_error(evaluate(argv, capsys), "--seq-len")
+
+
+def test_progress_bar_counts_batches_and_a_run_folder_is_accepted(
+    checkpoint, model, tmp_path, capsys
+):
+    from muongpt.cli.evaluate import evaluate_tokens
+
+    tokens = np.array([EOT_TOKEN] + encode(TEXT), dtype=np.int64)
+    n_windows = -(-(len(tokens) - 1) // 8)  # ceil
+    evaluate_tokens(model, tokens, 8, 1, name="tiny", progress=True)
+    err = capsys.readouterr().err
+    assert err.startswith("\rtiny:   0%|") and f"| 0/{n_windows} [" in err and "batch/s" in err
+    evaluate_tokens(model, tokens, 8, 1, name="tiny")
+    assert capsys.readouterr().err == ""  # off unless asked (the CLI: on a terminal only)
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(checkpoint, run_dir / "checkpoints" / "step_000001.pt")
+    text_file = tmp_path / "tiny.txt"
+    text_file.write_text(TEXT, encoding="utf-8")
+    by_file = evaluate([str(checkpoint), "--data", str(text_file), "--json", "-"], capsys)
+    by_folder = evaluate([str(run_dir), "--data", str(text_file), "--json", "-"], capsys)
+    assert by_folder[0] == 0
+    assert json.loads(by_folder[1])["total"] == json.loads(by_file[1])["total"]

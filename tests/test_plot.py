@@ -61,6 +61,16 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+def smoothed_train(records: list[dict], beta: float = 0.9) -> list[float]:
+    return plot_cli.ema([r["train_loss"] for r in records if "train_loss" in r], beta)
+
+
+def test_ema_is_bias_corrected_and_beta_zero_is_raw():
+    assert plot_cli.ema([4.0, 4.0, 4.0], 0.9) == pytest.approx([4.0, 4.0, 4.0])
+    assert plot_cli.ema([1.0, 3.0], 0.5) == pytest.approx([1.0, (0.25 + 1.5) / 0.75])
+    assert plot_cli.ema([1.0, 3.0], 0.0) == [1.0, 3.0]
+
+
 def test_plot_of_a_sweep_writes_png_and_table(sweep, tmp_path, capsys):
     out, table_file = tmp_path / "cmp.png", tmp_path / "cmp.md"
     rc = plot_cli.main([str(sweep), "--out", str(out), "--table", str(table_file)])
@@ -71,26 +81,29 @@ def test_plot_of_a_sweep_writes_png_and_table(sweep, tmp_path, capsys):
     assert out.stat().st_size > 20_000
     table = table_file.read_text().strip()
     assert stdout.strip() == table
+    assert "| train loss (EMA) |" in table.splitlines()[0]
     rows = table.splitlines()[2:]
     assert len(rows) == len(OPTIMIZERS)
     for row, name in zip(rows, OPTIMIZERS):
         cells = [c.strip() for c in row.strip("|").split("|")]
-        last = metrics(sweep / f"{OPTIMIZERS.index(name)}_{name}")[-1]
+        records = metrics(sweep / f"{OPTIMIZERS.index(name)}_{name}")
+        last = records[-1]
         assert cells[0] == f"tiny: optimizer={name}"
         assert cells[1] == "3"
         assert cells[2] == f"{last['tokens']:,}"
         assert cells[3] == f"{last['elapsed_s']:.1f}"
-        assert cells[5] == f"{last['train_loss']:.4f}"
+        assert cells[5] == f"{smoothed_train(records)[-1]:.4f}"  # smoothed, not the last batch
         assert cells[6] == f"{last['val_loss']:.4f}"
-        records = metrics(sweep / f"{OPTIMIZERS.index(name)}_{name}")
         peaks = [r["peak_mem_gb"] for r in records if "peak_mem_gb" in r]  # recorded on GPUs only
         assert cells[7] == (f"{max(peaks):.2f}" if peaks else "—")
 
 
-def test_figure_has_three_panels_with_every_run(sweep):
+def test_figure_smoothed_train_val_markers_entropy_and_styles(sweep):
     paths = plot_cli.find_runs([sweep])
     assert [p.name for p in paths] == ["0_adamw", "1_muon"]
     runs = [plot_cli.load_run(p) for p in paths]
+    entropy = json.loads((paths[0] / "summary.json").read_text())["unigram_entropy"]
+    assert runs[0].entropy == runs[1].entropy == entropy  # same data: one reference line
     shared = plot_cli.label_runs(runs)
     assert "training.max_steps=3" in shared and not any("optimizer" in o for o in shared)
     fig = plot_cli.plot_runs(runs)
@@ -98,28 +111,50 @@ def test_figure_has_three_panels_with_every_run(sweep):
     assert [ax.get_xlabel() for ax in axes] == ["step", "tokens", "training time (s)"]
     for ax, x_key in zip(axes, ("step", "tokens", "elapsed_s")):
         lines = ax.get_lines()
-        assert len(lines) == 2 * len(runs)  # train and val per run
+        assert len(lines) == 3 * len(runs) + 1  # raw, smoothed, val per run; one entropy line
         for i, path in enumerate(paths):
             records = metrics(path)
-            train, val = lines[2 * i], lines[2 * i + 1]
-            assert list(train.get_xdata()) == [r[x_key] for r in records if "train_loss" in r]
-            assert list(train.get_ydata()) == [
-                r["train_loss"] for r in records if "train_loss" in r
-            ]
+            raw, smooth, val = lines[3 * i : 3 * i + 3]
+            train_x = [r[x_key] for r in records if "train_loss" in r]
+            assert list(raw.get_xdata()) == train_x and raw.get_alpha() < 0.5  # faint
+            assert list(raw.get_ydata()) == [r["train_loss"] for r in records if "train_loss" in r]
+            assert list(smooth.get_xdata()) == train_x
+            assert list(smooth.get_ydata()) == pytest.approx(smoothed_train(records))
             assert list(val.get_xdata()) == [r[x_key] for r in records if "val_loss" in r]
             assert list(val.get_ydata()) == [r["val_loss"] for r in records if "val_loss" in r]
+            assert val.get_linestyle() == "None" and val.get_marker() not in ("", "None")
+        # identical runs stay visible: each run its own line style and marker
+        assert lines[1].get_linestyle() != lines[4].get_linestyle()
+        assert lines[2].get_marker() != lines[5].get_marker()
+        assert (
+            list(lines[-1].get_ydata()) == [entropy, entropy] and lines[-1].get_linestyle() == "--"
+        )
+    # every val point inside the frame, the step-0 one (the highest) included
+    lo, hi = axes[0].get_ylim()
+    vals = [r["val_loss"] for p in paths for r in metrics(p) if "val_loss" in r]
+    assert lo <= min(vals) and max(vals) <= hi and lo <= entropy
+    assert axes[0].get_xlim()[0] < 0  # the step-0 marker is not cut at the left edge
     legend_texts = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert legend_texts == ["tiny: optimizer=adamw", "tiny: optimizer=muon", "train", "val"]
+    assert legend_texts == [
+        "tiny: optimizer=adamw",
+        "tiny: optimizer=muon",
+        "train (EMA 0.9; raw faint)",
+        "val",
+        f"unigram entropy ({entropy:.3f})",
+    ]
+    assert axes[0].get_yscale() == "linear"
+    assert plot_cli.plot_runs(runs, log_scale=True).axes[0].get_yscale() == "log"
 
 
 def test_run_dirs_given_one_by_one_and_a_run_in_progress(sweep, tmp_path, capsys):
     running = tmp_path / "running"
     shutil.copytree(sweep / "1_muon", running)
+    (running / "summary.json").unlink()
     lines = (running / "metrics.jsonl").read_text().splitlines()
     # Two complete records, then a line cut off in the middle of a write.
     (running / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:17])
     out = tmp_path / "p.png"
-    rc = plot_cli.main([str(sweep / "0_adamw"), str(running), "--out", str(out)])
+    rc = plot_cli.main([str(sweep / "0_adamw"), str(running), "--out", str(out), "--log-scale"])
     stdout, _ = capsys.readouterr()
     assert rc == 0 and png_size(out)
     rows = stdout.strip().splitlines()[2:]
@@ -134,21 +169,57 @@ def run_plot(argv, capsys):
     return rc, err
 
 
-def test_bad_run_dirs(sweep, tmp_path, capsys):
+def test_folders_that_are_not_runs_are_skipped_with_one_line(sweep, tmp_path, capsys):
+    # runs/tiny/* as the README writes it, with a run that failed before writing metrics
+    runs = tmp_path / "runs" / "tiny"
+    shutil.copytree(sweep / "0_adamw", runs / "2026-12-01_10-00-00")
+    failed = runs / "2026-12-01_10-05-00"
+    shutil.copytree(sweep / "0_adamw" / ".hydra", failed / ".hydra")
+    rc, err = run_plot([str(runs / "2026-12-01_10-00-00"), str(failed)], capsys)
+    assert rc == 0
+    assert err.splitlines() == [
+        f"warning: {failed}: no metrics yet (not a run yet); skipped",
+        f"plot: {runs / '2026-12-01_10-00-00' / 'loss.png'}",  # no --out: into the run folder
+    ]
+    assert png_size(runs / "2026-12-01_10-00-00" / "loss.png")
+    # files among the runs: a plot made earlier passes silently, anything else is named
+    (runs / "loss.png").write_bytes(b"")
+    (runs / "notes.txt").write_text("x")
+    rc, err = run_plot(
+        [
+            str(runs / "2026-12-01_10-00-00"),
+            str(runs / "loss.png"),
+            str(runs / "notes.txt"),
+            "--out",
+            str(tmp_path / "o.png"),
+        ],
+        capsys,
+    )
+    assert rc == 0 and err.splitlines() == [
+        f"warning: {runs / 'notes.txt'}: a file, not a run folder; skipped",
+        f"plot: {tmp_path / 'o.png'}",
+    ]
+
     empty = tmp_path / "empty"
     empty.mkdir()
     rc, err = run_plot([str(empty), "--out", str(tmp_path / "x.png")], capsys)
-    assert rc == 2 and err.startswith("error: ") and "metrics.jsonl" in err and str(empty) in err
+    assert rc == 2 and err.splitlines() == [
+        f"warning: {empty}: no metrics.jsonl here or in sub-folders; skipped",
+        f"error: no run with metrics in {empty}",
+    ]
     assert not (tmp_path / "x.png").exists()
 
-    no_metrics = tmp_path / "no_metrics"
-    shutil.copytree(sweep / "0_adamw", no_metrics)
-    (no_metrics / "metrics.jsonl").unlink()
-    rc, err = run_plot([str(no_metrics)], capsys)
-    assert rc == 2 and "no metrics.jsonl" in err and err.count("\n") == 1
 
+def test_default_out_of_several_runs_is_the_folder_holding_them(sweep, tmp_path, capsys):
+    rc, err = run_plot([str(sweep / "0_adamw"), str(sweep / "1_muon")], capsys)
+    assert rc == 0 and err.strip() == f"plot: {sweep / 'loss.png'}"
+    assert png_size(sweep / "loss.png")
+    (sweep / "loss.png").unlink()
+
+
+def test_bad_run_dirs_and_outputs(sweep, tmp_path, capsys):
     rc, err = run_plot([str(tmp_path / "absent")], capsys)
-    assert rc == 2 and "not a directory" in err
+    assert rc == 2 and err == f"error: {tmp_path / 'absent'}: not a directory\n"
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(sweep / "0_adamw", corrupt)
@@ -156,7 +227,19 @@ def test_bad_run_dirs(sweep, tmp_path, capsys):
     lines[1] = "{not json"
     (corrupt / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     rc, err = run_plot([str(corrupt)], capsys)
-    assert rc == 2 and "metrics.jsonl:2" in err
+    assert rc == 2 and "metrics.jsonl:2" in err and err.count("\n") == 1
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    rc, err = run_plot([str(sweep / "0_adamw"), "--out", str(blocker / "p.png")], capsys)
+    assert rc == 2
+    assert (
+        err == f"error: --out: cannot create folder {blocker} ({blocker} is a file, not a folder)\n"
+    )
+    if Path("/proc").is_dir():
+        rc, err = run_plot([str(sweep / "0_adamw"), "--out", "/proc/x.png"], capsys)
+        assert rc == 2 and err.startswith("error: --out: cannot write /proc/x.png (")
+        assert err.count("\n") == 1
 
 
 def test_sweep_with_a_run_not_started_yet(sweep, tmp_path, capsys):
@@ -166,5 +249,57 @@ def test_sweep_with_a_run_not_started_yet(sweep, tmp_path, capsys):
     assert plot_cli.find_runs([partial]) == [partial / "0_adamw"]
     assert "1_muon" in capsys.readouterr().err
     (partial / "0_adamw" / "metrics.jsonl").write_text("")
-    with pytest.raises(MuonGPTError, match="none of its 2 runs"):
+    with pytest.raises(MuonGPTError, match="no run with metrics"):
         plot_cli.find_runs([partial])
+    assert "none of its 2 runs has metrics yet" in capsys.readouterr().err
+
+
+def test_report_regenerates_each_run_and_compares_them(sweep, tmp_path, capsys):
+    from muongpt.cli import report as report_cli
+
+    runs = tmp_path / "sweep"
+    shutil.copytree(sweep, runs)
+    for name in ("0_adamw", "1_muon"):
+        (runs / name / "report.md").unlink()  # written by the run: gone, then regenerated
+    (runs / "1_muon" / "summary.json").unlink()  # an unfinished run has no summary yet
+    eval_json = {
+        "checkpoint": "x",
+        "step": 3,
+        "total": {"tokens": 100, "loss": 5.5, "bits_per_byte": 2.25},
+    }
+    (runs / "0_adamw" / "eval.json").write_text(json.dumps(eval_json))
+    rc = report_cli.main([str(runs)])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    assert err.splitlines() == [f"report: {runs / n / 'report.md'}" for n in ("0_adamw", "1_muon")]
+    table = out.strip().splitlines()
+    assert table[0].startswith("| run | steps | tokens |") and len(table) == 4
+    summary = json.loads((runs / "0_adamw" / "summary.json").read_text())
+    assert f"| tiny: optimizer=adamw | 3 | {summary['tokens']:,} |" in table[2]
+    assert f"| {summary['final_val_loss']:.4f} | {summary['unigram_entropy']:.4f} |" in table[2]
+    assert table[3].startswith("| tiny: optimizer=muon | 3 |") and "| — |" in table[3]
+
+    done = (runs / "0_adamw" / "report.md").read_text()
+    assert done.startswith("# Run report: tiny (0_adamw)")
+    assert (
+        f"| parameters | {summary['params']:,} ({summary['params_non_embedding']:,} without" in done
+    )
+    assert "| overrides | `optimizer=adamw`" in done and "| git commit |" in done
+    assert "## Evaluation" in done and "| eval.json | 3 | 100 | 5.5000 | 2.2500 |" in done
+    assert "## Sample" in done and summary["sample"].strip() in done
+    assert png_size(runs / "0_adamw" / "val_loss.png")
+    unfinished = (runs / "1_muon" / "report.md").read_text()
+    last_val = [r["val_loss"] for r in metrics(runs / "1_muon") if "val_loss" in r][-1]
+    assert f"| final val loss | {last_val:.4f} nats/token |" in unfinished
+    assert "| unigram entropy | — |" in unfinished and "## Sample" not in unfinished
+
+
+def test_report_of_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
+    from muongpt.cli import report as report_cli
+
+    (tmp_path / "nothing").mkdir()
+    rc = report_cli.main([str(tmp_path / "nothing")])
+    err = capsys.readouterr().err
+    assert (
+        rc == 2 and err.splitlines()[-1] == f"error: no run with metrics in {tmp_path / 'nothing'}"
+    )

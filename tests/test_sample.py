@@ -198,3 +198,42 @@ def test_weights_only_export_samples_like_the_checkpoint(checkpoint, capsys):
     args = ["To be", "--max-new-tokens", "12", "--seed", "3"]
     outputs = [run_cli([str(path), *args], capsys)[1] for path in (checkpoint, export)]
     assert outputs[0] == outputs[1] and outputs[0].startswith("To be")
+
+
+def test_cli_accepts_a_run_folder_and_takes_its_newest_checkpoint(checkpoint, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    state = torch.load(checkpoint, weights_only=False)
+    save_checkpoint(run_dir / "checkpoints" / "step_000003.pt", {**state, "step": 3})
+    save_checkpoint(run_dir / "checkpoints" / "step_000007.pt", state)
+    assert sample_cli.model_file(run_dir).name == "step_000007.pt"
+    args = ["To be", "--max-new-tokens", "6", "--seed", "3"]
+    from_folder = run_cli([str(run_dir), *args], capsys)
+    from_file = run_cli([str(checkpoint), *args], capsys)
+    assert from_folder[0] == 0 and from_folder[1] == from_file[1]
+
+    empty = tmp_path / "not_a_run"
+    empty.mkdir()
+    assert_clear_error(*run_cli([str(empty), "hi"], capsys)[::2], "no checkpoint in it", str(empty))
+
+
+def test_interactive_loop_streams_each_prompt_and_ends_cleanly(checkpoint, capsys, monkeypatch):
+    args = ["--max-new-tokens", "5", "--temperature", "0", "--device", "cpu"]
+    model, _ = load_model(checkpoint)
+    expect = lambda p: p + decode(generate_tokens(model, [EOT_TOKEN] + encode(p), 5, temperature=0))
+    # two prompts, then an empty line: the loop stops there (the third prompt is never read)
+    rc, out, err = run_cli(
+        [str(checkpoint), "-i", *args],
+        capsys,
+        stdin="Hello\nThe king\n\nnever\n",
+        monkeypatch=monkeypatch,
+    )
+    assert rc == 0
+    assert out == "> " + expect("Hello") + "\n> " + expect("The king") + "\n> "
+    assert "an empty line or Ctrl-D quits" in err and "error" not in err
+    # end of input (Ctrl-D) after one prompt: a clean exit too
+    rc, out, _ = run_cli(
+        [str(checkpoint), "-i", *args], capsys, stdin="Hello\n", monkeypatch=monkeypatch
+    )
+    assert rc == 0 and out == "> " + expect("Hello") + "\n> "
+    assert_clear_error(*run_cli([str(checkpoint), "hi", "-i"], capsys)[::2], "-i reads prompts")

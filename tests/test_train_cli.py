@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,6 +59,22 @@ def test_default_experiment_end_to_end(tmp_path):
     ckpt = load_checkpoint(run_dir / "checkpoints" / "step_000012.pt")
     assert ckpt["step"] == 12 and ckpt["config"]["model"]["n_layer"] == 4
 
+    # train.log holds the run's messages, not only the console
+    log = (run_dir / "train.log").read_text()
+    assert "model: " in log and "step 12: val loss" in log and "final val loss" in log
+    # the report card: summary.json, report.md and its loss curve beside it
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["final_val_loss"] == vals[-1]
+    assert summary["params"] > summary["params_non_embedding"] > 0
+    assert "training.max_steps=12" in summary["overrides"] and summary["sample"]
+    report = (run_dir / "report.md").read_text()
+    assert f"| final val loss | {vals[-1]:.4f} nats/token |" in report
+    assert f"| unigram entropy | {summary['unigram_entropy']:.4f} nats/token |" in report
+    assert "| MFU | n/a" in report and "![loss curve](val_loss.png)" in report
+    assert summary["sample"].strip() in report
+    assert (run_dir / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"report: {run_dir / 'report.md'}" in out
+
 
 @pytest.mark.parametrize(
     "size,n_layer,n_embd",
@@ -92,15 +109,77 @@ def test_size_override_changes_the_model(size, n_layer, n_embd):
         (["training.cooldown_frac=1.5"], "training.cooldown_frac must be in [0, 1]"),
         (["kernels.converters=[fp8]"], "kernels.converters: unknown ['fp8']"),
         (["kernels.converters=[flex_attention]"], "flex_attention needs a document-masked model"),
+        (["+training.max_step=10"], "unknown key training.max_step (did you mean max_steps"),
+        (["training.max_steps=abc"], "training.max_steps must be an int, got 'abc'"),
+        (["training.max_steps=0"], "training.max_steps must be >= 1, got 0"),
+        pytest.param(
+            ["training.device=cuda"],
+            "no CUDA GPU is available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there"),
+        ),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, overrides, message):
-    proc = train(*SMALL, *overrides, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "r"
+    proc = train(*SMALL, *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode != 0
     err = proc.stderr.strip()
     assert message in err, err
     assert "Traceback" not in err
     assert len(err.splitlines()) == 1, err
+    # the run failed before step 1: no folder left behind (runs/ was made for it, so it goes too)
+    assert not (tmp_path / "runs").exists(), list((tmp_path / "runs").rglob("*"))
+
+
+def test_empty_training_text_names_its_file(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    proc = train(*SMALL, f"data.text_path={empty}", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err == f"error: data.text_path {empty}: the file is empty, no text to train on"
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "proc"])
+def test_run_folder_that_cannot_be_made_is_one_line(tmp_path, where):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    run_dir = blocker / "run" if where == "under_a_file" else Path("/proc/muongpt_run")
+    if where == "proc" and not Path("/proc").is_dir():
+        pytest.skip("no /proc here")
+    proc = train(*SMALL, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: hydra.run.dir: cannot create folder {run_dir} ("), err
+    if where == "under_a_file":
+        assert err.endswith(f"({blocker} is a file, not a folder)")
+
+
+def test_a_failed_run_keeps_a_folder_that_holds_results(tmp_path):
+    from muongpt.train.__main__ import remove_if_empty
+
+    hydra_only = tmp_path / "hydra_only"
+    (hydra_only / ".hydra").mkdir(parents=True)
+    (hydra_only / "train.log").write_text("")
+    assert remove_if_empty(hydra_only) and not hydra_only.exists()
+    with_results = tmp_path / "with_results"
+    (with_results / ".hydra").mkdir(parents=True)
+    (with_results / "checkpoints").mkdir()
+    assert not remove_if_empty(with_results) and (with_results / "checkpoints").is_dir()
+
+
+@pytest.mark.parametrize("command", [["-m", "muongpt.train"], ["-m", "muongpt.cli.main", "bench"]])
+def test_help_is_short_and_names_the_main_keys(tmp_path, command):
+    proc = subprocess.run(
+        [sys.executable, *command, "--help"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("usage: muongpt") and 20 < len(lines) < 45, proc.stdout
+    for word in ("config groups", "optimizer", "training.max_steps=N", "experiment=NAME"):
+        assert word in proc.stdout
+    assert not list(tmp_path.iterdir())  # help runs nothing
 
 
 def test_corrupt_shard_is_one_line_error(tmp_path):
@@ -122,3 +201,37 @@ def test_corrupt_shard_is_one_line_error(tmp_path):
     assert proc.returncode == 2
     err = proc.stderr.strip()
     assert "bad magic" in err and str(bad) in err and len(err.splitlines()) == 1, err
+
+
+def test_progress_bar_starts_after_the_step0_evaluation(tmp_path, monkeypatch):
+    """The bar's rate (and so its ETA) must not include the step-0 evaluation's time."""
+    from hydra import compose, initialize_config_dir
+
+    from muongpt.config import CONF_DIR, register_configs
+    from muongpt.train import trainer as trainer_module
+
+    register_configs()
+    drop = ("training.max_steps", "training.warmup_steps", "training.cooldown_steps")
+    overrides = [o for o in SMALL if not o.startswith(drop)] + [
+        "training.max_steps=1",
+        "training.warmup_steps=0",
+        "training.cooldown_steps=0",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides + ["model.gpt.n_layer=1"])
+    events = []
+
+    class RecordingTqdm(trainer_module.tqdm):
+        def __init__(self, *args, **kwargs):
+            events.append("bar")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "tqdm", RecordingTqdm)
+    trainer = trainer_module.Trainer(cfg, tmp_path)
+    real_evaluate = trainer.evaluate
+    trainer.evaluate = lambda: events.append(f"eval at step {trainer.step}") or real_evaluate()
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    assert events[:2] == ["eval at step 0", "bar"], events

@@ -24,7 +24,7 @@ none. A window schedule (``training.attn_window_start``) and a batch ramp
 (``training.batch_size_start``) are switched off: steps run at the full window and batch.
 Document masking is not subtracted. (With full causal attention on every layer this is
 PaLM's 6N + 12 L T d.) MFU = FLOPs/token * tokens/s / peak, peak = 989e12
-(H100 SXM dense bf16) unless ``MUONGPT_PEAK_FLOPS`` is set. Training state is not restored:
+(H100 SXM dense bf16) unless ``MUONGPT_PEAK_FLOPS`` is set; on CPU no MFU is reported. Training state is not restored:
 benchmark a fresh run, never one you mean to keep.
 """
 
@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 from muongpt import MuonGPTError
+from muongpt.cli import probe_dir, write_text
 
 H100_BF16_DENSE_FLOPS = 989e12
 BENCH_DEFAULTS = {"steps": 20, "warmup": 3, "split": 5, "out": ""}
@@ -74,13 +75,19 @@ def compose_config(overrides: list[str]):
     from muongpt.config import CONF_DIR, register_configs
 
     register_configs()
+    from muongpt.train.config_keys import check_config_keys, explain_override_error
+
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
+            cfg = compose(config_name="config", overrides=overrides)
     except Exception as e:  # Hydra raises several types; all mean a bad override
+        if explained := explain_override_error(e):
+            raise MuonGPTError(explained) from None
         # Hydra's first line often only says where ("... raised while composing config:")
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()][:2]
         raise MuonGPTError(f"invalid config: {' '.join(lines) or type(e).__name__}") from None
+    check_config_keys(cfg)  # +training.max_step=10 would otherwise be benchmarked as if unset
+    return cfg
 
 
 def matmul_params(model) -> int:
@@ -196,8 +203,9 @@ def run_bench(opts: dict, overrides: list[str]) -> dict:
             "flops_per_token": fpt,
             "flop_formula": "6*N_matmul_params + 12*n_embd*sum_attention_layers(min(seq_len, layer window)) per token",
             "matmul_params": matmul_params(model),
-            "peak_flops": peak_flops,
-            "mfu": fpt * tokens_per_s / peak_flops,
+            "peak_flops": peak_flops if dev.type == "cuda" else None,
+            # a GPU's peak FLOP/s says nothing about a CPU: no MFU there
+            "mfu": fpt * tokens_per_s / peak_flops if dev.type == "cuda" else None,
             "peak_mem_gib": peak,
             # the first warm-up step compiles; the others autotune / settle the allocator
             "compile_s": sum(warm_times) - step_s * len(warm_times) if warm_times else 0.0,
@@ -214,6 +222,23 @@ def run_bench(opts: dict, overrides: list[str]) -> dict:
     return report
 
 
+def mfu_text(r: dict) -> str:
+    if r.get("mfu") is None:
+        return "n/a on CPU (peak FLOP/s are known for GPUs only)"
+    return f"{100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e12:.0f} TFLOP/s"
+
+
+BENCH_HELP = """\
+Time training steps of an experiment: tokens/s, MFU (GPUs), peak memory, compile time and the
+split of a step into data / forward+backward / optimizer. Nothing is saved but bench.out.
+Arguments are Hydra overrides of the training config, plus:
+  bench.steps=N     timed optimizer steps (default 20)
+  bench.warmup=N    untimed steps first: compilation, autotuning (default 3)
+  bench.split=N     extra steps timed segment by segment (default 5; 0 skips)
+  bench.out=PATH    also write the report as JSON
+e.g.  muongpt bench experiment=speedrun_bench bench.steps=20 bench.out=bench.json"""
+
+
 def print_table(r: dict) -> None:
     rows = [
         ("experiment", r["experiment"]),
@@ -221,7 +246,7 @@ def print_table(r: dict) -> None:
         ("tokens/step", f"{r['tokens_per_step']:,} ({r['grad_accum']} micro-steps)"),
         ("ms/step", f"{r['ms_per_step']:.1f}"),
         ("tokens/s", f"{r['tokens_per_s']:,.0f}"),
-        ("MFU", f"{100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e12:.0f} TFLOP/s"),
+        ("MFU", mfu_text(r)),
         ("peak memory", "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f} GiB"),
         ("compile", f"{r['compile_s']:.1f} s"),
         ("fp8 head", str(r["fp8_head"])),
@@ -242,16 +267,21 @@ def print_table(r: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        from muongpt.train.config_keys import command_help
+
+        print(command_help("muongpt bench", BENCH_HELP))
+        return 0
     try:
         opts, overrides = parse_args(argv)
+        if opts["out"]:  # before the benchmark: an unwritable path should not cost a run
+            probe_dir(Path(opts["out"]).absolute().parent, "bench.out")
         report = run_bench(opts, overrides)
+        if opts["out"]:
+            write_text(opts["out"], json.dumps(report, indent=2) + "\n", "bench.out")
     except MuonGPTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if opts["out"]:
-        out = Path(opts["out"])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)
     return 0
 

@@ -112,8 +112,13 @@ def evaluate_tokens(
     name: str = "",
     max_targets: int | None = None,
     autocast: bool = False,
+    progress: bool = False,
 ) -> EvalResult:
-    """Sum the model's per-token cross-entropy over one token stream (see the module docstring)."""
+    """Sum the model's per-token cross-entropy over one token stream (see the module docstring).
+
+    ``progress``: a progress bar on stderr, one tick per batch of windows."""
+    from tqdm import tqdm
+
     from muongpt.data.tokenizer import EOT_TOKEN
 
     vocab = model.config.vocab_size
@@ -125,7 +130,8 @@ def evaluate_tokens(
     full = [s for s, n in spans if n == seq_len]
     groups = [(full[i : i + batch_size], seq_len) for i in range(0, len(full), batch_size)]
     groups += [([s], n) for s, n in spans if n < seq_len]
-    for starts, length in groups:
+    bar = tqdm(groups, desc=name or "eval", unit="batch", disable=not progress, leave=False)
+    for starts, length in bar:
         chunk = np.stack([np.asarray(tokens[s : s + length + 1], dtype=np.int64) for s in starts])
         if int(chunk.max()) >= vocab:
             raise MuonGPTError(
@@ -155,6 +161,7 @@ def evaluate_files(
     batch_size: int,
     max_tokens: int | None = None,
     autocast: bool = False,
+    progress: bool = False,
 ) -> tuple[list[EvalResult], EvalResult]:
     """Per-file results and their total; ``max_tokens`` caps the predicted tokens over all files."""
     results, total = [], EvalResult("total")
@@ -165,7 +172,9 @@ def evaluate_files(
         tokens = load_tokens(path)
         if len(tokens) < 2:
             raise MuonGPTError(f"--data {path}: fewer than 2 tokens, nothing to predict")
-        r = evaluate_tokens(model, tokens, seq_len, batch_size, path.name, budget, autocast)
+        r = evaluate_tokens(
+            model, tokens, seq_len, batch_size, path.name, budget, autocast, progress
+        )
         results.append(r)
         total.add(r)
     return results, total
@@ -185,7 +194,7 @@ def format_table(results: list[EvalResult], total: EvalResult) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="muongpt eval", description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a run folder (its newest checkpoint) or a checkpoint file")
     p.add_argument("--data", nargs="+", required=True, help=".bin shards and/or UTF-8 text files")
     p.add_argument("--seq-len", type=int, default=None, help="default: the run's training.seq_len")
     p.add_argument("--batch-size", type=int, default=8)
@@ -208,14 +217,16 @@ def run(args: argparse.Namespace) -> dict:
     for f in files:
         if not f.is_file():
             raise MuonGPTError(f"--data: file not found: {f}")
+    from muongpt.cli.sample import model_file
+
     device = resolve_device(args.device)
-    model, state = load_model(args.checkpoint, device)
+    model, state = load_model(model_file(args.checkpoint), device)
     training = state["config"].get("training") or {}
     seq_len = args.seq_len or int(training.get("seq_len", 1024))
     autocast = device.type == "cuda" and bool(training.get("autocast_bf16", True))
     results, total = evaluate_files(
-        model, files, seq_len, args.batch_size, args.max_tokens, autocast
-    )
+        model, files, seq_len, args.batch_size, args.max_tokens, autocast, sys.stderr.isatty()
+    )  # a progress bar on a terminal; none in logs and pipes
     report = {
         "checkpoint": str(args.checkpoint),
         "step": state.get("step"),

@@ -1,13 +1,19 @@
-"""`muongpt plot RUN_DIR... [--out PNG] [--table MD]`: compare runs at a glance.
+"""`muongpt plot RUN_DIR... [--out PNG] [--table MD] [--log-scale]`: compare runs at a glance.
 
 Reads each run's ``metrics.jsonl`` (a run still in progress is fine: a half-written last line is
-skipped), its ``config.yaml`` (experiment name, max_steps) and Hydra's ``.hydra/overrides.yaml``.
-A multirun sweep folder (``runs/multirun/<stamp>``) stands for all its sub-runs.
+skipped), its ``config.yaml`` (experiment name, max_steps), Hydra's ``.hydra/overrides.yaml`` and,
+once the run is done, its ``summary.json`` (the unigram entropy of its training tokens). A
+multirun sweep folder (``runs/multirun/<stamp>``) stands for all its sub-runs; a folder that is
+not a run (no metrics yet, e.g. a run that failed at start-up) is skipped with a warning.
 
-Output: one PNG with loss against step, tokens and training time (train loss as lines, val loss
-as dashed lines with markers), and a Markdown table of final figures, printed and optionally
-written to a file. Legends show each run's experiment and the overrides that tell it apart; the
-overrides shared by all runs go in the title.
+Output: one PNG with loss against step, tokens and training time, and a Markdown table of final
+figures, printed and optionally written to a file. Train loss is drawn smoothed (an exponential
+moving average, ``--smooth``) over the raw per-batch losses in faint colour; val loss is markers;
+the unigram entropy (the loss of a model that ignores context) is a dashed grey line. Runs differ
+in colour, line style and marker, so identical runs stay visible on top of each other. Legends
+show each run's experiment and the overrides that tell it apart; the overrides shared by all runs
+go in the title. Without ``--out`` the PNG goes into the run folder (``RUN/loss.png``), or for
+several runs into the folder that holds them all (``runs/tiny/loss.png``).
 """
 
 from __future__ import annotations
@@ -15,15 +21,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from muongpt import MuonGPTError
-from muongpt.cli import report_errors
+from muongpt.cli import make_dirs, report_errors, write_text
 
 METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+DEFAULT_PNG = "loss.png"
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P")
 X_AXES = (("step", "step"), ("tokens", "tokens"), ("elapsed_s", "training time (s)"))
 
 
@@ -35,6 +46,7 @@ class Run:
     overrides: list[str] = field(default_factory=list)
     max_steps: int | None = None
     label: str = ""
+    entropy: float | None = None  # unigram entropy of the training tokens, once known
 
     def series(self, x_key: str, y_key: str) -> tuple[list[float], list[float]]:
         points = [(r[x_key], r[y_key]) for r in self.records if x_key in r and y_key in r]
@@ -42,6 +54,20 @@ class Run:
 
     def last(self, key: str):
         return next((r[key] for r in reversed(self.records) if key in r), None)
+
+    def smoothed_train(self, x_key: str, beta: float) -> tuple[list[float], list[float]]:
+        """Train loss as an exponential moving average over the logged steps."""
+        xs, ys = self.series(x_key, "train_loss")
+        return xs, ema(ys, beta)
+
+
+def ema(values: list[float], beta: float) -> list[float]:
+    """Bias-corrected exponential moving average (the first values are not pulled to 0)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta**i) if beta > 0 else v)
+    return out
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -87,11 +113,24 @@ def load_run(path: Path) -> Run:
     # hydra.* overrides (run dirs) and the experiment itself say nothing the legend lacks
     overrides = [str(o) for o in overrides if not str(o).startswith(("hydra.", "experiment="))]
     max_steps = (config.get("training") or {}).get("max_steps")
-    return Run(path, records, str(config.get("experiment_name", path.name)), overrides, max_steps)
+    experiment = str(config.get("experiment_name", path.name))
+    return Run(path, records, experiment, overrides, max_steps, entropy=_entropy(path))
+
+
+def _entropy(path: Path) -> float | None:
+    try:
+        value = json.loads((path / SUMMARY).read_text()).get("unigram_entropy")
+    except (OSError, ValueError, AttributeError):  # no summary yet, or not one we wrote
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _is_run(path: Path) -> bool:
     return (path / METRICS).is_file() or (path / ".hydra" / "overrides.yaml").is_file()
+
+
+def _has_metrics(path: Path) -> bool:
+    return (path / METRICS).is_file() and (path / METRICS).stat().st_size > 0
 
 
 def _job_order(sweep: Path, run: Path) -> tuple:
@@ -104,10 +143,17 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     """Run directories named by ``paths``; a sweep folder expands to its sub-runs, in job order."""
     runs: list[Path] = []
     for p in map(Path, paths):
-        if not p.is_dir():
+        if not p.exists():
             raise MuonGPTError(f"{p}: not a directory")
+        if not p.is_dir():
+            if p.name != DEFAULT_PNG:  # runs/tiny/* meets the plot of runs/tiny: no news
+                print(f"warning: {p}: a file, not a run folder; skipped", file=sys.stderr)
+            continue
         if _is_run(p):
-            runs.append(p)
+            if _has_metrics(p):
+                runs.append(p)
+            else:  # a run that failed at start-up, or has not logged yet
+                print(f"warning: {p}: no metrics yet (not a run yet); skipped", file=sys.stderr)
             continue
         # A sweep folder: its sub-runs may sit deeper than one level (an override value with a
         # "/" in Hydra's sub-folder name makes nested folders).
@@ -117,16 +163,17 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
         )
         subs = [d for d in subs if _is_run(d) and d != p]
         if not subs:
-            raise MuonGPTError(
-                f"{p}: no {METRICS} here or in sub-folders (not a run or sweep folder)"
-            )
-        started = [d for d in subs if (d / METRICS).is_file() and (d / METRICS).stat().st_size]
+            print(f"warning: {p}: no {METRICS} here or in sub-folders; skipped", file=sys.stderr)
+            continue
+        started = [d for d in subs if _has_metrics(d)]
         for d in subs:
             if d not in started:
                 print(f"note: {d}: no metrics yet, left out", file=sys.stderr)
         if not started:
-            raise MuonGPTError(f"{p}: none of its {len(subs)} runs has written metrics yet")
+            print(f"warning: {p}: none of its {len(subs)} runs has metrics yet", file=sys.stderr)
         runs += sorted(started, key=lambda d: _job_order(p, d))
+    if not runs:
+        raise MuonGPTError(f"no run with metrics in {', '.join(map(str, paths))}")
     return runs
 
 
@@ -143,16 +190,18 @@ def label_runs(runs: list[Run]) -> list[str]:
     return [o for o in runs[0].overrides if o in common]
 
 
-def _y_limits(runs: list[Run]) -> tuple[float, float] | None:
-    """Leave out the first 5% of each run's steps: the loss at init would flatten the rest."""
+def _y_limits(runs: list[Run], beta: float) -> tuple[float, float] | None:
+    """Every val point (step 0 included) and the smoothed train loss after the first 5% of each
+    run's steps (the loss at init would flatten the rest); raw batches may leave the frame."""
     values = []
     for r in runs:
         last_step = r.records[-1]["step"]
-        for rec in r.records:
-            for key in ("train_loss", "val_loss"):
-                v = rec.get(key)
-                if v is not None and math.isfinite(v) and rec["step"] >= 0.05 * last_step:
-                    values.append(v)
+        values += [v for v in r.series("step", "val_loss")[1] if math.isfinite(v)]
+        for step, v in zip(*r.smoothed_train("step", beta)):
+            if math.isfinite(v) and step >= 0.05 * last_step:
+                values.append(v)
+        if r.entropy is not None:
+            values.append(r.entropy)
     if not values:
         return None
     lo, hi = min(values), max(values)
@@ -160,8 +209,30 @@ def _y_limits(runs: list[Run]) -> tuple[float, float] | None:
     return lo - pad, hi + pad
 
 
-def plot_runs(runs: list[Run], title: str = ""):
-    """A matplotlib Figure with three panels: loss against step, tokens and training time."""
+def log_axis(ax) -> None:
+    """A logarithmic loss axis labelled in plain numbers (4, 5, 6 ... not 4 x 10^0)."""
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)))
+    ax.yaxis.set_minor_locator(LogLocator(subs="all"))
+    for formatter, setter in ((ScalarFormatter(), ax.yaxis.set_major_formatter),):
+        formatter.set_scientific(False)
+        setter(formatter)
+    ax.yaxis.set_minor_formatter("")
+
+
+def run_style(i: int) -> dict:
+    """Line style and marker of the i-th run (the colour cycles apart from them)."""
+    return {"ls": LINE_STYLES[i % len(LINE_STYLES)], "marker": MARKERS[i % len(MARKERS)]}
+
+
+def plot_runs(runs: list[Run], title: str = "", beta: float = 0.9, log_scale: bool = False):
+    """A matplotlib Figure with three panels: loss against step, tokens and training time.
+
+    Per run and panel the lines are, in order: raw train loss (faint), smoothed train loss,
+    val loss (markers); then one dashed line per distinct unigram entropy.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,27 +243,48 @@ def plot_runs(runs: list[Run], title: str = ""):
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.2), sharey=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):
-        color = colors[i % len(colors)]
+        color, style = colors[i % len(colors)], run_style(i)
         for ax, (x_key, _) in zip(axes, X_AXES):
-            ax.plot(*run.series(x_key, "train_loss"), color=color, lw=1.4)
+            ax.plot(*run.series(x_key, "train_loss"), color=color, lw=0.7, alpha=0.25)
+            ax.plot(*run.smoothed_train(x_key, beta), color=color, lw=1.6, ls=style["ls"])
             ax.plot(
-                *run.series(x_key, "val_loss"), color=color, lw=1.2, ls="--", marker="o", ms=3.5
+                *run.series(x_key, "val_loss"),
+                color=color,
+                ls="none",
+                marker=style["marker"],
+                ms=5,
+                mfc="white",
+                mew=1.4,
+                zorder=3,
             )
+    entropies = sorted({r.entropy for r in runs if r.entropy is not None})
     for ax, (_, name) in zip(axes, X_AXES):
+        for h in entropies:
+            ax.axhline(h, color="gray", ls="--", lw=1.0)
         ax.set_xlabel(name)
         ax.grid(alpha=0.3)
+        ax.margins(x=0.02)  # the step-0 val marker stays inside the frame
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].xaxis.set_major_formatter(EngFormatter(sep=""))
     axes[0].set_ylabel("loss (nats/token)")
-    if limits := _y_limits(runs):
+    if log_scale:
+        log_axis(axes[0])
+    if limits := _y_limits(runs, beta):
         axes[0].set_ylim(*limits)
-    # One legend entry per run (its colour), and two for the line styles.
-    labels = ["\n".join(textwrap.wrap(r.label, 90)) for r in runs] + ["train", "val"]
-    handles = [Line2D([], [], color=colors[i % len(colors)], lw=2) for i in range(len(runs))]
-    handles += [
-        Line2D([], [], color="gray", lw=1.4),
-        Line2D([], [], color="gray", lw=1.2, ls="--", marker="o", ms=3.5),
+    # One legend entry per run (colour, line style, marker), then what the line kinds mean.
+    labels = ["\n".join(textwrap.wrap(r.label, 90)) for r in runs]
+    handles = [
+        Line2D([], [], color=colors[i % len(colors)], lw=1.6, mfc="white", **run_style(i))
+        for i in range(len(runs))
     ]
+    labels += [f"train (EMA {beta:g}; raw faint)", "val"]
+    handles += [
+        Line2D([], [], color="gray", lw=1.6),
+        Line2D([], [], color="gray", ls="none", marker="o", mfc="white"),
+    ]
+    if entropies:
+        labels.append("unigram entropy (" + ", ".join(f"{h:.3f}" for h in entropies) + ")")
+        handles.append(Line2D([], [], color="gray", ls="--", lw=1.0))
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     if title:
         fig.suptitle("\n".join(textwrap.wrap(title, 180)), fontsize=9)
@@ -206,9 +298,10 @@ def _fmt(value, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def summary_table(runs: list[Run]) -> str:
-    """Markdown table of each run's final figures (a run in progress shows step / max_steps)."""
-    head = "| run | steps | tokens | time (s) | tokens/s | train loss | val loss | peak mem (GB) |"
+def summary_table(runs: list[Run], beta: float = 0.9) -> str:
+    """Markdown table of each run's final figures (a run in progress shows step / max_steps);
+    the train loss is the smoothed one (one batch's loss swings too much to compare)."""
+    head = "| run | steps | tokens | time (s) | tokens/s | train loss (EMA) | val loss | peak mem (GB) |"
     lines = [head, "|" + "---|" * 8]
     for r in runs:
         step, tokens, seconds = r.last("step"), r.last("tokens"), r.last("elapsed_s")
@@ -223,7 +316,7 @@ def summary_table(runs: list[Run]) -> str:
             _fmt(tokens, ","),
             _fmt(seconds, ".1f"),
             _fmt(tok_s, ",.0f"),
-            _fmt(r.last("train_loss"), ".4f"),
+            _fmt(smoothed[-1] if (smoothed := r.smoothed_train("step", beta)[1]) else None, ".4f"),
             _fmt(r.last("val_loss"), ".4f"),
             _fmt(mem, ".2f"),
         ]
@@ -234,25 +327,60 @@ def summary_table(runs: list[Run]) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="muongpt plot", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or sweep folders")
-    p.add_argument("--out", default="loss.png", help="PNG to write (default: loss.png)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"PNG to write (default: RUN/{DEFAULT_PNG}, or the folder holding all the runs)",
+    )
     p.add_argument("--table", default=None, metavar="MD", help="also write the table to this file")
-    return p.parse_args(argv)
+    p.add_argument("--log-scale", action="store_true", help="logarithmic loss axis")
+    p.add_argument(
+        "--smooth", type=float, default=0.9, metavar="BETA", help="EMA of train loss (0: raw)"
+    )
+    args = p.parse_args(argv)
+    if not 0.0 <= args.smooth < 1.0:
+        p.error(f"--smooth must be in [0, 1), got {args.smooth}")
+    return args
+
+
+def default_out(paths: list[Path]) -> Path:
+    """RUN/loss.png for one run; for several, loss.png in the deepest folder holding them all."""
+    if len(paths) == 1:
+        return paths[0] / DEFAULT_PNG
+    common = Path(os.path.commonpath([p.absolute() for p in paths]))
+    return common / DEFAULT_PNG
+
+
+def save_figure(fig, out: Path) -> None:
+    """Write the PNG; a folder or file that cannot be made is one line naming it."""
+    import matplotlib.pyplot as plt
+
+    make_dirs(out.parent, "--out")
+    try:
+        fig.savefig(out, dpi=120)
+    except OSError as e:
+        raise MuonGPTError(
+            f"--out: cannot write {out} ({e.strerror or type(e).__name__})"
+        ) from None
+    finally:
+        plt.close(fig)
 
 
 def run(args: argparse.Namespace) -> str:
-    runs = [load_run(p) for p in find_runs(args.runs)]
+    paths = find_runs(args.runs)
+    runs = [load_run(p) for p in paths]
     common = label_runs(runs)
-    fig = plot_runs(runs, title=("shared overrides: " + ", ".join(common)) if common else "")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    table = summary_table(runs)
+    out = Path(args.out) if args.out else default_out(paths)
+    fig = plot_runs(
+        runs,
+        title=("shared overrides: " + ", ".join(common)) if common else "",
+        beta=args.smooth,
+        log_scale=args.log_scale,
+    )
+    save_figure(fig, out)
+    table = summary_table(runs, args.smooth)
     if args.table:
-        Path(args.table).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.table).write_text(table + "\n")
+        write_text(args.table, table + "\n", "--table")
     print(table)
     print(f"plot: {out}", file=sys.stderr)
     return table

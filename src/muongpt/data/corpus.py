@@ -10,7 +10,8 @@ A folder stands for the supported files under it (recursively, sorted). Empty do
 skipped.
 
 Output: shards of ``shard_size`` tokens (the last of each split shorter), named
-``val_000000.bin``, ``train_000001.bin``, ... with one counter in writing order. The validation
+``val_000000.bin``, ``val_000001.bin``, ... and ``train_000000.bin``, ``train_000001.bin``, ...,
+each split numbered on its own (a listing of the folder keeps the splits apart). The validation
 split is the first ``shard_size`` tokens (val_fraction=None), or every round(1/val_fraction)-th
 document (a spread-out sample; needs no knowledge of the corpus size). A document may straddle
 two shards of its split, as in llm.c. Output is a pure function of the inputs and options: the
@@ -349,9 +350,8 @@ def tokenize_corpus(
 
     from tqdm import tqdm
 
-    counter = [0]  # one shard index across both splits, in writing order
-    val = _ShardWriter("val", out_dir, shard_size, counter)
-    train = _ShardWriter("train", out_dir, shard_size, counter)
+    val = _ShardWriter("val", out_dir, shard_size, [0])  # each split counts its own shards
+    train = _ShardWriter("train", out_dir, shard_size, [0])
     docs = tokens = text_bytes = 0
     start = time.perf_counter()
     bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=not progress)
@@ -373,7 +373,7 @@ def tokenize_corpus(
             tokens += batch_tokens
             text_bytes += nbytes
             bar.update(batch_tokens)
-            bar.set_postfix(docs=docs, shards=counter[0], refresh=False)
+            bar.set_postfix(docs=docs, shards=val.counter[0] + train.counter[0], refresh=False)
         val.flush()
         train.flush()
     finally:
@@ -382,6 +382,6 @@ def tokenize_corpus(
         documents=docs,
         tokens=tokens,
         text_bytes=text_bytes,
-        shards=sorted(val.written + train.written, key=lambda p: p.name.split("_")[-1]),
+        shards=val.written + train.written,  # val shards first, each split in index order
         seconds=time.perf_counter() - start,
     )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import shutil
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -20,11 +23,74 @@ from muongpt.train.distributed import (
 
 register_configs()
 
+TRAIN_HELP = """\
+Train a GPT: compose the Hydra config, write runs/<experiment>/<time>/ (config.yaml,
+metrics.jsonl, train.log, checkpoints/, model.safetensors, report.md) and print a sample.
+Arguments are Hydra overrides, e.g.  muongpt-train experiment=tiny training.max_steps=50"""
+
+
+# Messages of the run also go to Hydra's log file (<run_dir>/train.log), not only to the console.
+LOG = logging.getLogger("muongpt.run")
+# What Hydra puts in a run folder before the run writes anything of its own.
+HYDRA_FILES = {".hydra", "train.log", "config.yaml"}
+# Folders above the run folder that did not exist before this process (check_overrides finds
+# them): removed with a failed run's folder when nothing else is in them.
+_NEW_PARENTS: list[Path] = []
+
+
+def log_to_hydra_file() -> None:
+    """Send LOG records to the file handlers Hydra gave the root logger, not to its console."""
+    LOG.setLevel(logging.INFO)
+    LOG.propagate = False  # the console already shows them (printed or tqdm.write)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and handler not in LOG.handlers:
+            LOG.addHandler(handler)
+
+
+def say(message: str) -> None:
+    """Print a message and keep it in train.log."""
+    print(message)
+    LOG.info(message)
+
+
+def remove_if_empty(run_dir: str | Path) -> bool:
+    """Remove a run folder that holds nothing but Hydra's files (a run that failed before step
+    1 leaves nothing worth keeping); True when removed."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not {p.name for p in run_dir.iterdir()} <= HYDRA_FILES:
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in _NEW_PARENTS:  # innermost first; stops at one that holds anything
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+    return not run_dir.exists()
+
 
 def run(cfg: DictConfig) -> dict:
-    from muongpt.train.trainer import Trainer
+    from muongpt.train.config_keys import check_config_keys
 
     run_dir = HydraConfig.get().runtime.output_dir
+    log_to_hydra_file()
+    steps_done = [0]
+    try:
+        check_config_keys(cfg)  # again here: sweeps (-m) skip check_overrides
+        return _train(cfg, run_dir, steps_done)
+    except BaseException:
+        if env_rank() == 0 and steps_done[0] == 0:
+            remove_if_empty(run_dir)
+        raise
+
+
+def _train(cfg: DictConfig, run_dir: str, steps_done: list[int]) -> dict:
+    """Build the trainer, train, sample and write the run's summary and report."""
+    import time
+
+    from muongpt.cli.report import run_facts, write_report, write_summary
+    from muongpt.train.trainer import Trainer
+
+    started = time.time()
     trainer, error = None, None
     try:
         trainer = Trainer(cfg, run_dir)
@@ -35,19 +101,31 @@ def run(cfg: DictConfig) -> dict:
     try:
         if trainer.ctx.is_main:
             (trainer.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-            print(f"run directory: {run_dir}")
-        summary = trainer.run()
+            say(f"run directory: {run_dir}")
+        try:
+            summary = trainer.run()
+        finally:
+            steps_done[0] = trainer.step
         if summary.get("interrupted"):  # stopped by SIGTERM/SIGINT after saving a checkpoint
             return summary
         if trainer.ctx.is_main:
             sample = trainer.sample()
-            print("\n--- sample ---\n" + sample.strip() + "\n--------------")
-            print(
+            say("\n--- sample ---\n" + sample.strip() + "\n--------------")
+            say(
                 f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in "
                 f"{summary['train_seconds']:.1f} s of training\n"
                 f"final val loss {summary['final_val_loss']:.4f} nats/token; "
                 f"unigram entropy of the training tokens {summary['unigram_entropy']:.4f} nats/token"
             )
+            try:
+                facts = run_facts(trainer, HydraConfig.get().overrides.task, sys.argv, started)
+                write_summary(trainer.run_dir, {**summary, **facts, "sample": sample})
+                say(f"report: {write_report(trainer.run_dir)}")
+            except Exception as e:  # the run itself succeeded: a report problem must not fail it
+                say(
+                    f"warning: report.md not written ({type(e).__name__}: {e}); retry with "
+                    f"`muongpt report {trainer.run_dir}`"
+                )
         return summary
     finally:
         trainer.close()
@@ -84,22 +162,39 @@ def _one_line(error: Exception) -> str:
 
 
 def check_overrides(argv: list[str]) -> None:
-    """Compose the config once before Hydra does, so a bad override is a one-line error.
+    """Compose the config once before Hydra does, so a bad override, an unknown key (even one
+    added with ``+``) or a run folder that cannot be created is a one-line error, and no run
+    folder is made for it.
 
     Sweeps (-m) and Hydra's own flags are left to Hydra, which reports them itself.
     """
     if any(arg.startswith("-") for arg in argv):
         return
     from hydra import compose, initialize_config_dir
+    from hydra.core.utils import setup_globals
 
-    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    from muongpt.cli import probe_dir
+    from muongpt.train.config_keys import check_config_keys, explain_override_error
+
+    def fail(message: str) -> None:
+        if env_rank() == 0:  # every rank composes the same overrides: one message is enough
+            print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            compose(config_name="config", overrides=overrides)
+            cfg = compose(config_name="config", overrides=argv, return_hydra_config=True)
     except Exception as e:  # Hydra raises several types; all mean a bad config
-        if env_rank() == 0:  # every rank composes the same overrides: one message is enough
-            print(f"error: invalid config: {_one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        fail(explain_override_error(e) or f"invalid config: {_one_line(e)}")
+    try:
+        check_config_keys(cfg)
+        if env_rank() == 0:
+            setup_globals()  # the ${now:...} resolver of the default run folder
+            run_dir = Path(str(cfg.hydra.run.dir)).absolute()
+            _NEW_PARENTS[:] = [p for p in run_dir.parents if not p.exists()]
+            probe_dir(run_dir, "hydra.run.dir")
+    except MuonGPTError as e:
+        fail(str(e))
 
 
 def _hydra_value(value: str) -> str:
@@ -156,6 +251,11 @@ def distributed_overrides(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        from muongpt.train.config_keys import command_help
+
+        print(command_help("muongpt-train", TRAIN_HELP))
+        return
     check_overrides(sys.argv[1:])
     if env_world_size() > 1:
         sys.argv[1:] = distributed_overrides(sys.argv[1:])

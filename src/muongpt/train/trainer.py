@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import random
 import time
@@ -40,7 +41,10 @@ def load_text_tokens(data: DictConfig) -> tuple[np.ndarray, np.ndarray]:
         raise MuonGPTError(f"data.text_path: file not found: {path}")
     if not 0.0 < data.val_fraction < 1.0:
         raise MuonGPTError(f"data.val_fraction must be in (0, 1), got {data.val_fraction}")
-    tokens = np.array([EOT_TOKEN] + encode(path.read_text(encoding="utf-8")), dtype=np.uint16)
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise MuonGPTError(f"data.text_path {path}: the file is empty, no text to train on")
+    tokens = np.array([EOT_TOKEN] + encode(text), dtype=np.uint16)
     split = int(len(tokens) * (1.0 - data.val_fraction))
     return tokens[:split], tokens[split:]
 
@@ -169,16 +173,26 @@ class Trainer:
             entropy = unigram_entropy(open_shard(train_sources[0])) if self.ctx.is_main else None
         else:
             raise MuonGPTError(f"data.source must be 'text' or 'shards', got {data.source!r}")
-        loader = TokenLoader(
-            train_sources,
-            t.micro_batch_size,
-            t.seq_len,
-            rank=self.ctx.rank,
-            world_size=self.ctx.world_size,
-            device=self.device,
-            align_to_bos=data.align_to_bos,
-            vocab_size=self.model_config.vocab_size,
-        )
+        try:
+            loader = TokenLoader(
+                train_sources,
+                t.micro_batch_size,
+                t.seq_len,
+                rank=self.ctx.rank,
+                world_size=self.ctx.world_size,
+                device=self.device,
+                align_to_bos=data.align_to_bos,
+                vocab_size=self.model_config.vocab_size,
+            )
+        except MuonGPTError as e:
+            if data.source != "text":
+                raise
+            # the loader knows the text's tokens as "array[0]"; name the file instead
+            from muongpt.assets import TINY_SHAKESPEARE
+
+            why = str(e).split(": ", 1)[-1] if str(e).startswith("array[") else str(e)
+            name = data.text_path or TINY_SHAKESPEARE
+            raise MuonGPTError(f"data.text_path {name}: training split of {why}") from None
         return loader, val_sources, entropy
 
     def autocast(self):
@@ -189,6 +203,7 @@ class Trainer:
     def log(self, message: str) -> None:
         if self.ctx.is_main:
             tqdm.write(message)
+            logging.getLogger("muongpt.run").info(message)  # train.log, when Hydra set one up
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -287,18 +302,18 @@ class Trainer:
         )
         if t.compile_warmup_steps > 0 and self.step == 0:
             compile_warmup(self, t.compile_warmup_steps)
-        bar = tqdm(
+        val_loss = float("nan")
+        if self.step == 0:  # the untrained baseline, so every run shows how far val loss fell
+            val_loss = self.evaluate()
+            self.write_metrics({**self._record(None, None), "val_loss": val_loss})
+            self.log(f"step 0: val loss {val_loss:.4f}")
+        bar = tqdm(  # made after the step-0 evaluation: its time is not in the ETA
             total=t.max_steps,
             initial=self.step,
             disable=not (t.progress_bar and self.ctx.is_main),
             unit="step",
             dynamic_ncols=True,
         )
-        val_loss = float("nan")
-        if self.step == 0:  # the untrained baseline, so every run shows how far val loss fell
-            val_loss = self.evaluate()
-            self.write_metrics({**self._record(None, None), "val_loss": val_loss})
-            self.log(f"step 0: val loss {val_loss:.4f}")
         window_start, window_tokens = time.perf_counter(), 0
         while self.step < t.max_steps:
             step_start = time.perf_counter()

@@ -1,0 +1,41 @@
+"""`muongpt bench`: its arguments, --help, unknown keys and the MFU line (no timing asserted)."""
+
+from muongpt.cli import bench
+
+
+def run(argv, capsys):
+    rc = bench.main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_help_does_not_fail(capsys):
+    rc, out, err = run(["--help"], capsys)
+    assert rc == 0 and err == ""
+    assert out.startswith("usage: muongpt bench") and "bench.steps=N" in out
+    assert "training.max_steps=N" in out and len(out.splitlines()) < 45
+
+
+def test_unknown_key_with_plus_is_refused_with_a_suggestion(capsys):
+    rc, out, err = run(["+training.max_step=10", "bench.steps=1"], capsys)
+    assert rc == 2 and out == ""
+    assert (
+        err == "error: unknown key training.max_step (did you mean max_steps or max_bad_steps?)\n"
+    )
+
+
+def test_unwritable_out_is_named_before_the_benchmark(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    rc, out, err = run([f"bench.out={blocker}/b.json", "bench.steps=1"], capsys)
+    assert rc == 2 and out == ""
+    assert (
+        err
+        == f"error: bench.out: cannot create folder {blocker} ({blocker} is a file, not a folder)\n"
+    )
+
+
+def test_mfu_is_not_claimed_on_cpu():
+    report = {"mfu": None, "peak_flops": None}
+    assert bench.mfu_text(report) == "n/a on CPU (peak FLOP/s are known for GPUs only)"
+    assert bench.mfu_text({"mfu": 0.25, "peak_flops": 989e12}) == "25.0% of 989 TFLOP/s"
