@@ -158,9 +158,12 @@ def test_a_fresh_run_refuses_a_directory_with_metrics_only(tmp_path):
     run_dir.mkdir()
     metrics = run_dir / "metrics.jsonl"
     metrics.write_text('{"step": 0, "val_loss": 10.9}\n')
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "config.yaml").write_text("the earlier run's\n")
     proc = cli(run_dir)
     one_error(proc, str(run_dir), "already holds a run", "training.resume=auto", "hydra.run.dir")
     assert metrics.read_text() == '{"step": 0, "val_loss": 10.9}\n'
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == "the earlier run's\n"
     assert not (run_dir / "config.yaml").exists()
 
 
@@ -460,3 +463,34 @@ def test_tokenizing_an_empty_corpus_is_an_error(tmp_path):
     with pytest.raises(CorpusError, match="no documents in .*empty.txt"):
         tokenize_corpus([empty], tmp_path / "out", progress=False, processes=1)
     assert not list((tmp_path / "out").glob("*.bin"))
+
+
+# ---------------------------------------------------------------- 12. direct checks
+def gradients_of_one_step(run_dir: Path, *overrides: str) -> tuple[dict, torch.Tensor]:
+    """The gradients the optimizer would apply at step 1 (the update itself is skipped)."""
+    trainer = make_trainer(run_dir, "training.batch_size=8", *overrides)
+    grads, rows = {}, []
+    loader_next = trainer.train_loader.__next__
+
+    def next_batch():
+        inputs, targets = loader_next()
+        rows.append(inputs)
+        return inputs, targets
+
+    def capture():
+        grads.update({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+
+    trainer.train_loader = type("Loader", (), {"__next__": lambda self: next_batch()})()
+    trainer.optimizer.step = capture
+    trainer.train_step()
+    trainer.close()
+    return grads, torch.cat(rows)
+
+
+def test_accumulated_gradients_equal_one_batch_of_all_the_rows(tmp_path):
+    accumulated, rows_a = gradients_of_one_step(tmp_path / "a", "training.micro_batch_size=2")
+    whole, rows_b = gradients_of_one_step(tmp_path / "b", "training.micro_batch_size=8")
+    assert rows_a.shape == (8, 32) and torch.equal(rows_a, rows_b)  # the same 8 rows
+    assert accumulated.keys() == whole.keys()
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-7)

@@ -95,10 +95,28 @@ def check_overrides(argv: list[str]) -> None:
     overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            compose(config_name="config", overrides=overrides)
+            cfg = compose(config_name="config", overrides=overrides)
     except Exception as e:  # Hydra raises several types; all mean a bad config
         if env_rank() == 0:  # every rank composes the same overrides: one message is enough
             print(f"error: invalid config: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    check_fresh_run_dir(argv, str(cfg.training.resume))
+
+
+def check_fresh_run_dir(argv: list[str], resume: str) -> None:
+    """A fresh run into another run's ``hydra.run.dir`` stops before Hydra writes .hydra/ there."""
+    given = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra.run.dir=")]
+    if not given or resume not in ("", "none") or env_rank() != 0:
+        return
+    from pathlib import Path
+
+    from muongpt.train.resilience import refuse_fresh_run_over
+
+    run_dir = Path(given[-1].strip("'\""))
+    try:
+        refuse_fresh_run_over(run_dir, run_dir / "metrics.jsonl")
+    except MuonGPTError as e:
+        report(e)
         sys.exit(2)
 
 
