@@ -288,6 +288,21 @@ def test_a_full_disk_for_metrics_is_one_line():
         resilience.append_metrics("/dev/full", {"step": 1})
 
 
+def test_a_full_disk_while_resume_cuts_the_metrics_is_one_line(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    text = '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
+    path.write_text(text)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(DiskFullError, match="metrics.jsonl: no space left on device"):
+        resilience.truncate_metrics(path, 1)
+    monkeypatch.undo()
+    assert path.read_text() == text and list(tmp_path.iterdir()) == [path]
+
+
 def test_a_full_disk_during_the_export_is_one_line(tmp_path, monkeypatch):
     import safetensors.torch
 

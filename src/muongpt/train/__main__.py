@@ -34,7 +34,10 @@ def run(cfg: DictConfig) -> dict:
     broadcast_parameters(trainer.model)
     try:
         if trainer.ctx.is_main:
-            (trainer.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            from muongpt.train.checkpoint import atomic_write  # a full disk: one line
+
+            text = OmegaConf.to_yaml(cfg, resolve=True)
+            atomic_write(trainer.run_dir / "config.yaml", lambda tmp: tmp.write_text(text))
             print(f"run directory: {run_dir}")
         summary = trainer.run()
         if summary.get("interrupted"):  # stopped by SIGTERM/SIGINT after saving a checkpoint

@@ -97,8 +97,10 @@ class NonFiniteGuard:
     ``max_bad_steps == 0`` (default, stop): each step folds ``isfinite(loss)`` into a device
     scalar holding the first bad step number (two tiny kernels, no host sync). The trainer reads
     it with ``first_bad_step()`` where it synchronizes anyway: at log steps, before evaluations
-    and before every checkpoint save. So a non-finite state is never saved, and the error names
-    the exact first bad step even when it is noticed a few steps later.
+    and before every checkpoint save, so the error names the exact first bad step even when it
+    is noticed a few steps later. A finite loss of step k does not make the weights after
+    update k finite (say ``optimizer.lr=inf``), so every save also checks the tensors it would
+    write (``check_state``): a non-finite state is never saved.
 
     ``max_bad_steps == N > 0`` (skip): whether to apply a step's update must be known on the host
     before ``optimizer.step()``: one scalar device->host copy per step (on CPU, free). A bad step's
