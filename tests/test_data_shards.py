@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import lzma
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from muongpt import MuonGPTError
+from muongpt import DiskFullError, MuonGPTError
 from muongpt.data.shards import (
     HEADER_BYTES,
     SHARD_MAGIC,
@@ -103,13 +105,30 @@ def test_truncated_and_missing_files(tmp_path):
         read_header(tmp_path / "nope.bin")
 
 
-def test_failed_write_leaves_existing_shard_intact(tmp_path):
+def test_bad_ids_are_refused_before_writing(tmp_path):
     path = write_shard(tmp_path / "s.bin", [1, 2, 3])
     before = path.read_bytes()
     with pytest.raises(ShardError, match="65535"):
         write_shard(path, [1, 70000])
     with pytest.raises(ShardError):
         write_shard(path, [-1, 5])
+    assert path.read_bytes() == before
+
+
+def test_failed_write_leaves_existing_shard_intact(tmp_path, monkeypatch):
+    # The disk fills up after the new tokens were written, before they are durable: the old
+    # shard must still be whole (a write in place would have overwritten it by then).
+    path = write_shard(tmp_path / "s.bin", [1, 2, 3])
+    before = path.read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(DiskFullError) as info:
+        write_shard(path, list(range(1000)))
+    monkeypatch.undo()
+    assert str(info.value) == f"{path}: no space left on device; free some space and rerun"
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.bin"]  # no temporary left behind
 

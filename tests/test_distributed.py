@@ -45,6 +45,11 @@ def spawn(fn, world_size: int) -> None:
     mp.spawn(_worker, args=(fn, world_size, free_port()), nprocs=world_size, join=True)
 
 
+# Long enough for a loaded machine: rank 2 waits in a world collective while ranks 0-1 run
+# their pair checks, and a timeout there left async collectives in flight (see _worker).
+COLLECTIVE_TIMEOUT_S = 600
+
+
 def _worker(rank: int, fn, world_size: int, port: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -52,15 +57,16 @@ def _worker(rank: int, fn, world_size: int, port: int) -> None:
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world_size,
-        timeout=timedelta(seconds=60),
+        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
     )
-    try:
-        fn(rank, world_size)
-        # No rank tears its connections down while another still has collectives in flight
-        # (gloo aborts the process whose peer vanished mid-operation).
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    fn(rank, world_size)
+    # Only after a clean run: no rank tears its connections down while another still has
+    # collectives in flight (gloo aborts the process whose peer vanished mid-operation). After
+    # a failure, async collectives may still run; destroying the group under them aborts
+    # (SIGABRT, "terminate called without an active exception") before the error is reported,
+    # so a failing rank leaves the group to process exit.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 @contextlib.contextmanager

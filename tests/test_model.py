@@ -186,3 +186,20 @@ def test_generation_with_and_without_cache_agree():
 def test_bad_configs(bad, match):
     with pytest.raises(MuonGPTError, match=match):
         GPTConfig(**{**dict(vocab_size=300, n_layer=2, n_head=2, n_embd=32), **bad})
+
+
+def test_rope_is_the_identity_at_position_0_and_rotates_by_written_out_angles_at_1():
+    head_dim, base = 8, 10000.0
+    rope = Rotary(head_dim, base=base)
+    x = torch.randn(1, 2, 3, head_dim, generator=torch.Generator().manual_seed(0))
+    out = rope(x)
+    assert torch.equal(out[:, 0], x[:, 0])  # position 0: angle 0, cos 1, sin 0
+    half = head_dim // 2
+    expected = torch.empty(3, head_dim)
+    for i in range(half):  # pair (i, i + half) turns by 1 * base^(-2i/head_dim)
+        theta = base ** (-2 * i / head_dim)
+        x1, x2 = x[0, 1, :, i], x[0, 1, :, i + half]
+        expected[:, i] = x1 * math.cos(theta) + x2 * math.sin(theta)
+        expected[:, i + half] = x2 * math.cos(theta) - x1 * math.sin(theta)
+    torch.testing.assert_close(out[0, 1], expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rope(x[:, 1:], start=1), out[:, 1:], rtol=0, atol=0)

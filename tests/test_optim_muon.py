@@ -9,11 +9,19 @@ import torch
 from muongpt import MuonGPTError
 from muongpt.optim import Muon
 from muongpt.optim import muon as muon_module
-from muongpt.optim.newton_schulz import (
-    CLASSIC_COEFFICIENTS,
-    POLAR_EXPRESS_COEFFICIENTS,
-    POLAR_EXPRESS_SAFETY,
+
+# The reference's coefficients, written out (not imported: a wrong value in the module must not
+# move the reference with it). Classic: Jordan et al. 2024. Polar Express: Amsel et al. 2025,
+# optimal_composition(l=1e-3, num_iters=5, safety_factor_eps=2e-2, cushion=0.02).
+CLASSIC_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+POLAR_EXPRESS_COEFFICIENTS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
+POLAR_EXPRESS_SAFETY = 1.02
 
 SHAPES = [(8, 16), (8, 16), (16, 8), (12, 12), (4, 3, 5)]
 

@@ -52,15 +52,34 @@ RUN = [
 ]
 
 
-def start(run_dir: Path, *extra: str) -> subprocess.Popen:
+# Draws from every RNG a run may use, each step: nothing in this CPU run draws random numbers
+# itself, so without these a resume that forgot to restore the RNG states would still match.
+# KILL_AT_STEP=K: the run SIGKILLs itself as step K begins (a kill at an exact moment).
+DRAW_EVERY_STEP = """
+import os, random, signal
+import numpy as np, torch
+from muongpt.train import trainer as tr
+_step = tr.Trainer.train_step
+def train_step(self):
+    if os.environ.get("KILL_AT_STEP") == str(self.step + 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+    torch.rand(1); np.random.rand(); random.random()
+    return _step(self)
+tr.Trainer.train_step = train_step
+from muongpt.train.__main__ import main
+main()
+"""
+
+
+def start(run_dir: Path, *extra: str, kill_at_step: int = 0) -> subprocess.Popen:
     # One thread each: two runs can share the 2 cores, and every run computes the same way.
     return subprocess.Popen(
-        [sys.executable, "-m", "muongpt.train", *RUN, *extra, f"hydra.run.dir={run_dir}"],
+        [sys.executable, "-c", DRAW_EVERY_STEP, *RUN, *extra, f"hydra.run.dir={run_dir}"],
         cwd=run_dir.parent,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "KILL_AT_STEP": str(kill_at_step)},
     )
 
 
@@ -71,12 +90,23 @@ def train(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def records(run_dir: Path) -> list[dict]:
+    """The records so far, for polling a live run (a line being written right now is skipped)."""
     out = []
     path = run_dir / "metrics.jsonl"
     for line in path.read_text().splitlines() if path.exists() else []:
-        with contextlib.suppress(ValueError):  # a line being written right now
+        with contextlib.suppress(ValueError):
             out.append(json.loads(line))
     return out
+
+
+def whole_records(run_dir: Path) -> list[dict]:
+    """Every line of a finished run's metrics.jsonl: each must be whole, strict JSON."""
+
+    def refuse(constant):
+        raise AssertionError(f"metrics.jsonl holds {constant} (not strict JSON)")
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line, parse_constant=refuse) for line in lines]
 
 
 def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:
@@ -94,7 +124,7 @@ def comparable(run_dir: Path) -> list[tuple]:
     """What must not change across an interruption (timings may)."""
     return [
         (r["step"], r["tokens"], r["lr"], r.get("train_loss"), r.get("val_loss"))
-        for r in records(run_dir)
+        for r in whole_records(run_dir)
     ]
 
 
@@ -143,22 +173,27 @@ def reference(tmp_path_factory):
         proc.kill()
 
 
-def test_kill9_at_a_random_step_then_resume_is_bit_identical(reference, tmp_path):
-    kill_at = random.randint(3, MAX_STEPS - 3)
+@pytest.mark.parametrize("first", [False, True], ids=["random-step", "before-first-checkpoint"])
+def test_kill9_at_a_random_step_then_resume_is_bit_identical(reference, tmp_path, first):
+    # Checkpoints come at steps 2, 4, ...: "first" dies as step 2 begins, after step 1's record.
     run_dir = tmp_path / "run"
-    proc = start(run_dir)
-    wait_for_step(proc, run_dir, kill_at)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    proc = start(run_dir, kill_at_step=2 if first else 0)
+    if not first:
+        wait_for_step(proc, run_dir, random.randint(3, MAX_STEPS - 3))
+        proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL
     killed_at = max(r["step"] for r in records(run_dir))
     assert killed_at < MAX_STEPS, "the run finished before the kill; nothing was tested"
-    assert ckpt.list_checkpoints(run_dir), f"no checkpoint by step {killed_at}"
+    assert bool(ckpt.list_checkpoints(run_dir)) != first, f"kill at step {killed_at}"
 
     resumed = train(run_dir, "training.resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout, f"kill at step {killed_at}"
+    expected = "training.resume=auto: no checkpoint" if first else "resumed from"
+    assert expected in resumed.stdout, f"kill at step {killed_at}"
     assert comparable(run_dir) == comparable(reference()), f"kill at step {killed_at}"
+    steps = [r["step"] for r in whole_records(run_dir)]
+    assert len(steps) == len(set(steps)), steps  # each step exactly once
     assert_same_final_state(run_dir, reference())
 
 
@@ -239,9 +274,11 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys
 
 
 def test_nan_stops_the_run_naming_the_step_and_the_last_good_checkpoint(tmp_path):
-    # Checked at log steps (every 5) and before saves (every 3): the NaN of step 4 is noticed
-    # at step 5, and the error still names step 4.
-    trainer = make_trainer(tmp_path, "training.log_every=5", "training.checkpoint_every=3")
+    # Log steps and evaluations come only at step 12: the save of step 6 is the first check
+    # after the NaN of step 4; it must refuse, and the error still names step 4.
+    trainer = make_trainer(
+        tmp_path, "training.log_every=12", "training.eval_every=12", "training.checkpoint_every=3"
+    )
     poison(trainer, {4})
     try:
         with pytest.raises(NonFiniteLossError) as info:
@@ -250,7 +287,7 @@ def test_nan_stops_the_run_naming_the_step_and_the_last_good_checkpoint(tmp_path
         trainer.close()
     good = ckpt.checkpoint_path(trainer.run_dir, 3)
     message = str(info.value)
-    assert "non-finite training loss at step 4 (noticed at step 5)" in message
+    assert "non-finite training loss at step 4 (noticed at step 6)" in message
     assert f"last good checkpoint: {good}" in message and "\n" not in message
     assert ckpt.list_checkpoints(trainer.run_dir) == [good]  # nothing saved after the NaN
     state = ckpt.load_resumable(good)

@@ -41,7 +41,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
 
     from muongpt.config import model_config, upgrade_config
     from muongpt.model import build_model
-    from muongpt.train.checkpoint import CheckpointError, load_checkpoint, read_export
+    from muongpt.train.checkpoint import (
+        CheckpointError,
+        check_weights_fit_config,
+        load_checkpoint,
+        read_export,
+    )
 
     try:
         if str(path).endswith(".safetensors"):
@@ -68,6 +73,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
         raise CheckpointError(
             f"{path}: not a muongpt checkpoint (bad model config: {first})"
         ) from None
+    check_weights_fit_config(path, config, state["model"])  # before anything is allocated
     model = build_model(config)
     # A state dict saved from a torch.compile'd module carries an "_orig_mod." prefix.
     weights = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}

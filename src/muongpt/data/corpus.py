@@ -378,6 +378,11 @@ def tokenize_corpus(
         train.flush()
     finally:
         bar.close()
+    if docs == 0:  # exit 0 with "0 shards" would look like success
+        raise CorpusError(
+            f"no documents in {', '.join(map(str, inputs))} (every file is empty or blank); "
+            "no shards written"
+        )
     return TokenizeSummary(
         documents=docs,
         tokens=tokens,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from muongpt import MuonGPTError
+from muongpt import MuonGPTError, disk_full
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -73,6 +73,11 @@ def write_shard(path: str | Path, tokens) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        full = disk_full(e, path)
+        if full is None:
+            raise
+        raise full from None
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -100,7 +100,10 @@ def _train(cfg: DictConfig, run_dir: str, steps_done: list[int]) -> dict:
     broadcast_parameters(trainer.model)
     try:
         if trainer.ctx.is_main:
-            (trainer.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            from muongpt.train.checkpoint import atomic_write  # a full disk: one line
+
+            text = OmegaConf.to_yaml(cfg, resolve=True)
+            atomic_write(trainer.run_dir / "config.yaml", lambda tmp: tmp.write_text(text))
             say(f"run directory: {run_dir}")
         try:
             summary = trainer.run()
@@ -195,6 +198,24 @@ def check_overrides(argv: list[str]) -> None:
             probe_dir(run_dir, "hydra.run.dir")
     except MuonGPTError as e:
         fail(str(e))
+    check_fresh_run_dir(argv, str(cfg.training.resume))
+
+
+def check_fresh_run_dir(argv: list[str], resume: str) -> None:
+    """A fresh run into another run's ``hydra.run.dir`` stops before Hydra writes .hydra/ there."""
+    given = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra.run.dir=")]
+    if not given or resume not in ("", "none") or env_rank() != 0:
+        return
+    from pathlib import Path
+
+    from muongpt.train.resilience import refuse_fresh_run_over
+
+    run_dir = Path(given[-1].strip("'\""))
+    try:
+        refuse_fresh_run_over(run_dir, run_dir / "metrics.jsonl")
+    except MuonGPTError as e:
+        report(e)
+        sys.exit(2)
 
 
 def _hydra_value(value: str) -> str:

@@ -8,7 +8,13 @@ runs. Files are named ``step_000123.pt`` inside the run's ``checkpoints/`` folde
 Every write goes to a temporary name beside the target, is fsynced, then renamed over the target
 (and the folder fsynced), so a crash or kill during a save leaves the previous file intact. A
 temporary left by a killed process is named ``.step_000123.pt.tmp-PID`` and ignored (and removed
-on the next resume or prune).
+on the next resume or prune, once process PID is gone). A full disk during any write is one
+``DiskFullError`` naming the file ("no space left"); the previous file stays intact.
+
+Loading checks the zip CRC32 of every record before unpickling anything, so flipped bytes are
+reported as a damaged file (and skipped on resume like a truncated one) instead of loading a
+silently wrong tensor. A file that is not a zip archive at all (text, zeros) is "not a muongpt
+checkpoint".
 
 ``model.safetensors`` (the weights alone, for sampling and sharing) is exported next to the final
 checkpoint; its metadata holds the step and the resolved config as JSON.
@@ -22,19 +28,23 @@ import pickle
 import re
 import sys
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from muongpt import MuonGPTError
+from muongpt import MuonGPTError, disk_full
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FORMAT = 1  # bumped when the layout of the saved dict changes
 EXPORT_NAME = "model.safetensors"
 RESUME_KEYS = ("model", "optimizer", "loader", "step", "tokens_seen", "config")
 _NAME = re.compile(r"^step_(\d+)\.pt$")
-_TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")
+_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
+_UNREADABLE = re.compile(r"^step_(\d+)\.pt\.unreadable$")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's (zip) format
+_PICKLE_MAGIC = b"\x80"  # torch.save's legacy format: a bare pickle (refused by weights_only)
 _REFUSED = re.compile(r"Unsupported (global: GLOBAL [\w.]+|operand \d+|class [\w.]+)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -67,6 +77,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             os.close(fd)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as e:
+        full = disk_full(e, path)
+        if full is None:
+            raise
+        raise full from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -108,24 +123,49 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (signal 0 checks without sending anything)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 def remove_stale_temporaries(run_dir: str | Path) -> None:
-    """Delete temporaries that a killed save left behind (never this process's own)."""
+    """Delete temporaries whose writer (the PID in their name) is gone; a live writer's stay."""
     folder = _folder(run_dir)
     if not folder.is_dir():
         return
-    mine = f".tmp-{os.getpid()}"
     for p in folder.iterdir():
-        if _TEMPORARY.match(p.name) and not p.name.endswith(mine):
+        m = _TEMPORARY.match(p.name)
+        if m and not pid_alive(int(m.group(1))):
             p.unlink(missing_ok=True)
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints (0 or less: keep all)."""
+    """Keep the newest ``keep`` checkpoints (0 or less: keep all).
+
+    Files set aside as ``.unreadable`` older than the oldest kept checkpoint go too.
+    """
     remove_stale_temporaries(run_dir)
     if keep <= 0:
         return
-    for old in list_checkpoints(run_dir)[:-keep]:
+    found = list_checkpoints(run_dir)
+    for old in found[:-keep]:
         old.unlink(missing_ok=True)
+    kept = found[-keep:]
+    if not kept:
+        return
+    oldest = step_of(kept[0])
+    for p in _folder(run_dir).iterdir():
+        m = _UNREADABLE.match(p.name)
+        if m and int(m.group(1)) < oldest:
+            p.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- safe loading
@@ -139,15 +179,50 @@ def _describe_load_error(e: Exception) -> str:
             "tensors and plain values (torch.load weights_only=True)"
         )
     first = text.strip().splitlines()[0] if text.strip() else ""
-    detail = f"{type(e).__name__}: {first[:160]}" if first else type(e).__name__
+    detail = f"{type(e).__name__}: {shorten(first)}" if first else type(e).__name__
     return f"unreadable or truncated checkpoint ({detail})"
 
 
+def shorten(text: str, limit: int = 160) -> str:
+    """``text`` cut to about ``limit`` characters at a word boundary, marked with an ellipsis."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0] if " " in text[:limit] else text[:limit]
+    return cut.rstrip(" ,;:") + " ..."
+
+
+def check_integrity(path: Path) -> None:
+    """Refuse a file that is not torch.save's format, or whose zip records fail their CRC32."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(_PICKLE_MAGIC):
+        return  # legacy format: torch.load(weights_only=True) decides
+    if head != _ZIP_MAGIC:
+        raise CheckpointError(
+            f"{path}: not a muongpt checkpoint (not a torch.save file: it starts with {head!r})"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every record and compares its CRC32
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        detail = shorten(str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({detail})") from None
+    if bad is not None:
+        raise CheckpointError(
+            f"{path}: damaged checkpoint (CRC32 mismatch in record {bad}); "
+            "its bytes changed after it was written"
+        )
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load a checkpoint safely; a file that needs arbitrary unpickling is refused unexecuted."""
+    """Load a checkpoint safely; a file that needs arbitrary unpickling is refused unexecuted.
+
+    The zip CRCs are verified first (``check_integrity``): a damaged file is an error.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    check_integrity(path)
     try:
         with warnings.catch_warnings():  # a foreign pickle's protocol warning is noise here
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -278,3 +353,33 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> 
     out = Path(out) if out is not None else checkpoint.with_name(EXPORT_NAME)
     meta = {"step": state.get("step"), "config": state["config"]}
     return export_safetensors(state["model"], out, meta)
+
+
+def check_weights_fit_config(path: str | Path, config, weights: dict[str, torch.Tensor]) -> None:
+    """Refuse a file whose model config disagrees with its tensors' shapes, before allocating.
+
+    A crafted config (say n_embd 2**20, 1000 layers) beside small tensors would otherwise
+    allocate the whole model first and die out of memory. The layer count and the embedding are
+    compared directly; then every shape against the model built on the meta device (no memory).
+    """
+    from muongpt.model import build_model
+
+    weights = {k.removeprefix("_orig_mod."): v for k, v in weights.items()}
+    embed = weights.get("embed.weight")
+    layers = {k.split(".")[1] for k in weights if k.startswith("blocks.")}
+    want = (config.padded_vocab_size, config.n_embd)
+    if embed is None or tuple(embed.shape) != want or len(layers) != config.n_layer:
+        got = tuple(embed.shape) if embed is not None else "none"
+        raise CheckpointError(
+            f"{path}: its config does not fit its weights (config: {config.n_layer} layers, "
+            f"embedding {want}; tensors: {len(layers)} layers, embedding {got})"
+        )
+    with torch.device("meta"):
+        expected = build_model(config).state_dict()
+    wrong = [k for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(
+            f"{path}: its config does not fit its weights ({len(wrong)} tensors differ, e.g. "
+            f"{k}: config {tuple(expected[k].shape)}, file {tuple(weights[k].shape)})"
+        )

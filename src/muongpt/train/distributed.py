@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -199,5 +200,15 @@ def broadcast_parameters(model: torch.nn.Module) -> None:
 
 
 def shutdown(ctx: DistContext) -> None:
-    if ctx.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+    """Destroy the process group, unless a failed collective may have left others in flight.
+
+    Called from ``finally`` blocks: with a non-muongpt exception propagating (a collective
+    that timed out or lost a peer), destroying the group under the async collectives still
+    queued aborts the process (SIGABRT) before the error is printed; process exit frees it.
+    """
+    if not (ctx.enabled and dist.is_initialized()):
+        return
+    failing = sys.exc_info()[1]
+    if failing is not None and not isinstance(failing, MuonGPTError):
+        return
+    dist.destroy_process_group()

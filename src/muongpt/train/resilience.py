@@ -7,12 +7,20 @@ step boundary, saves a checkpoint, says where, and the process exits with ``EXIT
 saving. With several ranks, the ranks agree on stopping at log steps (one all-reduce of a flag),
 so they all stop after the same step.
 
-Non-finite losses: see ``NonFiniteGuard``.
+Non-finite losses and states: see ``NonFiniteGuard``.
+
+Run directories: a run holds an OS file lock on ``run_dir/.muongpt.lock`` while it uses the
+directory (released by the kernel when the process dies, even by kill -9), so a second process
+refuses at once; a fresh run (``training.resume=none``) refuses a directory that already holds
+a run's checkpoints or metrics instead of mixing two runs in it.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import math
 import os
 import random
 import signal
@@ -24,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from muongpt import MuonGPTError
+from muongpt import MuonGPTError, disk_full
 from muongpt.train.checkpoint import atomic_write
 from muongpt.train.distributed import DistContext
 
@@ -38,6 +46,13 @@ class NonFiniteLossError(MuonGPTError):
 
 class ConfigMismatchError(MuonGPTError):
     pass
+
+
+class RunDirError(MuonGPTError):
+    """A run directory that is in use, or that holds another run."""
+
+
+LOCK_NAME = ".muongpt.lock"
 
 
 # ---------------------------------------------------------------- RNG states
@@ -82,8 +97,10 @@ class NonFiniteGuard:
     ``max_bad_steps == 0`` (default, stop): each step folds ``isfinite(loss)`` into a device
     scalar holding the first bad step number (two tiny kernels, no host sync). The trainer reads
     it with ``first_bad_step()`` where it synchronizes anyway: at log steps, before evaluations
-    and before every checkpoint save. So a non-finite state is never saved, and the error names
-    the exact first bad step even when it is noticed a few steps later.
+    and before every checkpoint save, so the error names the exact first bad step even when it
+    is noticed a few steps later. A finite loss of step k does not make the weights after
+    update k finite (say ``optimizer.lr=inf``), so every save also checks the tensors it would
+    write (``check_state``): a non-finite state is never saved.
 
     ``max_bad_steps == N > 0`` (skip): whether to apply a step's update must be known on the host
     before ``optimizer.step()``: one scalar device->host copy per step (on CPU, free). A bad step's
@@ -133,12 +150,32 @@ class NonFiniteGuard:
         if bad is not None:
             raise NonFiniteLossError(self.message(bad, current_step))
 
+    def check_state(self, state: dict, step: int) -> None:
+        """Refuse to save a state whose weights or optimizer state hold NaN/inf (all ranks agree).
+
+        The loss of step k is computed before update k, so a finite loss does not prove that
+        the weights after update k (the ones a checkpoint of step k holds) are finite.
+        """
+        bad = non_finite_tensors({"model": state.get("model"), "optimizer": state.get("optimizer")})
+        flag = torch.tensor(int(bool(bad)), device=self.ctx.device)
+        if self.ctx.enabled:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not int(flag):
+            return
+        where = f"{len(bad)} tensors, e.g. {', '.join(bad[:2])}" if bad else "on another rank"
+        raise NonFiniteLossError(
+            f"non-finite weights or optimizer state after step {step} ({where}), not saved; "
+            f"{self._good()}; lower the learning rate (optimizer.lr)"
+        )
+
+    def _good(self) -> str:
+        if self.last_checkpoint is not None:
+            return f"last good checkpoint: {self.last_checkpoint} (training.resume=auto)"
+        return "no checkpoint saved yet"
+
     def message(self, bad_step: int, current_step: int) -> str:
         noticed = f" (noticed at step {current_step})" if current_step != bad_step else ""
-        if self.last_checkpoint is not None:
-            good = f"last good checkpoint: {self.last_checkpoint} (training.resume=auto)"
-        else:
-            good = "no checkpoint saved yet"
+        good = self._good()
         if self.max_bad_steps:
             return (
                 f"non-finite training loss at step {bad_step}{noticed}, more than "
@@ -154,6 +191,99 @@ class NonFiniteGuard:
 
     def load_state_dict(self, state: dict) -> None:
         self.bad_steps = int(state.get("bad_steps", 0))
+
+
+def non_finite_tensors(tree, prefix: str = "") -> list[str]:
+    """Names (dotted paths) of the floating-point tensors in ``tree`` holding NaN or inf."""
+    if isinstance(tree, torch.Tensor):
+        floating = tree.is_floating_point() or tree.is_complex()
+        return [prefix] if floating and not bool(torch.isfinite(tree).all()) else []
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return []
+    out = []
+    for key, value in items:
+        out += non_finite_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    return out
+
+
+# ---------------------------------------------------------------- run directories
+class RunDirLock:
+    """An exclusive ``fcntl.flock`` on ``run_dir/.muongpt.lock``, held while a run uses the dir.
+
+    The kernel drops it when the process exits however it dies, so a lock is never stale; the
+    file keeps the holder's PID for the message a second process prints.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.file = None
+
+    def acquire(self) -> RunDirLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")  # noqa: SIM115 (held open for the lock's lifetime)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise RunDirError(
+                f"run directory {self.path.parent} is in use by another muongpt run (pid "
+                f"{holder}); wait for it to finish, or give this run another hydra.run.dir"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self.file = f
+        return self
+
+    def release(self) -> None:
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
+def holds_a_run(run_dir: str | Path, metrics_file: str | Path) -> bool:
+    """Whether ``run_dir`` already has checkpoints or a non-empty metrics.jsonl."""
+    from muongpt.train import checkpoint as ckpt
+
+    metrics = Path(metrics_file)
+    return bool(ckpt.list_checkpoints(run_dir)) or (
+        metrics.is_file() and metrics.stat().st_size > 0
+    )
+
+
+def refuse_fresh_run_over(run_dir: str | Path, metrics_file: str | Path) -> None:
+    """A fresh run must not write into another run's directory (its pruning would delete it)."""
+    if holds_a_run(run_dir, metrics_file):
+        raise RunDirError(
+            f"{run_dir} already holds a run (checkpoints or metrics.jsonl); continue it with "
+            "training.resume=auto, or start this run in a new directory (hydra.run.dir=NEW_DIR)"
+        )
+
+
+def append_metrics(path: str | Path, record: dict) -> None:
+    """Append one record as a line of strict JSON (NaN/inf become null); a full disk is one line."""
+    clean = {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
+    }
+    line = json.dumps(clean, allow_nan=False) + "\n"
+    try:
+        with open(path, "a") as f:
+            f.write(line)
+    except OSError as e:
+        full = disk_full(e, path)
+        if full is None:
+            raise
+        raise full from None
 
 
 # ---------------------------------------------------------------- preemption
@@ -212,6 +342,10 @@ def _say(message: str) -> None:
 # Keys under these sections that do not change the weights a checkpoint holds.
 NOT_ARCHITECTURE: set[str] = set()  # model keys that do not change the weights
 IGNORED_ON_RESUME = {"training.resume", "training.progress_bar"}
+# Changed settings that a resumed run cannot honour, and why (said beside the change).
+NO_EFFECT_ON_RESUME = {
+    "training.seed": "has no effect: a resumed run continues the checkpoint's random streams",
+}
 
 
 def flatten(config: dict, prefix: str = "") -> dict:
@@ -235,6 +369,8 @@ def config_differences(saved: dict, requested: dict) -> tuple[list[str], list[st
         if old == new or key in IGNORED_ON_RESUME:
             continue
         line = f"{key} (checkpoint {old!r}, requested {new!r})"
+        if key in NO_EFFECT_ON_RESUME:
+            line += f" {NO_EFFECT_ON_RESUME[key]}"
         # A key on one side only (a setting added since the checkpoint) is listed, not refused.
         is_arch = (
             key.startswith("model.") and key not in NOT_ARCHITECTURE and absent not in (old, new)
@@ -260,12 +396,19 @@ def check_resume_config(
 
 
 def truncate_metrics(path: str | Path, step: int) -> int:
-    """Drop metrics.jsonl records past ``step`` (and a torn last line); atomic. Returns dropped."""
+    """Drop metrics.jsonl records past ``step`` (and torn lines); atomic. Returns dropped.
+
+    ``step=-1`` drops every record (a resume that found no checkpoint starts from scratch).
+    """
     path = Path(path)
     if not path.is_file():
         return 0
     kept, dropped = [], 0
-    for line in path.read_text().splitlines():
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as e:
+        raise MuonGPTError(f"{path}: cannot read it ({e.strerror})") from None
+    for line in lines:
         try:
             record = json.loads(line)
             keep = int(record["step"]) <= step
@@ -288,11 +431,32 @@ def resume_trainer(trainer, resume: str) -> Path | None:
     ``load_state_dict``), and on the main rank cuts metrics.jsonl back to the checkpoint's step
     so the file reads as one uninterrupted run.
     """
-    from omegaconf import OmegaConf
-
     from muongpt.train import checkpoint as ckpt
 
     main = trainer.ctx.is_main
+    trainer.run_lock = RunDirLock(trainer.run_dir).acquire() if main else None
+    try:
+        return _resume(trainer, resume, main, ckpt)
+    except BaseException:
+        if trainer.run_lock is not None:  # the Trainer is not built: nobody else will release it
+            trainer.run_lock.release()
+        raise
+
+
+def release_run_dir(trainer) -> None:
+    """Drop the run directory lock that ``resume_trainer`` took (Trainer.close)."""
+    lock = getattr(trainer, "run_lock", None)
+    if lock is not None:
+        lock.release()
+
+
+def _resume(trainer, resume: str, main: bool, ckpt) -> Path | None:
+    from omegaconf import OmegaConf
+
+    if resume in ("", "none"):
+        if main:
+            refuse_fresh_run_over(trainer.run_dir, trainer.metrics_file)
+        return None
     found = ckpt.find_resume_checkpoint(
         resume,
         trainer.run_dir,
@@ -300,8 +464,12 @@ def resume_trainer(trainer, resume: str) -> Path | None:
         move_aside=main,
     )
     if found is None:
-        if resume == "auto":
-            trainer.log(f"training.resume=auto: no checkpoint in {trainer.run_dir}, starting fresh")
+        trainer.log(f"training.resume=auto: no checkpoint in {trainer.run_dir}, starting fresh")
+        if main:  # records of a run killed before its first checkpoint: it starts over
+            ckpt.remove_stale_temporaries(trainer.run_dir)
+            dropped = truncate_metrics(trainer.metrics_file, -1)
+            if dropped:
+                trainer.log(f"metrics.jsonl: dropped {dropped} records of the unsaved start")
         return None
     path, state = found
     requested = OmegaConf.to_container(trainer.cfg, resolve=True)
@@ -309,7 +477,7 @@ def resume_trainer(trainer, resume: str) -> Path | None:
     try:
         trainer.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        first = ckpt.shorten(str(e).strip().splitlines()[0]) if str(e).strip() else ""
         raise ckpt.CheckpointError(
             f"{path}: cannot resume from it ({type(e).__name__}: {first})"
         ) from None

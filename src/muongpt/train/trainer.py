@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
@@ -219,6 +218,7 @@ class Trainer:
             device=self.device,
             epochs=1,
             prefetch=False,
+            vocab_size=self.model_config.vocab_size,  # as training: an id past it is an error
         )
         n_batches = max(1, t.eval_tokens // loader.tokens_per_batch)
         self.model.eval()
@@ -272,8 +272,7 @@ class Trainer:
 
     def write_metrics(self, record: dict) -> None:
         if self.ctx.is_main:
-            with open(self.metrics_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            resilience.append_metrics(self.metrics_file, record)  # strict JSON, one line
             for sink in self.sinks:
                 sink.log(record)
 
@@ -411,9 +410,10 @@ class Trainer:
         path = ckpt.checkpoint_path(self.run_dir, self.step)
         if self.last_checkpoint_step == self.step:
             return path
-        state = self.state_dict() if self.ctx.enabled else None  # collective: gathers shards
+        state = self.state_dict()  # with several ranks, a collective: gathers shards
+        self.guard.check_state(state, self.step)  # the weights after this step's update
         if self.ctx.is_main:
-            ckpt.save_checkpoint(path, state or self.state_dict())
+            ckpt.save_checkpoint(path, state)
             ckpt.prune_checkpoints(self.run_dir, self.cfg.training.keep_checkpoints)
             self.log(f"checkpoint: {path}")
         self.guard.last_checkpoint, self.last_checkpoint_step = path, self.step
@@ -468,6 +468,7 @@ class Trainer:
         for sink in self.sinks:
             sink.close()
         self.preemption.restore()
+        resilience.release_run_dir(self)
         shutdown(self.ctx)
 
 
