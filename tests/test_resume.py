@@ -432,3 +432,23 @@ def test_batch_ramp_trains_small_batches_first_and_counts_their_tokens(tmp_path)
                      "training.batch_ramp_steps=3")  # fmt: skip
     with pytest.raises(MuonGPTError, match="batch_ramp_steps"):
         make_trainer(tmp_path, "training.micro_batch_size=1", "training.batch_size_start=1")
+
+
+def test_checkpoint_minutes_saves_at_log_steps_once_the_time_has_passed(tmp_path):
+    """training.checkpoint_minutes: a crash loses at most that much; with a tiny interval every
+    log step saves, with 0 only the step-count checkpoints remain."""
+    every_log = make_trainer(
+        tmp_path, "training.checkpoint_every=0", "training.checkpoint_minutes=1e-9",
+        "training.log_every=3", "training.keep_checkpoints=0",
+    )  # fmt: skip
+    every_log.run()
+    every_log.close()
+    assert [ckpt.step_of(p) for p in ckpt.list_checkpoints(tmp_path / "run")] == [3, 6, 9, 12]
+    (tmp_path / "off").mkdir()
+    off = make_trainer(
+        tmp_path / "off", "training.checkpoint_every=0", "training.checkpoint_minutes=0",
+        "training.log_every=3", "training.keep_checkpoints=0",
+    )  # fmt: skip
+    off.run()
+    off.close()
+    assert [ckpt.step_of(p) for p in ckpt.list_checkpoints(tmp_path / "off" / "run")] == [12]

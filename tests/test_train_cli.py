@@ -235,3 +235,23 @@ def test_progress_bar_starts_after_the_step0_evaluation(tmp_path, monkeypatch):
     finally:
         trainer.close()
     assert events[:2] == ["eval at step 0", "bar"], events
+
+
+@pytest.mark.slow
+def test_resume_auto_without_a_run_folder_takes_the_newest_unfinished_run(tmp_path):
+    run = [*SMALL, "training.checkpoint_every=6"]
+    first = train(*run, "hydra.run.dir=runs/tiny/first", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    # a finished run (summary.json) is not resumed: one line says how to name one
+    proc = train(*run, "training.resume=auto", cwd=tmp_path)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "no unfinished run of tiny" in err and "hydra.run.dir=RUN_FOLDER" in err, err
+    # the same run, had it not finished: resumed in its own folder, no new one made
+    (tmp_path / "runs/tiny/first/summary.json").unlink()
+    proc = train(*run, "training.resume=auto", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (
+        f"resuming the newest unfinished run of tiny: {tmp_path / 'runs/tiny/first'}" in proc.stdout
+    )
+    assert [p.name for p in (tmp_path / "runs/tiny").iterdir()] == ["first"]

@@ -64,7 +64,8 @@ class TrainingConfig:
     eval_every: int = 100
     eval_tokens: int = 65536
     log_every: int = 10
-    checkpoint_every: int = 0  # 0: only the final checkpoint
+    checkpoint_every: int = 0  # also every N steps (0: none besides the time-based and final ones)
+    checkpoint_minutes: float = 10.0  # a checkpoint at least this often (wall minutes; 0: off)
     keep_checkpoints: int = 2  # the newest K checkpoints are kept; 0 keeps all
     resume: str = "none"  # none | auto (newest in the run dir) | a checkpoint file or run dir
     export_safetensors: bool = True  # model.safetensors (weights only) beside the final checkpoint

@@ -164,15 +164,16 @@ def _one_line(error: Exception) -> str:
     return " ".join(lines) or type(error).__name__
 
 
-def check_overrides(argv: list[str]) -> None:
+def check_overrides(argv: list[str]) -> list[str]:
     """Compose the config once before Hydra does, so a bad override, an unknown key (even one
     added with ``+``) or a run folder that cannot be created is a one-line error, and no run
-    folder is made for it.
+    folder is made for it. Returns the overrides to run with: ``training.resume=auto`` without a
+    ``hydra.run.dir`` gets the folder of the newest unfinished run of the experiment.
 
     Sweeps (-m) and Hydra's own flags are left to Hydra, which reports them itself.
     """
     if any(arg.startswith("-") for arg in argv):
-        return
+        return argv
     from hydra import compose, initialize_config_dir
     from hydra.core.utils import setup_globals
 
@@ -191,14 +192,39 @@ def check_overrides(argv: list[str]) -> None:
         fail(explain_override_error(e) or f"invalid config: {_one_line(e)}")
     try:
         check_config_keys(cfg)
+        setup_globals()  # the ${now:...} resolver of the default run folder
+        run_dir = Path(str(cfg.hydra.run.dir)).absolute()
+        given = any(a.lstrip("+").startswith("hydra.run.dir=") for a in argv)
+        if str(cfg.training.resume) == "auto" and not given:
+            run_dir = newest_unfinished_run(run_dir.parent, cfg.experiment_name)
+            if env_rank() == 0:
+                print(f"resuming the newest unfinished run of {cfg.experiment_name}: {run_dir}")
+            argv = [*argv, f"hydra.run.dir={_hydra_value(str(run_dir))}"]
         if env_rank() == 0:
-            setup_globals()  # the ${now:...} resolver of the default run folder
-            run_dir = Path(str(cfg.hydra.run.dir)).absolute()
             _NEW_PARENTS[:] = [p for p in run_dir.parents if not p.exists()]
             probe_dir(run_dir, "hydra.run.dir")
     except MuonGPTError as e:
         fail(str(e))
     check_fresh_run_dir(argv, str(cfg.training.resume))
+    return argv
+
+
+def newest_unfinished_run(runs: Path, experiment: str) -> Path:
+    """The run folder under ``runs`` with the newest checkpoint among the runs that did not
+    finish (no summary.json): what ``training.resume=auto`` continues without a hydra.run.dir."""
+    from muongpt.train.checkpoint import list_checkpoints
+
+    found = []
+    for folder in sorted(runs.iterdir()) if runs.is_dir() else []:
+        saved = list_checkpoints(folder) if folder.is_dir() else []
+        if saved and not (folder / "summary.json").exists():
+            found.append((saved[-1].stat().st_mtime, folder))
+    if not found:
+        raise MuonGPTError(
+            f"training.resume=auto: no unfinished run of {experiment} with a checkpoint in "
+            f"{runs}; name one with hydra.run.dir=RUN_FOLDER (or training.resume=CHECKPOINT)"
+        )
+    return max(found)[1]
 
 
 def check_fresh_run_dir(argv: list[str], resume: str) -> None:
@@ -277,7 +303,7 @@ def main() -> None:
 
         print(command_help("muongpt-train", TRAIN_HELP))
         return
-    check_overrides(sys.argv[1:])
+    sys.argv[1:] = check_overrides(sys.argv[1:])
     if env_world_size() > 1:
         sys.argv[1:] = distributed_overrides(sys.argv[1:])
     _hydra_main()

@@ -154,6 +154,7 @@ class Trainer:
         self.guard = resilience.NonFiniteGuard(t.max_bad_steps, self.ctx, log=self.log)
         self.preemption = resilience.PreemptionHandler()
         self.last_checkpoint_step: int | None = None
+        self.last_save_time = time.monotonic()  # training.checkpoint_minutes counts from here
         self.resumed_from = self.resume(t.resume)  # keep last: it restores the RNG states
 
     # ---------------------------------------------------------------- setup
@@ -339,7 +340,7 @@ class Trainer:
             if record is not None:
                 self.write_metrics(record)
             last = self.step == t.max_steps  # the final checkpoint is saved after the loop
-            if not last and t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0:
+            if not last and self.checkpoint_due():
                 self.save_checkpoint()
                 window_start = time.perf_counter()  # saving is not training throughput
             bar.update(1)
@@ -359,6 +360,22 @@ class Trainer:
             "checkpoint": str(final) if final else None,
         }
         return summary
+
+    def checkpoint_due(self) -> bool:
+        """A checkpoint at every ``checkpoint_every`` steps, and once ``checkpoint_minutes`` of
+        wall time have passed since the last one (decided at log steps, by rank 0's clock, so
+        that every rank takes part in the same save)."""
+        t = self.cfg.training
+        if t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0:
+            return True
+        if t.checkpoint_minutes <= 0 or self.step % max(t.log_every, 1):
+            return False
+        due = time.monotonic() - self.last_save_time >= 60 * t.checkpoint_minutes
+        if self.ctx.enabled:
+            flag = torch.tensor(int(due and self.ctx.is_main), device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            due = bool(flag)
+        return due
 
     def _record(self, train_loss: float | None, tok_s: float | None) -> dict:
         record = {
@@ -417,6 +434,7 @@ class Trainer:
             ckpt.prune_checkpoints(self.run_dir, self.cfg.training.keep_checkpoints)
             self.log(f"checkpoint: {path}")
         self.guard.last_checkpoint, self.last_checkpoint_step = path, self.step
+        self.last_save_time = time.monotonic()
         return path
 
     def save_final(self) -> Path | None:
