@@ -13,6 +13,7 @@ COMMANDS = {
     "data": ("muongpt.cli.data", "download FineWeb, tokenize a corpus into shards, inspect shards"),
     "sample": ("muongpt.cli.sample", "generate text from a checkpoint"),
     "eval": ("muongpt.cli.evaluate", "validation loss and bits per byte of a checkpoint"),
+    "export": ("muongpt.cli.export", "export a checkpoint: hf (transformers), safetensors"),
     "plot": ("muongpt.cli.plot", "plot and tabulate runs"),
     "bench": ("muongpt.cli.bench", "time training steps of an experiment (Hydra overrides follow)"),
 }
