@@ -234,7 +234,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a == "--task" or a.startswith("--task=") for a in argv):  # downstream tasks
+    if any(a.split("=")[0] in ("--task", "--harness") for a in argv):  # downstream tasks
         from muongpt.evals.cli import main as task_main
 
         return task_main(argv)
