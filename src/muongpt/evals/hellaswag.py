@@ -184,12 +184,12 @@ def score(
     # Similar lengths in one batch: less padding. The order of rows is restored below.
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     sums = [0.0] * len(rows)
-    bar = tqdm(total=len(examples), desc="hellaswag", unit="ex", disable=not progress)
+    bar = tqdm(total=len(rows), desc="hellaswag", unit="seq", disable=not progress)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         for i, value in zip(chunk, ending_logprobs(model, [rows[i] for i in chunk], autocast)):
             sums[i] = value
-        bar.update(len(chunk) * len(examples) / len(rows))
+        bar.update(len(chunk))
     bar.close()
     for i, k in enumerate(owners):
         results[k].logprob.append(sums[i])
