@@ -202,7 +202,7 @@ def training_command(run_dir: Path | None, config: dict) -> str:
 
 
 # ---------------------------------------------------------------- model card
-def model_card(model: GPT, state: dict, source: Path, seq_len: int) -> str:
+def model_card(model: GPT, state: dict, source: Path, seq_len: int, name: str = "PATH") -> str:
     from omegaconf import OmegaConf
 
     c, config = model.config, state["config"]
@@ -272,8 +272,8 @@ holds the whole model (torch + transformers only).
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("PATH")  # trust_remote_code=True: no question asked
+model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("{name}")  # trust_remote_code=True: no question asked
 ids = tokenizer("<|endoftext|>To be, or not to be", return_tensors="pt").input_ids
 print(tokenizer.decode(model.generate(ids, max_new_tokens=40, do_sample=False)[0]))
 ```
@@ -370,7 +370,7 @@ def export_hf(
         write_weights(model, tmp / "model.safetensors")
         write_tokenizer(tmp, seq_len)
         shutil.copyfile(ASSETS_DIR / "NOTICE", tmp / "NOTICE")
-        (tmp / "README.md").write_text(model_card(model, state, source, seq_len))
+        (tmp / "README.md").write_text(model_card(model, state, source, seq_len, out.name))
         gap = verify_export(tmp, model) if verify else None
         if out.exists():
             shutil.rmtree(out)
