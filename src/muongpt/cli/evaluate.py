@@ -244,7 +244,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a.split("=")[0] in ("--task", "--harness") for a in argv):  # downstream tasks
+        from muongpt.evals.cli import main as task_main
+
+        return task_main(argv)
+    args = parse_args(argv)
     return report_errors(lambda: run(args))
 
 

@@ -13,6 +13,7 @@ COMMANDS = {
     "data": ("muongpt.cli.data", "download FineWeb, tokenize a corpus into shards, inspect shards"),
     "sample": ("muongpt.cli.sample", "generate text from a run or checkpoint (-i: prompt loop)"),
     "eval": ("muongpt.cli.evaluate", "validation loss and bits per byte of a checkpoint"),
+    "export": ("muongpt.cli.export", "export a checkpoint: hf (transformers), safetensors"),
     "plot": ("muongpt.cli.plot", "plot and tabulate runs"),
     "report": ("muongpt.cli.report", "write each run's report.md; compare several runs"),
     "bench": ("muongpt.cli.bench", "time training steps of an experiment (Hydra overrides follow)"),

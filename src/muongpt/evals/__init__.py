@@ -1,0 +1,1 @@
+"""Downstream evaluations of a trained model (``muongpt eval CHECKPOINT --task ...``)."""
