@@ -37,10 +37,10 @@ import torch
 MAX_STEPS = 12
 CHECKPOINT_EVERY = 4
 RUN = [
-    "model/gpt=tiny",
-    "model.gpt.n_layer=2",
-    "model.gpt.n_head=2",
-    "model.gpt.n_embd=32",
+    "model/size=tiny",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
     "training.device=cpu",
     f"training.max_steps={MAX_STEPS}",
     "training.seq_len=32",

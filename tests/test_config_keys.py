@@ -50,7 +50,8 @@ def test_keys_added_with_plus_are_refused_with_the_closest_valid_ones():
         ("training.max_steps=abc", "training.max_steps must be an int, got 'abc'"),
         ("training.compile=maybe", "training.compile must be true or false, got 'maybe'"),
         ("optimizer.lr=fast", "optimizer.lr must be a number, got 'fast'"),
-        ("optimizer.betas=abc", "optimizer.betas must be a list of numbers, got 'abc'"),
+        ("optimizer.adam_betas=abc", "optimizer.adam_betas must be a list of numbers, got 'abc'"),
+        ("optimizer.betas=abc", "unknown key optimizer.betas (did you mean adam_betas"),
         ("training.max_step=10", "unknown key training.max_step (did you mean max_steps"),
     ],
 )

@@ -24,10 +24,10 @@ from muongpt.train import resilience
 from muongpt.train.resilience import NonFiniteLossError, RunDirError
 
 RUN = [
-    "model/gpt=tiny",
-    "model.gpt.n_layer=2",
-    "model.gpt.n_head=2",
-    "model.gpt.n_embd=32",
+    "model/size=tiny",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
     "training.device=cpu",
     "training.max_steps=6",
     "training.seq_len=32",
@@ -415,11 +415,11 @@ def test_the_val_loader_checks_token_ids(tmp_path, bad_id):
 def tiny_export(tmp_path: Path, config_change) -> Path:
     from omegaconf import OmegaConf
 
-    from muongpt.model.gpt import GPT
-    from muongpt.train.trainer import build_model_config
+    from muongpt.config import model_config
+    from muongpt.model import build_model
 
     cfg = compose()
-    model = GPT(build_model_config(cfg))
+    model = build_model(model_config(cfg.model))
     config = OmegaConf.to_container(cfg, resolve=True)
     config_change(config["model"])
     out = tmp_path / "model.safetensors"
@@ -430,8 +430,8 @@ def tiny_export(tmp_path: Path, config_change) -> Path:
 @pytest.mark.parametrize(
     "change,words",
     [
-        (lambda m: m["gpt"].update(n_embd=2**20, n_layer=1000), "1000 layers"),
-        (lambda m: m["gpt"].update(n_layer=3), "3 layers"),
+        (lambda m: m.update(n_embd=2**20, n_layer=1000), "1000 layers"),
+        (lambda m: m.update(n_layer=3), "3 layers"),
         (lambda m: m.update(mlp_ratio=8), "mlp.fc.weight"),
     ],
     ids=["huge", "one-more-layer", "mlp-ratio"],

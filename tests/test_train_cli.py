@@ -218,7 +218,7 @@ def test_progress_bar_starts_after_the_step0_evaluation(tmp_path, monkeypatch):
         "training.cooldown_steps=0",
     ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides + ["model.gpt.n_layer=1"])
+        cfg = compose(config_name="config", overrides=overrides + ["model.n_layer=1"])
     events = []
 
     class RecordingTqdm(trainer_module.tqdm):

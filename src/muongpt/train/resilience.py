@@ -385,7 +385,9 @@ def check_resume_config(
     """A different model is an error; other changed settings are listed, then used."""
     from muongpt.config import upgrade_config
 
-    arch, other = config_differences(upgrade_config(saved), requested)
+    if isinstance(saved.get("model"), dict):  # a model section of an older layout: today's
+        saved = upgrade_config(saved)
+    arch, other = config_differences(saved, requested)
     if arch:
         raise ConfigMismatchError(
             f"{source} holds a different model than requested: {'; '.join(arch)}; request the "
