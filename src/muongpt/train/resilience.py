@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from muongpt import MuonGPTError, disk_full
 from muongpt.train.checkpoint import atomic_write
-from muongpt.train.distributed import DistContext
+from muongpt.train.distributed import DistContext, any_rank
 
 EXIT_INTERRUPTED = 75  # sysexits EX_TEMPFAIL: stopped by a signal, saved; rerun to resume
 NO_BAD_STEP = torch.iinfo(torch.int64).max
@@ -324,13 +324,9 @@ class PreemptionHandler:
 
     def should_stop(self, ctx: DistContext, step: int, every: int) -> bool:
         """True once a signal came (on any rank, when several agree at multiples of ``every``)."""
-        if not ctx.enabled:
-            return self.signum is not None
-        if step % max(every, 1):
+        if ctx.enabled and step % max(every, 1):
             return False
-        flag = torch.tensor(int(self.signum is not None), device=ctx.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag)
+        return any_rank(self.signum is not None, ctx)
 
 
 def _say(message: str) -> None:

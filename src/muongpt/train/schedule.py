@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from muongpt import MuonGPTError as OptimizerError
+from muongpt import MuonGPTError
 
 
 def lr_multiplier(
@@ -27,18 +27,18 @@ def lr_multiplier(
     reached at step == total_steps.
     """
     if total_steps < 1:
-        raise OptimizerError(f"total_steps must be >= 1, got {total_steps}")
+        raise MuonGPTError(f"total_steps must be >= 1, got {total_steps}")
     if warmup_steps < 0 or cooldown_steps < 0:
-        raise OptimizerError(
+        raise MuonGPTError(
             f"warmup_steps and cooldown_steps must be >= 0, got {warmup_steps}, {cooldown_steps}"
         )
     if warmup_steps + cooldown_steps > total_steps:
-        raise OptimizerError(
+        raise MuonGPTError(
             f"warmup_steps + cooldown_steps ({warmup_steps} + {cooldown_steps}) exceed "
             f"total_steps ({total_steps})"
         )
     if not 0.0 <= final_lr_frac <= 1.0:
-        raise OptimizerError(f"final_lr_frac must be in [0, 1], got {final_lr_frac}")
+        raise MuonGPTError(f"final_lr_frac must be in [0, 1], got {final_lr_frac}")
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if cooldown_steps == 0 or step < total_steps - cooldown_steps:
@@ -87,9 +87,9 @@ def phase_steps(steps: int, frac: float, total_steps: int, what: str) -> int:
     """A warmup/cooldown length: ``steps`` when > 0, else the fraction ``frac`` of the run
     (rounded), so that ``training.max_steps=N`` alone rescales an experiment's schedule."""
     if not 0 <= frac <= 1:
-        raise OptimizerError(f"training.{what}_frac must be in [0, 1], got {frac}")
+        raise MuonGPTError(f"training.{what}_frac must be in [0, 1], got {frac}")
     if steps < 0:
-        raise OptimizerError(f"training.{what}_steps must be >= 0, got {steps}")
+        raise MuonGPTError(f"training.{what}_steps must be >= 0, got {steps}")
     return steps if steps else round(frac * total_steps)
 
 
@@ -113,7 +113,7 @@ class Schedule:
         self.warmup = phase_steps(t.warmup_steps, t.warmup_frac, t.max_steps, "warmup")
         self.cooldown = phase_steps(t.cooldown_steps, t.cooldown_frac, t.max_steps, "cooldown")
         if self.warmup + self.cooldown > t.max_steps:
-            raise OptimizerError(
+            raise MuonGPTError(
                 f"warmup + cooldown ({self.warmup} + {self.cooldown} steps) exceed "
                 f"training.max_steps ({t.max_steps})"
             )
@@ -129,24 +129,24 @@ class Schedule:
         self.window = None
         if t.attn_window_start:
             if not window_end:
-                raise OptimizerError(
+                raise MuonGPTError(
                     "training.attn_window_start needs a model with an attention window "
                     "(model=speedrun with model.attn_window > 0)"
                 )
             if not 0 < t.attn_window_start <= window_end:
-                raise OptimizerError(
+                raise MuonGPTError(
                     f"training.attn_window_start must be in (0, model.attn_window = "
                     f"{window_end}], got {t.attn_window_start}"
                 )
             self.window = (t.attn_window_start, window_end, window_block)
         self.batch = (t.batch_size_start, t.batch_size, t.batch_ramp_steps, unit)
         if t.batch_size_start and (t.batch_size_start % unit or t.batch_size_start > t.batch_size):
-            raise OptimizerError(
+            raise MuonGPTError(
                 f"training.batch_size_start ({t.batch_size_start}) must be a multiple of "
                 f"micro_batch_size x world size ({unit}) and at most batch_size ({t.batch_size})"
             )
         if t.batch_size_start and t.batch_ramp_steps < 1:
-            raise OptimizerError("training.batch_size_start needs training.batch_ramp_steps >= 1")
+            raise MuonGPTError("training.batch_size_start needs training.batch_ramp_steps >= 1")
 
     def at(self, step: int) -> StepSettings:
         lr = lr_multiplier(step, self.total, self.warmup, self.cooldown, self.final_lr_frac)

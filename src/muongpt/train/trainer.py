@@ -25,7 +25,13 @@ from muongpt.optim import build_optimizer
 from muongpt.optim.distributed import distribute
 from muongpt.train import checkpoint as ckpt
 from muongpt.train import resilience
-from muongpt.train.distributed import DistContext, all_reduce_mean, init_distributed, shutdown
+from muongpt.train.distributed import (
+    DistContext,
+    all_reduce_mean,
+    any_rank,
+    init_distributed,
+    shutdown,
+)
 from muongpt.train.runtime import keep_large_cpu_allocations
 from muongpt.train.schedule import Schedule
 from muongpt.train.sinks import make_sinks
@@ -371,11 +377,7 @@ class Trainer:
         if t.checkpoint_minutes <= 0 or self.step % max(t.log_every, 1):
             return False
         due = time.monotonic() - self.last_save_time >= 60 * t.checkpoint_minutes
-        if self.ctx.enabled:
-            flag = torch.tensor(int(due and self.ctx.is_main), device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            due = bool(flag)
-        return due
+        return any_rank(due and self.ctx.is_main, self.ctx)
 
     def _record(self, train_loss: float | None, tok_s: float | None) -> dict:
         record = {
