@@ -3,7 +3,10 @@
     python benchmarks/speedrun.py --out benchmarks/results/x.json experiment=speedrun_bench \
         data.train_files=.devdata/bench/train_*.bin data.val_files=.devdata/bench/val_*.bin
 
-Everything after the options is a Hydra override. Prints a one-line table row last.
+Everything after the options is a Hydra override. Prints a one-line table row last. The training
+time is the trainer's ``train_seconds`` (the GPU synchronised before the clock stops at every
+step where it is read, the last included; compilation excluded when the experiment sets
+``training.compile_warmup_steps``). MFU: see ``muongpt.cli.bench.MFU_FORMULA``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from muongpt.cli.bench import compose_config, flops_per_token
+from muongpt.cli.bench import MFU_FORMULA, compose_config, flops_per_token, peak_flops
 
 
 def main() -> int:
@@ -63,7 +66,9 @@ def main() -> int:
         "train_seconds": secs,
         "ms_per_step": 1e3 * secs / steps,
         "tokens_per_s": tok_s,
-        "mfu": fpt * tok_s / 989e12,
+        "flops_per_token": fpt,
+        "mfu_formula": MFU_FORMULA,
+        "peak_flops": peak_flops(torch.device("cuda")) if torch.cuda.is_available() else None,
         "val_loss": summary["final_val_loss"],
         "val_loss_at_window": window_losses,
         "wall_seconds_total": time.perf_counter() - start,
@@ -74,11 +79,13 @@ def main() -> int:
             (m["step"], round(m["train_loss"], 4)) for m in metrics if "train_loss" in m
         ],
     }
+    result["mfu"] = fpt * tok_s / result["peak_flops"] if result["peak_flops"] else None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(
         f"RESULT {result['name']}: val {result['val_loss']:.4f}  train {secs:.1f} s  "
-        f"{result['ms_per_step']:.1f} ms/step  {tok_s:,.0f} tok/s  MFU {100 * result['mfu']:.1f}%"
+        f"{result['ms_per_step']:.1f} ms/step  {tok_s:,.0f} tok/s  MFU "
+        + (f"{100 * result['mfu']:.1f}%" if result["mfu"] else "n/a")
     )
     return 0
 

@@ -37,5 +37,5 @@ def test_unwritable_out_is_named_before_the_benchmark(tmp_path, capsys):
 
 def test_mfu_is_not_claimed_on_cpu():
     report = {"mfu": None, "peak_flops": None}
-    assert bench.mfu_text(report) == "n/a on CPU (peak FLOP/s are known for GPUs only)"
+    assert bench.mfu_text(report) == "n/a (peak FLOP/s known for the GPUs in PEAK_BF16_FLOPS only)"
     assert bench.mfu_text({"mfu": 0.25, "peak_flops": 989e12}) == "25.0% of 989 TFLOP/s"

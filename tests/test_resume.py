@@ -452,3 +452,22 @@ def test_checkpoint_minutes_saves_at_log_steps_once_the_time_has_passed(tmp_path
     off.run()
     off.close()
     assert [ckpt.step_of(p) for p in ckpt.list_checkpoints(tmp_path / "off" / "run")] == [12]
+
+
+def test_the_clock_is_synchronised_at_every_step_that_reads_it(tmp_path):
+    """Every step whose time is written (a metrics record, the summary at the last step) is one
+    where the trainer synchronises the GPU before stopping the clock; with log_every=3 and
+    eval_every=5 over 7 steps that includes step 7, a multiple of neither."""
+    trainer = make_trainer(
+        tmp_path,
+        "training.max_steps=7",
+        "training.log_every=3",
+        "training.eval_every=5",
+        "training.checkpoint_every=4",
+    )
+    trainer.run()
+    written = {json.loads(ln)["step"] for ln in (trainer.run_dir / "metrics.jsonl").open()}
+    synchronised = {s for s in range(1, 8) if trainer.clock_read_at(s)}
+    assert written - {0} <= synchronised and 7 in synchronised
+    assert synchronised == {3, 4, 5, 6, 7}  # and nowhere else: those overlap the next launch
+    trainer.close()

@@ -23,8 +23,9 @@ lookups); d = n_embd; C_l the attention context of layer l: T = seq_len, or its 
 none. A window schedule (``training.attn_window_start``) and a batch ramp
 (``training.batch_size_start``) are switched off: steps run at the full window and batch.
 Document masking is not subtracted. (With full causal attention on every layer this is
-PaLM's 6N + 12 L T d.) MFU = FLOPs/token * tokens/s / peak, peak = 989e12
-(H100 SXM dense bf16) unless ``MUONGPT_PEAK_FLOPS`` is set; on CPU no MFU is reported. Training state is not restored:
+PaLM's 6N + 12 L T d.) MFU = FLOPs/token * tokens/s / peak, the peak being the GPU's dense
+bf16 FLOP/s (``peak_flops``: H100/H200 SXM 989e12, H100 PCIe 756e12, A100 312e12) or
+``MUONGPT_PEAK_FLOPS`` where set; on CPU, or a GPU not in the table, no MFU is reported. Training state is not restored:
 benchmark a fresh run, never one you mean to keep.
 """
 
@@ -41,7 +42,23 @@ from pathlib import Path
 from muongpt import MuonGPTError
 from muongpt.cli import probe_dir, write_text
 
-H100_BF16_DENSE_FLOPS = 989e12
+# Dense bf16 tensor-core FLOP/s by device name (first match wins; sparsity not counted).
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+MFU_FORMULA = "MFU = (6 N + 12 d sum_l C_l) * tokens/s / peak dense bf16 FLOP/s"
+
+
+def peak_flops(device) -> float | None:
+    """The device's peak dense bf16 FLOP/s (``MUONGPT_PEAK_FLOPS`` wins), None when unknown."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    if "MUONGPT_PEAK_FLOPS" in os.environ:
+        return float(os.environ["MUONGPT_PEAK_FLOPS"])
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
 BENCH_DEFAULTS = {"steps": 20, "warmup": 3, "split": 5, "out": ""}
 
 
@@ -188,7 +205,7 @@ def run_bench(opts: dict, overrides: list[str]) -> dict:
         tokens_per_s = trainer.tokens_per_step * opts["steps"] / timed
         step_s = timed / opts["steps"]
         fpt = flops_per_token(model, cfg.training.seq_len)
-        peak_flops = float(os.environ.get("MUONGPT_PEAK_FLOPS", H100_BF16_DENSE_FLOPS))
+        peak_fl = peak_flops(dev)
         report = {
             "experiment": cfg.experiment_name,
             "overrides": overrides,
@@ -203,9 +220,10 @@ def run_bench(opts: dict, overrides: list[str]) -> dict:
             "flops_per_token": fpt,
             "flop_formula": "6*N_matmul_params + 12*n_embd*sum_attention_layers(min(seq_len, layer window)) per token",
             "matmul_params": matmul_params(model),
-            "peak_flops": peak_flops if dev.type == "cuda" else None,
-            # a GPU's peak FLOP/s says nothing about a CPU: no MFU there
-            "mfu": fpt * tokens_per_s / peak_flops if dev.type == "cuda" else None,
+            "mfu_formula": MFU_FORMULA,
+            "peak_flops": peak_fl,
+            # a GPU's peak FLOP/s says nothing about a CPU (or an unlisted GPU): no MFU there
+            "mfu": fpt * tokens_per_s / peak_fl if peak_fl else None,
             "peak_mem_gib": peak,
             # the first warm-up step compiles; the others autotune / settle the allocator
             "compile_s": sum(warm_times) - step_s * len(warm_times) if warm_times else 0.0,
@@ -224,7 +242,7 @@ def run_bench(opts: dict, overrides: list[str]) -> dict:
 
 def mfu_text(r: dict) -> str:
     if r.get("mfu") is None:
-        return "n/a on CPU (peak FLOP/s are known for GPUs only)"
+        return "n/a (peak FLOP/s known for the GPUs in PEAK_BF16_FLOPS only)"
     return f"{100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e12:.0f} TFLOP/s"
 
 

@@ -61,7 +61,7 @@ def run_facts(trainer, overrides: list[str], argv: list[str], started: float) ->
     """What the report needs that the run folder's other files do not hold (main rank)."""
     import torch
 
-    from muongpt.cli.bench import H100_BF16_DENSE_FLOPS, flops_per_token
+    from muongpt.cli.bench import MFU_FORMULA, flops_per_token, peak_flops
 
     device = trainer.device
     seconds = trainer.train_seconds
@@ -80,10 +80,14 @@ def run_facts(trainer, overrides: list[str], argv: list[str], started: float) ->
         "wall_seconds": round(time.time() - started, 1),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    if device.type == "cuda" and tok_s:  # peak FLOP/s are known for GPUs only
-        peak = float(os.environ.get("MUONGPT_PEAK_FLOPS", H100_BF16_DENSE_FLOPS))
+    peak = peak_flops(device)
+    if peak and tok_s:  # peak FLOP/s are known for listed GPUs only
         fpt = flops_per_token(trainer.model, trainer.cfg.training.seq_len)
-        facts.update(mfu=fpt * tok_s / (peak * trainer.ctx.world_size), peak_flops=peak)
+        facts.update(
+            mfu=fpt * tok_s / (peak * trainer.ctx.world_size),
+            peak_flops=peak,
+            mfu_formula=MFU_FORMULA,
+        )
     return facts
 
 
@@ -142,7 +146,7 @@ def facts_table(run, summary: dict) -> list[tuple[str, str]]:
     if "mfu" in summary:
         mfu = f"{100 * summary['mfu']:.1f}% of {summary['peak_flops'] / 1e12:.0f} TFLOP/s per GPU"
     else:
-        mfu = "n/a (peak FLOP/s known for GPUs only)"
+        mfu = "n/a (peak FLOP/s known for the GPUs in PEAK_BF16_FLOPS only)"
     params = summary.get("params")
     params_s = "—"
     if params:

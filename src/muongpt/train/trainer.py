@@ -324,8 +324,8 @@ class Trainer:
         while self.step < t.max_steps:
             step_start = time.perf_counter()
             loss = self.train_step()
-            if self.device.type == "cuda" and (self.step % t.log_every == 0):
-                torch.cuda.synchronize()
+            if self.device.type == "cuda" and self.clock_read_at(self.step):
+                torch.cuda.synchronize()  # the clock stops when the GPU has finished the step
             self.train_seconds += time.perf_counter() - step_start
             window_tokens += self.last_step_tokens
             record = None
@@ -366,6 +366,19 @@ class Trainer:
             "checkpoint": str(final) if final else None,
         }
         return summary
+
+    def clock_read_at(self, step: int) -> bool:
+        """True at the steps after which ``train_seconds`` is read (logged, evaluated, saved,
+        or the last step, or a stop on a signal): there the GPU must have finished the step
+        before the clock stops. Elsewhere the next step's launches overlap this one's work."""
+        t = self.cfg.training
+        return (
+            step == t.max_steps
+            or step % max(t.log_every, 1) == 0
+            or step % max(t.eval_every, 1) == 0
+            or (t.checkpoint_every > 0 and step % t.checkpoint_every == 0)
+            or self.preemption.signum is not None
+        )
 
     def checkpoint_due(self) -> bool:
         """A checkpoint at every ``checkpoint_every`` steps, and once ``checkpoint_minutes`` of
