@@ -1,0 +1,103 @@
+"""FSDP2 mode on CPU (gloo): the sharded optimizers against the single-process ones, and the
+trainer under torchrun with ``training.parallel=fsdp`` against one process.
+
+The optimizer checks run in spawned ranks (as in test_distributed.py): every rank builds the
+same parameters, FSDP2 shards them, and each step's gradient is the mean of all ranks' seeded
+gradients, given to the sharded optimizer as its row shards and to the reference whole.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from muongpt.optim import Muon
+from muongpt.optim.fsdp import FSDPMuon
+from test_distributed import make_params, mean_grads, spawn
+
+TOL = dict(rtol=0, atol=1e-5)
+# 7 and 2 rows: uneven shards (2 rows on 3 ranks leaves rank 2 an empty one); counts of 5 and 4
+# with a small block size: several blocks per shape, the last one padded with empty slots.
+SHAPES = [(8, 6)] * 5 + [(6, 8)] * 4 + [(3, 2, 4), (7, 5), (2, 5)]
+
+
+def sharded_params(shapes, mesh) -> list[nn.Parameter]:
+    from torch.distributed.fsdp import fully_shard
+
+    holder = nn.Module()
+    for i, p in enumerate(make_params(shapes)):
+        holder.register_parameter(f"p{i}", p)
+    fully_shard(holder, mesh=mesh)
+    return list(holder.parameters())
+
+
+def set_grads(params, ref_params, world_size: int, step: int) -> None:
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    for p, q, g in zip(params, ref_params, mean_grads(SHAPES, world_size, step)):
+        p.grad = distribute_tensor(g, p.device_mesh, [Shard(0)])
+        q.grad = g.clone()
+
+
+def check_fsdp_optimizers(rank: int, world_size: int, mesh) -> None:
+    base = dict(lr=0.05, momentum=0.9, weight_decay=0.1, ns_coefficients="polar_express")
+    normuon = dict(normuon=True, normuon_beta2=0.9, cautious_wd=True)
+    groups = lambda ps: [
+        {"params": ps[:6], "lr": 0.01, "weight_decay": 0.1},
+        {"params": ps[6:], "lr": 0.02, "weight_decay": 0.0},
+    ]
+    cases = [
+        (
+            "muon",
+            lambda ps: FSDPMuon(ps, ns_dtype=torch.float32, block_bytes=400, **base),
+            lambda ps: Muon(ps, ns_dtype=torch.float32, **base),
+        ),
+        (
+            "normuon",
+            lambda ps: FSDPMuon(ps, ns_dtype=torch.float32, **base, **normuon),
+            lambda ps: Muon(ps, ns_dtype=torch.float32, **base, **normuon),
+        ),
+        (
+            "adamw",
+            lambda ps: torch.optim.AdamW(groups(ps), betas=(0.8, 0.95), foreach=True),
+            lambda ps: torch.optim.AdamW(groups(ps), betas=(0.8, 0.95)),
+        ),
+    ]
+    for name, make, make_ref in cases:
+        params, ref_params = sharded_params(SHAPES, mesh), make_params(SHAPES)
+        opt, ref = make(params), make_ref(ref_params)
+        for step in range(3):
+            set_grads(params, ref_params, world_size, step)
+            opt.step()
+            ref.step()
+            opt.zero_grad()
+            ref.zero_grad()
+            for i, (p, q) in enumerate(zip(params, ref_params)):
+                torch.testing.assert_close(
+                    p.full_tensor(), q.detach(), **TOL, msg=f"{name} param {i} step {step}"
+                )
+        # The state is sharded like the parameters: this rank holds about 1/W of the momentum.
+        key = "momentum_buffer" if name != "adamw" else "exp_avg"
+        held = sum(opt.state[p][key].to_local().numel() for p in params)
+        assert held <= sum(p.numel() for p in ref_params) / world_size + 2 * 8 * 12
+        for p, q in zip(params, ref_params):
+            for k, value in ref.state[q].items():
+                got = opt.state[p][k]
+                got = got.full_tensor() if hasattr(got, "full_tensor") else got
+                torch.testing.assert_close(got, value, **TOL, msg=f"{name} state {k}")
+
+
+def _fsdp_checks(rank: int, world_size: int) -> None:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    pair = DeviceMesh("cpu", [0, 1])  # every rank takes part in creating it
+    if rank < 2:
+        check_fsdp_optimizers(rank, 2, pair)
+    dist.barrier()
+    check_fsdp_optimizers(rank, world_size, DeviceMesh("cpu", list(range(world_size))))
+
+
+def test_fsdp_optimizers_match_single_process():
+    """Muon, NorMuon and AdamW over FSDP2 shards, on ranks 0-1 and on all 3 ranks."""
+    spawn(_fsdp_checks, 3)
