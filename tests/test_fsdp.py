@@ -8,13 +8,24 @@ gradients, given to the sharded optimizer as its row shards and to the reference
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from muongpt.optim import Muon
 from muongpt.optim.fsdp import FSDPMuon
-from test_distributed import make_params, mean_grads, spawn
+from test_distributed import (
+    TINY,
+    assert_same_training,
+    assert_same_weights,
+    checkpoint,
+    make_params,
+    mean_grads,
+    metrics,
+    spawn,
+    train,
+)
 
 TOL = dict(rtol=0, atol=1e-5)
 # 7 and 2 rows: uneven shards (2 rows on 3 ranks leaves rank 2 an empty one); counts of 5 and 4
@@ -101,3 +112,53 @@ def _fsdp_checks(rank: int, world_size: int) -> None:
 def test_fsdp_optimizers_match_single_process():
     """Muon, NorMuon and AdamW over FSDP2 shards, on ranks 0-1 and on all 3 ranks."""
     spawn(_fsdp_checks, 3)
+
+
+# ---------------------------------------------------------------- the trainer under torchrun
+@pytest.mark.slow
+def test_torchrun_fsdp_matches_one_process_and_resumes_on_one(tmp_path):
+    from muongpt.generate import load_model
+    from muongpt.train.checkpoint import load_checkpoint
+
+    fsdp_dir, one_dir, resumed_dir = tmp_path / "fsdp", tmp_path / "one", tmp_path / "resumed"
+    two = train(
+        *TINY,
+        "training.parallel=fsdp",
+        "training.export_safetensors=true",
+        f"hydra.run.dir={fsdp_dir}",
+        cwd=tmp_path,
+        nproc=2,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "fully sharded (FSDP2)" in two.stdout and two.stdout.count("--- sample ---") == 1
+    step4 = fsdp_dir / "checkpoints" / "step_000004.dcp"
+    assert (step4 / ".metadata").is_file() and len(list(step4.glob("*.distcp"))) == 2
+    one = train(*TINY, f"hydra.run.dir={one_dir}", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = metrics(fsdp_dir), metrics(one_dir)
+    assert sorted(a) == sorted(b) == list(range(9))
+    assert abs(a[8]["val_loss"] - b[8]["val_loss"]) < 2e-3
+    assert_same_training(a, b, range(9))
+    # The sharded checkpoint read as the single-process one: the same weights and optimizer state.
+    final_fsdp, final_one = (
+        load_checkpoint(step4.with_name("step_000008.dcp")),
+        checkpoint(one_dir, 8),
+    )
+    assert_same_weights(final_fsdp, final_one)
+    for saved, want in zip(
+        final_fsdp["optimizer"]["optimizers"], final_one["optimizer"]["optimizers"]
+    ):
+        assert saved["state"].keys() == want["state"].keys()
+        for i, state in want["state"].items():
+            for key, value in state.items():
+                torch.testing.assert_close(saved["state"][i][key], value, atol=1e-5, rtol=0)
+    model, _ = load_model(fsdp_dir / "checkpoints" / "model.safetensors")  # the export
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, final_one["model"][name], atol=1e-5, rtol=0)
+
+    # Its step-4 checkpoint resumes on one process: the same last four steps.
+    resumed = train(*TINY, f"training.resume={step4}", f"hydra.run.dir={resumed_dir}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert_same_training(metrics(resumed_dir), b, range(5, 9))
+    assert_same_weights(checkpoint(resumed_dir, 8), final_one)

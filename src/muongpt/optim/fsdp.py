@@ -32,6 +32,7 @@ any number of ranks.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import defaultdict
 
@@ -177,7 +178,9 @@ def fsdp_optimizer(combined: CombinedOptimizer) -> CombinedOptimizer:
         if isinstance(opt, Muon):
             optimizers.append(FSDPMuon(groups, **opt.defaults, ns_dtype=opt.ns_dtype))
         elif isinstance(opt, torch.optim.AdamW):
-            defaults = {**opt.defaults, "fused": None, "foreach": True}
+            accepted = inspect.signature(torch.optim.AdamW).parameters  # defaults has more keys
+            defaults = {k: v for k, v in opt.defaults.items() if k in accepted}
+            defaults.update(fused=None, foreach=True)
             optimizers.append(torch.optim.AdamW(groups, **defaults))
         else:
             raise OptimizerError(
