@@ -162,3 +162,33 @@ def test_torchrun_fsdp_matches_one_process_and_resumes_on_one(tmp_path):
     assert "resumed from" in resumed.stdout
     assert_same_training(metrics(resumed_dir), b, range(5, 9))
     assert_same_weights(checkpoint(resumed_dir, 8), final_one)
+
+
+def test_fsdp_unsupported_settings_are_one_line_errors():
+    from omegaconf import OmegaConf
+
+    from muongpt import MuonGPTError
+    from muongpt.config import TrainingConfig
+    from muongpt.optim import build_optimizer
+    from muongpt.optim.fsdp import fsdp_optimizer
+    from muongpt.train.fsdp import check_supported
+
+    def settings(**kw):
+        return OmegaConf.merge(OmegaConf.structured(TrainingConfig), {"parallel": "fsdp", **kw})
+
+    check_supported(settings(), 2)  # supported: passes
+    check_supported(settings(compile=True, compile_mode="blocks"), 2)
+    cases = [
+        (settings(parallel="zero3"), 2, "training.parallel must be one of"),
+        (settings(), 1, "launch with torchrun --nproc_per_node>=2"),
+        (settings(compile=True), 2, "use training.compile_mode=blocks"),
+        (settings(compile_warmup_steps=2), 2, "compile_warmup_steps is not supported"),
+    ]
+    for t, world, message in cases:
+        with pytest.raises(MuonGPTError, match=message) as e:
+            check_supported(t, world)
+        assert "\n" not in str(e.value)
+    from test_distributed import tiny_gpt
+
+    with pytest.raises(MuonGPTError, match="supports optimizer=muon and optimizer=adamw, not SOAP"):
+        fsdp_optimizer(build_optimizer(tiny_gpt(), {"name": "soap"}))

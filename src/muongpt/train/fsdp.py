@@ -137,6 +137,34 @@ def load_sharded(path: Path, model: nn.Module, optimizers: list) -> None:
             group.update(configured)
 
 
+def load_full(state: dict, model_config, optimizer_config, model: nn.Module, optimizers: list):
+    """Read a single-process checkpoint dict into an FSDP model and its optimizers: rebuilt whole
+    on the CPU, then each rank keeps its shards (``full_state_dict`` loading)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    from muongpt.model import build_model
+    from muongpt.optim import build_optimizer
+
+    whole = build_model(model_config)
+    whole.load_state_dict(state["model"])
+    combined = build_optimizer(whole, optimizer_config)
+    combined.load_state_dict(state["optimizer"])
+    full = sharded_state(whole, combined.optimizers)
+    hyper = [
+        [{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in optimizers
+    ]
+    set_state_dict(
+        model,
+        optimizers,
+        model_state_dict=full["model"],
+        optim_state_dict=full["optimizer"],
+        options=StateDictOptions(full_state_dict=True),
+    )
+    for opt, groups in zip(optimizers, hyper):
+        for group, configured in zip(opt.param_groups, groups):
+            group.update(configured)
+
+
 def read_trainer_state(path: Path) -> dict:
     """The non-sharded part of a .dcp checkpoint (its model and optimizer stay on disk)."""
     from muongpt.train.checkpoint import CHECKPOINT_FORMAT, CheckpointError, check_integrity

@@ -427,12 +427,11 @@ class Trainer:
                     "training.parallel=fsdp or on one process"
                 )
             fsdp.load_sharded(Path(state["sharded"]), self.model, self.optimizer.optimizers)
+        elif self.fsdp:  # a single-process checkpoint: every rank keeps its shards of it
+            fsdp.load_full(
+                state, self.model_config, self.cfg.optimizer, self.model, self.optimizer.optimizers
+            )
         else:
-            if self.fsdp:
-                raise MuonGPTError(
-                    "training.parallel=fsdp resumes from sharded (.dcp) checkpoints; resume this "
-                    "one with training.parallel=replicate"
-                )
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         self.train_loader.load_state_dict(state["loader"])
