@@ -131,11 +131,11 @@ class Trainer:
         self.model_config = model_config(cfg.model)
         self.model: GPT = build_model(self.model_config)
         apply_converters(self.model, KernelsConfig(**OmegaConf.to_container(cfg.kernels)))
-        self.model.to(self.device)
         fsdp.check_supported(t, self.ctx.world_size)
         self.fsdp = t.parallel == "fsdp"
         if self.fsdp:  # before the optimizer: fully_shard replaces the parameters by DTensors
-            fsdp.shard_model(self.model, self.device, bf16=t.autocast_bf16)
+            fsdp.shard_model(self.model, self.device, bf16=t.autocast_bf16)  # built on the CPU:
+        self.model.to(self.device)  # under FSDP each rank moved only its shards to the device
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         if self.fsdp:
             self.optimizer = fsdp_optimizer(self.optimizer)
