@@ -191,11 +191,42 @@ def fsdp_optimizer(combined: CombinedOptimizer) -> CombinedOptimizer:
 
 
 class FSDPCombinedOptimizer(CombinedOptimizer):
-    """``CombinedOptimizer`` over DTensor parameters: the clip norm is the global one."""
+    """``CombinedOptimizer`` over DTensor parameters: the clip norm is the global one.
+
+    Parameters FSDP left whole (plain tensors: the 0-dim ones it cannot shard) get their
+    gradients averaged over ranks here, in one all-reduce before clipping or the step.
+    """
+
+    def __init__(self, optimizers, header: str = ""):
+        super().__init__(optimizers, header)
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.replicated = [p for p in params if not hasattr(p, "to_local")]
+        self.reduced = False
+
+    def _reduce_replicated(self) -> None:
+        if self.reduced or not self.replicated or not dist.is_initialized():
+            return
+        self.reduced = True
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.replicated]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)  # a sum: gloo has no average
+        flat /= dist.get_world_size()
+        for p, g in zip(self.replicated, flat.split([p.numel() for p in self.replicated])):
+            p.grad = g.view_as(p).to(p.dtype)
 
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        self._reduce_replicated()
         norm = super().clip_grad_norm_(max_norm)  # DTensor-aware: reduces over the shards
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self._reduce_replicated()
+        return super().step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self.reduced = False
 
     def summary(self) -> str:
         return (

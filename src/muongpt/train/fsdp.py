@@ -63,11 +63,14 @@ def shard_model(model: nn.Module, device: torch.device, bf16: bool) -> None:
     policy = MixedPrecisionPolicy()  # fp32 compute (CPU, or autocast off)
     if bf16 and device.type == "cuda":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    # FSDP2 cannot shard 0-dim parameters (the speed-run's backout lambda): they stay whole on
+    # every rank, and the optimizer averages their gradients itself (optim/fsdp.py)
+    scalars = {p for p in model.parameters() if p.ndim == 0}
     units = [*model.blocks, getattr(model, "embed", None), getattr(model, "lm_head", None)]
     for unit in units:
         if unit is not None and any(True for _ in unit.parameters()):
-            fully_shard(unit, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+            fully_shard(unit, mesh=mesh, mp_policy=policy, ignored_params=scalars)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=scalars)
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
