@@ -115,6 +115,11 @@ def test_fsdp_optimizers_match_single_process():
 
 
 # ---------------------------------------------------------------- the trainer under torchrun
+# The speed-run model: document-masked attention, value embeddings, a 0-dim parameter FSDP
+# cannot shard (kept whole, its gradient averaged by the optimizer).
+SPEEDRUN = ["model=speedrun", "model.backout_after=2", "model.value_embeds=1"]
+
+
 @pytest.mark.slow
 def test_torchrun_fsdp_matches_one_process_and_resumes_on_one(tmp_path):
     from muongpt.generate import load_model
@@ -123,6 +128,7 @@ def test_torchrun_fsdp_matches_one_process_and_resumes_on_one(tmp_path):
     fsdp_dir, one_dir, resumed_dir = tmp_path / "fsdp", tmp_path / "one", tmp_path / "resumed"
     two = train(
         *TINY,
+        *SPEEDRUN,
         "training.parallel=fsdp",
         "training.export_safetensors=true",
         f"hydra.run.dir={fsdp_dir}",
@@ -133,7 +139,7 @@ def test_torchrun_fsdp_matches_one_process_and_resumes_on_one(tmp_path):
     assert "fully sharded (FSDP2)" in two.stdout and two.stdout.count("--- sample ---") == 1
     step4 = fsdp_dir / "checkpoints" / "step_000004.dcp"
     assert (step4 / ".metadata").is_file() and len(list(step4.glob("*.distcp"))) == 2
-    one = train(*TINY, f"hydra.run.dir={one_dir}", cwd=tmp_path)
+    one = train(*TINY, *SPEEDRUN, f"hydra.run.dir={one_dir}", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = metrics(fsdp_dir), metrics(one_dir)
     assert sorted(a) == sorted(b) == list(range(9))
@@ -157,7 +163,9 @@ def test_torchrun_fsdp_matches_one_process_and_resumes_on_one(tmp_path):
         torch.testing.assert_close(value, final_one["model"][name], atol=1e-5, rtol=0)
 
     # Its step-4 checkpoint resumes on one process: the same last four steps.
-    resumed = train(*TINY, f"training.resume={step4}", f"hydra.run.dir={resumed_dir}", cwd=tmp_path)
+    resumed = train(
+        *TINY, *SPEEDRUN, f"training.resume={step4}", f"hydra.run.dir={resumed_dir}", cwd=tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     assert_same_training(metrics(resumed_dir), b, range(5, 9))
