@@ -235,8 +235,6 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """
     path = Path(path)
     if is_sharded(path):  # gathered into the single-process layout
-        from muongpt.train.fsdp import consolidate
-
         return consolidate(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -257,12 +255,49 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return state
 
 
+def read_trainer_state(path: Path) -> dict:
+    """The non-sharded part of a .dcp checkpoint (its model and optimizer stay on disk)."""
+    from muongpt.train.fsdp import TRAINER_FILE
+
+    file = path / TRAINER_FILE
+    if not file.is_file() or not (path / ".metadata").is_file():
+        raise CheckpointError(
+            f"{path}: incomplete sharded checkpoint (no .metadata or {TRAINER_FILE})"
+        )
+    check_integrity(file)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # the restricted unpickler fails in many ways
+        raise CheckpointError(f"{file}: unreadable ({type(e).__name__})") from None
+    if not isinstance(state, dict) or "config" not in state:
+        raise CheckpointError(f"{file}: not a muongpt checkpoint (no config)")
+    if int(state.get("format", CHECKPOINT_FORMAT)) > CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path}: checkpoint format {state['format']} is newer than this muongpt reads"
+        )
+    return {**state, "model": None, "optimizer": None, "sharded": str(path)}
+
+
+def consolidate(path: Path) -> dict:
+    """A .dcp checkpoint as the single-process checkpoint dict (whole tensors, on the CPU)."""
+    from muongpt.config import model_config
+    from muongpt.model import build_model
+    from muongpt.optim import build_optimizer
+    from muongpt.train.fsdp import load_sharded
+
+    state = read_trainer_state(path)
+    del state["sharded"]  # what it returns is a whole, single-process state
+    cfg = state["config"]
+    model = build_model(model_config(cfg["model"]))
+    optimizer = build_optimizer(model, cfg["optimizer"])
+    load_sharded(path, model, optimizer.optimizers)
+    return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+
 def load_resumable(path: str | Path, map_location="cpu") -> dict:
     """``load_checkpoint`` plus a check that the file holds a full training state (a sharded
     checkpoint's model and optimizer state stay on disk, for ``train/fsdp.load_sharded``)."""
     if is_sharded(Path(path)):
-        from muongpt.train.fsdp import read_trainer_state
-
         return read_trainer_state(Path(path))
     state = load_checkpoint(path, map_location)
     missing = [k for k in RESUME_KEYS if k not in state]

@@ -13,8 +13,8 @@ rank writes its own shards of the model and optimizer state (keyed by parameter 
 single-process optimizers' layout), rank 0 adds ``trainer.pt`` (data position, counters, RNG,
 config). They are written into a temporary folder that rank 0 renames once every rank is done,
 so a run never sees half a checkpoint. ``load_sharded`` reads one into any number of ranks,
-FSDP or a single process; ``consolidate`` turns one into the single-process checkpoint dict
-(``muongpt sample``/``eval``/``export`` read ``.dcp`` folders through it).
+FSDP or a single process; ``train/checkpoint.consolidate`` turns one into the single-process
+checkpoint dict (``muongpt sample``/``eval``/``export`` read ``.dcp`` folders through it).
 """
 
 from __future__ import annotations
@@ -166,40 +166,3 @@ def load_full(state: dict, model_config, optimizer_config, model: nn.Module, opt
     for opt, groups in zip(optimizers, hyper):
         for group, configured in zip(opt.param_groups, groups):
             group.update(configured)
-
-
-def read_trainer_state(path: Path) -> dict:
-    """The non-sharded part of a .dcp checkpoint (its model and optimizer stay on disk)."""
-    from muongpt.train.checkpoint import CHECKPOINT_FORMAT, CheckpointError, check_integrity
-
-    file = path / TRAINER_FILE
-    if not file.is_file() or not (path / ".metadata").is_file():
-        raise CheckpointError(
-            f"{path}: incomplete sharded checkpoint (no .metadata or {TRAINER_FILE})"
-        )
-    check_integrity(file)
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # the restricted unpickler fails in many ways
-        raise CheckpointError(f"{file}: unreadable ({type(e).__name__})") from None
-    if not isinstance(state, dict) or "config" not in state:
-        raise CheckpointError(f"{file}: not a muongpt checkpoint (no config)")
-    if int(state.get("format", CHECKPOINT_FORMAT)) > CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{path}: checkpoint format {state['format']} is newer than this muongpt reads"
-        )
-    return {**state, "model": None, "optimizer": None, "sharded": str(path)}
-
-
-def consolidate(path: Path) -> dict:
-    """A .dcp checkpoint as the single-process checkpoint dict (whole tensors, on the CPU)."""
-    from muongpt.config import model_config
-    from muongpt.model import build_model
-    from muongpt.optim import build_optimizer
-
-    state = read_trainer_state(path)
-    cfg = state["config"]
-    model = build_model(model_config(cfg["model"]))
-    optimizer = build_optimizer(model, cfg["optimizer"])
-    load_sharded(path, model, optimizer.optimizers)
-    return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
