@@ -47,6 +47,8 @@ class TrainingConfig:
     autocast_bf16: bool = True  # bf16 autocast on CUDA (CPU always runs fp32)
     compile: bool = False
     compile_mode: str = "model"  # model: one graph | blocks: each block + the head (overlap)
+    # replicate: every rank holds the model (sharded optimizers) | fsdp: FSDP2 parameter sharding
+    parallel: str = "replicate"
     # torch._inductor options for the compiled model, e.g. {coordinate_descent_tuning: true}
     inductor: dict[str, Any] = field(default_factory=dict)
     seq_len: int = 1024

@@ -43,10 +43,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def model_file(path: str | Path) -> Path:
     """The file to load for ``path``: the path itself, or for a run folder (or its checkpoints/
     folder) its newest checkpoint; the weights-only export when it is as new as that."""
-    from muongpt.train.checkpoint import CHECKPOINT_DIR, EXPORT_NAME, list_checkpoints
+    from muongpt.train.checkpoint import CHECKPOINT_DIR, EXPORT_NAME, is_sharded, list_checkpoints
 
     path = Path(path)
-    if path.is_file():
+    if path.is_file() or is_sharded(path):  # a .dcp folder is one (sharded) checkpoint
         return path
     if not path.is_dir():
         raise MuonGPTError(f"{path}: checkpoint not found (no such file or run folder)")

@@ -26,6 +26,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import sys
 import warnings
 import zipfile
@@ -40,7 +41,7 @@ CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FORMAT = 1  # bumped when the layout of the saved dict changes
 EXPORT_NAME = "model.safetensors"
 RESUME_KEYS = ("model", "optimizer", "loader", "step", "tokens_seen", "config")
-_NAME = re.compile(r"^step_(\d+)\.pt$")
+_NAME = re.compile(r"^step_(\d+)\.(pt|dcp)$")  # .dcp: a sharded (FSDP) folder
 _TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
 _UNREADABLE = re.compile(r"^step_(\d+)\.pt\.unreadable$")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's (zip) format
@@ -136,6 +137,19 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def is_sharded(path: Path) -> bool:
+    """A ``step_NNNNNN.dcp`` folder written by ``torch.distributed.checkpoint`` (train/fsdp.py)."""
+    return path.suffix == ".dcp" and path.is_dir()
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint file, or a sharded checkpoint's folder."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def remove_stale_temporaries(run_dir: str | Path) -> None:
     """Delete temporaries whose writer (the PID in their name) is gone; a live writer's stay."""
     folder = _folder(run_dir)
@@ -144,7 +158,7 @@ def remove_stale_temporaries(run_dir: str | Path) -> None:
     for p in folder.iterdir():
         m = _TEMPORARY.match(p.name)
         if m and not pid_alive(int(m.group(1))):
-            p.unlink(missing_ok=True)
+            remove(p)
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
@@ -157,7 +171,7 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
         return
     found = list_checkpoints(run_dir)
     for old in found[:-keep]:
-        old.unlink(missing_ok=True)
+        remove(old)
     kept = found[-keep:]
     if not kept:
         return
@@ -220,6 +234,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     The zip CRCs are verified first (``check_integrity``): a damaged file is an error.
     """
     path = Path(path)
+    if is_sharded(path):  # gathered into the single-process layout
+        return consolidate(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     check_integrity(path)
@@ -239,8 +255,50 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return state
 
 
+def read_trainer_state(path: Path) -> dict:
+    """The non-sharded part of a .dcp checkpoint (its model and optimizer stay on disk)."""
+    from muongpt.train.fsdp import TRAINER_FILE
+
+    file = path / TRAINER_FILE
+    if not file.is_file() or not (path / ".metadata").is_file():
+        raise CheckpointError(
+            f"{path}: incomplete sharded checkpoint (no .metadata or {TRAINER_FILE})"
+        )
+    check_integrity(file)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # the restricted unpickler fails in many ways
+        raise CheckpointError(f"{file}: unreadable ({type(e).__name__})") from None
+    if not isinstance(state, dict) or "config" not in state:
+        raise CheckpointError(f"{file}: not a muongpt checkpoint (no config)")
+    if int(state.get("format", CHECKPOINT_FORMAT)) > CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path}: checkpoint format {state['format']} is newer than this muongpt reads"
+        )
+    return {**state, "model": None, "optimizer": None, "sharded": str(path)}
+
+
+def consolidate(path: Path) -> dict:
+    """A .dcp checkpoint as the single-process checkpoint dict (whole tensors, on the CPU)."""
+    from muongpt.config import model_config
+    from muongpt.model import build_model
+    from muongpt.optim import build_optimizer
+    from muongpt.train.fsdp import load_sharded
+
+    state = read_trainer_state(path)
+    del state["sharded"]  # what it returns is a whole, single-process state
+    cfg = state["config"]
+    model = build_model(model_config(cfg["model"]))
+    optimizer = build_optimizer(model, cfg["optimizer"])
+    load_sharded(path, model, optimizer.optimizers)
+    return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+
 def load_resumable(path: str | Path, map_location="cpu") -> dict:
-    """``load_checkpoint`` plus a check that the file holds a full training state."""
+    """``load_checkpoint`` plus a check that the file holds a full training state (a sharded
+    checkpoint's model and optimizer state stay on disk, for ``train/fsdp.load_sharded``)."""
+    if is_sharded(Path(path)):
+        return read_trainer_state(Path(path))
     state = load_checkpoint(path, map_location)
     missing = [k for k in RESUME_KEYS if k not in state]
     if missing:
@@ -275,7 +333,7 @@ def find_resume_checkpoint(
         folder = Path(run_dir)
     else:
         given = Path(resume)
-        if given.is_file():
+        if given.is_file() or is_sharded(given):
             return given, load_resumable(given)
         if not given.is_dir():
             raise CheckpointError(

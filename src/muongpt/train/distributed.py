@@ -205,6 +205,8 @@ def broadcast_parameters(model: torch.nn.Module) -> None:
         return
     with torch.no_grad():
         for p in model.parameters():
+            if hasattr(p, "to_local"):  # an FSDP shard: each rank holds other rows
+                continue
             dist.broadcast(p.data, src=0)
 
 

@@ -196,6 +196,7 @@ class NonFiniteGuard:
 def non_finite_tensors(tree, prefix: str = "") -> list[str]:
     """Names (dotted paths) of the floating-point tensors in ``tree`` holding NaN or inf."""
     if isinstance(tree, torch.Tensor):
+        tree = tree.to_local() if hasattr(tree, "to_local") else tree  # a DTensor: this shard
         floating = tree.is_floating_point() or tree.is_complex()
         return [prefix] if floating and not bool(torch.isfinite(tree).all()) else []
     if isinstance(tree, dict):

@@ -23,8 +23,9 @@ from muongpt.kernels.converters import KernelsConfig, apply_converters
 from muongpt.model import GPT, build_model
 from muongpt.optim import build_optimizer
 from muongpt.optim.distributed import distribute
+from muongpt.optim.fsdp import fsdp_optimizer
 from muongpt.train import checkpoint as ckpt
-from muongpt.train import resilience
+from muongpt.train import fsdp, resilience
 from muongpt.train.distributed import (
     DistContext,
     all_reduce_mean,
@@ -130,9 +131,15 @@ class Trainer:
         self.model_config = model_config(cfg.model)
         self.model: GPT = build_model(self.model_config)
         apply_converters(self.model, KernelsConfig(**OmegaConf.to_container(cfg.kernels)))
-        self.model.to(self.device)
+        fsdp.check_supported(t, self.ctx.world_size)
+        self.fsdp = t.parallel == "fsdp"
+        if self.fsdp:  # before the optimizer: fully_shard replaces the parameters by DTensors
+            fsdp.shard_model(self.model, self.device, bf16=t.autocast_bf16)  # built on the CPU:
+        self.model.to(self.device)  # under FSDP each rank moved only its shards to the device
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        if self.ctx.world_size > 1:  # no DDP: the sharded optimizers reduce the gradients
+        if self.fsdp:
+            self.optimizer = fsdp_optimizer(self.optimizer)
+        elif self.ctx.world_size > 1:  # no DDP: the sharded optimizers reduce the gradients
             self.optimizer = distribute(self.optimizer, self.model)
         self.schedule = Schedule(
             t,
@@ -408,10 +415,13 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints & samples
     def state_dict(self) -> dict:
+        if self.fsdp:  # keyed by parameter name, DTensor shards
+            sharded = fsdp.sharded_state(self.model, self.optimizer.optimizers)
+        else:
+            sharded = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         return {
             "format": ckpt.CHECKPOINT_FORMAT,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **sharded,
             "loader": self.train_loader.state_dict(),
             "step": self.step,
             "tokens_seen": self.tokens_seen,
@@ -423,8 +433,20 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a state_dict(): weights, optimizer, data position, counters, RNG states."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("sharded"):  # a .dcp checkpoint: read into this run's layout
+            if self.ctx.world_size > 1 and not self.fsdp:
+                raise MuonGPTError(
+                    f"{state['sharded']}: a sharded checkpoint resumes with "
+                    "training.parallel=fsdp or on one process"
+                )
+            fsdp.load_sharded(Path(state["sharded"]), self.model, self.optimizer.optimizers)
+        elif self.fsdp:  # a single-process checkpoint: every rank keeps its shards of it
+            fsdp.load_full(
+                state, self.model_config, self.cfg.optimizer, self.model, self.optimizer.optimizers
+            )
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.train_loader.load_state_dict(state["loader"])
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
@@ -440,12 +462,17 @@ class Trainer:
         """Save the full training state of this step (main rank); keep the newest K files."""
         self.guard.check(self.step)  # never save a state that a non-finite loss has touched
         path = ckpt.checkpoint_path(self.run_dir, self.step)
+        if self.fsdp:
+            path = path.with_suffix(".dcp")
         if self.last_checkpoint_step == self.step:
             return path
         state = self.state_dict()  # with several ranks, a collective: gathers shards
         self.guard.check_state(state, self.step)  # the weights after this step's update
+        if self.fsdp:  # every rank writes its shards
+            fsdp.save_sharded(path, state, self.ctx.is_main)
         if self.ctx.is_main:
-            ckpt.save_checkpoint(path, state)
+            if not self.fsdp:
+                ckpt.save_checkpoint(path, state)
             ckpt.prune_checkpoints(self.run_dir, self.cfg.training.keep_checkpoints)
             self.log(f"checkpoint: {path}")
         self.guard.last_checkpoint, self.last_checkpoint_step = path, self.step
@@ -454,12 +481,16 @@ class Trainer:
 
     def save_final(self) -> Path | None:
         path = self.save_checkpoint()
+        weights = fsdp.full_model_state(self.model) if self.fsdp else None  # a collective
         if not self.ctx.is_main:
             return None
+        if self.fsdp:  # rank 0 samples from a whole copy on the CPU
+            self.sample_model = build_model(self.model_config)
+            self.sample_model.load_state_dict(weights)
         if self.cfg.training.export_safetensors:
             meta = {"step": self.step, "config": OmegaConf.to_container(self.cfg, resolve=True)}
             export = path.with_name(ckpt.EXPORT_NAME)
-            ckpt.export_safetensors(self.model.state_dict(), export, meta)
+            ckpt.export_safetensors(weights or self.model.state_dict(), export, meta)
             self.log(f"weights only: {export}")
         return path
 
@@ -483,10 +514,11 @@ class Trainer:
 
         t = self.cfg.training
         prompt = [EOT_TOKEN] + encode(t.sample_prompt)
-        self.model.eval()
+        model = getattr(self, "sample_model", self.model)  # FSDP: the whole copy of save_final
+        model.eval()
         new = list(
             generate_tokens(
-                self.model,
+                model,
                 prompt,
                 t.sample_tokens,
                 temperature=t.sample_temperature,
