@@ -444,7 +444,11 @@ class Trainer:
         if not self.ctx.is_main:
             return None
         if self.cfg.training.export_safetensors:
-            meta = {"step": self.step, "config": OmegaConf.to_container(self.cfg, resolve=True)}
+            meta = {
+                "step": self.step,
+                "tokens_seen": self.tokens_seen,
+                "config": OmegaConf.to_container(self.cfg, resolve=True),
+            }
             export = path.with_name(ckpt.EXPORT_NAME)
             ckpt.export_safetensors(self.model.state_dict(), export, meta)
             self.log(f"weights only: {export}")
