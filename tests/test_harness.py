@@ -135,3 +135,15 @@ def test_harness_without_lm_eval_says_how_to_get_it(tmp_path, monkeypatch, capsy
     assert eval_cli.main(["x.pt", "--harness", "hellaswag"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'muongpt[harness]'" in err
+
+
+def test_long_context_is_cut_from_the_left_and_said_once(model):
+    messages = []
+    scorer = Scorer(model, window=16, warn=messages.append)
+    long = "word " * 40 + "The cat sat on the"
+    first = scorer.loglikelihood([(long, " mat"), ("To be", " or not")])
+    again = scorer.loglikelihood([(long, " mat")])
+    assert len(messages) == 1 and "1 of 2 requests" in messages[0]
+    tokens = ([EOT_TOKEN] + encode(long) + encode(" mat"))[-17:]
+    expected = -nats(model, torch.tensor([tokens]), 17 - len(encode(" mat")))
+    assert first[0][0] == pytest.approx(expected, rel=1e-6) and again[0] == first[0]

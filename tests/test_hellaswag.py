@@ -160,3 +160,24 @@ def test_unknown_task_and_offline_download_are_one_line(checkpoint, tmp_path, mo
     assert eval_cli.main([str(checkpoint), "--task", "hellaswag"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "offline?" in err and "--data" in err
+
+
+@pytest.mark.parametrize("kind", ["text", "foreign_safetensors", "torch_tensor"])
+def test_a_checkpoint_of_another_format_is_one_line(kind, tmp_path, capsys):
+    data = tmp_path / "hs.jsonl"
+    data.write_text(json.dumps({"ctx": "a", "endings": ["b", "c"], "label": 0}) + "\n")
+    if kind == "text":
+        path = tmp_path / "step_000001.pt"
+        path.write_text("not a checkpoint")
+    elif kind == "foreign_safetensors":  # e.g. a Hugging Face model's weights: no muongpt config
+        from safetensors.torch import save_file
+
+        path = tmp_path / "model.safetensors"
+        save_file({"wte.weight": torch.zeros(4, 2)}, str(path))
+    else:
+        path = tmp_path / "weights.pt"
+        torch.save(torch.zeros(3), path)
+    argv = [str(path), "--task", "hellaswag", "--data", str(data), "--no-progress"]
+    assert eval_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "not a muongpt" in err
