@@ -82,7 +82,9 @@ def test_name_no_record_and_checkpoints_outside_a_run(run_dir, tmp_path):
     }
     evaluate(run, data, "--no-record")
     assert len(runlog.read_evals(run)) == 1
-    loose = export_checkpoint(run / "checkpoints" / "step_000005.pt", tmp_path / "model.safetensors")
+    loose = export_checkpoint(
+        run / "checkpoints" / "step_000005.pt", tmp_path / "model.safetensors"
+    )
     evaluate(loose, data)  # no run folder around it: nothing to record into
     assert not (tmp_path / "evals.jsonl").exists()
     export = export_checkpoint(run / "checkpoints" / "step_000005.pt")  # inside the run
@@ -123,9 +125,7 @@ def test_report_and_plot_show_the_evaluations(run_dir, tmp_path, capsys):
     assert row in report
     table = report_cli.compare_table([run]).splitlines()
     assert table[0].endswith("| eval/hellaswag | eval/hellaswag_raw |")
-    assert table[2].endswith(
-        f"| {last['eval/hellaswag']:.4f} | {last['eval/hellaswag_raw']:.4f} |"
-    )
+    assert table[2].endswith(f"| {last['eval/hellaswag']:.4f} | {last['eval/hellaswag_raw']:.4f} |")
 
     capsys.readouterr()
     out = tmp_path / "hs.png"

@@ -181,3 +181,24 @@ def test_a_checkpoint_of_another_format_is_one_line(kind, tmp_path, capsys):
     assert eval_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(path) in err and "not a muongpt" in err
+
+
+def test_shakespeare_mc_builder_uses_only_held_out_text_and_is_reproducible():
+    import importlib.util
+
+    from muongpt.assets import TINY_SHAKESPEARE
+
+    path = hellaswag.Path(__file__).resolve().parents[1] / "benchmarks" / "shakespeare_mc.py"
+    spec = importlib.util.spec_from_file_location("shakespeare_mc", path)
+    mc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mc)
+    examples = mc.build(40, seed=1)
+    assert examples == mc.build(40, seed=1) and len(examples) == 40
+    text = TINY_SHAKESPEARE.read_text()
+    tail = mc.held_out_text()
+    assert text.endswith(tail) and len(tail) < 0.11 * len(text)
+    for e in examples:
+        parsed = hellaswag.parse_example(json.dumps(e), "built")
+        right = parsed.ctx + " " + parsed.endings[parsed.label]
+        assert right in tail  # the true continuation, verbatim
+        assert sum(parsed.ctx + " " + x in tail for x in parsed.endings) == 1
