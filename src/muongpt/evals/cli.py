@@ -38,6 +38,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--harness", metavar="TASKS", help="lm-evaluation-harness tasks, comma-separated"
     )
     p.add_argument("--data", default=None, help="the task's jsonl (default: download it)")
+    p.add_argument(
+        "--include-path",
+        default=None,
+        metavar="DIR",
+        help="--harness: a folder of task YAML files of your own (e.g. on local data)",
+    )
     p.add_argument("--out", default=None, metavar="RESULT.json", help="write the result as JSON")
     p.add_argument(
         "--name",
@@ -76,8 +82,15 @@ def run_harness(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         device=args.device,
     )
+    extra = {}
+    if args.include_path is not None:
+        if not Path(args.include_path).is_dir():
+            raise MuonGPTError(f"--include-path: not a folder: {args.include_path}")
+        from lm_eval.tasks import TaskManager
+
+        extra["task_manager"] = TaskManager(include_path=args.include_path)
     try:
-        output = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=args.limit)
+        output = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=args.limit, **extra)
     except (KeyError, ValueError) as e:  # unknown task names, tasks that need more
         raise MuonGPTError(f"--harness {args.harness}: {str(e).strip().splitlines()[0]}") from None
     result = {"harness": tasks, "checkpoint": str(checkpoint), **output["results"]}

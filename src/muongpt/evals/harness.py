@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 from muongpt import MuonGPTError
-from muongpt.evals.hellaswag import ending_logprobs
+from muongpt.evals.hellaswag import ending_scores
 
 DEFAULT_MAX_GEN_TOKS = 256
 
@@ -44,20 +42,10 @@ class Scorer:
         out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            batch = [rows[i] for i in chunk]
-            sums = ending_logprobs(self.model, batch, self.autocast)
-            for i, value, greedy in zip(chunk, sums, self.greedy(batch)):
-                out[i] = (value, greedy)
+            sums, greedy = ending_scores(self.model, [rows[i] for i in chunk], self.autocast)
+            for i, value, flag in zip(chunk, sums, greedy):
+                out[i] = (value, flag)
         return out
-
-    @torch.no_grad()
-    def greedy(self, rows: list[tuple[list[int], int]]) -> list[bool]:
-        flags = []
-        for seq, n in rows:  # one row at a time: a second pass only for the argmax check
-            ids = torch.tensor([seq], device=self.model.embed.weight.device)
-            best = self.model(ids[:, :-1])[0, -n:].argmax(-1) if n else ids[0, :0]
-            flags.append(bool((best == ids[0, len(seq) - n :]).all()))
-        return flags
 
     def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
         from muongpt.data.tokenizer import EOT_TOKEN, encode
