@@ -40,12 +40,12 @@ def test_batched_scores_equal_brute_force(single_thread):
     scores = hellaswag.score(model, EXAMPLES, window=128, batch_size=5, progress=False)
     for example, s in zip(EXAMPLES, scores):
         assert s.logprob == pytest.approx(brute_force(model, example), abs=1e-4)
-        assert s.chars == [len(" " + e) for e in example.endings]
+        assert s.chars == [len(e) for e in example.endings]
     result = hellaswag.accuracies(scores)
     picks = []
     for e in EXAMPLES:
         sums = brute_force(model, e)
-        picks.append(max(range(4), key=lambda i: sums[i] / len(" " + e.endings[i])))
+        picks.append(max(range(4), key=lambda i: sums[i] / len(e.endings[i])))
     assert result["accuracy"] == sum(p == e.label for p, e in zip(picks, EXAMPLES)) / 3
     assert result["n"] == 3
 

@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "task": args.task,
         **hellaswag.accuracies(scores),
-        "normalization": "accuracy: summed log-prob / characters of ' ' + ending (acc_norm)",
+        "normalization": "accuracy: summed log-prob / characters of the ending (acc_norm)",
         "checkpoint": str(checkpoint),
         "step": state.get("step"),
         "data": str(data),

@@ -6,7 +6,7 @@ log-probabilities of its tokens given the context (the sequence fed to the model
 end-of-text token). Two accuracies, as lm-evaluation-harness defines them:
 
     accuracy_raw  argmax over endings of  sum log p(ending tokens | context)          (acc)
-    accuracy      argmax over endings of  sum log p(...) / characters of " " + ending  (acc_norm)
+    accuracy      argmax over endings of  sum log p(...) / characters of the ending    (acc_norm)
 
 ``accuracy_token_norm`` (the sum divided by the ending's token count, as nanoGPT-style scripts
 report) is given too. A sequence longer than the model's window keeps its last ``window + 1``
@@ -184,7 +184,7 @@ def score(
         for ending in endings:
             rows.append(fit_window(context, ending, window))
             owners.append(k)
-        chars = [len(" " + e) for e in example.endings]
+        chars = [len(e) for e in example.endings]  # lm-eval: the choice, not the space before it
         results.append(Scores([], chars, [len(e) for e in endings], example.label))
     if truncated:
         warn(
