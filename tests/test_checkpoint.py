@@ -216,4 +216,5 @@ def test_safetensors_export_roundtrip(tmp_path):
     assert exported == path.with_name(ckpt.EXPORT_NAME)
     loaded, meta = ckpt.read_export(exported)
     assert torch.equal(loaded["w"], torch.full((3, 4), 0.25))
-    assert meta == {"step": 9, "config": state(9)["config"]}
+    s = state(9)
+    assert meta == {"step": 9, "tokens_seen": s["tokens_seen"], "config": s["config"]}

@@ -185,3 +185,12 @@ def test_without_transformers_the_command_says_how_to_get_it(tmp_path, monkeypat
     assert export_cli.main(["hf", "missing.pt", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'muongpt[hf]'" in err
+
+
+def test_a_checkpoint_of_another_format_is_one_line(tmp_path, capsys):
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"transformer.wte.weight": torch.zeros(4, 2)}, path)  # a foreign state dict
+    assert export_cli.main(["hf", str(path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a muongpt checkpoint" in err
+    assert not (tmp_path / "out").exists()

@@ -97,26 +97,29 @@ def test_harness_cli_writes_results_beside_the_checkpoint(model, tmp_path, monke
     from lm_eval.api.instance import Instance
 
     from muongpt.cli import evaluate as eval_cli
+    from muongpt.evals.runlog import read_evals
     from muongpt.train.checkpoint import save_checkpoint
 
-    path = tmp_path / "step_000002.pt"
-    save_checkpoint(path, {"model": model.state_dict(), "config": run_config()})
+    path = tmp_path / "run" / "checkpoints" / "step_000002.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "config": run_config(), "step": 2})
     seen = {}
 
-    def simple_evaluate(model, tasks, limit=None):  # the harness, minus its data sets
+    def simple_evaluate(model, tasks, limit=None, **kwargs):  # the harness, minus its data sets
         request = Instance("loglikelihood", {}, ("To be", " or not"), 0)
         seen["ll"] = model.loglikelihood([request])[0][0]
-        return {"results": {tasks[0]: {"acc,none": 0.25, "acc_stderr,none": 0.1}}}
+        return {"results": {tasks[0]: {"alias": "toy", "acc,none": 0.25, "acc_stderr,none": 0.1}}}
 
     monkeypatch.setitem(vars(lm_eval), "simple_evaluate", simple_evaluate)  # no lazy import
-    argv = [str(path), "--harness", "toy", "--device", "cpu"]
+    argv = [str(tmp_path / "run"), "--harness", "toy", "--device", "cpu"]  # the run folder
     assert eval_cli.main(argv) == 0
-    result = json.loads((tmp_path / "harness_toy.json").read_text())
+    result = json.loads((path.parent / "harness_toy.json").read_text())
     assert result["toy"]["acc,none"] == 0.25
     assert seen["ll"] == pytest.approx(
         Scorer(model, 128).loglikelihood([("To be", " or not")])[0][0]
     )
-    assert "toy: acc,none 0.2500" in capsys.readouterr().out
+    assert "toy: acc 0.2500" in capsys.readouterr().out
+    [record] = read_evals(tmp_path / "run")
+    assert record["step"] == 2 and record["eval/toy/acc"] == 0.25 and record["harness"] == ["toy"]
 
 
 def test_harness_without_lm_eval_says_how_to_get_it(tmp_path, monkeypatch, capsys):
@@ -135,3 +138,15 @@ def test_harness_without_lm_eval_says_how_to_get_it(tmp_path, monkeypatch, capsy
     assert eval_cli.main(["x.pt", "--harness", "hellaswag"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'muongpt[harness]'" in err
+
+
+def test_long_context_is_cut_from_the_left_and_said_once(model):
+    messages = []
+    scorer = Scorer(model, window=16, warn=messages.append)
+    long = "word " * 40 + "The cat sat on the"
+    first = scorer.loglikelihood([(long, " mat"), ("To be", " or not")])
+    again = scorer.loglikelihood([(long, " mat")])
+    assert len(messages) == 1 and "1 of 2 requests" in messages[0]
+    tokens = ([EOT_TOKEN] + encode(long) + encode(" mat"))[-17:]
+    expected = -nats(model, torch.tensor([tokens]), 17 - len(encode(" mat")))
+    assert first[0][0] == pytest.approx(expected, rel=1e-6) and again[0] == first[0]

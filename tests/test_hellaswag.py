@@ -40,12 +40,12 @@ def test_batched_scores_equal_brute_force(single_thread):
     scores = hellaswag.score(model, EXAMPLES, window=128, batch_size=5, progress=False)
     for example, s in zip(EXAMPLES, scores):
         assert s.logprob == pytest.approx(brute_force(model, example), abs=1e-4)
-        assert s.chars == [len(" " + e) for e in example.endings]
+        assert s.chars == [len(e) for e in example.endings]
     result = hellaswag.accuracies(scores)
     picks = []
     for e in EXAMPLES:
         sums = brute_force(model, e)
-        picks.append(max(range(4), key=lambda i: sums[i] / len(" " + e.endings[i])))
+        picks.append(max(range(4), key=lambda i: sums[i] / len(e.endings[i])))
     assert result["accuracy"] == sum(p == e.label for p, e in zip(picks, EXAMPLES)) / 3
     assert result["n"] == 3
 
@@ -160,3 +160,45 @@ def test_unknown_task_and_offline_download_are_one_line(checkpoint, tmp_path, mo
     assert eval_cli.main([str(checkpoint), "--task", "hellaswag"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "offline?" in err and "--data" in err
+
+
+@pytest.mark.parametrize("kind", ["text", "foreign_safetensors", "torch_tensor"])
+def test_a_checkpoint_of_another_format_is_one_line(kind, tmp_path, capsys):
+    data = tmp_path / "hs.jsonl"
+    data.write_text(json.dumps({"ctx": "a", "endings": ["b", "c"], "label": 0}) + "\n")
+    if kind == "text":
+        path = tmp_path / "step_000001.pt"
+        path.write_text("not a checkpoint")
+    elif kind == "foreign_safetensors":  # e.g. a Hugging Face model's weights: no muongpt config
+        from safetensors.torch import save_file
+
+        path = tmp_path / "model.safetensors"
+        save_file({"wte.weight": torch.zeros(4, 2)}, str(path))
+    else:
+        path = tmp_path / "weights.pt"
+        torch.save(torch.zeros(3), path)
+    argv = [str(path), "--task", "hellaswag", "--data", str(data), "--no-progress"]
+    assert eval_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "not a muongpt" in err
+
+
+def test_shakespeare_mc_builder_uses_only_held_out_text_and_is_reproducible():
+    import importlib.util
+
+    from muongpt.assets import TINY_SHAKESPEARE
+
+    path = hellaswag.Path(__file__).resolve().parents[1] / "benchmarks" / "shakespeare_mc.py"
+    spec = importlib.util.spec_from_file_location("shakespeare_mc", path)
+    mc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mc)
+    examples = mc.build(40, seed=1)
+    assert examples == mc.build(40, seed=1) and len(examples) == 40
+    text = TINY_SHAKESPEARE.read_text()
+    tail = mc.held_out_text()
+    assert text.endswith(tail) and len(tail) < 0.11 * len(text)
+    for e in examples:
+        parsed = hellaswag.parse_example(json.dumps(e), "built")
+        right = parsed.ctx + " " + parsed.endings[parsed.label]
+        assert right in tail  # the true continuation, verbatim
+        assert sum(parsed.ctx + " " + x in tail for x in parsed.endings) == 1

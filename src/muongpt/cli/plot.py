@@ -7,7 +7,9 @@ multirun sweep folder (``runs/multirun/<stamp>``) stands for all its sub-runs; a
 not a run (no metrics yet, e.g. a run that failed at start-up) is skipped with a warning.
 
 Output: one PNG with loss against step, tokens and training time, and a Markdown table of final
-figures, printed and optionally written to a file. Train loss is drawn smoothed (an exponential
+figures, printed and optionally written to a file. The evaluations ``muongpt eval`` recorded in a
+run's ``evals.jsonl`` (e.g. ``eval/hellaswag``) join the table, their latest value per run;
+``--metric KEY`` plots instead any one key of metrics.jsonl or evals.jsonl against step. Train loss is drawn smoothed (an exponential
 moving average, ``--smooth``) over the raw per-batch losses in faint colour; val loss is markers;
 the unigram entropy (the loss of a model that ignores context) is a dashed grey line. Runs differ
 in colour, line style and marker, so identical runs stay visible on top of each other. Legends
@@ -47,10 +49,21 @@ class Run:
     max_steps: int | None = None
     label: str = ""
     entropy: float | None = None  # unigram entropy of the training tokens, once known
+    evals: list[dict] = field(default_factory=list)  # RUN/evals.jsonl: muongpt eval's records
 
     def series(self, x_key: str, y_key: str) -> tuple[list[float], list[float]]:
         points = [(r[x_key], r[y_key]) for r in self.records if x_key in r and y_key in r]
         return [p[0] for p in points], [p[1] for p in points]
+
+    def metric_series(self, key: str) -> tuple[list[float], list[float]]:
+        """``key`` against step from metrics.jsonl and evals.jsonl, in step order; an evaluation
+        of a step repeated later replaces the earlier one."""
+        points = {}
+        for r in [*self.records, *self.evals]:
+            if _number(r.get("step")) and _number(r.get(key)):
+                points[r["step"]] = r[key]
+        steps = sorted(points)
+        return steps, [points[s] for s in steps]
 
     def last(self, key: str):
         return next((r[key] for r in reversed(self.records) if key in r), None)
@@ -59,6 +72,10 @@ class Run:
         """Train loss as an exponential moving average over the logged steps."""
         xs, ys = self.series(x_key, "train_loss")
         return xs, ema(ys, beta)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def ema(values: list[float], beta: float) -> list[float]:
@@ -114,7 +131,17 @@ def load_run(path: Path) -> Run:
     overrides = [str(o) for o in overrides if not str(o).startswith(("hydra.", "experiment="))]
     max_steps = (config.get("training") or {}).get("max_steps")
     experiment = str(config.get("experiment_name", path.name))
-    return Run(path, records, experiment, overrides, max_steps, entropy=_entropy(path))
+    from muongpt.evals.runlog import read_evals
+
+    return Run(
+        path,
+        records,
+        experiment,
+        overrides,
+        max_steps,
+        entropy=_entropy(path),
+        evals=read_evals(path),
+    )
 
 
 def _entropy(path: Path) -> float | None:
@@ -294,15 +321,51 @@ def plot_runs(runs: list[Run], title: str = "", beta: float = 0.9, log_scale: bo
     return fig
 
 
+def plot_metric(runs: list[Run], key: str, title: str = ""):
+    """One panel: ``key`` against step, a line with markers per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, run in enumerate(runs):
+        ax.plot(*run.metric_series(key), mfc="white", ms=5, label=run.label, **run_style(i))
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.03)
+    ax.legend(fontsize=8, frameon=False)
+    if title:
+        ax.set_title("\n".join(textwrap.wrap(title, 100)), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def metric_keys(runs: list[Run]) -> list[str]:
+    """Every numeric key the runs logged (metrics.jsonl and evals.jsonl), step excepted."""
+    keys = {k for r in runs for rec in [*r.records, *r.evals] for k, v in rec.items() if _number(v)}
+    return sorted(keys - {"step"})
+
+
 def _fmt(value, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def summary_table(runs: list[Run], beta: float = 0.9) -> str:
+def summary_table(runs: list[Run], beta: float = 0.9, also: tuple[str, ...] = ()) -> str:
     """Markdown table of each run's final figures (a run in progress shows step / max_steps);
-    the train loss is the smoothed one (one batch's loss swings too much to compare)."""
+    the train loss is the smoothed one (one batch's loss swings too much to compare). Then a
+    column per ``eval/`` figure in the runs' evals.jsonl and per key in ``also``: its value at
+    the highest step."""
+    from muongpt.evals.runlog import latest
+
+    extra = sorted({k for r in runs for k in latest(r.evals)})
+    extra += [k for k in also if k not in extra]
     head = "| run | steps | tokens | time (s) | tokens/s | train loss (EMA) | val loss | peak mem (GB) |"
-    lines = [head, "|" + "---|" * 8]
+    head += "".join(f" {k} |" for k in extra)
+    lines = [head, "|" + "---|" * (8 + len(extra))]
     for r in runs:
         step, tokens, seconds = r.last("step"), r.last("tokens"), r.last("elapsed_s")
         steps = str(step)
@@ -320,6 +383,9 @@ def summary_table(runs: list[Run], beta: float = 0.9) -> str:
             _fmt(r.last("val_loss"), ".4f"),
             _fmt(mem, ".2f"),
         ]
+        for key in extra:
+            values = r.metric_series(key)[1]
+            cells.append(_fmt(values[-1] if values else None, ".4f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -335,6 +401,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--table", default=None, metavar="MD", help="also write the table to this file")
     p.add_argument("--log-scale", action="store_true", help="logarithmic loss axis")
     p.add_argument(
+        "--metric",
+        default=None,
+        metavar="KEY",
+        help="plot this key of metrics.jsonl or evals.jsonl against step (e.g. eval/hellaswag)",
+    )
+    p.add_argument(
         "--smooth", type=float, default=0.9, metavar="BETA", help="EMA of train loss (0: raw)"
     )
     args = p.parse_args(argv)
@@ -343,12 +415,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def default_out(paths: list[Path]) -> Path:
+def default_out(paths: list[Path], name: str = DEFAULT_PNG) -> Path:
     """RUN/loss.png for one run; for several, loss.png in the deepest folder holding them all."""
     if len(paths) == 1:
-        return paths[0] / DEFAULT_PNG
+        return paths[0] / name
     common = Path(os.path.commonpath([p.absolute() for p in paths]))
-    return common / DEFAULT_PNG
+    return common / name
 
 
 def save_figure(fig, out: Path) -> None:
@@ -370,15 +442,21 @@ def run(args: argparse.Namespace) -> str:
     paths = find_runs(args.runs)
     runs = [load_run(p) for p in paths]
     common = label_runs(runs)
-    out = Path(args.out) if args.out else default_out(paths)
-    fig = plot_runs(
-        runs,
-        title=("shared overrides: " + ", ".join(common)) if common else "",
-        beta=args.smooth,
-        log_scale=args.log_scale,
-    )
+    title = ("shared overrides: " + ", ".join(common)) if common else ""
+    if args.metric is not None:
+        known = metric_keys(runs)
+        if args.metric not in known:
+            raise MuonGPTError(
+                f"--metric {args.metric}: no run logged it (known: {', '.join(known)})"
+            )
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in args.metric) + ".png"
+        out = Path(args.out) if args.out else default_out(paths, name)
+        fig = plot_metric(runs, args.metric, title)
+    else:
+        out = Path(args.out) if args.out else default_out(paths)
+        fig = plot_runs(runs, title=title, beta=args.smooth, log_scale=args.log_scale)
     save_figure(fig, out)
-    table = summary_table(runs, args.smooth)
+    table = summary_table(runs, args.smooth, (args.metric,) if args.metric else ())
     if args.table:
         write_text(args.table, table + "\n", "--table")
     print(table)

@@ -3,7 +3,8 @@
 At the end of a run the trainer writes ``summary.json`` into the run folder (final numbers,
 parameters, machine, command, the sample) and calls ``write_report``. Everything here reads only
 the run folder's files: ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and any
-``eval*.json`` that ``muongpt eval --json RUN/eval.json`` left there, so ``muongpt report`` can
+``eval*.json`` that ``muongpt eval --json RUN/eval.json`` left there and ``evals.jsonl`` (the
+downstream evaluations ``muongpt eval RUN --task/--harness`` recorded), so ``muongpt report`` can
 regenerate the report of any run later (a run without ``summary.json``, unfinished or older,
 gets what its metrics say). Beside ``report.md`` goes ``val_loss.png``: the loss curve.
 
@@ -204,6 +205,32 @@ def eval_section(evals: list[tuple[str, dict]]) -> list[str]:
     return [*lines, ""]
 
 
+def downstream_section(records: list[dict]) -> list[str]:
+    """One row per figure of each record in RUN/evals.jsonl, in step order."""
+    from muongpt.evals.runlog import figures
+
+    rows = []
+    for record in sorted(records, key=lambda r: _num_or(r.get("step"), -1)):
+        for key, value in figures(record).items():
+            cells = [
+                str(record.get("step", "—")),
+                _cell(record.get("checkpoint", "—")),
+                key,
+                _num(value, ".4f"),
+                _num(record.get("n"), ","),
+                _cell(Path(str(record["data"])).name) if record.get("data") else "—",
+            ]
+            rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    head = ["## Downstream evaluation", "", "| step | checkpoint | figure | value | n | data |"]
+    return [*head, "|---|---|---|---|---|---|", *rows, ""]
+
+
+def _num_or(value, default):
+    return value if isinstance(value, (int, float)) else default
+
+
 def curve_figure(run, entropy: float | None):
     """One panel: smoothed train loss (raw faint), val loss markers, the unigram entropy."""
     import matplotlib
@@ -247,6 +274,7 @@ def write_report(run_dir: str | Path) -> Path:
     lines += [f"| {k} | {_cell(v)} |" for k, v in facts_table(run, summary)]
     lines += ["", f"![loss curve]({CURVE})", ""]
     lines += eval_section(read_evals(run_dir))
+    lines += downstream_section(run.evals)
     if summary.get("sample"):
         lines += ["## Sample", "", "```text", summary["sample"].strip("\n"), "```", ""]
     return write_text(run_dir / REPORT, "\n".join(lines), REPORT)
@@ -259,11 +287,14 @@ def _cell(value) -> str:
 def compare_table(run_dirs: list[Path]) -> str:
     """One Markdown row per run: the figures that tell runs apart."""
     from muongpt.cli.plot import label_runs, load_run
+    from muongpt.evals.runlog import latest
 
     runs = [load_run(d) for d in run_dirs]
     label_runs(runs)
+    evals = sorted({k for run in runs for k in latest(run.evals)})  # a column per eval figure
     head = "| run | steps | tokens | time (s) | tokens/s | val loss | unigram entropy | params | device |"
-    lines = [head, "|" + "---|" * 9]
+    head += "".join(f" {k} |" for k in evals)
+    lines = [head, "|" + "---|" * (9 + len(evals))]
     for run in runs:
         s = read_summary(run.path)
         rows = dict(facts_table(run, s))
@@ -279,6 +310,8 @@ def compare_table(run_dirs: list[Path]) -> str:
             _num(s.get("params"), ","),
             str(s.get("device", "—")),
         ]
+        found = latest(run.evals)
+        cells += [_num(found.get(k), ".4f") for k in evals]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

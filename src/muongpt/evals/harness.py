@@ -5,7 +5,7 @@ an ``lm_eval.api.model.LM`` registered as ``muongpt`` (``pip install 'muongpt[ha
 
 - ``loglikelihood(context, continuation)``: sum of log p(continuation tokens | context) and
   whether greedy decoding would produce them; the sequence is ``[end-of-text] + context +
-  continuation``, cut from the left to the window.
+  continuation``, cut from the left to the window (said once, on stderr).
 - ``loglikelihood_rolling(text)``: log p of ``[end-of-text] + text`` token by token, in
   consecutive windows of ``window`` predicted tokens; the last window takes as much earlier
   context as fits (lm-evaluation-harness's rolling windows). Each token is predicted once.
@@ -15,16 +15,16 @@ an ``lm_eval.api.model.LM`` registered as ``muongpt`` (``pip install 'muongpt[ha
 
 from __future__ import annotations
 
-import torch
+import sys
 
 from muongpt import MuonGPTError
-from muongpt.evals.hellaswag import ending_logprobs
+from muongpt.evals.hellaswag import ending_scores
 
 DEFAULT_MAX_GEN_TOKS = 256
 
 
 class Scorer:
-    def __init__(self, model, window: int, batch_size: int = 16, autocast: bool = False):
+    def __init__(self, model, window: int, batch_size: int = 16, autocast: bool = False, warn=None):
         if window < 1 or batch_size < 1:
             raise MuonGPTError(f"window and batch size must be >= 1, got {window}, {batch_size}")
         self.model, self.window, self.batch_size, self.autocast = (
@@ -33,6 +33,8 @@ class Scorer:
             batch_size,
             autocast,
         )
+        self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
+        self.warned = False  # the left cut of long contexts is said once per run
 
     def rows_logprobs(self, rows: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
         """(sum log p, all greedy) of the last n tokens of each sequence, batched by length."""
@@ -40,27 +42,24 @@ class Scorer:
         out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            batch = [rows[i] for i in chunk]
-            sums = ending_logprobs(self.model, batch, self.autocast)
-            for i, value, greedy in zip(chunk, sums, self.greedy(batch)):
-                out[i] = (value, greedy)
+            sums, greedy = ending_scores(self.model, [rows[i] for i in chunk], self.autocast)
+            for i, value, flag in zip(chunk, sums, greedy):
+                out[i] = (value, flag)
         return out
-
-    @torch.no_grad()
-    def greedy(self, rows: list[tuple[list[int], int]]) -> list[bool]:
-        flags = []
-        for seq, n in rows:  # one row at a time: a second pass only for the argmax check
-            ids = torch.tensor([seq], device=self.model.embed.weight.device)
-            best = self.model(ids[:, :-1])[0, -n:].argmax(-1) if n else ids[0, :0]
-            flags.append(bool((best == ids[0, len(seq) - n :]).all()))
-        return flags
 
     def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
         from muongpt.data.tokenizer import EOT_TOKEN, encode
         from muongpt.evals.hellaswag import fit_window
 
-        rows = [fit_window([EOT_TOKEN] + encode(c), encode(x), self.window) for c, x in pairs]
-        return self.rows_logprobs(rows)
+        seqs = [([EOT_TOKEN] + encode(c), encode(x)) for c, x in pairs]
+        long = sum(len(c) + len(x) > self.window + 1 for c, x in seqs)
+        if long and not self.warned:
+            self.warned = True
+            self.warn(
+                f"{long} of {len(seqs)} requests are longer than the model's window "
+                f"({self.window} tokens): their contexts were cut from the left"
+            )
+        return self.rows_logprobs([fit_window(c, x, self.window) for c, x in seqs])
 
     def loglikelihood_rolling(self, texts: list[str]) -> list[float]:
         from muongpt.data.tokenizer import EOT_TOKEN, encode
@@ -87,7 +86,15 @@ class Scorer:
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             limit = int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
-            prompt = ([EOT_TOKEN] + encode(context))[-max(1, self.window - limit) :]
+            prompt = [EOT_TOKEN] + encode(context)
+            keep = max(1, self.window - limit)
+            if len(prompt) > keep and not self.warned:
+                self.warned = True
+                self.warn(
+                    f"a prompt plus max_gen_toks is longer than the model's window "
+                    f"({self.window} tokens): prompts were cut from the left"
+                )
+            prompt = prompt[-keep:]
             tokens: list[int] = []
             text = ""
             for token in generate_tokens(self.model, prompt, limit, temperature=0):
@@ -122,12 +129,14 @@ def lm_eval_model():
             super().__init__()
             from muongpt.generate import load_model, resolve_device
 
+            self.state: dict = {}  # the checkpoint's step and tokens, for RUN/evals.jsonl
             if model is None:
                 if checkpoint is None:
                     raise MuonGPTError("model_args: give checkpoint=PATH")
                 dev = resolve_device(str(device))
-                model, state = load_model(checkpoint, dev)
-                window = window or (state["config"].get("training") or {}).get("seq_len", 1024)
+                model, self.state = load_model(checkpoint, dev)
+                training = self.state["config"].get("training") or {}
+                window = window or training.get("seq_len", 1024)
                 autocast = dev.type == "cuda"
             else:
                 autocast = False

@@ -6,7 +6,7 @@ log-probabilities of its tokens given the context (the sequence fed to the model
 end-of-text token). Two accuracies, as lm-evaluation-harness defines them:
 
     accuracy_raw  argmax over endings of  sum log p(ending tokens | context)          (acc)
-    accuracy      argmax over endings of  sum log p(...) / characters of " " + ending  (acc_norm)
+    accuracy      argmax over endings of  sum log p(...) / characters of the ending    (acc_norm)
 
 ``accuracy_token_norm`` (the sum divided by the ending's token count, as nanoGPT-style scripts
 report) is given too. A sequence longer than the model's window keeps its last ``window + 1``
@@ -134,10 +134,11 @@ def fit_window(context: list[int], ending: list[int], window: int) -> tuple[list
 
 
 @torch.no_grad()
-def ending_logprobs(
+def ending_scores(
     model, rows: list[tuple[list[int], int]], autocast: bool = False
-) -> list[float]:
-    """Sum of log p(token | everything before it) over the last ``n`` tokens of each row."""
+) -> tuple[list[float], list[bool]]:
+    """Per row: the sum of log p(token | everything before it) over its last ``n`` tokens, and
+    whether each of those tokens is the model's argmax (greedy decoding would produce them)."""
     device = model.embed.weight.device
     length = max(len(seq) for seq, _ in rows)
     ids = torch.zeros(len(rows), length, dtype=torch.long)
@@ -148,9 +149,18 @@ def ending_logprobs(
     ids, scored = ids.to(device), scored.to(device)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with ctx:
-        logits = model(ids[:, :-1])
-    logp = F.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-    return (logp.double() * scored).sum(-1).tolist()
+        logits = model(ids[:, :-1]).float()
+    targets = ids[:, 1:]
+    logp = F.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
+    hit = (logits.argmax(-1) == targets) | ~scored
+    return (logp.double() * scored).sum(-1).tolist(), hit.all(-1).tolist()
+
+
+def ending_logprobs(
+    model, rows: list[tuple[list[int], int]], autocast: bool = False
+) -> list[float]:
+    """Sum of log p(token | everything before it) over the last ``n`` tokens of each row."""
+    return ending_scores(model, rows, autocast)[0]
 
 
 def score(
@@ -174,7 +184,7 @@ def score(
         for ending in endings:
             rows.append(fit_window(context, ending, window))
             owners.append(k)
-        chars = [len(" " + e) for e in example.endings]
+        chars = [len(e) for e in example.endings]  # lm-eval: the choice, not the space before it
         results.append(Scores([], chars, [len(e) for e in endings], example.label))
     if truncated:
         warn(

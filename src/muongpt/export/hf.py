@@ -29,6 +29,7 @@ import torch
 
 from muongpt import MuonGPTError, __version__
 from muongpt.assets import ASSETS_DIR, GPT2_MERGES, GPT2_TIKTOKEN
+from muongpt.evals.runlog import run_dir_of
 from muongpt.model.gpt import GPT, GPTConfig
 
 HF_FILES = Path(__file__).resolve().parent / "hf_files"
@@ -159,12 +160,6 @@ def write_tokenizer(out: Path, seq_len: int) -> None:
 
 
 # ---------------------------------------------------------------- the run it came from
-def run_dir_of(checkpoint: Path) -> Path | None:
-    """The run directory of ``run/checkpoints/step_N.pt`` (or of its model.safetensors)."""
-    folder = checkpoint.resolve().parent
-    return folder.parent if folder.name == "checkpoints" else None
-
-
 def read_metrics(run_dir: Path | None, step: int | None) -> dict:
     """The last val loss and token count logged at or before ``step`` in metrics.jsonl."""
     found: dict = {}

@@ -409,7 +409,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> 
     checkpoint = Path(checkpoint)
     state = load_checkpoint(checkpoint)
     out = Path(out) if out is not None else checkpoint.with_name(EXPORT_NAME)
-    meta = {"step": state.get("step"), "config": state["config"]}
+    meta = {
+        "step": state.get("step"),
+        "tokens_seen": state.get("tokens_seen"),
+        "config": state["config"],
+    }
     return export_safetensors(state["model"], out, meta)
 
 

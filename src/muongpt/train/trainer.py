@@ -488,7 +488,11 @@ class Trainer:
             self.sample_model = build_model(self.model_config)
             self.sample_model.load_state_dict(weights)
         if self.cfg.training.export_safetensors:
-            meta = {"step": self.step, "config": OmegaConf.to_container(self.cfg, resolve=True)}
+            meta = {
+                "step": self.step,
+                "tokens_seen": self.tokens_seen,
+                "config": OmegaConf.to_container(self.cfg, resolve=True),
+            }
             export = path.with_name(ckpt.EXPORT_NAME)
             ckpt.export_safetensors(weights or self.model.state_dict(), export, meta)
             self.log(f"weights only: {export}")
