@@ -7,7 +7,9 @@ The parameters are those of muongpt's GPT d12 (built directly, no forward pass):
 with q, k, v, proj 768x768 (the model keeps q, k, v separate), mlp fc 3072x768 and mlp proj
 768x3072; embed and lm_head 50304x768. Gradients are fixed random tensors. Entries:
 
-- muongpt Muon (polar_express, and classic) over the 72 block matrices
+- muongpt Muon (polar_express, and classic) over the 72 block matrices; on CUDA also polar_express
+  with the Newton-Schulz Gram products as plain cuBLAS bmm instead of the symmetric Triton kernel
+  (``kernels/newton_schulz.py``), to show what the kernel itself buys
 - torch.optim.Muon (torch >= 2.9; it loops over the matrices one by one) over the same matrices
 - torch.optim.AdamW fused, over every parameter
 - muongpt SOAP over the block matrices (refresh every 10 steps: median = a plain step,
@@ -27,6 +29,7 @@ import gc
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,6 +38,8 @@ import torch
 from torch import nn
 
 from muongpt.optim import SOAP, Muon, MuonConfig, SOAPConfig, build_optimizer
+
+ns_module = sys.modules["muongpt.optim.newton_schulz"]  # the package exports the function by name
 
 
 class ParamSet(nn.Module):
@@ -103,6 +108,19 @@ def time_steps(step, device: torch.device, warmup: int, steps: int) -> list[floa
     return times
 
 
+KERNEL_USABLE = getattr(ns_module, "kernel_usable", None)  # None: a version without the kernel
+
+
+def without_gram_kernel(make):
+    """``make``, with Newton-Schulz's Gram products on torch.bmm / baddbmm while it runs."""
+
+    def patched():
+        ns_module.kernel_usable = lambda x: False
+        return make()
+
+    return patched
+
+
 def run_entry(name, make, params, device, args) -> dict:
     gc.collect()
     if device.type == "cuda":
@@ -112,6 +130,8 @@ def run_entry(name, make, params, device, args) -> dict:
     opt = make()
     optimizers = getattr(opt, "optimizers", [opt])
     times = time_steps(opt.step, device, args.warmup, args.steps)
+    if KERNEL_USABLE is not None:
+        ns_module.kernel_usable = KERNEL_USABLE  # undo an entry's patch
     result = {
         "name": name,
         "tensors": len(params),
@@ -159,6 +179,14 @@ def main() -> None:
             matrices,
         ),
     ]
+    if device.type == "cuda" and KERNEL_USABLE is not None:
+        entries.append(
+            (
+                "muongpt Muon pe, bmm Gram",
+                without_gram_kernel(lambda: Muon(matrices, lr=0.05)),
+                matrices,
+            )
+        )
     if hasattr(torch.optim, "Muon"):
         entries.append(
             (
