@@ -110,10 +110,13 @@ if triton is not None:
             tl.store(out + offs_t, tl.trans(res), mask=inside_t)
 
 
-def symmetric_gram(y: Tensor, c: Tensor | None = None, alpha=1.0, beta=0.0) -> Tensor:
+def symmetric_gram(
+    y: Tensor, c: Tensor | None = None, alpha=1.0, beta=0.0, launch: tuple | None = None
+) -> Tensor:
     """alpha Y Y^T + beta C for a batch Y (b, m, k) and symmetric C (b, m, m); Y's dtype.
 
-    The Triton kernel where ``kernel_usable(y)``, else PyTorch."""
+    The Triton kernel where ``kernel_usable(y)``, else PyTorch. ``launch`` overrides ``LAUNCH``
+    (benchmarks/newton_schulz_kernel.py times the alternatives)."""
     if not kernel_usable(y):
         return symmetric_gram_torch(y, c, alpha, beta)
     batch, m, k = y.shape
@@ -122,7 +125,7 @@ def symmetric_gram(y: Tensor, c: Tensor | None = None, alpha=1.0, beta=0.0) -> T
         return out
     if c is not None:
         c = c.contiguous()
-    block, block_k, stages, warps = LAUNCH
+    block, block_k, stages, warps = launch or LAUNCH
     if interpreting():  # small tiles: the interpreter runs numpy per program
         block, block_k = 16, 16
     tiles = triton.cdiv(m, block)
