@@ -112,10 +112,10 @@ def orthogonal_update(
 
 def apply_update(weights: list[Tensor], update: Tensor, group: dict, scale: float = 1.0) -> None:
     """W <- W - lr * scale * update, after the (cautious) decoupled weight decay; ``update``
-    stacks one matrix per weight (any strides, any dtype: it is copied once to the weights')."""
+    stacks one matrix per weight (any strides; in its own dtype, e.g. bf16: the add reads it as
+    it is, in the weights' precision, rather than from an fp32 copy)."""
     lr, wd = group["lr"], group["weight_decay"]
-    update = update.to(weights[0].dtype, memory_format=torch.contiguous_format)
-    updates = update.view(len(weights), *weights[0].shape).unbind(0)
+    updates = update.contiguous().view(len(weights), *weights[0].shape).unbind(0)
     if wd != 0 and group["cautious_wd"]:  # scale > 0: the signs of update are the step's
         for w, d in zip(weights, updates):
             w.addcmul_(w, (w * d > 0).to(w.dtype), value=-lr * wd)
