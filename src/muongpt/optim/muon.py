@@ -257,14 +257,16 @@ class Muon(torch.optim.Optimizer):
         bufs = [s["momentum_buffer"] for s in states]
         grads = [p.grad.to(bufs[0].dtype) for p in params]
         torch._foreach_lerp_(bufs, grads, 1 - beta)  # m <- beta m + (1 - beta) g
-        updates = torch._foreach_lerp(grads, bufs, beta) if group["nesterov"] else bufs
 
-        # the Newton-Schulz input, written once: cast to ns_dtype and oriented wide by the copy
+        # the Newton-Schulz input, written once: cast to ns_dtype and oriented wide on the way
         wide = wide_view(params[0], talls[0]).shape
         stack = torch.empty(len(params), *wide, dtype=self.ns_dtype, device=params[0].device)
-        torch._foreach_copy_(
-            list(stack.unbind(0)), [wide_view(u, t) for u, t in zip(updates, talls)]
-        )
+        slots = stack.unbind(0)
+        if group["nesterov"]:  # u <- (1 - beta) g + beta m, straight into the stack
+            for slot, g, m, t in zip(slots, grads, bufs, talls):
+                torch.lerp(wide_view(g, t), wide_view(m, t), beta, out=slot)
+        else:
+            torch._foreach_copy_(list(slots), [wide_view(m, t) for m, t in zip(bufs, talls)])
         ortho = newton_schulz(
             stack, group["ns_steps"], group["ns_coefficients"], dtype=self.ns_dtype
         )
