@@ -70,10 +70,11 @@ def newton_schulz(
         raise OptimizerError(f"ns steps must be >= 1, got {steps}")
     table, safety = coefficient_schedule(coefficients, steps)
     batch_shape = G.shape[:-2]
-    X = G.reshape(-1, G.size(-2), G.size(-1)).to(dtype)
+    X = G.reshape(-1, G.size(-2), G.size(-1))
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
+    X = X.to(dtype, memory_format=torch.contiguous_format)  # one copy, cast and wide in memory
     norm = X.norm(dim=(-2, -1), keepdim=True)
     X = X / (norm * safety + eps)
     triangle = X.is_cuda and kernel_usable(X)
