@@ -5,11 +5,11 @@
 The products of one Newton-Schulz step on the d12 hidden matrices in the wide orientation (48 of
 768 x 768, 24 of 768 x 3072), bf16:
 
-- gram: A = X X^T, the kernel (one triangle of tiles) for each launch shape of ``CONFIGS``, and
-  torch.bmm (cuBLAS, the whole product);
+- gram: A = X X^T, the kernel (one triangle of tiles; "pointer" and "tma") for each launch shape
+  of ``CONFIGS``, and torch.bmm (cuBLAS, the whole product);
 - poly: B = b A + c A A^T, the kernel against torch.baddbmm;
-- ns: a whole 5-step Polar Express newton_schulz of each stack, through the kernel and through
-  bmm / baddbmm.
+- ns: a whole 5-step Polar Express newton_schulz of each stack, through each kernel (default
+  launch shape) and through bmm / baddbmm.
 
 TFLOP/s counts the full product's 2 m^2 k flops for both (so the kernel can pass the GEMM's peak).
 Every kernel output is checked against the fp32 product. CUDA events, median of --iters after
@@ -85,18 +85,24 @@ def main() -> None:
         add("gram", name, "torch.bmm", time_ms(bmm, args), gram_flops)
         baddbmm = partial(torch.baddbmm, a, a, a, beta=-2.8, alpha=0.5)
         add("poly", name, "torch.baddbmm", time_ms(baddbmm, args), poly_flops)
-        for cfg in CONFIGS:
-            label = "kernel {}x{}x{} s{} w{}".format(cfg[0], cfg[0], *cfg[1:])
-            gram = partial(K.symmetric_gram, x, launch=cfg)
-            poly = partial(K.symmetric_gram, a, a, 0.5, -2.8, launch=cfg)
-            try:
-                add("gram", name, label, time_ms(gram, args), gram_flops, rel_err(gram(), ref_gram))
-                add("poly", name, label, time_ms(poly, args), poly_flops, rel_err(poly(), ref_poly))
-            except Exception as e:  # a launch shape that does not fit (shared memory)
-                print(f"{name} {label}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+        for kernel in K.KERNELS:
+            for cfg in CONFIGS:
+                label = "{} {}x{}x{} s{} w{}".format(kernel, cfg[0], cfg[0], *cfg[1:])
+                gram = partial(K.symmetric_gram, x, launch=cfg, kernel=kernel)
+                poly = partial(K.symmetric_gram, a, a, 0.5, -2.8, launch=cfg, kernel=kernel)
+                try:
+                    err = rel_err(gram(), ref_gram)
+                    add("gram", name, label, time_ms(gram, args), gram_flops, err)
+                    err = rel_err(poly(), ref_poly)
+                    add("poly", name, label, time_ms(poly, args), poly_flops, err)
+                except Exception as e:  # a launch shape that does not fit (shared memory)
+                    print(f"{name} {label}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
         ns_flops = 5 * (gram_flops + poly_flops + 2 * b * m * m * k)
         ns = partial(newton_schulz, x, 5, "polar_express")
-        add("ns", name, "kernel", time_ms(ns, args), ns_flops)
+        for kernel in K.KERNELS:
+            K.KERNEL, default = kernel, K.KERNEL
+            add("ns", name, f"{kernel} kernel", time_ms(ns, args), ns_flops)
+            K.KERNEL = default
         usable = NS.kernel_usable
         NS.kernel_usable = lambda t: False
         add("ns", name, "bmm", time_ms(ns, args), ns_flops)

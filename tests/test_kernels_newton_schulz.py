@@ -36,29 +36,31 @@ def case(batch, m, k, device="cpu", dtype=torch.float32, seed=0):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("shape", [(3, 40, 24), (2, 32, 48), (1, 5, 7)])
-def test_interpreter_symmetric_gram_matches_torch(shape):
+@pytest.mark.parametrize("kernel", K.KERNELS)
+@pytest.mark.parametrize("shape", [(3, 40, 24), (2, 32, 48), (1, 5, 7), (2, 48, 20)])
+def test_interpreter_symmetric_gram_matches_torch(shape, kernel):
     y, c = case(*shape)
     assert K.kernel_usable(y)
     expected = K.symmetric_gram_torch(y.double(), c.double(), alpha=-2.5, beta=0.75)
-    out = K.symmetric_gram(y, c, alpha=-2.5, beta=0.75)
+    out = K.symmetric_gram(y, c, alpha=-2.5, beta=0.75, kernel=kernel)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(out, out.mT)  # mirrored tiles: exactly symmetric
-    plain = K.symmetric_gram(y.mT.contiguous().mT)  # strided input, no C
+    plain = K.symmetric_gram(y.mT.contiguous().mT, kernel=kernel)  # strided input, no C
     torch.testing.assert_close(plain.double(), y.double() @ y.double().mT, rtol=1e-5, atol=1e-5)
 
 
 @needs_gpu
+@pytest.mark.parametrize("kernel", K.KERNELS)
 @pytest.mark.parametrize("shape", [(8, 768, 768), (4, 768, 3072), (3, 200, 72)])
-def test_cuda_symmetric_gram_bf16(shape):
+def test_cuda_symmetric_gram_bf16(shape, kernel):
     y, c = case(*shape, device="cuda", dtype=torch.bfloat16)
     assert K.kernel_usable(y)
     expected = K.symmetric_gram_torch(y.double(), c.double(), alpha=0.5, beta=-2.0)
-    out = K.symmetric_gram(y, c, alpha=0.5, beta=-2.0)
+    out = K.symmetric_gram(y, c, alpha=0.5, beta=-2.0, kernel=kernel)
     assert out.dtype == torch.bfloat16 and out.shape == (shape[0], shape[1], shape[1])
     assert rel_err(out, expected) < 1e-2  # one bf16 rounding of an fp32 accumulator
     assert torch.equal(out, out.mT)
-    gram = K.symmetric_gram(y.mT.contiguous().mT)  # a transposed (strided) input
+    gram = K.symmetric_gram(y.mT.contiguous().mT, kernel=kernel)  # a transposed (strided) input
     assert rel_err(gram, y.double() @ y.double().mT) < 1e-2
 
 

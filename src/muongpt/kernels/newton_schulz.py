@@ -20,6 +20,7 @@ tests) and the same math in PyTorch elsewhere; ``kernel_usable`` says whether th
 from __future__ import annotations
 
 import os
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -30,9 +31,20 @@ try:  # Triton ships with CUDA builds of PyTorch; CPU builds may lack it
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
+try:  # host-side TMA descriptors: Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton, or none
+    TensorDescriptor = None
+
 # (BLOCK, BLOCK_K, num_stages, num_warps): 128 x 128 output tiles, the usual Hopper bf16 shape.
 LAUNCH = (128, 64, 4, 8)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+# "pointer": one program per tile, pipelined plain loads (any GPU Triton runs on). "tma" (Hopper+):
+# persistent, one program per SM looping over the tiles, operands and stores through TMA
+# descriptors; used where m is a multiple of BLOCK (tiles never straddle two matrices of the
+# flattened batch), else the pointer kernel runs.
+KERNEL = "pointer"
+KERNELS = ("pointer", "tma")
 
 
 def interpreting() -> bool:
@@ -109,14 +121,65 @@ if triton is not None:
             inside_t = (rn[:, None] < M) & (rm[None, :] < M)
             tl.store(out + offs_t, tl.trans(res), mask=inside_t)
 
+    @triton.jit
+    def _symmetric_gram_tma_kernel(
+        y_desc, c_desc, out_desc, M, K, batches, alpha, beta,
+        HAS_C: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+        NUM_PROGRAMS: tl.constexpr,
+    ):  # fmt: skip
+        # Persistent: program p computes tiles p, p + NUM_PROGRAMS, ... of the upper triangles,
+        # matrix by matrix. Descriptors: y (B * M, K), c and out (B * M, M); M % BLOCK == 0. TMA
+        # zero-fills reads past K.
+        side = M // BLOCK
+        per_matrix = side * (side + 1) // 2
+        for tile in tl.range(tl.program_id(0), per_matrix * batches, NUM_PROGRAMS):
+            batch = tile // per_matrix
+            pid_m, pid_n = _upper_tile(tile % per_matrix)
+            row_m = batch * M + pid_m * BLOCK
+            row_n = batch * M + pid_n * BLOCK
+            acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+            for kk in range(tl.cdiv(K, BLOCK_K)):
+                a_tile = y_desc.load([row_m, kk * BLOCK_K])
+                b_tile = y_desc.load([row_n, kk * BLOCK_K])
+                acc = tl.dot(a_tile, tl.trans(b_tile), acc)
+            acc = acc * alpha
+            if HAS_C:
+                acc += beta * c_desc.load([row_m, pid_n * BLOCK]).to(tl.float32)
+            res = acc.to(out_desc.dtype)
+            out_desc.store([row_m, pid_n * BLOCK], res)
+            if pid_m != pid_n:
+                out_desc.store([row_n, pid_m * BLOCK], tl.trans(res))
+
+
+@cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _tma_ok(y: Tensor, block: int) -> bool:
+    """The TMA kernel takes y: Hopper+ (or the interpreter), m a multiple of the tile, y
+    contiguous with 16-byte rows."""
+    if TensorDescriptor is None:
+        return False
+    if y.is_cuda and torch.cuda.get_device_capability(y.device) < (9, 0):
+        return False
+    _, m, k = y.shape
+    rows_ok = (k * y.element_size()) % 16 == 0 and (m * y.element_size()) % 16 == 0
+    return m % block == 0 and rows_ok and y.is_contiguous()
+
 
 def symmetric_gram(
-    y: Tensor, c: Tensor | None = None, alpha=1.0, beta=0.0, launch: tuple | None = None
+    y: Tensor,
+    c: Tensor | None = None,
+    alpha=1.0,
+    beta=0.0,
+    launch: tuple | None = None,
+    kernel: str | None = None,
 ) -> Tensor:
     """alpha Y Y^T + beta C for a batch Y (b, m, k) and symmetric C (b, m, m); Y's dtype.
 
-    The Triton kernel where ``kernel_usable(y)``, else PyTorch. ``launch`` overrides ``LAUNCH``
-    (benchmarks/newton_schulz_kernel.py times the alternatives)."""
+    The Triton kernel where ``kernel_usable(y)``, else PyTorch. ``launch`` and ``kernel``
+    override ``LAUNCH`` and ``KERNEL`` (benchmarks/newton_schulz_kernel.py times them)."""
     if not kernel_usable(y):
         return symmetric_gram_torch(y, c, alpha, beta)
     batch, m, k = y.shape
@@ -128,6 +191,19 @@ def symmetric_gram(
     block, block_k, stages, warps = launch or LAUNCH
     if interpreting():  # small tiles: the interpreter runs numpy per program
         block, block_k = 16, 16
+    if (kernel or KERNEL) == "tma" and _tma_ok(y, block):
+        y2, out2 = y.view(batch * m, k), out.view(batch * m, m)
+        c2 = c.view(batch * m, m) if c is not None else out2
+        programs = _sm_count(y.device.index or 0) if y.is_cuda else 4
+        _symmetric_gram_tma_kernel[(programs,)](
+            TensorDescriptor.from_tensor(y2, [block, block_k]),
+            TensorDescriptor.from_tensor(c2, [block, block]),
+            TensorDescriptor.from_tensor(out2, [block, block]),
+            m, k, batch, float(alpha), float(beta),
+            HAS_C=c is not None, BLOCK=block, BLOCK_K=block_k, NUM_PROGRAMS=programs,
+            num_stages=stages, num_warps=warps,
+        )  # fmt: skip
+        return out
     tiles = triton.cdiv(m, block)
     grid = (tiles * (tiles + 1) // 2, batch)
     _symmetric_gram_kernel[grid](
