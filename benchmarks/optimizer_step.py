@@ -9,7 +9,9 @@ with q, k, v, proj 768x768 (the model keeps q, k, v separate), mlp fc 3072x768 a
 
 - muongpt Muon (polar_express, and classic) over the 72 block matrices; on CUDA also polar_express
   with the Newton-Schulz Gram products as plain cuBLAS bmm instead of the symmetric Triton kernel
-  (``kernels/newton_schulz.py``), to show what the kernel itself buys
+  (``kernels/newton_schulz.py``), to show what the kernel itself buys, and with its TMA variant
+- muongpt NorMuon over the speed-run set (``experiment=speedrun_bench``: layer 7 is MLP-only, so
+  44 attention matrices + 24 MLP ones, and NorMuon on)
 - torch.optim.Muon (torch >= 2.9; it loops over the matrices one by one) over the same matrices
 - torch.optim.AdamW fused, over every parameter
 - muongpt SOAP over the block matrices (refresh every 10 steps: median = a plain step,
@@ -109,6 +111,8 @@ def time_steps(step, device: torch.device, warmup: int, steps: int) -> list[floa
 
 
 KERNEL_USABLE = getattr(ns_module, "kernel_usable", None)  # None: a version without the kernel
+GRAM = sys.modules.get("muongpt.kernels.newton_schulz")
+GRAM_KERNEL = getattr(GRAM, "KERNEL", None)
 
 
 def without_gram_kernel(make):
@@ -121,6 +125,23 @@ def without_gram_kernel(make):
     return patched
 
 
+def with_gram_kernel(kernel: str, make):
+    """``make``, with the Gram kernel variant ``kernel`` while it runs."""
+
+    def patched():
+        GRAM.KERNEL = kernel
+        return make()
+
+    return patched
+
+
+def restore_gram_kernel() -> None:
+    """Undo an entry's patch."""
+    if KERNEL_USABLE is not None:
+        ns_module.kernel_usable = KERNEL_USABLE
+        GRAM.KERNEL = GRAM_KERNEL
+
+
 def run_entry(name, make, params, device, args) -> dict:
     gc.collect()
     if device.type == "cuda":
@@ -130,8 +151,6 @@ def run_entry(name, make, params, device, args) -> dict:
     opt = make()
     optimizers = getattr(opt, "optimizers", [opt])
     times = time_steps(opt.step, device, args.warmup, args.steps)
-    if KERNEL_USABLE is not None:
-        ns_module.kernel_usable = KERNEL_USABLE  # undo an entry's patch
     result = {
         "name": name,
         "tensors": len(params),
@@ -157,6 +176,9 @@ def main() -> None:
     parser.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--train-step-ms", type=float, default=None)
     parser.add_argument("--out", default="results/optimizer_step.json")
+    parser.add_argument(
+        "--only", default="", help="comma-separated substrings: run the entries whose name has one"
+    )
     args = parser.parse_args()
     if args.small and args.steps == 50:
         args.steps, args.warmup = 5, 2
@@ -170,6 +192,8 @@ def main() -> None:
         p.grad = torch.randn_like(p)
     everything = list(model.parameters())
     matrices = model.block_matrices()
+    mlp_only = {id(p) for p in model.blocks[7 % n_layer].mixer.parameters()}
+    speedrun_matrices = [p for p in matrices if id(p) not in mlp_only]
 
     entries = [
         ("muongpt Muon polar_express", lambda: Muon(matrices, lr=0.05), matrices),
@@ -187,6 +211,17 @@ def main() -> None:
                 matrices,
             )
         )
+        entries.append(
+            ("muongpt Muon pe, tma Gram", with_gram_kernel("tma", lambda: Muon(matrices, lr=0.05)),
+             matrices)
+        )  # fmt: skip
+    entries.append(
+        (
+            "muongpt NorMuon speedrun set",
+            lambda: Muon(speedrun_matrices, lr=0.05, normuon=True),
+            speedrun_matrices,
+        )
+    )
     if hasattr(torch.optim, "Muon"):
         entries.append(
             (
@@ -216,7 +251,17 @@ def main() -> None:
             everything,
         ),
     ]
-    results = [run_entry(name, make, params, device, args) for name, make, params in entries]
+    wanted = [w for w in args.only.split(",") if w]
+    results = []
+    for name, make, params in entries:
+        if wanted and not any(w in name for w in wanted):
+            continue
+        try:
+            results.append(run_entry(name, make, params, device, args))
+        except Exception as e:  # one entry failing (e.g. a kernel) must not lose the others
+            print(f"{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        finally:
+            restore_gram_kernel()
 
     by_name = {r["name"]: r for r in results}
     reference = by_name.get("torch.optim.Muon")
