@@ -85,15 +85,17 @@ def normalize_neurons(ortho: Tensor, second_moment: Tensor, beta2: float) -> Ten
     """NorMuon on a stack of orthogonalized updates (n, rows, cols): updates ``second_moment``
     (n, *neuron_shape) in place and returns the per-neuron normalized update (at least fp32) with
     each matrix's Frobenius norm unchanged."""
-    o = ortho.to(second_moment.dtype)
+    dtype = torch.promote_types(ortho.dtype, second_moment.dtype)
     reduce_dim = -1 if second_moment.shape[-1] == 1 else -2
-    mean_sq = o.square().mean(dim=reduce_dim, keepdim=True)
+    # one read of the (bf16) stack, accumulated in dtype: no full-size upcast copy of it
+    norm = torch.linalg.vector_norm(ortho, dim=reduce_dim, keepdim=True, dtype=dtype)
+    mean_sq = norm.square() / ortho.shape[reduce_dim]
     second_moment.lerp_(mean_sq, 1 - beta2)
     inv_rms = second_moment.clamp_min(1e-20).rsqrt()
     # |O|_F^2 = size * sum(mean_sq); after the division it is size * sum(mean_sq / v)
     before = mean_sq.sum(dim=(-2, -1), keepdim=True)
     after = (mean_sq * inv_rms.square()).sum(dim=(-2, -1), keepdim=True)
-    return o * (inv_rms * (before / after.clamp_min(1e-30)).sqrt())
+    return ortho * (inv_rms * (before / after.clamp_min(1e-30)).sqrt())  # promotes to dtype
 
 
 def orthogonal_update(
