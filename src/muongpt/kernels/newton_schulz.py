@@ -9,9 +9,10 @@ A Newton-Schulz step (``muongpt.optim.newton_schulz``) on X (m, n), m <= n, is
 Both symmetric products are one kernel, ``out = alpha Y Y^T + beta C`` for a batch of Y (m, k)
 and symmetric C (m, m): one program per (BLOCK x BLOCK) tile on or above the diagonal computes
 it (fp32 accumulation, the epilogue adds beta C) and stores it twice, at (i, j) and transposed at
-(j, i). That halves the flops of the first two products: for the d12 hidden matrices (48 of
-768 x 768, 24 of 768 x 3072 in the wide orientation) a 5-step Polar Express step goes from 1.63
-to 1.14 TFLOP. The output is exactly symmetric, where a general GEMM's need not be bit-for-bit.
+(j, i). At m = 768 that is 21 of the 36 128 x 128 tiles (about half, the diagonal counted once):
+for the d12 hidden matrices (48 of 768 x 768, 24 of 768 x 3072 in the wide orientation) a 5-step
+Polar Express step goes from 1.63 to 1.22 TFLOP. The output is exactly symmetric, where a general
+GEMM's need not be bit-for-bit.
 
 ``symmetric_gram`` runs the kernel on CUDA (or under ``TRITON_INTERPRET=1`` on CPU tensors, for
 tests) and the same math in PyTorch elsewhere; ``kernel_usable`` says whether the kernel runs.
