@@ -57,6 +57,7 @@ def test_cuda_symmetric_gram_bf16(shape, kernel):
     assert K.kernel_usable(y)
     expected = K.symmetric_gram_torch(y.double(), c.double(), alpha=0.5, beta=-2.0)
     out = K.symmetric_gram(y, c, alpha=0.5, beta=-2.0, kernel=kernel)
+    assert kernel not in K.FAILED, K.FAILED[kernel]  # it ran, no PyTorch fallback
     assert out.dtype == torch.bfloat16 and out.shape == (shape[0], shape[1], shape[1])
     assert rel_err(out, expected) < 1e-2  # one bf16 rounding of an fp32 accumulator
     assert torch.equal(out, out.mT)
@@ -69,6 +70,7 @@ def test_cuda_symmetric_gram_bf16(shape, kernel):
 def test_cuda_newton_schulz_through_the_kernel(shape, monkeypatch):
     G = torch.randn(4, *shape, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     fast = newton_schulz(G, coefficients="polar_express")
+    assert not K.FAILED, K.FAILED
     s = torch.linalg.svdvals(fast.double())
     assert s.min().item() >= 0.8 and s.max().item() <= 1.2, (s.min(), s.max())
     exact = newton_schulz(G.double(), coefficients="polar_express", dtype=torch.float64)

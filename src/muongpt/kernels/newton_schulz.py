@@ -21,6 +21,7 @@ tests) and the same math in PyTorch elsewhere; ``kernel_usable`` says whether th
 from __future__ import annotations
 
 import os
+import warnings
 from functools import cache
 
 import torch
@@ -46,6 +47,7 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 # flattened batch), else the pointer kernel runs.
 KERNEL = "pointer"
 KERNELS = ("pointer", "tma")
+FAILED: dict[str, str] = {}  # kernel -> why it could not run here (then PyTorch computes it)
 
 
 def interpreting() -> bool:
@@ -55,7 +57,7 @@ def interpreting() -> bool:
 def kernel_usable(y: Tensor) -> bool:
     """The Triton kernel takes ``y``: Triton present, and a CUDA half-precision tensor (or any
     CPU tensor under the interpreter)."""
-    if triton is None:
+    if triton is None or KERNEL in FAILED:
         return False
     if y.is_cuda:
         return y.dtype in KERNEL_DTYPES
@@ -181,18 +183,32 @@ def symmetric_gram(
 
     The Triton kernel where ``kernel_usable(y)``, else PyTorch. ``launch`` and ``kernel``
     override ``LAUNCH`` and ``KERNEL`` (benchmarks/newton_schulz_kernel.py times them)."""
-    if not kernel_usable(y):
+    kernel = kernel or KERNEL
+    if not kernel_usable(y) or kernel in FAILED:
         return symmetric_gram_torch(y, c, alpha, beta)
-    batch, m, k = y.shape
-    out = torch.empty(batch, m, m, dtype=y.dtype, device=y.device)
-    if batch == 0 or m == 0:
+    out = torch.empty(y.size(0), y.size(1), y.size(1), dtype=y.dtype, device=y.device)
+    if out.numel() == 0:
         return out
-    if c is not None:
-        c = c.contiguous()
-    block, block_k, stages, warps = launch or LAUNCH
+    c = c.contiguous() if c is not None else None
+    try:
+        return _launch(y, c, out, alpha, beta, launch or LAUNCH, kernel)
+    except Exception as e:  # a GPU or Triton that cannot build it: warn once, use PyTorch
+        if not y.is_cuda:
+            raise
+        FAILED[kernel] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        warnings.warn(
+            f"symmetric Gram kernel {kernel!r} failed ({FAILED[kernel]}); using torch.bmm",
+            stacklevel=2,
+        )
+        return symmetric_gram_torch(y, c, alpha, beta)
+
+
+def _launch(y, c, out, alpha, beta, launch: tuple, kernel: str) -> Tensor:
+    batch, m, k = y.shape
+    block, block_k, stages, warps = launch
     if interpreting():  # small tiles: the interpreter runs numpy per program
         block, block_k = 16, 16
-    if (kernel or KERNEL) == "tma" and _tma_ok(y, block):
+    if kernel == "tma" and _tma_ok(y, block):
         y2, out2 = y.view(batch * m, k), out.view(batch * m, m)
         c2 = c.view(batch * m, m) if c is not None else out2
         programs = _sm_count(y.device.index or 0) if y.is_cuda else 4
