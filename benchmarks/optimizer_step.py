@@ -281,6 +281,7 @@ def main() -> None:
         "steps": args.steps,
         "warmup": args.warmup,
         "train_step_ms": args.train_step_ms,
+        "gram_kernel_failed": dict(getattr(GRAM, "FAILED", {})),
         "results": results,
     }
     out = Path(args.out)
@@ -299,6 +300,8 @@ def main() -> None:
             f"{r['name']:<28}{r['tensors']:>8}{r['params']:>13,}{r['median_ms']:>11.2f}"
             f"{r['mean_ms']:>10.2f}{r['state_bytes'] / 2**20:>11.1f}{peak:>10}{ratio:>8}{frac:>8}"
         )
+    if getattr(GRAM, "FAILED", None):
+        print(f"Gram kernels that fell back to torch.bmm: {GRAM.FAILED}")
     print(f"wrote {out}")
 
 
