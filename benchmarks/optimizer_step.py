@@ -7,7 +7,11 @@ The parameters are those of muongpt's GPT d12 (built directly, no forward pass):
 with q, k, v, proj 768x768 (the model keeps q, k, v separate), mlp fc 3072x768 and mlp proj
 768x3072; embed and lm_head 50304x768. Gradients are fixed random tensors. Entries:
 
-- muongpt Muon (polar_express, and classic) over the 72 block matrices
+- muongpt Muon (polar_express, and classic) over the 72 block matrices; on CUDA also polar_express
+  with the Newton-Schulz Gram products as plain cuBLAS bmm instead of the symmetric Triton kernel
+  (``kernels/newton_schulz.py``), to show what the kernel itself buys, and with its TMA variant
+- muongpt NorMuon over the speed-run set (``experiment=speedrun_bench``: layer 7 is MLP-only, so
+  44 attention matrices + 24 MLP ones, and NorMuon on)
 - torch.optim.Muon (torch >= 2.9; it loops over the matrices one by one) over the same matrices
 - torch.optim.AdamW fused, over every parameter
 - muongpt SOAP over the block matrices (refresh every 10 steps: median = a plain step,
@@ -27,6 +31,7 @@ import gc
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,6 +40,8 @@ import torch
 from torch import nn
 
 from muongpt.optim import SOAP, Muon, MuonConfig, SOAPConfig, build_optimizer
+
+ns_module = sys.modules["muongpt.optim.newton_schulz"]  # the package exports the function by name
 
 
 class ParamSet(nn.Module):
@@ -103,6 +110,38 @@ def time_steps(step, device: torch.device, warmup: int, steps: int) -> list[floa
     return times
 
 
+KERNEL_USABLE = getattr(ns_module, "kernel_usable", None)  # None: a version without the kernel
+GRAM = sys.modules.get("muongpt.kernels.newton_schulz")
+GRAM_KERNEL = getattr(GRAM, "KERNEL", None)
+
+
+def without_gram_kernel(make):
+    """``make``, with Newton-Schulz's Gram products on torch.bmm / baddbmm while it runs."""
+
+    def patched():
+        ns_module.kernel_usable = lambda x: False
+        return make()
+
+    return patched
+
+
+def with_gram_kernel(kernel: str, make):
+    """``make``, with the Gram kernel variant ``kernel`` while it runs."""
+
+    def patched():
+        GRAM.KERNEL = kernel
+        return make()
+
+    return patched
+
+
+def restore_gram_kernel() -> None:
+    """Undo an entry's patch."""
+    if KERNEL_USABLE is not None:
+        ns_module.kernel_usable = KERNEL_USABLE
+        GRAM.KERNEL = GRAM_KERNEL
+
+
 def run_entry(name, make, params, device, args) -> dict:
     gc.collect()
     if device.type == "cuda":
@@ -137,6 +176,9 @@ def main() -> None:
     parser.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--train-step-ms", type=float, default=None)
     parser.add_argument("--out", default="results/optimizer_step.json")
+    parser.add_argument(
+        "--only", default="", help="comma-separated substrings: run the entries whose name has one"
+    )
     args = parser.parse_args()
     if args.small and args.steps == 50:
         args.steps, args.warmup = 5, 2
@@ -150,6 +192,8 @@ def main() -> None:
         p.grad = torch.randn_like(p)
     everything = list(model.parameters())
     matrices = model.block_matrices()
+    mlp_only = {id(p) for p in model.blocks[7 % n_layer].mixer.parameters()}
+    speedrun_matrices = [p for p in matrices if id(p) not in mlp_only]
 
     entries = [
         ("muongpt Muon polar_express", lambda: Muon(matrices, lr=0.05), matrices),
@@ -159,6 +203,25 @@ def main() -> None:
             matrices,
         ),
     ]
+    if device.type == "cuda" and KERNEL_USABLE is not None:
+        entries.append(
+            (
+                "muongpt Muon pe, bmm Gram",
+                without_gram_kernel(lambda: Muon(matrices, lr=0.05)),
+                matrices,
+            )
+        )
+        entries.append(
+            ("muongpt Muon pe, tma Gram", with_gram_kernel("tma", lambda: Muon(matrices, lr=0.05)),
+             matrices)
+        )  # fmt: skip
+    entries.append(
+        (
+            "muongpt NorMuon speedrun set",
+            lambda: Muon(speedrun_matrices, lr=0.05, normuon=True),
+            speedrun_matrices,
+        )
+    )
     if hasattr(torch.optim, "Muon"):
         entries.append(
             (
@@ -188,7 +251,17 @@ def main() -> None:
             everything,
         ),
     ]
-    results = [run_entry(name, make, params, device, args) for name, make, params in entries]
+    wanted = [w for w in args.only.split(",") if w]
+    results = []
+    for name, make, params in entries:
+        if wanted and not any(w in name for w in wanted):
+            continue
+        try:
+            results.append(run_entry(name, make, params, device, args))
+        except Exception as e:  # one entry failing (e.g. a kernel) must not lose the others
+            print(f"{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        finally:
+            restore_gram_kernel()
 
     by_name = {r["name"]: r for r in results}
     reference = by_name.get("torch.optim.Muon")
@@ -208,6 +281,7 @@ def main() -> None:
         "steps": args.steps,
         "warmup": args.warmup,
         "train_step_ms": args.train_step_ms,
+        "gram_kernel_failed": dict(getattr(GRAM, "FAILED", {})),
         "results": results,
     }
     out = Path(args.out)
@@ -226,6 +300,8 @@ def main() -> None:
             f"{r['name']:<28}{r['tensors']:>8}{r['params']:>13,}{r['median_ms']:>11.2f}"
             f"{r['mean_ms']:>10.2f}{r['state_bytes'] / 2**20:>11.1f}{peak:>10}{ratio:>8}{frac:>8}"
         )
+    if getattr(GRAM, "FAILED", None):
+        print(f"Gram kernels that fell back to torch.bmm: {GRAM.FAILED}")
     print(f"wrote {out}")
 
 

@@ -201,7 +201,7 @@ def test_bf16_orthogonalization_close_to_reference():
         assert cosine > 0.99
 
 
-def test_one_batched_call_per_shape(monkeypatch):
+def test_one_batched_call_per_wide_shape(monkeypatch):
     calls = []
     real = muon_module.newton_schulz
 
@@ -215,8 +215,8 @@ def test_one_batched_call_per_shape(monkeypatch):
     for p, g in zip(params, make_grads(0, torch.float32)):
         p.grad = g
     opt.step()
-    # (8, 16) twice -> one call of batch 2; the 3-D parameter flattened to (4, 15)
-    assert sorted(calls) == sorted([(2, 8, 16), (1, 16, 8), (1, 12, 12), (1, 4, 15)])
+    # (8, 16) twice and (16, 8) transposed -> one call of batch 3; the 3-D parameter flattened
+    assert sorted(calls) == sorted([(3, 8, 16), (1, 12, 12), (1, 4, 15)])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

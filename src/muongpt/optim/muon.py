@@ -21,9 +21,12 @@ with scale = sqrt(max(1, rows/cols)) ("spectral", the update's spectral norm sca
 sqrt(fan_out/fan_in)) or 0.2 * sqrt(max(rows, cols)) ("match_adamw": the update's RMS matches
 AdamW's ~0.2, Moonshot 2025, so AdamW learning rates carry over).
 
-All matrices of one shape are stacked and orthogonalized in one batched call: the matmuls are the
-same, but one launch sequence per shape instead of one per matrix. Parameters with more than two
-dims are flattened to (shape[0], -1); scalars and vectors are refused (route them to AdamW).
+All matrices of one shape, up to a transpose, are stacked in the wide orientation (rows <= cols,
+so a 3072 x 768 fc joins the 768 x 3072 projections) straight into one ``ns_dtype`` buffer and
+orthogonalized in one batched call: the matmuls are the same, but one launch sequence per shape
+instead of one per matrix. The scale is folded into the final add, so the orthogonalized stack is
+read once more, by that add. Parameters with more than two dims are flattened to (shape[0], -1);
+scalars and vectors are refused (route them to AdamW).
 """
 
 from __future__ import annotations
@@ -62,6 +65,17 @@ def as_matrix_shape(shape: torch.Size) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
+def is_tall(shape: torch.Size) -> bool:
+    rows, cols = as_matrix_shape(shape)
+    return rows > cols
+
+
+def wide_view(t: Tensor, tall: bool) -> Tensor:
+    """A matrix (or one flattened to (shape[0], -1)) as a view in the wide orientation."""
+    t = t.view(as_matrix_shape(t.shape))
+    return t.mT if tall else t
+
+
 def neuron_shape(rows: int, cols: int) -> tuple[int, int]:
     """NorMuon's second moment: one entry per row, or per column where columns are more."""
     return (rows, 1) if rows >= cols else (1, cols)
@@ -71,15 +85,17 @@ def normalize_neurons(ortho: Tensor, second_moment: Tensor, beta2: float) -> Ten
     """NorMuon on a stack of orthogonalized updates (n, rows, cols): updates ``second_moment``
     (n, *neuron_shape) in place and returns the per-neuron normalized update (at least fp32) with
     each matrix's Frobenius norm unchanged."""
-    o = ortho.to(second_moment.dtype)
+    dtype = torch.promote_types(ortho.dtype, second_moment.dtype)
     reduce_dim = -1 if second_moment.shape[-1] == 1 else -2
-    mean_sq = o.square().mean(dim=reduce_dim, keepdim=True)
+    # one read of the (bf16) stack, accumulated in dtype: no full-size upcast copy of it
+    norm = torch.linalg.vector_norm(ortho, dim=reduce_dim, keepdim=True, dtype=dtype)
+    mean_sq = norm.square() / ortho.shape[reduce_dim]
     second_moment.lerp_(mean_sq, 1 - beta2)
     inv_rms = second_moment.clamp_min(1e-20).rsqrt()
     # |O|_F^2 = size * sum(mean_sq); after the division it is size * sum(mean_sq / v)
     before = mean_sq.sum(dim=(-2, -1), keepdim=True)
     after = (mean_sq * inv_rms.square()).sum(dim=(-2, -1), keepdim=True)
-    return o * (inv_rms * (before / after.clamp_min(1e-30)).sqrt())
+    return ortho * (inv_rms * (before / after.clamp_min(1e-30)).sqrt())  # promotes to dtype
 
 
 def orthogonal_update(
@@ -96,17 +112,18 @@ def orthogonal_update(
     return ortho * update_scale(rows, cols, group["scale_mode"])
 
 
-def apply_update(weights: list[Tensor], update: Tensor, group: dict) -> None:
-    """W <- W - lr * update, after the (cautious) decoupled weight decay; ``update`` stacks one
-    matrix per weight."""
+def apply_update(weights: list[Tensor], update: Tensor, group: dict, scale: float = 1.0) -> None:
+    """W <- W - lr * scale * update, after the (cautious) decoupled weight decay; ``update``
+    stacks one matrix per weight (any strides; in its own dtype, e.g. bf16: the add reads it as
+    it is, in the weights' precision, rather than from an fp32 copy)."""
     lr, wd = group["lr"], group["weight_decay"]
-    updates = update.to(weights[0].dtype).view(len(weights), *weights[0].shape).unbind(0)
-    if wd != 0 and group["cautious_wd"]:
+    updates = update.contiguous().view(len(weights), *weights[0].shape).unbind(0)
+    if wd != 0 and group["cautious_wd"]:  # scale > 0: the signs of update are the step's
         for w, d in zip(weights, updates):
             w.addcmul_(w, (w * d > 0).to(w.dtype), value=-lr * wd)
     elif wd != 0:
         torch._foreach_mul_(weights, 1 - lr * wd)
-    torch._foreach_add_(weights, updates, alpha=-lr)
+    torch._foreach_add_(weights, updates, alpha=-lr * scale)
 
 
 def state_dtype(param: Tensor) -> torch.dtype:
@@ -220,34 +237,54 @@ class Muon(torch.optim.Optimizer):
             by_shape: dict[tuple, list[Tensor]] = defaultdict(list)
             for p in group["params"]:
                 if p.grad is not None:
-                    by_shape[(p.shape, p.dtype, p.device)].append(p)
+                    wide = tuple(sorted(as_matrix_shape(p.shape)))
+                    by_shape[(wide, p.dtype, p.device)].append(p)
             for params in by_shape.values():
                 self._step_same_shape(group, params)
         return loss
 
     def _step_same_shape(self, group: dict, params: list[Tensor]) -> None:
+        """One stack of matrices with the same wide shape: the wide ones first, then the tall."""
         beta = group["momentum"]
-        rows, cols = as_matrix_shape(params[0].shape)
+        params = sorted(params, key=lambda p: is_tall(p.shape))  # stable: keeps the order
+        talls = [is_tall(p.shape) for p in params]
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=state_dtype(p))
             if group["normuon"] and "second_moment" not in state:
                 state["second_moment"] = torch.zeros(
-                    neuron_shape(rows, cols), dtype=state_dtype(p), device=p.device
+                    neuron_shape(*as_matrix_shape(p.shape)), dtype=state_dtype(p), device=p.device
                 )
         bufs = [s["momentum_buffer"] for s in states]
         grads = [p.grad.to(bufs[0].dtype) for p in params]
         torch._foreach_lerp_(bufs, grads, 1 - beta)  # m <- beta m + (1 - beta) g
-        updates = torch._foreach_lerp(grads, bufs, beta) if group["nesterov"] else bufs
 
-        second_moment = None
-        if group["normuon"]:  # stacked for the batched math, written back below
-            second_moment = torch.stack([s["second_moment"] for s in states])
-        update = orthogonal_update(torch.stack(updates), group, self.ns_dtype, second_moment)
-        if second_moment is not None:
-            torch._foreach_copy_([s["second_moment"] for s in states], list(second_moment))
-        apply_update(params, update, group)
+        # the Newton-Schulz input, written once: cast to ns_dtype and oriented wide on the way
+        wide = wide_view(params[0], talls[0]).shape
+        stack = torch.empty(len(params), *wide, dtype=self.ns_dtype, device=params[0].device)
+        slots = stack.unbind(0)
+        if group["nesterov"]:  # u <- (1 - beta) g + beta m, straight into the stack
+            for slot, g, m, t in zip(slots, grads, bufs, talls):
+                torch.lerp(wide_view(g, t), wide_view(m, t), beta, out=slot)
+        else:
+            torch._foreach_copy_(list(slots), [wide_view(m, t) for m, t in zip(bufs, talls)])
+        ortho = newton_schulz(
+            stack, group["ns_steps"], group["ns_coefficients"], dtype=self.ns_dtype
+        )
+        if group["normuon"]:  # wide orientation: the neurons are the columns (or rows if square)
+            moments = [wide_view(s["second_moment"], t) for s, t in zip(states, talls)]
+            second_moment = torch.stack(moments)
+            ortho = normalize_neurons(ortho, second_moment, group["normuon_beta2"])
+            torch._foreach_copy_(moments, list(second_moment.unbind(0)))
+
+        n_wide = talls.count(False)
+        for part, tall in ((slice(0, n_wide), False), (slice(n_wide, None), True)):
+            weights = params[part]
+            if weights:
+                scale = update_scale(*as_matrix_shape(weights[0].shape), group["scale_mode"])
+                update = ortho[part].mT if tall else ortho[part]
+                apply_update(weights, update, group, scale)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

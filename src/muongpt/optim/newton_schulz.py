@@ -14,6 +14,9 @@ after X = G / ||G||_F has put every singular value in (0, 1]. Two coefficient se
   1.02 * ||G||_F to match that safety factor, so bf16 rounding cannot push a singular value past
   the interval the polynomials were fitted on. Steps past five use the limit polynomial
   (15/8, -10/8, 3/8), which is what the construction converges to once the interval is ~[1, 1].
+
+A and B are symmetric: on CUDA ``muongpt.kernels.newton_schulz.symmetric_gram`` computes each
+from the tiles of one triangle (half their flops); elsewhere they are torch.bmm / baddbmm.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from muongpt.kernels.newton_schulz import kernel_usable, symmetric_gram
 from muongpt.optim.config import OptimizerError
 
 CLASSIC_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -57,7 +61,8 @@ def newton_schulz(
     """Orthogonalize G (m, n) or a batch (..., m, n); returns G's shape and dtype.
 
     Runs in ``dtype`` (bf16: the matmuls are the whole cost). Works on the wide orientation
-    (m <= n) so the Gram matrix A = X X^T is the small side.
+    (m <= n) so the Gram matrix A = X X^T is the small side; a wide, contiguous G in ``dtype``
+    is used as it is (no copy).
     """
     if G.ndim < 2:
         raise OptimizerError(f"newton_schulz needs a matrix or a batch of matrices, got {G.shape}")
@@ -65,15 +70,21 @@ def newton_schulz(
         raise OptimizerError(f"ns steps must be >= 1, got {steps}")
     table, safety = coefficient_schedule(coefficients, steps)
     batch_shape = G.shape[:-2]
-    X = G.reshape(-1, G.size(-2), G.size(-1)).to(dtype)
+    X = G.reshape(-1, G.size(-2), G.size(-1))
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
+    X = X.to(dtype, memory_format=torch.contiguous_format)  # one copy, cast and wide in memory
     norm = X.norm(dim=(-2, -1), keepdim=True)
     X = X / (norm * safety + eps)
+    triangle = X.is_cuda and kernel_usable(X)
     for a, b, c in table:
-        A = X @ X.mT
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        if triangle:
+            A = symmetric_gram(X)  # X X^T
+            B = symmetric_gram(A, A, alpha=c, beta=b)  # b A + c A A^T (= c A^2: A is symmetric)
+        else:
+            A = X @ X.mT
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
         X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)  # a X + B X
     if tall:
         X = X.mT

@@ -1,0 +1,231 @@
+"""The symmetric products of a Newton-Schulz step, computed one triangle at a time (Triton).
+
+A Newton-Schulz step (``muongpt.optim.newton_schulz``) on X (m, n), m <= n, is
+
+    A = X X^T                 # (m, m), symmetric: 2 m^2 n flops
+    B = b A + c A A^T         # (m, m), symmetric (A A^T = A^2): 2 m^3 flops
+    X <- a X + B X            # (m, n): 2 m^2 n flops, a plain GEMM (cuBLAS baddbmm)
+
+Both symmetric products are one kernel, ``out = alpha Y Y^T + beta C`` for a batch of Y (m, k)
+and symmetric C (m, m): one program per (BLOCK x BLOCK) tile on or above the diagonal computes
+it (fp32 accumulation, the epilogue adds beta C) and stores it twice, at (i, j) and transposed at
+(j, i). At m = 768 that is 21 of the 36 128 x 128 tiles (about half, the diagonal counted once):
+for the d12 hidden matrices (48 of 768 x 768, 24 of 768 x 3072 in the wide orientation) a 5-step
+Polar Express step goes from 1.63 to 1.22 TFLOP. The output is exactly symmetric, where a general
+GEMM's need not be bit-for-bit.
+
+``symmetric_gram`` runs the kernel on CUDA (or under ``TRITON_INTERPRET=1`` on CPU tensors, for
+tests) and the same math in PyTorch elsewhere; ``kernel_usable`` says whether the kernel runs.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from functools import cache
+
+import torch
+from torch import Tensor
+
+try:  # Triton ships with CUDA builds of PyTorch; CPU builds may lack it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+
+try:  # host-side TMA descriptors: Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton, or none
+    TensorDescriptor = None
+
+# (BLOCK, BLOCK_K, num_stages, num_warps): 128 x 128 output tiles, the usual Hopper bf16 shape.
+LAUNCH = (128, 64, 4, 8)
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+# "pointer": one program per tile, pipelined plain loads (any GPU Triton runs on). "tma" (Hopper+):
+# persistent, one program per SM looping over the tiles, operands and stores through TMA
+# descriptors; used where m is a multiple of BLOCK (tiles never straddle two matrices of the
+# flattened batch), else the pointer kernel runs.
+KERNEL = "pointer"
+KERNELS = ("pointer", "tma")
+FAILED: dict[str, str] = {}  # kernel -> why it could not run here (then PyTorch computes it)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_usable(y: Tensor) -> bool:
+    """The Triton kernel takes ``y``: Triton present, and a CUDA half-precision tensor (or any
+    CPU tensor under the interpreter)."""
+    if triton is None or KERNEL in FAILED:
+        return False
+    if y.is_cuda:
+        return y.dtype in KERNEL_DTYPES
+    return interpreting() and y.device.type == "cpu"
+
+
+def symmetric_gram_torch(y: Tensor, c: Tensor | None = None, alpha=1.0, beta=0.0) -> Tensor:
+    """alpha Y Y^T + beta C for a batch Y (b, m, k), in PyTorch (the kernel's reference)."""
+    if c is None:
+        return torch.bmm(y, y.mT) if alpha == 1.0 else torch.bmm(y, y.mT) * alpha
+    return torch.baddbmm(c, y, y.mT, beta=beta, alpha=alpha)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _upper_tile(t):
+        """The t-th tile (i, j), i <= j, counting the upper triangle column by column."""
+        j = ((tl.sqrt(8.0 * t.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
+        j = tl.where((j + 1) * (j + 2) // 2 <= t, j + 1, j)  # fp32 sqrt off by one
+        j = tl.where(j * (j + 1) // 2 > t, j - 1, j)
+        return t - j * (j + 1) // 2, j
+
+    @triton.jit
+    def _symmetric_gram_kernel(
+        y, c, out, M, K, stride_yb, stride_ym, stride_yk, alpha, beta,
+        HAS_C: tl.constexpr, EVEN_K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        # Program (t, batch): tile (i, j), i <= j, of out[batch] = alpha Y Y^T + beta C, stored at
+        # (i, j) and at (j, i). y (B, M, K) any strides; c and out (B, M, M) contiguous.
+        pid_m, pid_n = _upper_tile(tl.program_id(0))
+        batch = tl.program_id(1).to(tl.int64)
+        rm = pid_m * BLOCK + tl.arange(0, BLOCK)
+        rn = pid_n * BLOCK + tl.arange(0, BLOCK)
+        rk = tl.arange(0, BLOCK_K)
+        # Rows past the edge wrap around: in-bounds reads whose results the stores mask off.
+        ym = (rm % M).to(tl.int64)
+        yn = (rn % M).to(tl.int64)
+        base = y + batch * stride_yb
+        a_ptrs = base + ym[:, None] * stride_ym + rk[None, :] * stride_yk
+        b_ptrs = base + yn[:, None] * stride_ym + rk[None, :] * stride_yk
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a_tile = tl.load(a_ptrs)
+                b_tile = tl.load(b_ptrs)
+            else:
+                k_in = rk[None, :] < K - k * BLOCK_K
+                a_tile = tl.load(a_ptrs, mask=k_in, other=0.0)
+                b_tile = tl.load(b_ptrs, mask=k_in, other=0.0)
+            acc = tl.dot(a_tile, tl.trans(b_tile), acc)
+            a_ptrs += BLOCK_K * stride_yk
+            b_ptrs += BLOCK_K * stride_yk
+        acc = acc * alpha
+        first = batch * M * M
+        offs = first + rm.to(tl.int64)[:, None] * M + rn[None, :]
+        inside = (rm[:, None] < M) & (rn[None, :] < M)
+        if HAS_C:
+            acc += beta * tl.load(c + offs, mask=inside, other=0.0).to(tl.float32)
+        res = acc.to(out.dtype.element_ty)
+        tl.store(out + offs, res, mask=inside)
+        if pid_m != pid_n:  # the mirror tile; a diagonal tile is its own mirror
+            offs_t = first + rn.to(tl.int64)[:, None] * M + rm[None, :]
+            inside_t = (rn[:, None] < M) & (rm[None, :] < M)
+            tl.store(out + offs_t, tl.trans(res), mask=inside_t)
+
+    @triton.jit
+    def _symmetric_gram_tma_kernel(
+        y_desc, c_desc, out_desc, M, K, batches, alpha, beta,
+        HAS_C: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+        NUM_PROGRAMS: tl.constexpr,
+    ):  # fmt: skip
+        # Persistent: program p computes tiles p, p + NUM_PROGRAMS, ... of the upper triangles,
+        # matrix by matrix. Descriptors: y (B * M, K), c and out (B * M, M); M % BLOCK == 0. TMA
+        # zero-fills reads past K.
+        side = M // BLOCK
+        per_matrix = side * (side + 1) // 2
+        for tile in tl.range(tl.program_id(0), per_matrix * batches, NUM_PROGRAMS):
+            batch = tile // per_matrix
+            pid_m, pid_n = _upper_tile(tile % per_matrix)
+            row_m = batch * M + pid_m * BLOCK
+            row_n = batch * M + pid_n * BLOCK
+            acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+            for kk in range(tl.cdiv(K, BLOCK_K)):
+                a_tile = y_desc.load([row_m, kk * BLOCK_K])
+                b_tile = y_desc.load([row_n, kk * BLOCK_K])
+                acc = tl.dot(a_tile, tl.trans(b_tile), acc)
+            acc = acc * alpha
+            if HAS_C:
+                acc += beta * c_desc.load([row_m, pid_n * BLOCK]).to(tl.float32)
+            res = acc.to(out_desc.dtype)
+            out_desc.store([row_m, pid_n * BLOCK], res)
+            if pid_m != pid_n:
+                out_desc.store([row_n, pid_m * BLOCK], tl.trans(res))
+
+
+@cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _tma_ok(y: Tensor, block: int) -> bool:
+    """The TMA kernel takes y: Hopper+ (or the interpreter), m a multiple of the tile, y
+    contiguous with 16-byte rows."""
+    if TensorDescriptor is None:
+        return False
+    if y.is_cuda and torch.cuda.get_device_capability(y.device) < (9, 0):
+        return False
+    _, m, k = y.shape
+    rows_ok = (k * y.element_size()) % 16 == 0 and (m * y.element_size()) % 16 == 0
+    return m % block == 0 and rows_ok and y.is_contiguous()
+
+
+def symmetric_gram(
+    y: Tensor,
+    c: Tensor | None = None,
+    alpha=1.0,
+    beta=0.0,
+    launch: tuple | None = None,
+    kernel: str | None = None,
+) -> Tensor:
+    """alpha Y Y^T + beta C for a batch Y (b, m, k) and symmetric C (b, m, m); Y's dtype.
+
+    The Triton kernel where ``kernel_usable(y)``, else PyTorch. ``launch`` and ``kernel``
+    override ``LAUNCH`` and ``KERNEL`` (benchmarks/newton_schulz_kernel.py times them)."""
+    kernel = kernel or KERNEL
+    if not kernel_usable(y) or kernel in FAILED:
+        return symmetric_gram_torch(y, c, alpha, beta)
+    out = torch.empty(y.size(0), y.size(1), y.size(1), dtype=y.dtype, device=y.device)
+    if out.numel() == 0:
+        return out
+    c = c.contiguous() if c is not None else None
+    try:
+        return _launch(y, c, out, alpha, beta, launch or LAUNCH, kernel)
+    except Exception as e:  # a GPU or Triton that cannot build it: warn once, use PyTorch
+        if not y.is_cuda:
+            raise
+        FAILED[kernel] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        warnings.warn(
+            f"symmetric Gram kernel {kernel!r} failed ({FAILED[kernel]}); using torch.bmm",
+            stacklevel=2,
+        )
+        return symmetric_gram_torch(y, c, alpha, beta)
+
+
+def _launch(y, c, out, alpha, beta, launch: tuple, kernel: str) -> Tensor:
+    batch, m, k = y.shape
+    block, block_k, stages, warps = launch
+    if interpreting():  # small tiles: the interpreter runs numpy per program
+        block, block_k = 16, 16
+    if kernel == "tma" and _tma_ok(y, block):
+        y2, out2 = y.view(batch * m, k), out.view(batch * m, m)
+        c2 = c.view(batch * m, m) if c is not None else out2
+        programs = _sm_count(y.device.index or 0) if y.is_cuda else 4
+        _symmetric_gram_tma_kernel[(programs,)](
+            TensorDescriptor.from_tensor(y2, [block, block_k]),
+            TensorDescriptor.from_tensor(c2, [block, block]),
+            TensorDescriptor.from_tensor(out2, [block, block]),
+            m, k, batch, float(alpha), float(beta),
+            HAS_C=c is not None, BLOCK=block, BLOCK_K=block_k, NUM_PROGRAMS=programs,
+            num_stages=stages, num_warps=warps,
+        )  # fmt: skip
+        return out
+    tiles = triton.cdiv(m, block)
+    grid = (tiles * (tiles + 1) // 2, batch)
+    _symmetric_gram_kernel[grid](
+        y, c if c is not None else out, out, m, k, *y.stride(), float(alpha), float(beta),
+        HAS_C=c is not None, EVEN_K=k % block_k == 0, BLOCK=block, BLOCK_K=block_k,
+        num_stages=stages, num_warps=warps,
+    )  # fmt: skip
+    return out

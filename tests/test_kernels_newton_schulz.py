@@ -1,0 +1,81 @@
+"""The symmetric Gram kernel of Newton-Schulz (kernels/newton_schulz.py).
+
+Under Triton's interpreter (``TRITON_INTERPRET=1``, by hand; Triton 3.6's interpreter needs
+numpy < 2.4, and its tl.dot mishandles bf16, so it runs fp32) the kernel equals alpha Y Y^T + beta C on edge-sized shapes, exactly
+symmetric. On a CUDA GPU: the same in bf16 on the d12 shapes, and Newton-Schulz through the kernel
+keeps the orthogonality contract and matches the PyTorch path and the float64 iteration.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+from muongpt.kernels import newton_schulz as K
+from muongpt.optim import newton_schulz
+
+needs_gpu = pytest.mark.skipif(
+    not (torch.cuda.is_available() and K.triton is not None), reason="needs a CUDA GPU and Triton"
+)
+needs_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" or K.triton is None,
+    reason="needs Triton and TRITON_INTERPRET=1",
+)
+
+
+def rel_err(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def case(batch, m, k, device="cpu", dtype=torch.float32, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    y = torch.randn(batch, m, k, device=device, generator=g) / k**0.5
+    c = torch.randn(batch, m, m, device=device, generator=g)
+    return y.to(dtype), (c + c.mT).to(dtype)  # C symmetric, as the kernel assumes
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kernel", K.KERNELS)
+@pytest.mark.parametrize("shape", [(3, 40, 24), (2, 32, 48), (1, 5, 7), (2, 48, 20)])
+def test_interpreter_symmetric_gram_matches_torch(shape, kernel):
+    y, c = case(*shape)
+    assert K.kernel_usable(y)
+    expected = K.symmetric_gram_torch(y.double(), c.double(), alpha=-2.5, beta=0.75)
+    out = K.symmetric_gram(y, c, alpha=-2.5, beta=0.75, kernel=kernel)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out, out.mT)  # mirrored tiles: exactly symmetric
+    plain = K.symmetric_gram(y.mT.contiguous().mT, kernel=kernel)  # strided input, no C
+    torch.testing.assert_close(plain.double(), y.double() @ y.double().mT, rtol=1e-5, atol=1e-5)
+
+
+@needs_gpu
+@pytest.mark.parametrize("kernel", K.KERNELS)
+@pytest.mark.parametrize("shape", [(8, 768, 768), (4, 768, 3072), (3, 200, 72)])
+def test_cuda_symmetric_gram_bf16(shape, kernel):
+    y, c = case(*shape, device="cuda", dtype=torch.bfloat16)
+    assert K.kernel_usable(y)
+    expected = K.symmetric_gram_torch(y.double(), c.double(), alpha=0.5, beta=-2.0)
+    out = K.symmetric_gram(y, c, alpha=0.5, beta=-2.0, kernel=kernel)
+    assert kernel not in K.FAILED, K.FAILED[kernel]  # it ran, no PyTorch fallback
+    assert out.dtype == torch.bfloat16 and out.shape == (shape[0], shape[1], shape[1])
+    assert rel_err(out, expected) < 1e-2  # one bf16 rounding of an fp32 accumulator
+    assert torch.equal(out, out.mT)
+    gram = K.symmetric_gram(y.mT.contiguous().mT, kernel=kernel)  # a transposed (strided) input
+    assert rel_err(gram, y.double() @ y.double().mT) < 1e-2
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", [(768, 3072), (3072, 768), (768, 768)])
+def test_cuda_newton_schulz_through_the_kernel(shape, monkeypatch):
+    G = torch.randn(4, *shape, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    fast = newton_schulz(G, coefficients="polar_express")
+    assert not K.FAILED, K.FAILED
+    s = torch.linalg.svdvals(fast.double())
+    assert s.min().item() >= 0.8 and s.max().item() <= 1.2, (s.min(), s.max())
+    exact = newton_schulz(G.double(), coefficients="polar_express", dtype=torch.float64)
+    assert rel_err(fast, exact) < 0.05  # bf16: ~2% after 15 matmuls
+    module = sys.modules["muongpt.optim.newton_schulz"]  # muongpt.optim exports the function
+    monkeypatch.setattr(module, "kernel_usable", lambda x: False)
+    plain = newton_schulz(G, coefficients="polar_express")
+    assert rel_err(fast, plain) < 0.05
