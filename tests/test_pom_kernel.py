@@ -66,6 +66,26 @@ def test_fused_form_equals_module_and_naive_mean(degree, expand, heads):
     torch.testing.assert_close(pom(x), want, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("conv", [0, 4])
+def test_fused_module_forward_and_gradients_equal_the_plain_module(conv, monkeypatch):
+    # The fused branch of FusedPoM on CPU (the op's PyTorch path): its wiring, not the kernels.
+    monkeypatch.setattr(K, "fused_pom_usable", lambda x, pom: True)
+    pom = make_pom(dim=24, degree=2, expand=2, n_sel_heads=2, scan_chunk=8, conv=conv)
+    fused = K.FusedPoM(pom)
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in pom.named_parameters()]
+    x = torch.randn(2, 70, 24, dtype=torch.float64)
+    dy = torch.randn(2, 70, 24, dtype=torch.float64)
+    grads = []
+    for module in (pom, fused):
+        module.zero_grad()
+        xr = x.clone().requires_grad_()
+        y = module(xr)
+        y.backward(dy)
+        grads.append([y, xr.grad, *(p.grad for p in module.parameters())])
+    for got, want in zip(*grads[::-1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("n", [1, 5, 32, 77])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_exclusive_cumsum_across_chunks(n, reverse):

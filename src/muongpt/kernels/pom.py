@@ -1,9 +1,10 @@
 """PoM with its pointwise middle fused into Triton kernels: expansion, GELU, products, causal mean
 and selection gate in one pass forward and one pass backward, no (B, T, S) fp32 tensor in HBM.
 
-The module (``model/pom.py``) computes, for x (B, T, D), degree k, E = expand·D, S = k·E, H heads:
+The module (``model/pom.py``) computes, for x (B, T, D), degree k, E = expand·D, S = k·E, H heads,
+and u = x or its short causal convolution (PyTorch, D wide: cheap):
 
-    [P | G] = x [W_poly; W_select]^T        one cuBLAS matmul, (B, T, S + S/H)
+    [P | G] = u [W_poly; W_select]^T        one cuBLAS matmul, (B, T, S + S/H)
     a_i     = GELU(P[:, :, iE:(i+1)E])      h_i = a_1 ⊙ ... ⊙ a_i          (i = 1..k)
     m_t     = (1/(t+1)) Σ_{s<=t} h_s        z = sigmoid(G)[s // H] ⊙ m     ("mix", the kernels)
     y       = z W_proj^T                    one cuBLAS matmul
@@ -411,6 +412,8 @@ class FusedPoM(PoM):
     def __init__(self, pom: PoM):
         nn.Module.__init__(self)
         self.__dict__.update({k: v for k, v in pom.__dict__.items() if not k.startswith("_")})
+        for name, p in pom.named_parameters(recurse=False):
+            self.register_parameter(name, p)
         for name, module in pom.named_children():
             self.add_module(name, module)
 
@@ -420,6 +423,6 @@ class FusedPoM(PoM):
         if self.dim != x.size(-1):
             return super().forward(x)  # the plain module raises the error
         weight = torch.cat([self.poly.weight, self.select.weight])  # one matmul for P and G
-        pg = F.linear(x, weight)
+        pg = F.linear(self.local(x), weight)
         z = pom_mix(pg, self.degree, self.n_sel_heads)
         return F.linear(z, self.proj.weight)
