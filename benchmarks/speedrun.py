@@ -73,6 +73,12 @@ def main() -> int:
         "train_loss_curve": [
             (m["step"], round(m["train_loss"], 4)) for m in metrics if "train_loss" in m
         ],
+        # (step, training seconds so far (compilation excluded), val loss) at each evaluation
+        "val_loss_curve": [
+            (m["step"], m.get("elapsed_s"), round(m["val_loss"], 4))
+            for m in metrics
+            if "val_loss" in m
+        ],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
