@@ -14,6 +14,7 @@ FUSED="kernels.converters=[fused_pom]"
 case $PART in
 kernel)
   run python3 benchmarks/pom_vs_attention.py --compile --layers pom,pom_fused,attention --out "$R/pom_vs_attention_compiled.json"
+  run python3 benchmarks/pom_vs_attention.py --compile --layers pom_fused --n-sel-heads 4 --out "$R/pom_fused_h4_compiled.json"
   run python3 benchmarks/pom_decode.py --out "$R/pom_decode.json"
   ;;
 quality)
@@ -27,6 +28,9 @@ quality)
   q hybrid3_conv4 experiment=hybrid_baseline model.mixing.pom_conv=4 $FUSED
   q hybrid2_conv4 experiment=hybrid_baseline "model.mixing.pattern=[pom,attention]" model.mixing.pom_conv=4 $FUSED
   q hybrid4_conv4 experiment=hybrid_baseline "model.mixing.pattern=[pom,pom,pom,attention]" model.mixing.pom_conv=4 $FUSED
+  # 4 selection heads: a 4x smaller gate matmul (the fast kernel configuration)
+  q pom_conv4_h4 experiment=pomgpt_baseline model.mixing.pom_conv=4 model.mixing.pom_n_sel_heads=4 $FUSED
+  q hybrid3_conv4_h4 experiment=hybrid_baseline model.mixing.pom_conv=4 model.mixing.pom_n_sel_heads=4 $FUSED
   ;;
 long)
   # 131,072 tokens per step at every T (16 x 8K, 4 x 32K, 2 x 64K rows); val loss every 25 steps
