@@ -44,7 +44,11 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=1, help="n_sel_heads")
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--T", type=int, default=4096)
-    p.add_argument("--shapes", default="64x64x4,32x64x4,128x32x4,64x128x8")
+    p.add_argument(
+        "--shapes",
+        default="64x64x4,64x32x4,64x32x2,64x64x8,32x64x4,32x32x4,32x32x2,128x32x4,128x64x8",
+        help="CHUNK x block_c x num_warps, each run for both passes",
+    )
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     dev, bf16 = "cuda", torch.bfloat16
@@ -82,7 +86,8 @@ def main() -> None:
     dz = torch.randn(B, T, S, device=dev, dtype=bf16)
     shapes = {}
     for shape in args.shapes.split(","):
-        K.CHUNK, K.BLOCK_C, K.NUM_WARPS = (int(v) for v in shape.split("x"))
+        chunk, block_c, warps = (int(v) for v in shape.split("x"))
+        K.CHUNK, K.FWD, K.BWD = chunk, K.MixConfig(block_c, warps), K.MixConfig(block_c, warps)
         z_, prefix = K.mix_forward_kernel(pg, args.degree, args.heads)
         fwd = cuda_ms(lambda: K.mix_forward_kernel(pg, args.degree, args.heads))
         bwd = cuda_ms(lambda p=prefix: K.mix_backward_kernel(pg, p, dz, args.degree, args.heads))
@@ -90,9 +95,22 @@ def main() -> None:
         print(f"mix {shape} (chunk x block_c x warps): fwd {fwd:.3f} ms, bwd {bwd:.3f} ms, "
               f"{(fwd + bwd) * 1e6 / M:.1f} ns/token")  # fmt: skip
     result["mix_shapes"] = shapes
-    best = min(shapes, key=lambda k: shapes[k]["ns_per_token"])
-    result["best_shape"] = best
-    K.CHUNK, K.BLOCK_C, K.NUM_WARPS = (int(v) for v in best.split("x"))
+    # the best forward and backward shapes of one chunk length (the passes share the chunks)
+    best = None
+    for chunk in {k.split("x")[0] for k in shapes}:
+        mine = {k: v for k, v in shapes.items() if k.split("x")[0] == chunk}
+        f = min(mine, key=lambda k: mine[k]["fwd_ms"])
+        b = min(mine, key=lambda k: mine[k]["bwd_ms"])
+        total = mine[f]["fwd_ms"] + mine[b]["bwd_ms"]
+        if best is None or total < best[0]:
+            best = (total, f, b)
+    _, f, b = best
+    result["best_fwd_shape"], result["best_bwd_shape"] = f, b
+    print(f"best: forward {f}, backward {b}: {best[0] * 1e6 / M:.1f} ns/token")
+    fc, fb, fw = (int(v) for v in f.split("x"))
+    _, bb, bw = (int(v) for v in b.split("x"))
+    K.CHUNK, K.FWD, K.BWD = fc, K.MixConfig(fb, fw), K.MixConfig(bb, bw)
+    best = f"{f} / {b}"
 
     xr = x.float().requires_grad_()
     wi = w_in.float().requires_grad_()

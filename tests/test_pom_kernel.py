@@ -180,6 +180,15 @@ def test_interpreted_kernels_match_float64_reference(T, E, degree, heads):
     check_kernels("cpu", torch.float32, T, E, degree, heads, tol=1e-5)
 
 
+@needs_interpreter
+def test_interpreted_kernels_at_other_launch_shapes(monkeypatch):
+    # the passes share the chunks but not the channel blocks
+    monkeypatch.setattr(K, "CHUNK", 32)
+    monkeypatch.setattr(K, "FWD", K.MixConfig(16, 4))
+    monkeypatch.setattr(K, "BWD", K.MixConfig(32, 2))
+    check_kernels("cpu", torch.float32, 100, 40, 2, 4, tol=1e-5)
+
+
 @needs_gpu
 @pytest.mark.parametrize("T,E,degree,heads", [*KERNEL_CASES, (4096, 1536, 2, 1)])
 def test_gpu_kernels_match_float64_reference(T, E, degree, heads):

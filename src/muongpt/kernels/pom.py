@@ -21,10 +21,10 @@ and the matmuls' own gradients (cuBLAS, by autograd). Every sum is in fp32; each
 rounded once to the input dtype.
 
 The time axis is cut into chunks of ``CHUNK`` tokens. One program handles one chunk of one
-sequence for ``BLOCK_C`` channels of every degree: a first, light kernel writes each chunk's
+sequence for ``block_c`` channels of every degree (launch shapes ``FWD``, ``BWD``): a first, light kernel writes each chunk's
 totals (of h forward, of u backward), PyTorch turns them into exclusive prefix (suffix) sums
 across chunks, and the main kernel adds its chunk's carry to a scan inside the chunk. So the grid
-is (E / BLOCK_C) x (B·T / CHUNK) programs at every T, and T = 64K with B = 1 fills the GPU as
+is (E / block_c) x (B·T / CHUNK) programs at every T, and T = 64K with B = 1 fills the GPU as
 well as T = 1K with B = 64.
 
 Why: compiled, the plain module spends about half its time in memory-bound pointwise kernels and
@@ -42,6 +42,7 @@ kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (``mix_forward_kern
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,9 +56,17 @@ try:  # Triton ships with CUDA builds of PyTorch; CPU builds may lack it
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
-CHUNK = 64  # tokens per program (the scan inside a chunk is one tl.cumsum)
-BLOCK_C = 64  # channels per degree per program
-NUM_WARPS = 4
+
+class MixConfig(NamedTuple):
+    """A launch shape of one pass (its chunk-sums kernel and its main kernel)."""
+
+    block_c: int  # channels per degree per program (a power of 2)
+    num_warps: int
+
+
+CHUNK = 64  # tokens per program, both passes (the scan inside a chunk is one tl.cumsum)
+FWD = MixConfig(64, 4)
+BWD = MixConfig(64, 4)
 
 
 # ---------------------------------------------------------------- reference (PyTorch)
@@ -268,56 +277,58 @@ if triton is not None:
             a_above = a
 
 
-def _grid(B: int, T: int, E: int) -> tuple[int, int]:
-    return triton.cdiv(E, BLOCK_C), B * triton.cdiv(T, CHUNK)
+def _grid(B: int, T: int, E: int, block_c: int) -> tuple[int, int]:
+    return triton.cdiv(E, block_c), B * triton.cdiv(T, CHUNK)
 
 
-def _check_heads(heads: int) -> None:
-    if heads & (heads - 1) or heads > BLOCK_C:
-        raise ValueError(f"the kernels take a power-of-2 head count <= {BLOCK_C}, got {heads}")
+def _check_heads(heads: int, block_c: int) -> None:
+    if heads & (heads - 1) or heads > block_c:
+        raise ValueError(f"the kernels take a power-of-2 head count <= {block_c}, got {heads}")
 
 
 def mix_forward_kernel(pg: Tensor, degree: int, heads: int) -> tuple[Tensor, Tensor]:
     """(z (B, T, S), prefix (B, T / CHUNK, S) fp32) by the Triton kernels (CUDA, or CPU under
     TRITON_INTERPRET=1); prefix[b, n] = Σ of h over the chunks before chunk n."""
-    _check_heads(heads)
+    cfg = FWD
+    _check_heads(heads, cfg.block_c)
     pg = pg.contiguous()
     B, T, W = pg.shape
     S, E = _split_widths(pg, degree, heads)
-    grid = _grid(B, T, E)
+    grid = _grid(B, T, E, cfg.block_c)
     n_chunks = grid[1] // B
     sums = torch.empty((B, n_chunks, S), device=pg.device, dtype=torch.float32)
     _h_sums_kernel[grid](
         pg, sums, T, n_chunks, E, W, S,
-        DEGREE=degree, CHUNK=CHUNK, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+        DEGREE=degree, CHUNK=CHUNK, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )  # fmt: skip
     prefix = _exclusive_cumsum(sums).contiguous()
     z = torch.empty((B, T, S), device=pg.device, dtype=pg.dtype)
     _mix_fwd_kernel[grid](
         pg, prefix, z, T, n_chunks, E, W, S,
-        DEGREE=degree, HEADS=heads, CHUNK=CHUNK, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+        DEGREE=degree, HEADS=heads, CHUNK=CHUNK, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )  # fmt: skip
     return z, prefix
 
 
 def mix_backward_kernel(pg: Tensor, prefix: Tensor, dz: Tensor, degree: int, heads: int) -> Tensor:
     """d[P | G] (B, T, S + S/H) in pg's dtype, by the Triton kernels."""
-    _check_heads(heads)
+    cfg = BWD
+    _check_heads(heads, cfg.block_c)
     pg, dz = pg.contiguous(), dz.to(pg.dtype).contiguous()
     B, T, W = pg.shape
     S, E = _split_widths(pg, degree, heads)
-    grid = _grid(B, T, E)
+    grid = _grid(B, T, E, cfg.block_c)
     n_chunks = grid[1] // B
     sums = torch.empty((B, n_chunks, S), device=pg.device, dtype=torch.float32)
     _u_sums_kernel[grid](
         pg, dz, sums, T, n_chunks, E, W, S,
-        DEGREE=degree, HEADS=heads, CHUNK=CHUNK, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+        DEGREE=degree, HEADS=heads, CHUNK=CHUNK, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )  # fmt: skip
     suffix = _exclusive_cumsum(sums, reverse=True).contiguous()
     dpg = torch.empty_like(pg)
     _mix_bwd_kernel[grid](
         pg, prefix, suffix, dz, dpg, T, n_chunks, E, W, S,
-        DEGREE=degree, HEADS=heads, CHUNK=CHUNK, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+        DEGREE=degree, HEADS=heads, CHUNK=CHUNK, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )  # fmt: skip
     return dpg
 
@@ -399,9 +410,10 @@ def pom_mix(pg: Tensor, degree: int, heads: int) -> Tensor:
 # ---------------------------------------------------------------- the module
 def fused_pom_usable(x: Tensor, pom: PoM) -> bool:
     """True when ``FusedPoM`` runs the kernels on ``x``: CUDA, Triton, a power-of-2 head count
-    of at most BLOCK_C. Safe to call inside torch.compile."""
+    of at most the launch shapes' block_c. Safe to call inside torch.compile."""
     heads = pom.n_sel_heads
-    return triton is not None and x.is_cuda and not heads & (heads - 1) and heads <= BLOCK_C
+    fits = heads <= min(FWD.block_c, BWD.block_c)
+    return triton is not None and x.is_cuda and not heads & (heads - 1) and fits
 
 
 class FusedPoM(PoM):
