@@ -66,7 +66,7 @@ class MixConfig(NamedTuple):
 
 CHUNK = 64  # tokens per program, both passes (the scan inside a chunk is one tl.cumsum)
 FWD = MixConfig(64, 4)
-BWD = MixConfig(64, 4)
+BWD = MixConfig(32, 4)  # more live tiles than the forward: half the channels per program
 
 
 # ---------------------------------------------------------------- reference (PyTorch)
