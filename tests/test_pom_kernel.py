@@ -86,7 +86,7 @@ def test_fused_module_forward_and_gradients_equal_the_plain_module(conv, monkeyp
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("n", [1, 5, 32, 77])
+@pytest.mark.parametrize("n", [1, 5, 64, 77, 130])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_exclusive_cumsum_across_chunks(n, reverse):
     sums = torch.randn(3, n, 5, dtype=torch.float64)
