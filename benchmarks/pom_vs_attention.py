@@ -6,6 +6,10 @@ linear-time mixer should cost the same per token at every T and attention should
     python benchmarks/pom_vs_attention.py --out pom_vs_attention.json            # one GPU
     python benchmarks/pom_vs_attention.py --out pom_vs_attention.json --compile  # torch.compile
     python benchmarks/pom_vs_attention.py --device cpu --small --out /tmp/smoke.json
+    python benchmarks/pom_vs_attention.py --compile --layers pom,pom_fused,attention --out x.json
+
+``pom_fused`` is PoM with the Triton kernels of ``muongpt/kernels/pom.py`` (the ``fused_pom``
+converter), the same parameters and math.
 
 Both layers take fp32 inputs under bf16 autocast, as in training. The attention layer is a fair
 one: a fused qkv projection, SDPA with is_causal=True (the flash backend on GPU) and an output
@@ -49,10 +53,14 @@ class CausalAttentionLayer(nn.Module):
 
 
 def make_layer(kind: str, args: argparse.Namespace, device: torch.device) -> nn.Module:
-    if kind == "pom":
+    if kind in ("pom", "pom_fused"):
         layer = PoM(args.dim, args.degree, args.expand, args.n_sel_heads)
         # A trained layer's output projection is not zero: keep the values flowing realistic.
         nn.init.normal_(layer.proj.weight, std=layer.state_dim**-0.5)
+        if kind == "pom_fused":
+            from muongpt.kernels.pom import FusedPoM
+
+            layer = FusedPoM(layer)
     else:
         layer = CausalAttentionLayer(args.dim, args.heads)
     return layer.to(device)
@@ -129,6 +137,20 @@ def summarize(rows: list[dict]) -> dict:
     ok = {(r["layer"], r["T"]): r for r in rows if r["status"] == "ok"}
     seq_lens = sorted({r["T"] for r in rows})
     summary: dict = {}
+    if any(r["layer"] == "pom_fused" for r in rows):
+        summary["pom_fused_ns_per_token"] = {
+            str(T): ok[("pom_fused", T)]["ns_per_token"] for T in seq_lens if ("pom_fused", T) in ok
+        }
+        summary["pom_fused_speedup_over_attention"] = {
+            str(T): ok[("attention", T)]["ms"] / ok[("pom_fused", T)]["ms"]
+            for T in seq_lens
+            if ("attention", T) in ok and ("pom_fused", T) in ok
+        }
+        summary["pom_fused_speedup_over_pom"] = {
+            str(T): ok[("pom", T)]["ms"] / ok[("pom_fused", T)]["ms"]
+            for T in seq_lens
+            if ("pom", T) in ok and ("pom_fused", T) in ok
+        }
     pom = [ok[("pom", T)] for T in seq_lens if ("pom", T) in ok]
     if len(pom) >= 2:
         summary["pom_ns_per_token_longest_over_shortest"] = (
@@ -156,7 +178,12 @@ def print_table(rows: list[dict], summary: dict) -> None:
         lo, hi = summary["pom_T_shortest_longest"]
         ratio = summary["pom_ns_per_token_longest_over_shortest"]
         print(f"PoM ns/token at T={hi} over T={lo}: {ratio:.2f}x")
-    print(f"PoM faster than attention at T = {summary['pom_faster_at_T'] or 'none'}")
+    if any(r["layer"] == "pom" for r in rows):
+        print(f"PoM faster than attention at T = {summary['pom_faster_at_T'] or 'none'}")
+    for T, ratio in summary.get("pom_fused_speedup_over_attention", {}).items():
+        print(f"fused PoM at T={T}: {ratio:.2f}x attention's speed")
+    for T, ratio in summary.get("pom_fused_speedup_over_pom", {}).items():
+        print(f"fused PoM at T={T}: {ratio:.2f}x the plain PoM's speed")
     header = f"{'layer':<10}{'T':>8}{'B':>6}{'ms fwd+bwd':>12}{'ns/token':>10}{'peak MiB':>10}"
     print(header)
     print("-" * len(header))
@@ -199,8 +226,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for T in args.seq_lens:
         if args.tokens % T:
             p.error(f"--tokens ({args.tokens}) must be a multiple of every sequence length ({T})")
-    if not set(args.layers) <= {"pom", "attention"}:
-        p.error(f"--layers must be from pom,attention, got {args.layers}")
+    if not set(args.layers) <= {"pom", "pom_fused", "attention"}:
+        p.error(f"--layers must be from pom,pom_fused,attention, got {args.layers}")
     return args
 
 

@@ -78,6 +78,12 @@ def main() -> int:
         "train_loss_curve": [
             (m["step"], round(m["train_loss"], 4)) for m in metrics if "train_loss" in m
         ],
+        # (step, training seconds so far (compilation excluded), val loss) at each evaluation
+        "val_loss_curve": [
+            (m["step"], m.get("elapsed_s"), round(m["val_loss"], 4))
+            for m in metrics
+            if "val_loss" in m
+        ],
     }
     result["mfu"] = fpt * tok_s / result["peak_flops"] if result["peak_flops"] else None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -13,19 +13,27 @@ from muongpt.model.pom import PoM, PoMCache, causal_mean
 
 
 def make_pom(
-    dim=24, degree=2, expand=2, n_sel_heads=1, scan_chunk=256, dtype=torch.float64, seed=0
+    dim=24, degree=2, expand=2, n_sel_heads=1, scan_chunk=256, dtype=torch.float64, seed=0, conv=0
 ):
-    """A PoM whose output projection is random, not zero: a zero projection hides every bug."""
+    """A PoM whose output projection (and convolution) is random, not zero (not the identity):
+    a zero projection hides every bug."""
     torch.manual_seed(seed)
-    pom = PoM(dim, degree, expand, n_sel_heads, scan_chunk=scan_chunk).to(dtype)
+    pom = PoM(dim, degree, expand, n_sel_heads, conv=conv, scan_chunk=scan_chunk).to(dtype)
     with torch.no_grad():
         pom.proj.weight.normal_(std=1 / math.sqrt(pom.state_dim))
+        if conv:
+            pom.conv_weight.normal_()
     return pom
 
 
 def naive_pom(pom: PoM, x: torch.Tensor) -> torch.Tensor:
     """PoM written straight from the formula, with the causal mean as a T x T masked average."""
     B, T, D = x.shape
+    if pom.conv:  # u_t = Σ_j w_j ⊙ x_{t-j}, token by token
+        w = pom.conv_weight.view(pom.conv, D)
+        x = torch.stack(
+            [sum(w[j] * x[:, t - j] for j in range(min(pom.conv, t + 1))) for t in range(T)], 1
+        )
     width = pom.expand * D
     w_poly = pom.poly.weight
     parts, running = [], None
@@ -42,19 +50,24 @@ def naive_pom(pom: PoM, x: torch.Tensor) -> torch.Tensor:
     return (gate * means) @ pom.proj.weight.T
 
 
-# (degree, expand, n_sel_heads, T, scan_chunk): single chunk, padded chunks, exact chunks, ...
+# (degree, expand, n_sel_heads, T, scan_chunk, conv): single chunk, padded chunks, exact chunks, ...
 CONFIGS = [
-    (1, 1, 1, 13, 256),
-    (2, 2, 1, 37, 8),
-    (3, 1, 4, 64, 16),
-    (4, 2, 2, 50, 7),
-    (2, 3, 8, 1, 4),
+    (1, 1, 1, 13, 256, 0),
+    (2, 2, 1, 37, 8, 0),
+    (3, 1, 4, 64, 16, 0),
+    (4, 2, 2, 50, 7, 0),
+    (2, 3, 8, 1, 4, 0),
+    (2, 2, 1, 37, 8, 4),
+    (3, 1, 4, 20, 16, 1),
+    (2, 1, 2, 2, 4, 3),
 ]
 
 
-@pytest.mark.parametrize("degree,expand,heads,T,chunk", CONFIGS)
-def test_matches_naive_masked_mean_in_float64(degree, expand, heads, T, chunk):
-    pom = make_pom(dim=24, degree=degree, expand=expand, n_sel_heads=heads, scan_chunk=chunk)
+@pytest.mark.parametrize("degree,expand,heads,T,chunk,conv", CONFIGS)
+def test_matches_naive_masked_mean_in_float64(degree, expand, heads, T, chunk, conv):
+    pom = make_pom(
+        dim=24, degree=degree, expand=expand, n_sel_heads=heads, scan_chunk=chunk, conv=conv
+    )
     x = torch.randn(3, T, 24, dtype=torch.float64)
     y = pom(x)
     ref = naive_pom(pom, x)
@@ -64,8 +77,9 @@ def test_matches_naive_masked_mean_in_float64(degree, expand, heads, T, chunk):
 
 
 @pytest.mark.parametrize("t", [0, 7, 8, 21, 38])
-def test_module_is_causal(t):
-    pom = make_pom(scan_chunk=8, dtype=torch.float32)
+@pytest.mark.parametrize("conv", [0, 4])
+def test_module_is_causal(t, conv):
+    pom = make_pom(scan_chunk=8, dtype=torch.float32, conv=conv)
     x = torch.randn(2, 40, 24)
     x2 = x.clone()
     x2[:, t + 1 :] = torch.randn(2, 40 - t - 1, 24)
@@ -79,8 +93,9 @@ def test_module_is_causal(t):
     assert (pom(x3) - y)[:, 1:].abs().amax(dim=-1).min() > 0
 
 
-def test_gradient_of_output_t_reaches_only_inputs_up_to_t():
-    pom = make_pom(scan_chunk=8, dtype=torch.float64)
+@pytest.mark.parametrize("conv", [0, 4])
+def test_gradient_of_output_t_reaches_only_inputs_up_to_t(conv):
+    pom = make_pom(scan_chunk=8, dtype=torch.float64, conv=conv)
     x = torch.randn(2, 30, 24, dtype=torch.float64, requires_grad=True)
     t = 17
     pom(x)[:, t].sum().backward()
@@ -88,10 +103,10 @@ def test_gradient_of_output_t_reaches_only_inputs_up_to_t():
     assert torch.all(x.grad[:, : t + 1].abs().amax(dim=-1) > 0)
 
 
-@pytest.mark.parametrize("steps", [[1] * 29, [5, 1, 12, 3, 8], [29]])
-@pytest.mark.parametrize("heads,chunk", [(1, 256), (4, 4)])
-def test_incremental_decoding_equals_full_forward(steps, heads, chunk):
-    pom = make_pom(degree=3, n_sel_heads=heads, scan_chunk=chunk)
+@pytest.mark.parametrize("steps", [[1] * 29, [5, 1, 12, 3, 8], [29], [2, 1, 26]])
+@pytest.mark.parametrize("heads,chunk,conv", [(1, 256, 0), (4, 4, 0), (2, 8, 4)])
+def test_incremental_decoding_equals_full_forward(steps, heads, chunk, conv):
+    pom = make_pom(degree=3, n_sel_heads=heads, scan_chunk=chunk, conv=conv)
     x = torch.randn(2, sum(steps), 24, dtype=torch.float64)
     full = pom(x)
     cache = pom.new_cache(2)
@@ -104,7 +119,10 @@ def test_incremental_decoding_equals_full_forward(steps, heads, chunk):
     torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=0, atol=1e-10)
     # Constant memory: one (B, S) running sum, updated in place, equal to the sum of all states.
     assert cache.sum.shape == (2, pom.state_dim) and cache.sum.data_ptr() == buffer
-    torch.testing.assert_close(cache.sum, pom.polynomial_state(x).sum(dim=1), rtol=1e-12, atol=0)
+    states = pom.polynomial_state(pom.local(x))
+    torch.testing.assert_close(cache.sum, states.sum(dim=1), rtol=1e-12, atol=0)
+    if conv:  # and the convolution's tail: the last conv - 1 inputs
+        torch.testing.assert_close(cache.tail, x[:, -(conv - 1) :], rtol=0, atol=0)
 
 
 def test_new_cache_accumulates_in_at_least_fp32():
@@ -195,11 +213,28 @@ def test_long_sequence_without_a_T_by_T_tensor():
         ((16, 2, 2, 0), "n_sel_heads"),
         ((10, 2, 2, 3), "divisible by n_sel_heads"),
         ((0, 2, 2), "dim"),
+        ((16, 2, 2, 1, -1), "conv"),
+        ((16, 2, 2, 1, 2.0), "conv"),
     ],
 )
 def test_bad_arguments_raise(args, message):
     with pytest.raises(MuonGPTError, match=message):
-        PoM(*args)
+        if len(args) == 5:
+            PoM(*args[:4], conv=args[4])
+        else:
+            PoM(*args)
+
+
+def test_convolution_starts_as_the_identity_and_trains_as_a_vector():
+    torch.manual_seed(0)
+    plain, conv = PoM(24, 2, 2), PoM(24, 2, 2, conv=4)
+    torch.nn.init.normal_(plain.proj.weight)
+    conv.load_state_dict(plain.state_dict(), strict=False)  # all but conv_weight
+    x = torch.randn(2, 9, 24)
+    torch.testing.assert_close(conv(x), plain(x), rtol=0, atol=0)
+    assert conv.conv_weight.ndim == 1  # the scalar (AdamW) group, not Muon's matrices
+    (conv(x) * torch.randn(2, 9, 24)).sum().backward()
+    assert conv.conv_weight.grad.view(4, 24).abs().amax(dim=1).min() > 0  # every tap learns
 
 
 def test_bad_input_and_cache_raise():
@@ -208,28 +243,34 @@ def test_bad_input_and_cache_raise():
         pom(torch.randn(1, 4, 12))
     with pytest.raises(MuonGPTError, match="cache"):
         pom(torch.randn(2, 1, 16), cache=pom.new_cache(3))
+    with pytest.raises(MuonGPTError, match="cache tail"):
+        PoM(16, 2, 1, conv=3)(torch.randn(2, 1, 16), cache=pom.new_cache(2))
 
 
 # --- whole model ------------------------------------------------------------------------------
 
 
-def _gpt(pattern: list[str]):
+def _gpt(pattern: list[str], conv: int = 0):
     from muongpt.model.gpt import GPT, GPTConfig, MixingConfig
 
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=97, n_layer=2, n_head=2, n_embd=32, mixing=MixingConfig(pattern))
+    mixing = MixingConfig(pattern, pom_conv=conv)
+    config = GPTConfig(vocab_size=97, n_layer=2, n_head=2, n_embd=32, mixing=mixing)
     model = GPT(config)
     # Output projections start at zero, which would make any model trivially causal.
     with torch.no_grad():
         for p in model.parameters():
             if torch.all(p == 0):
                 p.normal_(std=1 / math.sqrt(p.size(-1)))
+        for b in model.blocks:  # and a convolution that is not the identity
+            if getattr(b.mixer, "conv_weight", None) is not None:
+                b.mixer.conv_weight.normal_()
     return model
 
 
-@pytest.mark.parametrize("pattern", [["pom"], ["pom", "attention"]])
-def test_whole_model_is_causal(pattern):
-    model = _gpt(pattern)
+@pytest.mark.parametrize("pattern,conv", [(["pom"], 0), (["pom", "attention"], 0), (["pom"], 4)])
+def test_whole_model_is_causal(pattern, conv):
+    model = _gpt(pattern, conv)
     assert any(type(b.mixer).__name__ == "PoM" for b in model.blocks)
     idx = torch.randint(0, 97, (2, 24))
     t = 10
@@ -241,9 +282,9 @@ def test_whole_model_is_causal(pattern):
     assert not torch.allclose(logits[:, t + 1 :], logits2[:, t + 1 :])
 
 
-@pytest.mark.parametrize("pattern", [["pom"], ["pom", "attention"]])
-def test_whole_model_incremental_decoding(pattern):
-    model = _gpt(pattern)
+@pytest.mark.parametrize("pattern,conv", [(["pom"], 0), (["pom", "attention"], 4)])
+def test_whole_model_incremental_decoding(pattern, conv):
+    model = _gpt(pattern, conv)
     idx = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
         full = model(idx)

@@ -12,6 +12,8 @@ checkpoints, optimizer groups and parameter names do not change. Chosen by name 
 - ``fp8_head_loss``: ``fp8_head`` whose training forward fuses matmul, soft-cap, loss and the
   logit gradient into one op (``kernels/fp8_loss.py``).
 - ``fused_mlp``: ReLU^2 inside the Triton GEMM epilogues of every MLP (``kernels/relu2_mlp.py``).
+- ``fused_pom``: every PoM mixer's pointwise middle (expansion, GELU, products, causal mean,
+  gate) in Triton kernels, its matmuls in cuBLAS (``kernels/pom.py``).
 
 Where the hardware lacks a kernel (CPU, older GPUs) each converted module runs its plain path.
 """
@@ -60,11 +62,21 @@ def fused_mlp(model: GPT, cfg: KernelsConfig) -> None:
         block.mlp = FusedMLP(block.mlp)
 
 
+def fused_pom(model: GPT, cfg: KernelsConfig) -> None:
+    from muongpt.kernels.pom import FusedPoM
+    from muongpt.model.pom import PoM
+
+    for block in model.blocks:
+        if isinstance(block.mixer, PoM):
+            block.mixer = FusedPoM(block.mixer)
+
+
 CONVERTERS: dict[str, Callable[[GPT, KernelsConfig], None]] = {
     "flex_attention": flex_attention,
     "fp8_head": fp8_head,
     "fp8_head_loss": fp8_head_loss,
     "fused_mlp": fused_mlp,
+    "fused_pom": fused_pom,
 }
 
 

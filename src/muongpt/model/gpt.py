@@ -36,6 +36,7 @@ class MixingConfig:
     pom_degree: int = 2
     pom_expand: int = 2
     pom_n_sel_heads: int = 1
+    pom_conv: int = 0  # width of PoM's causal depthwise convolution (its position signal); 0 = none
 
 
 @dataclass
@@ -170,7 +171,7 @@ class GPT(nn.Module):
         if c.mixer_of_layer(layer) == "attention":
             return CausalSelfAttention(c.n_embd, c.n_head, c.rope_base)
         m = c.mixing
-        return PoM(c.n_embd, m.pom_degree, m.pom_expand, m.pom_n_sel_heads)
+        return PoM(c.n_embd, m.pom_degree, m.pom_expand, m.pom_n_sel_heads, conv=m.pom_conv)
 
     def make_block(self, layer: int) -> nn.Module:
         return Block(self.make_mixer(layer), MLP(self.config.n_embd, self.config.mlp_ratio))

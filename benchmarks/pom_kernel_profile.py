@@ -1,0 +1,142 @@
+"""Where the fused PoM layer's time goes, and the kernels' launch shapes (one GPU).
+
+    python benchmarks/pom_kernel_profile.py --out pom_kernel_profile.json
+
+For one PoM layer (d = 768, degree 2, expansion 2 by default) at 65,536 tokens per batch, bf16:
+the time of its six matmuls alone (the floor the kernels cannot go under), of the fused pointwise
+kernels (forward + backward, ``pom_mix``) for each launch shape in ``--shapes``, and a
+torch.profiler table of one fused forward + backward. Times are medians of CUDA-event timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from muongpt.kernels import pom as K
+
+
+def cuda_ms(fn, iters: int = 20, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--degree", type=int, default=2)
+    p.add_argument("--expand", type=int, default=2)
+    p.add_argument("--heads", type=int, default=1, help="n_sel_heads")
+    p.add_argument("--tokens", type=int, default=65536)
+    p.add_argument("--T", type=int, default=4096)
+    p.add_argument(
+        "--shapes",
+        default="64x64x4,64x32x4,64x32x2,64x64x8,32x64x4,32x32x4,32x32x2,128x32x4,128x64x8",
+        help="CHUNK x block_c x num_warps, each run for both passes",
+    )
+    args = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    dev, bf16 = "cuda", torch.bfloat16
+    D, S = args.dim, args.degree * args.expand * args.dim
+    B, T = args.tokens // args.T, args.T
+    W = S + S // args.heads
+    x = torch.randn(B, T, D, device=dev, dtype=bf16)
+    w_in = torch.randn(W, D, device=dev, dtype=bf16) * D**-0.5
+    w_out = torch.randn(D, S, device=dev, dtype=bf16) * S**-0.5
+    dy = torch.randn(B, T, D, device=dev, dtype=bf16)
+    pg = F.linear(x, w_in)
+    z = torch.randn(B, T, S, device=dev, dtype=bf16)
+    M = B * T
+
+    def matmuls() -> None:  # forward: [P | G] = x W_in^T, y = z W_out^T; backward: four more
+        F.linear(x, w_in)
+        F.linear(z, w_out)
+        dz = dy.view(M, D) @ w_out
+        dy.view(M, D).t() @ z.view(M, S)
+        pg.view(M, W) @ w_in
+        pg.view(M, W).t() @ x.view(M, D)
+        del dz
+
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, **vars(args)}
+    result["out"] = str(args.out)
+    ms = cuda_ms(matmuls)
+    result["matmuls_ms"] = ms
+    result["matmuls_ns_per_token"] = ms * 1e6 / M
+    flops = 3 * 2 * D * (W + S) * M
+    result["matmul_tflops"] = flops / ms / 1e9
+    print(
+        f"six matmuls: {ms:.3f} ms = {ms * 1e6 / M:.1f} ns/token ({flops / ms / 1e9:.0f} TFLOP/s)"
+    )
+
+    dz = torch.randn(B, T, S, device=dev, dtype=bf16)
+    shapes = {}
+    for shape in args.shapes.split(","):
+        chunk, block_c, warps = (int(v) for v in shape.split("x"))
+        K.CHUNK, K.FWD, K.BWD = chunk, K.MixConfig(block_c, warps), K.MixConfig(block_c, warps)
+        z_, prefix = K.mix_forward_kernel(pg, args.degree, args.heads)
+        fwd = cuda_ms(lambda: K.mix_forward_kernel(pg, args.degree, args.heads))
+        bwd = cuda_ms(lambda p=prefix: K.mix_backward_kernel(pg, p, dz, args.degree, args.heads))
+        shapes[shape] = {"fwd_ms": fwd, "bwd_ms": bwd, "ns_per_token": (fwd + bwd) * 1e6 / M}
+        print(f"mix {shape} (chunk x block_c x warps): fwd {fwd:.3f} ms, bwd {bwd:.3f} ms, "
+              f"{(fwd + bwd) * 1e6 / M:.1f} ns/token")  # fmt: skip
+    result["mix_shapes"] = shapes
+    # the best forward and backward shapes of one chunk length (the passes share the chunks)
+    best = None
+    for chunk in {k.split("x")[0] for k in shapes}:
+        mine = {k: v for k, v in shapes.items() if k.split("x")[0] == chunk}
+        f = min(mine, key=lambda k: mine[k]["fwd_ms"])
+        b = min(mine, key=lambda k: mine[k]["bwd_ms"])
+        total = mine[f]["fwd_ms"] + mine[b]["bwd_ms"]
+        if best is None or total < best[0]:
+            best = (total, f, b)
+    _, f, b = best
+    result["best_fwd_shape"], result["best_bwd_shape"] = f, b
+    print(f"best: forward {f}, backward {b}: {best[0] * 1e6 / M:.1f} ns/token")
+    fc, fb, fw = (int(v) for v in f.split("x"))
+    _, bb, bw = (int(v) for v in b.split("x"))
+    K.CHUNK, K.FWD, K.BWD = fc, K.MixConfig(fb, fw), K.MixConfig(bb, bw)
+    best = f"{f} / {b}"
+
+    xr = x.float().requires_grad_()
+    wi = w_in.float().requires_grad_()
+    wo = w_out.float().requires_grad_()
+
+    def layer() -> None:
+        with torch.autocast("cuda", dtype=bf16):
+            y = F.linear(K.pom_mix(F.linear(xr, wi), args.degree, args.heads), wo)
+        y.backward(dy)
+
+    ms = cuda_ms(layer)
+    result["fused_layer_ms"] = ms
+    result["fused_layer_ns_per_token"] = ms * 1e6 / M
+    print(f"fused layer (eager, best shape {best}): {ms:.3f} ms = {ms * 1e6 / M:.1f} ns/token")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        layer()
+        torch.cuda.synchronize()
+    try:
+        table = prof.key_averages().table(sort_by="device_time_total", row_limit=15)
+    except (KeyError, AttributeError, ValueError):  # older spelling
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+    print(table)
+    result["profile"] = table
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

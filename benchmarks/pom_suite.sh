@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# PoM's device runs (docs/pom.md), one part per device call, results packed into
+# $OUT/pom_<part>.tar.gz after every run (a call cut off at its limit still returns them):
+#   bash benchmarks/pom_suite.sh kernel    # one layer: fused PoM vs plain vs attention; decoding
+#   bash benchmarks/pom_suite.sh quality   # d12, bench pack, 100 steps x 131,072 tokens, Muon
+#   bash benchmarks/pom_suite.sh long      # d12 at T = 8K, 32K, 64K, 131,072 tokens per step
+# (expects .whl/ and .devdata/bench/*.xz, see device_setup.sh). STEPS overrides the step counts.
+set -uo pipefail
+source benchmarks/device_setup.sh
+PART=${1:?usage: pom_suite.sh kernel|quality|long}
+R=$OUT/pom_$PART; mkdir -p "$R"
+run() { echo "=== $*"; "$@" 2>&1 | tail -n 25; tar -czf "$OUT/pom_$PART.tar.gz" -C "$OUT" "pom_$PART"; }
+FUSED="kernels.converters=[fused_pom]"
+case $PART in
+kernel)
+  run python3 benchmarks/pom_vs_attention.py --compile --layers pom,pom_fused,attention --out "$R/pom_vs_attention_compiled.json"
+  run python3 benchmarks/pom_vs_attention.py --compile --layers pom_fused --n-sel-heads 4 --out "$R/pom_fused_h4_compiled.json"
+  run python3 benchmarks/pom_decode.py --out "$R/pom_decode.json"
+  ;;
+quality)
+  # Equal tokens, the same recipe; PoM layers fused. conv = the position signal's width.
+  COMMON="data=bench $D training.max_steps=${STEPS:-100} training.cooldown_steps=40 training.eval_every=100000 training.eval_tokens=2000000 training.progress_bar=false training.checkpoint_every=0 training.export_safetensors=false training.compile_warmup_steps=3"
+  q() { local name=$1; shift; run python3 benchmarks/speedrun.py --name "$name" --out "$R/d12_$name.json" "$@" $COMMON; }
+  q attention experiment=transformers_baseline
+  q pom experiment=pomgpt_baseline $FUSED
+  q pom_conv4 experiment=pomgpt_baseline model.mixing.pom_conv=4 $FUSED
+  q hybrid3 experiment=hybrid_baseline $FUSED
+  q hybrid3_conv4 experiment=hybrid_baseline model.mixing.pom_conv=4 $FUSED
+  q hybrid2_conv4 experiment=hybrid_baseline "model.mixing.pattern=[pom,attention]" model.mixing.pom_conv=4 $FUSED
+  q hybrid4_conv4 experiment=hybrid_baseline "model.mixing.pattern=[pom,pom,pom,attention]" model.mixing.pom_conv=4 $FUSED
+  # 4 selection heads: a 4x smaller gate matmul (the fast kernel configuration)
+  q pom_conv4_h4 experiment=pomgpt_baseline model.mixing.pom_conv=4 model.mixing.pom_n_sel_heads=4 $FUSED
+  q hybrid3_conv4_h4 experiment=hybrid_baseline model.mixing.pom_conv=4 model.mixing.pom_n_sel_heads=4 $FUSED
+  ;;
+long)
+  # 131,072 tokens per step at every T (16 x 8K, 4 x 32K, 2 x 64K rows); val loss every 25 steps
+  # against training seconds (benchmarks/speedrun.py's val_loss_curve).
+  for T in 8192 32768 65536; do
+    ROWS=$((131072 / T))
+    COMMON="data=bench $D training.seq_len=$T training.batch_size=$ROWS training.micro_batch_size=$ROWS training.max_steps=${STEPS:-150} training.cooldown_steps=60 training.eval_every=25 training.eval_tokens=1048576 training.progress_bar=false training.checkpoint_every=0 training.checkpoint_minutes=0 training.export_safetensors=false training.compile_warmup_steps=3"
+    run python3 benchmarks/speedrun.py --name "attention_T$T" --out "$R/attention_T$T.json" experiment=transformers_baseline $COMMON
+    run python3 benchmarks/speedrun.py --name "pom_T$T" --out "$R/pom_T$T.json" experiment=pomgpt_baseline model.mixing.pom_conv=4 $FUSED $COMMON
+    run python3 benchmarks/speedrun.py --name "hybrid_T$T" --out "$R/hybrid_T$T.json" experiment=hybrid_baseline model.mixing.pom_conv=4 $FUSED $COMMON
+  done
+  run python3 benchmarks/pom_long_context_plot.py --results "$R" --out "$R/pom_long_context.png"
+  ;;
+*) echo "unknown part $PART (kernel, quality, long)"; exit 2 ;;
+esac
+rm -rf "$R"
