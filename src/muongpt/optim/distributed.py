@@ -16,7 +16,9 @@ collective turns it into the mean over all ranks, once per step:
   (fused on CUDA, as single-process) holds the moments of those rows only and updates them, and
   an all-gather rebuilds the parameter. Smaller tensors are all-reduced in flat buckets and
   updated identically on every rank.
-- Any other optimizer (SOAP) is *replicated*: its gradients are all-reduced (mean) in flat
+- ``DistributedSOAP`` (``optim.distributed_soap``): SOAP sharded like DistributedMuon, by
+  blocks of whole matrices, the owner holding their SOAP state and running their preconditioner.
+- Any other optimizer is *replicated*: its gradients are all-reduced (mean) in flat
   buckets and every rank runs it on the same gradients, holding the full state.
 
 Overlap: ``reduce_during_next_backward()`` arms post-accumulate-grad hooks for the last
@@ -60,6 +62,7 @@ from muongpt.optim.muon import (
     run_closure,
     state_dtype,
 )
+from muongpt.optim.soap import SOAP
 
 # torch 2.13 renamed the flat collectives (the old names warn); 2.11 has only the old ones.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -700,7 +703,7 @@ class DistributedCombinedOptimizer(CombinedOptimizer):
 
     @staticmethod
     def is_sharded(opt) -> bool:
-        return isinstance(opt, DistributedMuon | ZeRO2AdamW)
+        return isinstance(opt, BucketedStep)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
@@ -757,6 +760,8 @@ class DistributedCombinedOptimizer(CombinedOptimizer):
                     f"{len(opt.shards)} tensors sharded by rows, "
                     f"{sum(len(b.params) for b in opt.replicated)} small ones all-reduced"
                 )
+            elif hasattr(opt, "describe"):
+                what = opt.describe()
             else:
                 what = "replicated: gradients all-reduced, full state on every rank"
             lines.append(f"    {name}: {what}")
@@ -767,7 +772,10 @@ def distribute(
     combined: CombinedOptimizer, model: nn.Module, group=None, bucket_bytes: int = BUCKET_BYTES
 ) -> DistributedCombinedOptimizer:
     """The sharded counterpart of a single-process ``CombinedOptimizer`` (same groups, same hyper-
-    parameters): Muon -> DistributedMuon, AdamW -> ZeRO2AdamW, others replicated."""
+    parameters): Muon -> DistributedMuon, AdamW -> ZeRO2AdamW, SOAP -> DistributedSOAP, others
+    replicated."""
+    from muongpt.optim.distributed_soap import DistributedSOAP  # it builds on this module
+
     comm = Comm(group)
     optimizers, buckets = [], []
     for opt in combined.optimizers:
@@ -777,6 +785,9 @@ def distribute(
             own = opt.buckets
         elif isinstance(opt, torch.optim.AdamW):
             opt = ZeRO2AdamW(groups, comm, defaults=opt.defaults, bucket_bytes=bucket_bytes)
+            own = opt.buckets
+        elif isinstance(opt, SOAP):
+            opt = DistributedSOAP(groups, comm, bucket_bytes, **opt.defaults)
             own = opt.buckets
         else:  # replicated: kept as it is, its gradients all-reduced
             own = flat_buckets([p for g in groups for p in g["params"]][::-1], comm, bucket_bytes)
@@ -811,7 +822,7 @@ def optimizer_state_bytes(optimizer: CombinedOptimizer | torch.optim.Optimizer) 
         if isinstance(opt, DistributedMuon):
             held = [b.momentum for b in opt.blocks] + [b.second_moment for b in opt.blocks]
             total += sum(t.nbytes for t in held if t is not None)
-        elif isinstance(opt, ZeRO2AdamW):
+        elif hasattr(opt, "local_state"):  # ZeRO2AdamW, DistributedSOAP
             total += tensor_bytes(opt.local_state())
         else:
             total += tensor_bytes(dict(opt.state))
