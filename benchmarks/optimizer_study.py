@@ -302,17 +302,23 @@ class Study:
         return best
 
     def finals(self, opt: Optimizer, lr: float) -> None:
-        # seed offsets keep the finals apart from the sweep run (whose timing ran in parallel)
-        seeds = [self.args.seed + 1 + i for i in range(self.args.seeds)]
-        self.record_all([(opt, lr, s) for s in seeds], self.args.final_parallel)
-        self.data.setdefault("final_seeds", {})[opt.name] = seeds
+        # new seeds, run one at a time; --reuse-sweep counts the sweep's run at the best lr as
+        # the first seed (its loss and its curve against tokens, not its time: it ran in parallel)
+        reuse = self.args.reuse_sweep
+        timed = [self.args.seed + 1 + i for i in range(self.args.seeds - reuse)]
+        self.record_all([(opt, lr, s) for s in timed], self.args.final_parallel)
+        self.data.setdefault("final_seeds", {})[opt.name] = [self.args.seed] * reuse + timed
+        self.data.setdefault("timed_seeds", {})[opt.name] = timed
         self.save()
 
 
 # ---------------------------------------------------------------- outputs
-def finals_of(data: dict, name: str) -> list[dict]:
-    lr = data["best_lr"][name]
-    return [data["runs"][run_key(name, lr, s)] for s in data.get("final_seeds", {}).get(name, [])]
+def finals_of(data: dict, name: str, timed: bool = False) -> list[dict]:
+    """The runs at the best lr (``timed``: only those run one at a time)."""
+    lr, seeds = data["best_lr"][name], data.get("final_seeds", {}).get(name, [])
+    if timed:
+        seeds = data.get("timed_seeds", {}).get(name, seeds)
+    return [data["runs"][run_key(name, lr, s)] for s in seeds]
 
 
 def table(data: dict) -> str:
@@ -337,8 +343,10 @@ def table(data: dict) -> str:
             losses = [r["val_loss"] for r in runs]
             mean = sum(losses) / len(losses)
             loss = f"{mean:.4f} ± {(max(losses) - min(losses)) / 2:.4f}"
-            secs = f"{sum(r['train_seconds'] for r in runs) / len(runs):.1f}"
-            ms = f"{sum(r['step_ms'] for r in runs) / len(runs):.1f}"
+            timed = [r for r in finals_of(data, name, timed=True) if math.isfinite(r["val_loss"])]
+            timed = timed or runs
+            secs = f"{sum(r['train_seconds'] for r in timed) / len(timed):.1f}"
+            ms = f"{sum(r['step_ms'] for r in timed) / len(timed):.1f}"
             state = runs[0]["state_bytes"]
             gib = f"{state / 2**30:.3f}" if state is not None else "-"
         else:
@@ -369,7 +377,7 @@ def plots(data: dict, out: Path) -> None:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for i, name in enumerate(data.get("best_lr", {})):
             color = f"C{i}"
-            for j, r in enumerate(finals_of(data, name)):
+            for j, r in enumerate(finals_of(data, name, timed=x_index == 2)):
                 pts = [c for c in r.get("curve", []) if c[0] > 0]  # step 0 is the same for all
                 if not pts:
                     continue
@@ -417,6 +425,11 @@ def main() -> None:
     parser.add_argument("--max-extend", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1337, help="of the sweep runs")
+    parser.add_argument(
+        "--reuse-sweep",
+        action="store_true",
+        help="the sweep's run at the best lr is the first seed (one final run less each)",
+    )
     parser.add_argument("--parallel", type=int, default=None, help="sweep runs at a time")
     parser.add_argument("--final-parallel", type=int, default=None, help="final runs at a time")
     parser.add_argument("--compare", default=None, help="another study.json: best lrs side by side")

@@ -31,6 +31,7 @@ def fake_args(out, **kw):
         max_extend=2,
         seeds=2,
         seed=1337,
+        reuse_sweep=False,
         parallel=1,
         final_parallel=1,
         override=[],
@@ -51,7 +52,13 @@ def test_sweep_grows_to_an_interior_best_then_finals_table_and_plots(
         if lr > 12 * opt.default_lr:
             return {"val_loss": math.inf, "failed": 1, "error": "non-finite loss at step 3"}
         curve = [[0, 0, 0.0, 11.0], [10, 10240, 1.5, loss]]
-        return dict(val_loss=loss, train_seconds=1.5, step_ms=150.0, state_bytes=2**29, curve=curve)
+        return dict(
+            val_loss=loss,
+            train_seconds=seed - 1336.0,
+            step_ms=150.0,
+            state_bytes=2**29,
+            curve=curve,
+        )
 
     monkeypatch.setattr(s.Study, "run", fake_run)
     study = s.Study(fake_args(tmp_path))
@@ -89,3 +96,24 @@ def test_a_preset_with_data_needs_the_files(study_module, tmp_path, monkeypatch,
         study_module.main()
     assert exit_info.value.code != 0
     assert "--train-files" in capsys.readouterr().err
+
+
+def test_reuse_sweep_counts_its_loss_not_its_time(study_module, tmp_path, monkeypatch):
+    s = study_module
+
+    def fake_run(self, opt, lr, seed, threads):
+        loss = 3 + abs(math.log(lr / opt.default_lr)) + (0.01 if seed == 1337 else 0)
+        curve = [[10, 10240, 1.5, loss]]
+        return dict(
+            val_loss=loss, train_seconds=seed - 1336.0, step_ms=1.0, state_bytes=1, curve=curve
+        )
+
+    monkeypatch.setattr(s.Study, "run", fake_run)
+    study = s.Study(fake_args(tmp_path, reuse_sweep=True))
+    adamw = s.OPTIMIZERS["adamw"]
+    study.finals(adamw, study.sweep(adamw))
+    assert study.data["final_seeds"]["adamw"] == [1337, 1338]
+    assert study.data["timed_seeds"]["adamw"] == [1338]
+    study.data["seed"] = 1337
+    row = next(line for line in s.table(study.data).splitlines() if line.startswith("| AdamW"))
+    assert "3.0050 ± 0.0050" in row and "| 2.0 |" in row  # the loss of both, the time of one
