@@ -62,11 +62,14 @@ from muongpt.optim.muon import (
     run_closure,
     state_dtype,
 )
-from muongpt.optim.soap import SOAP
 
 # torch 2.13 renamed the flat collectives (the old names warn); 2.11 has only the old ones.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+# Sharded forms of other single-process optimizers, by type: (optimizer, its groups, comm,
+# bucket_bytes) -> a BucketedStep optimizer. optim/distributed_soap.py registers SOAP's.
+SHARDED_FORMS: dict[type, Callable[..., Any]] = {}
 
 BUCKET_BYTES = 32 * 2**20  # target size of one collective (a Muon block, a flat all-reduce)
 MIN_SHARD_NUMEL = 1 << 14  # ZeRO2AdamW: smaller tensors are all-reduced, not sharded
@@ -677,7 +680,7 @@ class GradReducer:
 
 
 class DistributedCombinedOptimizer(CombinedOptimizer):
-    """``CombinedOptimizer`` over sharded optimizers (and replicated ones, e.g. SOAP).
+    """``CombinedOptimizer`` over sharded optimizers (and replicated ones: those without a sharded form).
 
     ``step()`` walks the buckets of all optimizers in the order their collectives were launched:
     each sharded bucket is updated and its all-gather started as soon as its reduction is done
@@ -772,10 +775,8 @@ def distribute(
     combined: CombinedOptimizer, model: nn.Module, group=None, bucket_bytes: int = BUCKET_BYTES
 ) -> DistributedCombinedOptimizer:
     """The sharded counterpart of a single-process ``CombinedOptimizer`` (same groups, same hyper-
-    parameters): Muon -> DistributedMuon, AdamW -> ZeRO2AdamW, SOAP -> DistributedSOAP, others
-    replicated."""
-    from muongpt.optim.distributed_soap import DistributedSOAP  # it builds on this module
-
+    parameters): Muon -> DistributedMuon, AdamW -> ZeRO2AdamW, a type in ``SHARDED_FORMS`` (SOAP)
+    -> its sharded form, others replicated."""
     comm = Comm(group)
     optimizers, buckets = [], []
     for opt in combined.optimizers:
@@ -786,8 +787,8 @@ def distribute(
         elif isinstance(opt, torch.optim.AdamW):
             opt = ZeRO2AdamW(groups, comm, defaults=opt.defaults, bucket_bytes=bucket_bytes)
             own = opt.buckets
-        elif isinstance(opt, SOAP):
-            opt = DistributedSOAP(groups, comm, bucket_bytes, **opt.defaults)
+        elif type(opt) in SHARDED_FORMS:
+            opt = SHARDED_FORMS[type(opt)](opt, groups, comm, bucket_bytes)
             own = opt.buckets
         else:  # replicated: kept as it is, its gradients all-reduced
             own = flat_buckets([p for g in groups for p in g["params"]][::-1], comm, bucket_bytes)

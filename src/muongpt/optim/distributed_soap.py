@@ -25,6 +25,7 @@ from torch import Tensor
 from muongpt.optim.config import OptimizerError
 from muongpt.optim.distributed import (
     BUCKET_BYTES,
+    SHARDED_FORMS,
     BucketedStep,
     Comm,
     MatrixBlock,
@@ -175,3 +176,8 @@ class DistributedSOAP(BucketedStep, SOAP):
             if block.initialized:
                 for row, p in zip(block.rows, block.owned):
                     block.inner.state[row] = restore_state(saved[id(p)], row.device)
+
+
+SHARDED_FORMS[SOAP] = lambda opt, groups, comm, bucket_bytes: DistributedSOAP(
+    groups, comm, bucket_bytes, **opt.defaults
+)
