@@ -76,7 +76,7 @@ class SOAPConfig(HybridConfig):
     correct_bias: bool = True
     one_sided: bool = False  # precondition only the smallest side of each matrix
     precondition_dtype: str = "auto"  # of the per-step matmuls: auto (bf16 on CUDA) | float32 ...
-    orthonormalize: str = "qr"  # the basis refresh: qr | cholesky_qr
+    orthonormalize: str = "cholesky_qr"  # the basis refresh: cholesky_qr | qr (Householder)
 
 
 @dataclass
