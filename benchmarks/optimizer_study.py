@@ -355,11 +355,26 @@ def table(data: dict) -> str:
             f"| {opt.label} | {', '.join(tried)} | {fmt_lr(best)} | {loss} | {secs} | {ms} | {gib} |"
         )
     n_seeds = max((len(v) for v in data.get("final_seeds", {}).values()), default=0)
+    reused = any(
+        len(v) != len(data.get("timed_seeds", {}).get(k, v))
+        for k, v in data.get("final_seeds", {}).items()
+    )
+    how = (
+        "the sweep's run and the others run one at a time; time and step ms of the latter"
+        if reused
+        else "run one at a time"
+    )
+    edge = [
+        OPTIMIZERS[k].label
+        for k, lr in data.get("best_lr", {}).items()
+        if lr in (min(data["grid"][k]), max(data["grid"][k]))
+    ]
     lines.append("")
     lines.append(
         f"{data['notes']}. Sweep: one run per lr (seed {data['seed']}); final val loss: mean ± "
-        f"half-range of {n_seeds} seeds at the best lr, run one at a time; time: training "
-        "seconds; state: the optimizer part of the final checkpoint (matrix optimizer + AdamW)."
+        f"half-range of {n_seeds} seeds at the best lr ({how}); time: training seconds; state: "
+        "the optimizer part of the final checkpoint (matrix optimizer + AdamW)."
+        + (f" Best lr at the edge of the grid tried: {', '.join(edge)}." if edge else "")
     )
     return "\n".join(lines) + "\n"
 

@@ -15,7 +15,7 @@ basis is refreshed by one power iteration and an orthonormalization: the columns
 by their estimated eigenvalue diag(Q^T L Q) (V is permuted the same way, so each entry keeps its
 direction), then Q <- orth(L Q), with ``orthonormalize``: ``cholesky_qr`` (the default: Q = A R^-1
 with R^T R = A^T A, twice, in float64: the QR's Q up to column signs, which SOAP's update does not
-see; a matrix whose Gram matrix is not positive definite gets QR instead; 2.3x faster than
+see; a matrix whose Gram matrix is not positive definite gets QR instead; a refresh 2.8x faster than
 Householder on an H200 for d12) or ``qr`` (Householder QR, fp32, as the reference). M is kept in the eigenbasis, so at a refresh it is rotated back with the old basis and into
 the new one (the same as keeping M in the original space and rotating it every step, at two
 rotations less per step).
