@@ -12,8 +12,8 @@ with q, k, v, proj 768x768 (the model keeps q, k, v separate), mlp fc 3072x768 a
 - torch.optim.AdamW fused, over every parameter
 - muongpt SOAP over the block matrices (refresh every 10 steps: median = a plain step,
   mean = amortised over refreshes, max = a refresh step): the default (bf16 matmuls on CUDA,
-  Householder QR refresh), with fp32 matmuls, with the Cholesky-QR refresh, one-sided (only the
-  smaller side preconditioned), one-sided with Cholesky-QR
+  Cholesky-QR refresh), with fp32 matmuls, with Householder QR, one-sided (only the smaller side
+  preconditioned), one-sided with Householder QR
 - the muongpt hybrids (build_optimizer with optimizer=muon / soap) over every parameter
 
 Each entry: warm-up steps, then per-step times (CUDA events on GPU) -> median and mean. Memory:
@@ -186,14 +186,14 @@ def main() -> None:
             matrices,
         ),
         (
-            "SOAP cholesky_qr",
-            lambda: SOAP(matrices, lr=3e-3, orthonormalize="cholesky_qr"),
+            "SOAP Householder qr",
+            lambda: SOAP(matrices, lr=3e-3, orthonormalize="qr"),
             matrices,
         ),
         ("SOAP one-sided", lambda: SOAP(matrices, lr=3e-3, one_sided=True), matrices),
         (
-            "SOAP one-sided chol_qr",
-            lambda: SOAP(matrices, lr=3e-3, one_sided=True, orthonormalize="cholesky_qr"),
+            "SOAP one-sided qr",
+            lambda: SOAP(matrices, lr=3e-3, one_sided=True, orthonormalize="qr"),
             matrices,
         ),
         (
