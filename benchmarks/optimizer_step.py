@@ -15,7 +15,9 @@ with q, k, v, proj 768x768 (the model keeps q, k, v separate), mlp fc 3072x768 a
 - torch.optim.Muon (torch >= 2.9; it loops over the matrices one by one) over the same matrices
 - torch.optim.AdamW fused, over every parameter
 - muongpt SOAP over the block matrices (refresh every 10 steps: median = a plain step,
-  mean = amortised over refreshes)
+  mean = amortised over refreshes, max = a refresh step): the default (bf16 matmuls on CUDA,
+  Cholesky-QR refresh), with fp32 matmuls, with Householder QR, one-sided (only the smaller side
+  preconditioned), one-sided with Householder QR
 - the muongpt hybrids (build_optimizer with optimizer=muon / soap) over every parameter
 
 Each entry: warm-up steps, then per-step times (CUDA events on GPU) -> median and mean. Memory:
@@ -158,6 +160,7 @@ def run_entry(name, make, params, device, args) -> dict:
         "median_ms": statistics.median(times),
         "mean_ms": statistics.fmean(times),
         "min_ms": min(times),
+        "max_ms": max(times),
         "state_bytes": state_bytes(optimizers),
         "peak_bytes": None,
     }
@@ -241,6 +244,22 @@ def main() -> None:
         ),
         ("muongpt SOAP", lambda: SOAP(matrices, lr=3e-3), matrices),
         (
+            "SOAP fp32 matmuls",
+            lambda: SOAP(matrices, lr=3e-3, precondition_dtype="float32"),
+            matrices,
+        ),
+        (
+            "SOAP Householder qr",
+            lambda: SOAP(matrices, lr=3e-3, orthonormalize="qr"),
+            matrices,
+        ),
+        ("SOAP one-sided", lambda: SOAP(matrices, lr=3e-3, one_sided=True), matrices),
+        (
+            "SOAP one-sided qr",
+            lambda: SOAP(matrices, lr=3e-3, one_sided=True, orthonormalize="qr"),
+            matrices,
+        ),
+        (
             "hybrid muon (all)",
             lambda: build_optimizer(model, MuonConfig()),
             everything,
@@ -289,16 +308,16 @@ def main() -> None:
     out.write_text(json.dumps(report, indent=2) + "\n")
 
     print(f"optimizer step, {report['device']}, torch {torch.__version__}, {args.param_dtype}")
-    header = f"{'optimizer':<28}{'tensors':>8}{'params':>13}{'median ms':>11}{'mean ms':>10}"
-    header += f"{'state MiB':>11}{'peak MiB':>10}{'/torch':>8}{'/train':>8}"
+    header = f"{'optimizer':<26}{'tensors':>8}{'params':>13}{'median ms':>11}{'mean ms':>10}"
+    header += f"{'max ms':>9}{'state MiB':>11}{'peak MiB':>10}{'/torch':>8}{'/train':>8}"
     print(header)
     for r in results:
         peak = f"{r['peak_bytes'] / 2**20:.1f}" if r["peak_bytes"] is not None else "-"
         ratio = f"{r['vs_torch_muon']:.2f}" if r["vs_torch_muon"] is not None else "-"
         frac = f"{r['frac_of_train_step']:.1%}" if r["frac_of_train_step"] is not None else "-"
         print(
-            f"{r['name']:<28}{r['tensors']:>8}{r['params']:>13,}{r['median_ms']:>11.2f}"
-            f"{r['mean_ms']:>10.2f}{r['state_bytes'] / 2**20:>11.1f}{peak:>10}{ratio:>8}{frac:>8}"
+            f"{r['name']:<26}{r['tensors']:>8}{r['params']:>13,}{r['median_ms']:>11.2f}"
+            f"{r['mean_ms']:>10.2f}{r['max_ms']:>9.1f}{r['state_bytes'] / 2**20:>11.1f}{peak:>10}{ratio:>8}{frac:>8}"
         )
     if getattr(GRAM, "FAILED", None):
         print(f"Gram kernels that fell back to torch.bmm: {GRAM.FAILED}")

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from muongpt.optim import Muon, build_optimizer
+from muongpt.optim import SOAP, Muon, build_optimizer
 from muongpt.optim.distributed import (
     Comm,
     DistributedMuon,
@@ -30,6 +30,7 @@ from muongpt.optim.distributed import (
     distribute,
     optimizer_state_bytes,
 )
+from muongpt.optim.distributed_soap import DistributedSOAP
 from muongpt.train.schedule import muon_momentum
 
 TOL = dict(rtol=0, atol=1e-6)
@@ -150,6 +151,68 @@ def check_muon(rank: int, world_size: int, group=None) -> None:
         assert_close_all(fresh.param_groups[0]["params"], ref_params, "muon after load")
 
 
+def check_soap(rank: int, world_size: int, group=None) -> None:
+    """DistributedSOAP against SOAP on the mean gradients (float64: the eigenbases are
+    compared too), 7 steps with refreshes at 3 and 6; its state is SOAP's and resumes on any N."""
+    # 5 + 4 + 1 tensors (padded last blocks, several blocks per shape); each side's first
+    # statistic has at most a 1-dim null space, so the first eigenbasis is unique up to signs.
+    shapes = [(6, 6)] * 5 + [(5, 6)] * 4 + [(3, 2, 4)]
+    base = dict(lr=0.01, betas=(0.9, 0.95), weight_decay=0.05, precondition_frequency=3)
+    for extra in ({}, {"one_sided": True, "orthonormalize": "cholesky_qr"}):
+        hyper = {**base, **extra}
+        make = lambda: [p.detach().double().requires_grad_() for p in make_params(shapes)]  # noqa: E731
+        mean64 = lambda step: [  # noqa: E731
+            sum(gs) / world_size
+            for gs in zip(
+                *[[g.double() for g in rank_grads(shapes, r, step)] for r in range(world_size)]
+            )
+        ]
+        params, ref_params = make(), make()
+        opt = DistributedSOAP(params, Comm(group), bucket_bytes=1000, **hyper)
+        assert len(opt.blocks) > 3
+        ref = SOAP(ref_params, **hyper)
+        for step in range(7):
+            for p, g in zip(params, rank_grads(shapes, rank, step)):
+                p.grad = g.double()
+            for p, g in zip(ref_params, mean64(step)):
+                p.grad = g
+            opt.step()
+            ref.step()
+            opt.zero_grad()
+            assert_close_all(
+                params, ref_params, f"soap {extra} step {step}", dict(rtol=0, atol=1e-10)
+            )
+        assert optimizer_state_bytes(opt) < optimizer_state_bytes(ref) * (1 / world_size + 0.35)
+        state, ref_state = opt.state_dict(), ref.state_dict()
+        assert state["state"].keys() == ref_state["state"].keys()
+        for i, s in ref_state["state"].items():
+            assert state["state"][i]["step"] == s["step"] == 6
+            for key in ("exp_avg", "exp_avg_sq", "GG", "Q"):
+                want = s[key] if isinstance(s[key], list) else [s[key]]
+                got = (
+                    state["state"][i][key] if isinstance(s[key], list) else [state["state"][i][key]]
+                )
+                for a, b in zip(got, want):
+                    assert (a is None) == (b is None)
+                    if b is not None:
+                        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+        # The single-process state (from any N) loaded here continues like the reference.
+        fresh = DistributedSOAP(make(), Comm(group), bucket_bytes=1000, **hyper)
+        for p, q in zip(fresh.param_groups[0]["params"], ref_params):
+            p.data.copy_(q)
+        fresh.load_state_dict(ref.state_dict())
+        for step in (7, 8, 9):  # a refresh at 9
+            for p, g in zip(fresh.param_groups[0]["params"], rank_grads(shapes, rank, step)):
+                p.grad = g.double()
+            for p, g in zip(ref_params, mean64(step)):
+                p.grad = g
+            fresh.step()
+            ref.step()
+        assert_close_all(
+            fresh.param_groups[0]["params"], ref_params, "soap after load", dict(rtol=0, atol=1e-10)
+        )
+
+
 def check_zero2_adamw(rank: int, world_size: int, group=None) -> None:
     # Rows 10, 7, 3, 5: none divisible by 3, most not by 2; two small tensors all-reduced.
     shapes = [(10, 7), (7,), (3, 4, 2), (5, 3), (2,), (1,)]
@@ -220,6 +283,8 @@ def check_hybrid_training(rank: int, world_size: int) -> None:
         with single_process():
             ref = build_optimizer(ref_model, cfg)
         assert type(opt).__name__ == "DistributedCombinedOptimizer"
+        sharded = {"muon": DistributedMuon, "adamw": ZeRO2AdamW, "soap": DistributedSOAP}[name]
+        assert isinstance(opt.optimizers[0], sharded)
         for o in opt.optimizers + ref.optimizers:
             if isinstance(o, Muon):
                 o.ns_dtype = torch.float32  # exact comparison; bf16 is checked in check_muon
@@ -284,7 +349,9 @@ def _all_checks(rank: int, world_size: int) -> None:
     if rank < 2:
         check_muon(rank, 2, pair)
         check_zero2_adamw(rank, 2, pair)
+        check_soap(rank, 2, pair)
     check_muon(rank, world_size)
+    check_soap(rank, world_size)
     check_zero2_adamw(rank, world_size)
     check_hybrid_training(rank, world_size)
     check_startup_agreement(rank, world_size)

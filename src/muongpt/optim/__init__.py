@@ -12,6 +12,9 @@ from muongpt.optim.muon import Muon
 from muongpt.optim.newton_schulz import newton_schulz
 from muongpt.optim.soap import SOAP
 
+# registers SOAP's sharded form with optim.distributed.distribute (after the names above)
+from muongpt.optim import distributed_soap  # noqa: E402, F401  isort: skip
+
 __all__ = [
     "SOAP",
     "AdamWConfig",

@@ -266,6 +266,9 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
                     normalize_grads=cfg.normalize_grads,
                     data_format=cfg.data_format,
                     correct_bias=cfg.correct_bias,
+                    one_sided=cfg.one_sided,
+                    precondition_dtype=cfg.precondition_dtype,
+                    orthonormalize=cfg.orthonormalize,
                 )
             )
         groups = [

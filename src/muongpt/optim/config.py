@@ -74,6 +74,9 @@ class SOAPConfig(HybridConfig):
     normalize_grads: bool = False
     data_format: str = "channels_first"
     correct_bias: bool = True
+    one_sided: bool = False  # precondition only the smallest side of each matrix
+    precondition_dtype: str = "auto"  # of the per-step matmuls: auto (bf16 on CUDA) | float32 ...
+    orthonormalize: str = "cholesky_qr"  # the basis refresh: cholesky_qr | qr (Householder)
 
 
 @dataclass

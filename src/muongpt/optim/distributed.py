@@ -16,7 +16,9 @@ collective turns it into the mean over all ranks, once per step:
   (fused on CUDA, as single-process) holds the moments of those rows only and updates them, and
   an all-gather rebuilds the parameter. Smaller tensors are all-reduced in flat buckets and
   updated identically on every rank.
-- Any other optimizer (SOAP) is *replicated*: its gradients are all-reduced (mean) in flat
+- ``DistributedSOAP`` (``optim.distributed_soap``): SOAP sharded like DistributedMuon, by
+  blocks of whole matrices, the owner holding their SOAP state and running their preconditioner.
+- Any other optimizer is *replicated*: its gradients are all-reduced (mean) in flat
   buckets and every rank runs it on the same gradients, holding the full state.
 
 Overlap: ``reduce_during_next_backward()`` arms post-accumulate-grad hooks for the last
@@ -64,6 +66,10 @@ from muongpt.optim.muon import (
 # torch 2.13 renamed the flat collectives (the old names warn); 2.11 has only the old ones.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+# Sharded forms of other single-process optimizers, by type: (optimizer, its groups, comm,
+# bucket_bytes) -> a BucketedStep optimizer. optim/distributed_soap.py registers SOAP's.
+SHARDED_FORMS: dict[type, Callable[..., Any]] = {}
 
 BUCKET_BYTES = 32 * 2**20  # target size of one collective (a Muon block, a flat all-reduce)
 MIN_SHARD_NUMEL = 1 << 14  # ZeRO2AdamW: smaller tensors are all-reduced, not sharded
@@ -674,7 +680,7 @@ class GradReducer:
 
 
 class DistributedCombinedOptimizer(CombinedOptimizer):
-    """``CombinedOptimizer`` over sharded optimizers (and replicated ones, e.g. SOAP).
+    """``CombinedOptimizer`` over sharded optimizers (and replicated ones: those without a sharded form).
 
     ``step()`` walks the buckets of all optimizers in the order their collectives were launched:
     each sharded bucket is updated and its all-gather started as soon as its reduction is done
@@ -700,7 +706,7 @@ class DistributedCombinedOptimizer(CombinedOptimizer):
 
     @staticmethod
     def is_sharded(opt) -> bool:
-        return isinstance(opt, DistributedMuon | ZeRO2AdamW)
+        return isinstance(opt, BucketedStep)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
@@ -757,6 +763,8 @@ class DistributedCombinedOptimizer(CombinedOptimizer):
                     f"{len(opt.shards)} tensors sharded by rows, "
                     f"{sum(len(b.params) for b in opt.replicated)} small ones all-reduced"
                 )
+            elif hasattr(opt, "describe"):
+                what = opt.describe()
             else:
                 what = "replicated: gradients all-reduced, full state on every rank"
             lines.append(f"    {name}: {what}")
@@ -767,7 +775,8 @@ def distribute(
     combined: CombinedOptimizer, model: nn.Module, group=None, bucket_bytes: int = BUCKET_BYTES
 ) -> DistributedCombinedOptimizer:
     """The sharded counterpart of a single-process ``CombinedOptimizer`` (same groups, same hyper-
-    parameters): Muon -> DistributedMuon, AdamW -> ZeRO2AdamW, others replicated."""
+    parameters): Muon -> DistributedMuon, AdamW -> ZeRO2AdamW, a type in ``SHARDED_FORMS`` (SOAP)
+    -> its sharded form, others replicated."""
     comm = Comm(group)
     optimizers, buckets = [], []
     for opt in combined.optimizers:
@@ -777,6 +786,9 @@ def distribute(
             own = opt.buckets
         elif isinstance(opt, torch.optim.AdamW):
             opt = ZeRO2AdamW(groups, comm, defaults=opt.defaults, bucket_bytes=bucket_bytes)
+            own = opt.buckets
+        elif type(opt) in SHARDED_FORMS:
+            opt = SHARDED_FORMS[type(opt)](opt, groups, comm, bucket_bytes)
             own = opt.buckets
         else:  # replicated: kept as it is, its gradients all-reduced
             own = flat_buckets([p for g in groups for p in g["params"]][::-1], comm, bucket_bytes)
@@ -811,7 +823,7 @@ def optimizer_state_bytes(optimizer: CombinedOptimizer | torch.optim.Optimizer) 
         if isinstance(opt, DistributedMuon):
             held = [b.momentum for b in opt.blocks] + [b.second_moment for b in opt.blocks]
             total += sum(t.nbytes for t in held if t is not None)
-        elif isinstance(opt, ZeRO2AdamW):
+        elif hasattr(opt, "local_state"):  # ZeRO2AdamW, DistributedSOAP
             total += tensor_bytes(opt.local_state())
         else:
             total += tensor_bytes(dict(opt.state))

@@ -1,0 +1,119 @@
+"""benchmarks/optimizer_study.py without training: its sweep, finals and outputs on fake runs."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "optimizer_study.py"
+
+
+@pytest.fixture(scope="module")
+def study_module():
+    spec = importlib.util.spec_from_file_location("optimizer_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_args(out, **kw):
+    args = dict(
+        preset="tiny",
+        out=str(out),
+        train_files=None,
+        val_files=None,
+        factors=[0.5, 1, 2, 4],
+        max_extend=2,
+        seeds=2,
+        seed=1337,
+        reuse_sweep=False,
+        parallel=1,
+        final_parallel=1,
+        override=[],
+    )
+    return SimpleNamespace(**{**args, **kw})
+
+
+def test_sweep_grows_to_an_interior_best_then_finals_table_and_plots(
+    study_module, tmp_path, monkeypatch
+):
+    s = study_module
+    calls = []
+
+    def fake_run(self, opt, lr, seed, threads):
+        calls.append((opt.name, lr, seed))
+        best = 8 * opt.default_lr  # past the grid's top: it grows twice
+        loss = 3 + math.log(lr / best) ** 2 + (0.01 if seed % 2 else 0)
+        if lr > 12 * opt.default_lr:
+            return {"val_loss": math.inf, "failed": 1, "error": "non-finite loss at step 3"}
+        curve = [[0, 0, 0.0, 11.0], [10, 10240, 1.5, loss]]
+        return dict(
+            val_loss=loss,
+            train_seconds=seed - 1336.0,
+            step_ms=150.0,
+            state_bytes=2**29,
+            curve=curve,
+        )
+
+    monkeypatch.setattr(s.Study, "run", fake_run)
+    study = s.Study(fake_args(tmp_path))
+    muon = s.OPTIMIZERS["muon"]
+    best = study.sweep(muon)
+    assert best == pytest.approx(8 * muon.default_lr)
+    assert study.data["grid"]["muon"] == pytest.approx(
+        [muon.default_lr * f for f in (0.5, 1, 2, 4, 8, 16)]
+    )
+    study.finals(muon, best)
+    assert [c[2] for c in calls[-2:]] == [1338, 1339]
+    n_calls = len(calls)
+    study.sweep(muon)  # resumed: nothing runs again
+    assert len(calls) == n_calls
+    study.data["seed"] = 1337
+    text = s.table(study.data)
+    assert (
+        "| Muon |" in text
+        and "| 0.4 |" in text
+        and "16 (diverged)" not in text
+        and "0.8 (diverged)" in text
+        and "3.0050 ± 0.0050" in text
+        and "0.500" in text
+    )
+    s.plots(study.data, tmp_path)
+    assert (tmp_path / "val_vs_tokens.png").stat().st_size > 1000
+    assert (tmp_path / "val_vs_time.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "study.json").read_text())
+    assert saved["best_lr"]["muon"] == pytest.approx(best)
+
+
+def test_a_preset_with_data_needs_the_files(study_module, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["x", "--preset", "d12", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        study_module.main()
+    assert exit_info.value.code != 0
+    assert "--train-files" in capsys.readouterr().err
+
+
+def test_reuse_sweep_counts_its_loss_not_its_time(study_module, tmp_path, monkeypatch):
+    s = study_module
+
+    def fake_run(self, opt, lr, seed, threads):
+        loss = 3 + abs(math.log(lr / opt.default_lr)) + (0.01 if seed == 1337 else 0)
+        curve = [[10, 10240, 1.5, loss]]
+        return dict(
+            val_loss=loss, train_seconds=seed - 1336.0, step_ms=1.0, state_bytes=1, curve=curve
+        )
+
+    monkeypatch.setattr(s.Study, "run", fake_run)
+    study = s.Study(fake_args(tmp_path, reuse_sweep=True))
+    adamw = s.OPTIMIZERS["adamw"]
+    study.finals(adamw, study.sweep(adamw))
+    assert study.data["final_seeds"]["adamw"] == [1337, 1338]
+    assert study.data["timed_seeds"]["adamw"] == [1338]
+    study.data["seed"] = 1337
+    row = next(line for line in s.table(study.data).splitlines() if line.startswith("| AdamW"))
+    assert "3.0050 ± 0.0050" in row and "| 2.0 |" in row  # the loss of both, the time of one
