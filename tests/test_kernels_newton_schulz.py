@@ -71,9 +71,11 @@ def test_cuda_newton_schulz_through_the_kernel(shape, monkeypatch):
     G = torch.randn(4, *shape, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     fast = newton_schulz(G, coefficients="polar_express")
     assert not K.FAILED, K.FAILED
-    s = torch.linalg.svdvals(fast.double())
-    assert s.min().item() >= 0.8 and s.max().item() <= 1.2, (s.min(), s.max())
     exact = newton_schulz(G.double(), coefficients="polar_express", dtype=torch.float64)
+    # A square Gaussian matrix has singular values near 0 that 5 steps cannot lift to 1 (the
+    # float64 reference leaves them there too): compare the spectra, not a fixed band.
+    s, s_exact = torch.linalg.svdvals(fast.double()), torch.linalg.svdvals(exact)
+    assert s.max().item() <= 1.2 and (s - s_exact).abs().max().item() < 0.05
     assert rel_err(fast, exact) < 0.05  # bf16: ~2% after 15 matmuls
     module = sys.modules["muongpt.optim.newton_schulz"]  # muongpt.optim exports the function
     monkeypatch.setattr(module, "kernel_usable", lambda x: False)
