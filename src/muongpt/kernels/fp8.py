@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from muongpt.kernels.triton_support import tl, triton
 from muongpt.model.gpt import Head
 
 log = logging.getLogger(__name__)
@@ -154,12 +155,6 @@ def fp8_matmul_backward(g8: Tensor, w8: Tensor, w_scale: float, grad_scale: floa
 def _fp8_matmul_backward_fake(g8, w8, w_scale, grad_scale):
     return g8.new_empty((g8.size(0), w8.size(1)), dtype=torch.bfloat16)
 
-
-try:  # Triton ships with CUDA builds of PyTorch; CPU builds may lack it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the installation
-    triton = None
 
 if triton is not None:
 

@@ -28,13 +28,8 @@ import torch
 from torch import Tensor
 
 from muongpt.kernels.fp8 import E5M2_MAX, FP8Head, grad_input, grad_weight, quantized_linear
+from muongpt.kernels.triton_support import tl, triton
 from muongpt.model.attention import rms_norm
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - CPU builds of PyTorch may come without Triton
-    triton = None
 
 CAP_MODES = {"none": 0, "tanh": 1, "sigmoid": 2}
 

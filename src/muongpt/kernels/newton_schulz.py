@@ -27,16 +27,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
-try:  # Triton ships with CUDA builds of PyTorch; CPU builds may lack it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the installation
-    triton = None
-
-try:  # host-side TMA descriptors: Triton >= 3.4
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older Triton, or none
-    TensorDescriptor = None
+from muongpt.kernels.triton_support import TensorDescriptor, tl, triton
 
 # (BLOCK, BLOCK_K, num_stages, num_warps): 128 x 128 output tiles, the usual Hopper bf16 shape.
 LAUNCH = (128, 64, 4, 8)

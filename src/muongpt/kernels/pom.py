@@ -48,13 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from muongpt.kernels.triton_support import tl, triton
 from muongpt.model.pom import PoM
-
-try:  # Triton ships with CUDA builds of PyTorch; CPU builds may lack it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the installation
-    triton = None
 
 
 class MixConfig(NamedTuple):

@@ -53,18 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from muongpt.kernels.triton_support import TensorDescriptor, tl, triton
 from muongpt.model.gpt import MLP
-
-try:  # Triton ships with CUDA builds of PyTorch; CPU builds may lack it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the installation
-    triton = None
-
-try:  # host-side TMA descriptors: Triton >= 3.4
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older Triton, or none
-    TensorDescriptor = None
 
 
 class GemmConfig(NamedTuple):

@@ -1,0 +1,18 @@
+"""Triton where the installation has it (CUDA builds of PyTorch ship it; CPU builds may not).
+
+Each kernel module imports ``triton``, ``tl`` and ``TensorDescriptor`` from here and defines its
+kernels under ``if triton is not None:``; without Triton the plain PyTorch modules stay.
+"""
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = tl = None
+
+try:  # host-side TMA descriptors: Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton, or none
+    TensorDescriptor = None
+
+__all__ = ["TensorDescriptor", "tl", "triton"]
