@@ -39,3 +39,24 @@ def test_mfu_is_not_claimed_on_cpu():
     report = {"mfu": None, "peak_flops": None}
     assert bench.mfu_text(report) == "n/a (peak FLOP/s known for the GPUs in PEAK_BF16_FLOPS only)"
     assert bench.mfu_text({"mfu": 0.25, "peak_flops": 989e12}) == "25.0% of 989 TFLOP/s"
+
+
+def test_peak_flops_by_gpu_name_and_the_override(monkeypatch):
+    """MFU's denominator: the dense bf16 peak of the GPU by name (an H100 PCIe is not an SXM
+    H100), none for a CPU or an unlisted GPU, and MUONGPT_PEAK_FLOPS above all."""
+    import torch
+
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("MUONGPT_PEAK_FLOPS", raising=False)
+    for name, peak in [
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA GeForce RTX 4090", None),
+    ]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert bench.peak_flops(cuda) == peak, name
+    assert bench.peak_flops(torch.device("cpu")) is None
+    monkeypatch.setenv("MUONGPT_PEAK_FLOPS", "1.5e14")
+    assert bench.peak_flops(cuda) == 1.5e14
