@@ -75,6 +75,25 @@ BUCKET_BYTES = 32 * 2**20  # target size of one collective (a Muon block, a flat
 MIN_SHARD_NUMEL = 1 << 14  # ZeRO2AdamW: smaller tensors are all-reduced, not sharded
 
 
+def owner_blocks(param_groups: list[dict], W: int, bucket_bytes: int):
+    """(group, matrices, k) for each block of whole matrices that W ranks own k apiece.
+
+    Same-shape matrices of a group, in the order backward finishes them (last layers first), are
+    cut into blocks of at most W*k_max (``bucket_bytes`` per rank); rank r owns matrices
+    r*k .. r*k+k-1 of a block, and consecutive blocks of a shape cycle over the ranks again.
+    """
+    for group in param_groups:
+        by_shape: dict[tuple, list[Tensor]] = {}
+        for p in reversed(group["params"]):
+            by_shape.setdefault((p.shape, p.dtype, p.device), []).append(p)
+        for params in by_shape.values():
+            nbytes = params[0].numel() * params[0].element_size()
+            k_max = max(1, bucket_bytes // (W * nbytes))
+            for start in range(0, len(params), W * k_max):
+                chunk = params[start : start + W * k_max]
+                yield group, chunk, math.ceil(len(chunk) / W)
+
+
 # ---------------------------------------------------------------- collectives
 class Pending:
     """An async collective; ``wait()`` finishes it (and divides by W where the backend sums)."""
@@ -445,17 +464,8 @@ class DistributedMuon(BucketedStep, Muon):
         self.comm = comm
         self.has_state = False  # momentum exists (after the first step); equal on every rank
         self.blocks: list[MatrixBlock] = []
-        W = comm.world_size
-        for group in self.param_groups:
-            by_shape: dict[tuple, list[Tensor]] = {}
-            for p in reversed(group["params"]):  # backward finishes the last layers first
-                by_shape.setdefault((p.shape, p.dtype, p.device), []).append(p)
-            for params in by_shape.values():
-                nbytes = params[0].numel() * params[0].element_size()
-                k_max = max(1, bucket_bytes // (W * nbytes))
-                for start in range(0, len(params), W * k_max):
-                    chunk = params[start : start + W * k_max]
-                    self.blocks.append(MatrixBlock(chunk, group, math.ceil(len(chunk) / W), comm))
+        for group, chunk, k in owner_blocks(self.param_groups, comm.world_size, bucket_bytes):
+            self.blocks.append(MatrixBlock(chunk, group, k, comm))
 
     @property
     def buckets(self) -> list[Bucket]:

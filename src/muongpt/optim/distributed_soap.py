@@ -16,7 +16,6 @@ keeps this rank's matrices. A checkpoint saved on N ranks resumes on any M, 1 in
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
@@ -32,6 +31,7 @@ from muongpt.optim.distributed import (
     _gathered,
     _packed_state_dict,
     _saved_states,
+    owner_blocks,
     tensor_bytes,
 )
 from muongpt.optim.muon import restore_state, state_dtype
@@ -90,17 +90,8 @@ class DistributedSOAP(BucketedStep, SOAP):
         super().__init__(params, **kwargs)
         self.comm = comm
         self.blocks: list[SOAPBlock] = []
-        W = comm.world_size
-        for group in self.param_groups:
-            by_shape: dict[tuple, list[Tensor]] = {}
-            for p in reversed(group["params"]):  # backward finishes the last layers first
-                by_shape.setdefault((p.shape, p.dtype, p.device), []).append(p)
-            for same in by_shape.values():
-                nbytes = same[0].numel() * same[0].element_size()
-                k_max = max(1, bucket_bytes // (W * nbytes))
-                for start in range(0, len(same), W * k_max):
-                    chunk = same[start : start + W * k_max]
-                    self.blocks.append(SOAPBlock(chunk, group, math.ceil(len(chunk) / W), comm))
+        for group, chunk, k in owner_blocks(self.param_groups, comm.world_size, bucket_bytes):
+            self.blocks.append(SOAPBlock(chunk, group, k, comm))
 
     @property
     def buckets(self) -> list[SOAPBlock]:
