@@ -12,7 +12,7 @@ token budget. Two phases:
 
 1. sweep: each optimizer at its default lr times ``--factors`` (default 1/2, 1, 2, 4), with the
    warmup it needs (AdamW and SOAP a tenth of the run, Muon almost none); ``--parallel N`` runs
-   N at a time (only their final val loss is used). Where the best lr is at an edge of the grid,
+   N at a time, every optimizer's grid in one pool (only their final val loss is used). Where the best lr is at an edge of the grid,
    the grid grows by one factor-2 step on that side (at most ``--max-extend`` times).
 2. finals: each optimizer at its best lr with ``--seeds`` (default 2), one run at a time so that
    the times are honest (``--final-parallel``: the tiny preset runs 3 at a time on the CPU, its
@@ -37,6 +37,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -271,33 +272,44 @@ class Study:
         if parallel > 1 and not torch.cuda.is_available():
             threads = max(1, (os.cpu_count() or 1) // parallel)
 
+        lock = threading.Lock()  # runs finishing together must not write study.json at once
+
         def one(job):
             record = self.run(*job, threads=threads)
-            self.data["runs"][run_key(job[0].name, job[1], job[2])] = record
-            self.save()  # after every run: an interrupted study loses nothing finished
+            with lock:
+                self.data["runs"][run_key(job[0].name, job[1], job[2])] = record
+                self.save()  # after every run: an interrupted study loses nothing finished
 
         with ThreadPoolExecutor(max_workers=parallel) as pool:
             list(pool.map(one, todo))
 
     # ---------------------------------------------------------------- phases
-    def sweep(self, opt: Optimizer) -> float:
-        """The best lr of ``opt`` (grid grown at an edge where needed)."""
+    def sweep(self, opts: list[Optimizer]) -> dict[str, float]:
+        """The best lr of each optimizer (its grid grown at an edge where needed). The grids of
+        all optimizers run in one pool, so that ``--parallel`` keeps the device busy."""
         seed = self.args.seed
-        lrs = [opt.default_lr * f for f in self.args.factors]
+        grids = {opt.name: [opt.default_lr * f for f in self.args.factors] for opt in opts}
+        active, best = {opt.name: opt for opt in opts}, {}
         for attempt in range(self.args.max_extend + 1):
-            self.record_all([(opt, lr, seed) for lr in lrs], self.args.parallel)
-            losses = {lr: self.data["runs"][run_key(opt.name, lr, seed)]["val_loss"] for lr in lrs}
-            best = min(lrs, key=lambda lr: losses[lr])
-            if attempt == self.args.max_extend:
+            self.record_all(
+                [(opt, lr, seed) for name, opt in active.items() for lr in grids[name]],
+                self.args.parallel,
+            )
+            for name in list(active):
+                lrs = grids[name]
+                losses = {lr: self.data["runs"][run_key(name, lr, seed)]["val_loss"] for lr in lrs}
+                best[name] = min(lrs, key=lambda lr: losses[lr])
+                if attempt < self.args.max_extend and best[name] == lrs[0]:
+                    grids[name] = [lrs[0] / 2, *lrs]
+                elif attempt < self.args.max_extend and best[name] == lrs[-1]:
+                    grids[name] = [*lrs, lrs[-1] * 2]
+                else:
+                    del active[name]
+            if not active:
                 break
-            if best == lrs[0]:
-                lrs = [lrs[0] / 2, *lrs]
-            elif best == lrs[-1]:
-                lrs = [*lrs, lrs[-1] * 2]
-            else:
-                break
-        self.data.setdefault("best_lr", {})[opt.name] = best
-        self.data.setdefault("grid", {})[opt.name] = sorted(lrs)
+        for opt in opts:
+            self.data.setdefault("best_lr", {})[opt.name] = best[opt.name]
+            self.data.setdefault("grid", {})[opt.name] = sorted(grids[opt.name])
         self.save()
         return best
 
@@ -461,9 +473,8 @@ def main() -> None:
     study.data["seed"] = args.seed
     names = args.optimizers or preset.optimizers
     t0 = time.perf_counter()
-    for name in names:
-        print(f"sweep {name}", flush=True)
-        study.sweep(OPTIMIZERS[name])
+    print(f"sweep {', '.join(names)}", flush=True)
+    study.sweep([OPTIMIZERS[name] for name in names])
     if preset.finals:
         for name in names:
             print(f"finals {name} at lr {fmt_lr(study.data['best_lr'][name])}", flush=True)

@@ -63,7 +63,7 @@ def test_sweep_grows_to_an_interior_best_then_finals_table_and_plots(
     monkeypatch.setattr(s.Study, "run", fake_run)
     study = s.Study(fake_args(tmp_path))
     muon = s.OPTIMIZERS["muon"]
-    best = study.sweep(muon)
+    best = study.sweep([muon])["muon"]
     assert best == pytest.approx(8 * muon.default_lr)
     assert study.data["grid"]["muon"] == pytest.approx(
         [muon.default_lr * f for f in (0.5, 1, 2, 4, 8, 16)]
@@ -71,7 +71,7 @@ def test_sweep_grows_to_an_interior_best_then_finals_table_and_plots(
     study.finals(muon, best)
     assert [c[2] for c in calls[-2:]] == [1338, 1339]
     n_calls = len(calls)
-    study.sweep(muon)  # resumed: nothing runs again
+    study.sweep([muon])  # resumed: nothing runs again
     assert len(calls) == n_calls
     study.data["seed"] = 1337
     text = s.table(study.data)
@@ -111,9 +111,33 @@ def test_reuse_sweep_counts_its_loss_not_its_time(study_module, tmp_path, monkey
     monkeypatch.setattr(s.Study, "run", fake_run)
     study = s.Study(fake_args(tmp_path, reuse_sweep=True))
     adamw = s.OPTIMIZERS["adamw"]
-    study.finals(adamw, study.sweep(adamw))
+    study.finals(adamw, study.sweep([adamw])["adamw"])
     assert study.data["final_seeds"]["adamw"] == [1337, 1338]
     assert study.data["timed_seeds"]["adamw"] == [1338]
     study.data["seed"] = 1337
     row = next(line for line in s.table(study.data).splitlines() if line.startswith("| AdamW"))
     assert "3.0050 ± 0.0050" in row and "| 2.0 |" in row  # the loss of both, the time of one
+
+
+def test_every_grid_runs_in_one_pool_and_only_edges_grow(study_module, tmp_path, monkeypatch):
+    s = study_module
+    batches = []
+
+    def fake_run(self, opt, lr, seed, threads):
+        best = (8 if opt.name == "muon" else 1) * opt.default_lr  # Muon's best past the grid
+        return dict(val_loss=3 + math.log(lr / best) ** 2, train_seconds=1.0, step_ms=1.0)
+
+    real_record_all = s.Study.record_all
+
+    def spy(self, jobs, parallel):
+        batches.append(sorted({(job[0].name) for job in jobs}))
+        real_record_all(self, jobs, parallel)
+
+    monkeypatch.setattr(s.Study, "run", fake_run)
+    monkeypatch.setattr(s.Study, "record_all", spy)
+    study = s.Study(fake_args(tmp_path, parallel=4))
+    best = study.sweep([s.OPTIMIZERS["muon"], s.OPTIMIZERS["adamw"]])
+    assert batches == [["adamw", "muon"], ["muon"], ["muon"]]
+    assert best["adamw"] == pytest.approx(s.OPTIMIZERS["adamw"].default_lr)
+    assert best["muon"] == pytest.approx(8 * s.OPTIMIZERS["muon"].default_lr)
+    assert len(study.data["grid"]["adamw"]) == 4 and len(study.data["grid"]["muon"]) == 6
