@@ -161,6 +161,16 @@ PRESETS = {
 }
 
 
+def settled(record: dict | None) -> bool:
+    """A run that needs no retry: it finished, or it diverged (a result of its lr); a crash
+    (out of memory, a killed process) is run again."""
+    return record is not None and ("failed" not in record or diverged(record))
+
+
+def diverged(record: dict) -> bool:
+    return "non-finite" in record.get("error", "")
+
+
 def fmt_lr(lr: float) -> str:
     return f"{lr:.4g}"
 
@@ -223,7 +233,11 @@ class Study:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         record = {"optimizer": opt.name, "lr": lr, "seed": seed, "wall_s": time.perf_counter() - t0}
         if proc.returncode != 0:
-            lines = (proc.stderr or proc.stdout).strip().splitlines() or ["?"]
+            lines = [  # Hydra's last line only says where the full trace is
+                line
+                for line in (proc.stderr or proc.stdout).strip().splitlines()
+                if "HYDRA_FULL_ERROR" not in line
+            ] or ["?"]
             record.update(failed=proc.returncode, error=lines[-1][:300], val_loss=math.inf)
             print(f"  {key}: failed ({lines[-1][:120]})", flush=True)
         else:
@@ -265,7 +279,9 @@ class Study:
         }
 
     def record_all(self, jobs: list[tuple[Optimizer, float, int]], parallel: int) -> None:
-        todo = [j for j in jobs if run_key(j[0].name, j[1], j[2]) not in self.data["runs"]]
+        todo = [
+            j for j in jobs if not settled(self.data["runs"].get(run_key(j[0].name, j[1], j[2])))
+        ]
         if not todo:
             return
         threads = None
@@ -346,7 +362,7 @@ def table(data: dict) -> str:
             if r is None:
                 loss = "not run"
             elif not math.isfinite(r["val_loss"]):
-                loss = "diverged" if "non-finite" in r.get("error", "") else "failed"
+                loss = "diverged" if diverged(r) else "failed"
             else:
                 loss = f"{r['val_loss']:.3f}"
             tried.append(f"{fmt_lr(lr)} ({loss})")

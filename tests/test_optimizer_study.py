@@ -141,3 +141,23 @@ def test_every_grid_runs_in_one_pool_and_only_edges_grow(study_module, tmp_path,
     assert best["adamw"] == pytest.approx(s.OPTIMIZERS["adamw"].default_lr)
     assert best["muon"] == pytest.approx(8 * s.OPTIMIZERS["muon"].default_lr)
     assert len(study.data["grid"]["adamw"]) == 4 and len(study.data["grid"]["muon"]) == 6
+
+
+def test_a_crashed_run_is_run_again_a_diverged_one_is_not(study_module, tmp_path, monkeypatch):
+    s = study_module
+    calls = []
+
+    def fake_run(self, opt, lr, seed, threads):
+        calls.append(lr)
+        if lr == opt.default_lr * 4:
+            return {"val_loss": math.inf, "failed": 1, "error": "non-finite loss at step 3"}
+        if lr == opt.default_lr and calls.count(lr) == 1:
+            return {"val_loss": math.inf, "failed": 1, "error": "CUDA out of memory"}
+        return dict(val_loss=3 + abs(math.log(lr / opt.default_lr)), train_seconds=1.0)
+
+    monkeypatch.setattr(s.Study, "run", fake_run)
+    muon = s.OPTIMIZERS["muon"]
+    s.Study(fake_args(tmp_path, max_extend=0)).sweep([muon])
+    study = s.Study(fake_args(tmp_path, max_extend=0))  # the study run again
+    assert study.sweep([muon])["muon"] == pytest.approx(muon.default_lr)
+    assert sorted(calls) == sorted([muon.default_lr * f for f in (0.5, 1, 1, 2, 4)])
