@@ -218,10 +218,8 @@ class Study:
         ]
 
     def run(self, opt: Optimizer, lr: float, seed: int, threads: int | None) -> dict:
-        """One training run (skipped when already in study.json); returns its record."""
+        """One training run; returns its record (``record_all`` skips those already settled)."""
         key = run_key(opt.name, lr, seed)
-        if key in self.data["runs"]:
-            return self.data["runs"][key]
         run_dir = self.out / "runs" / key
         if run_dir.exists():
             shutil.rmtree(run_dir)  # an unfinished earlier attempt
