@@ -134,7 +134,7 @@ PRESETS = {
         ],
         list(OPTIMIZERS),
         needs_data=True,
-        parallel=3,
+        parallel=2,  # at 3 on an H200, the third run crashed at its start every time (2026-12-02)
         notes="one GPU: d12 on the bench pack, 160 steps x 32,768 tokens (5.2M tokens)",
     ),
     # The lr transfer: d24 (GPT-2 medium shape), same tokens, Muon and AdamW sweeps only.
