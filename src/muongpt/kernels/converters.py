@@ -55,6 +55,13 @@ def fp8_head_loss(model: GPT, cfg: KernelsConfig) -> None:
     model.lm_head = FP8LossHead(model.lm_head, tuple(cfg.fp8_scales))
 
 
+def fp8_mlp(model: GPT, cfg: KernelsConfig) -> None:
+    from muongpt.kernels.fp8_mlp import FP8MLP
+
+    for block in model.blocks:
+        block.mlp = FP8MLP(block.mlp)
+
+
 def fused_mlp(model: GPT, cfg: KernelsConfig) -> None:
     from muongpt.kernels.relu2_mlp import FusedMLP
 
@@ -75,6 +82,7 @@ CONVERTERS: dict[str, Callable[[GPT, KernelsConfig], None]] = {
     "flex_attention": flex_attention,
     "fp8_head": fp8_head,
     "fp8_head_loss": fp8_head_loss,
+    "fp8_mlp": fp8_mlp,
     "fused_mlp": fused_mlp,
     "fused_pom": fused_pom,
 }
@@ -88,6 +96,10 @@ def check_converters(names) -> None:
         )
     if "fp8_head" in names and "fp8_head_loss" in names:
         raise MuonGPTError("kernels.converters: fp8_head_loss already includes fp8_head")
+    if "fp8_mlp" in names and "fused_mlp" in names:
+        raise MuonGPTError(
+            "kernels.converters: fp8_mlp and fused_mlp both replace the MLP; pick one"
+        )
 
 
 def apply_converters(model: GPT, cfg: KernelsConfig) -> GPT:

@@ -242,11 +242,11 @@ def fp8_linear(
 _fallback_logged = False
 
 
-def _log_fallback(reason: str) -> None:
+def log_fallback(reason: str) -> None:
     global _fallback_logged
     if not _fallback_logged:
         _fallback_logged = True
-        log.warning("fp8 head: %s; using the bf16/regular matmul instead", reason)
+        log.warning("fp8: %s; using the bf16/regular matmul instead", reason)
 
 
 def fp8_unavailable_reason(in_features: int, out_features: int) -> str | None:
@@ -276,7 +276,7 @@ class FP8Matmul:
         reason = fp8_unavailable_reason(in_features, out_features)
         self.fp8_ok = reason is None
         if reason:
-            _log_fallback(reason)
+            log_fallback(reason)
 
     def fp8_usable(self, x: Tensor) -> bool:
         """The fp8 path takes ``x``: an fp8 GPU, x on it, a token count that is a multiple of 16."""
