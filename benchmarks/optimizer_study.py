@@ -97,6 +97,20 @@ QUIET = [
     "training.sample_tokens=1",
 ]
 
+# The GPU presets: the bench pack, eager, 160 steps x 32 rows of 1,024 tokens (later overrides win).
+BENCH_D12 = [
+    "experiment=transformers_baseline",
+    "data=bench",
+    "training.batch_size=32",
+    "training.micro_batch_size=32",
+    "training.max_steps=160",
+    "training.eval_every=40",
+    "training.eval_tokens=524288",
+    "training.log_every=10",
+    "training.cooldown_frac=0.4",
+    "training.compile=false",
+]
+
 PRESETS = {
     # CPU, 2 cores: a 2-layer 64-wide GPT on tiny Shakespeare, 60 steps x 1,024 tokens.
     "tiny": Preset(
@@ -120,18 +134,7 @@ PRESETS = {
     ),
     # One GPU: GPT-2 small (d12) on the bench pack, 160 steps x 32,768 tokens = 5.2M tokens.
     "d12": Preset(
-        [
-            "experiment=transformers_baseline",
-            "data=bench",
-            "training.batch_size=32",
-            "training.micro_batch_size=32",
-            "training.max_steps=160",
-            "training.eval_every=40",
-            "training.eval_tokens=524288",
-            "training.log_every=10",
-            "training.cooldown_frac=0.4",
-            "training.compile=false",
-        ],
+        BENCH_D12,
         list(OPTIMIZERS),
         needs_data=True,
         parallel=2,  # at 3 on an H200, the third run crashed at its start every time (2026-12-02)
@@ -139,19 +142,7 @@ PRESETS = {
     ),
     # The lr transfer: d24 (GPT-2 medium shape), same tokens, Muon and AdamW sweeps only.
     "d24": Preset(
-        [
-            "experiment=transformers_baseline",
-            "model/size=d24",
-            "data=bench",
-            "training.batch_size=32",
-            "training.micro_batch_size=16",
-            "training.max_steps=160",
-            "training.eval_every=40",
-            "training.eval_tokens=524288",
-            "training.log_every=10",
-            "training.cooldown_frac=0.4",
-            "training.compile=false",
-        ],
+        [*BENCH_D12, "model/size=d24", "training.micro_batch_size=16"],
         ["muon", "adamw"],
         needs_data=True,
         finals=False,
