@@ -33,14 +33,15 @@ quality)
   q hybrid3_conv4_h4 experiment=hybrid_baseline model.mixing.pom_conv=4 model.mixing.pom_n_sel_heads=4 $FUSED
   ;;
 long)
-  # 131,072 tokens per step at every T (16 x 8K, 4 x 32K, 2 x 64K rows); val loss every 25 steps
+  # 131,072 tokens per step at every T (16 x 8K, 4 x 32K, 2 x 64K rows); val loss every 25 steps;
+  # attention document-masked (FlexAttention), PoM over the whole row
   # against training seconds (benchmarks/speedrun.py's val_loss_curve).
   for T in 8192 32768 65536; do
     ROWS=$((131072 / T))
     COMMON="data=bench $D training.seq_len=$T training.batch_size=$ROWS training.micro_batch_size=$ROWS training.max_steps=${STEPS:-150} training.cooldown_steps=60 training.eval_every=25 training.eval_tokens=1048576 training.progress_bar=false training.checkpoint_every=0 training.checkpoint_minutes=0 training.export_safetensors=false training.compile_warmup_steps=3"
-    run python3 benchmarks/speedrun.py --name "attention_T$T" --out "$R/attention_T$T.json" experiment=transformers_baseline $COMMON
+    run python3 benchmarks/speedrun.py --name "attention_T$T" --out "$R/attention_T$T.json" experiment=transformers_baseline model.doc_mask=true "kernels.converters=[flex_attention]" $COMMON
     run python3 benchmarks/speedrun.py --name "pom_T$T" --out "$R/pom_T$T.json" experiment=pomgpt_baseline model.mixing.pom_conv=4 $FUSED $COMMON
-    run python3 benchmarks/speedrun.py --name "hybrid_T$T" --out "$R/hybrid_T$T.json" experiment=hybrid_baseline model.mixing.pom_conv=4 $FUSED $COMMON
+    run python3 benchmarks/speedrun.py --name "hybrid_T$T" --out "$R/hybrid_T$T.json" experiment=hybrid_baseline model.mixing.pom_conv=4 model.doc_mask=true "kernels.converters=[flex_attention,fused_pom]" $COMMON
   done
   run python3 benchmarks/pom_long_context_plot.py --results "$R" --out "$R/pom_long_context.png"
   ;;

@@ -203,3 +203,37 @@ def test_rope_is_the_identity_at_position_0_and_rotates_by_written_out_angles_at
         expected[:, i + half] = x2 * math.cos(theta) - x1 * math.sin(theta)
     torch.testing.assert_close(out[0, 1], expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(rope(x[:, 1:], start=1), out[:, 1:], rtol=0, atol=0)
+
+
+def test_doc_mask_keeps_attention_inside_each_packed_document():
+    bos = 299
+    torch.manual_seed(1)
+    doc_a, doc_b = torch.randint(0, 299, (1, 9)), torch.randint(0, 299, (1, 7))
+    second = torch.cat([torch.tensor([[bos]]), doc_b], dim=1)
+    row = torch.cat([doc_a, second], dim=1)  # two documents packed in one row
+    masked = tiny(doc_mask=True, bos_token=bos).eval()
+    plain = tiny().eval()
+    with torch.no_grad():
+        alone = masked(second)
+        # the second document's logits do not see the first (RoPE scores are relative)
+        assert torch.allclose(masked(row)[:, doc_a.size(1) :], alone, atol=1e-5)
+        assert not torch.allclose(plain(row)[:, doc_a.size(1) :], plain(second), atol=1e-3)
+        assert torch.allclose(masked(doc_a), plain(doc_a), atol=1e-6)  # one document: causal
+        # decoding treats the prompt as one document: the cache equals the full forward
+        caches = masked.new_caches(1, row.size(1))
+        stepped = torch.cat([masked(row[:, t : t + 1], caches=caches) for t in range(9)], 1)
+        assert torch.allclose(stepped, masked(doc_a), atol=1e-5)
+    # PoM layers are not document-masked: their running mean spans the row
+    hybrid = tiny(doc_mask=True, bos_token=bos, mixing=MixingConfig(pattern=["pom", "attention"]))
+    with torch.no_grad():
+        assert not torch.allclose(hybrid(row)[:, doc_a.size(1) :], hybrid(second), atol=1e-3)
+
+
+def test_flex_attention_converter_takes_a_document_masked_gpt_only():
+    from muongpt.kernels.converters import KernelsConfig, apply_converters
+    from muongpt.model.masks import flex_or_dense_mask
+
+    model = apply_converters(tiny(doc_mask=True), KernelsConfig(converters=["flex_attention"]))
+    assert model.mask_builder is flex_or_dense_mask
+    with pytest.raises(MuonGPTError, match="document-masked"):
+        apply_converters(tiny(), KernelsConfig(converters=["flex_attention"]))

@@ -38,7 +38,7 @@ def flex_attention(model: GPT, cfg: KernelsConfig) -> None:
 
     if not hasattr(model, "mask_builder"):
         raise MuonGPTError(
-            "kernels.converters: flex_attention needs a document-masked model (model=speedrun)"
+            "kernels.converters: flex_attention needs a document-masked model (model=speedrun, or model.doc_mask=true)"
         )
     model.mask_builder = flex_or_dense_mask
 

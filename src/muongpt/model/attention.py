@@ -1,7 +1,10 @@
 """Causal self-attention with rotary position embedding, QK-norm and an optional KV cache.
 
 q, k = rope(rmsnorm(x Wq)), rope(rmsnorm(x Wk))     v = x Wv       (per head)
-y    = softmax(q k^T / sqrt(head_dim) + causal mask) v Wo
+y    = softmax(q k^T / sqrt(head_dim) + mask) v Wo
+
+The mask is causal, or a whole-sequence mask (``model/masks.py``: causal within each packed
+document, optionally within a window) given as a dense bool tensor or a FlexAttention BlockMask.
 """
 
 from __future__ import annotations
@@ -92,6 +95,16 @@ def cached_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask, scale: float | None) -> Tensor:
+    """Attention under a whole-sequence mask: a dense bool tensor goes to SDPA, a FlexAttention
+    BlockMask to flex_attention."""
+    if isinstance(mask, Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(q, k, v, block_mask=mask, scale=scale)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, n_head: int, rope_base: float = 10000.0, rope_truncate=False):
         super().__init__()
@@ -117,12 +130,15 @@ class CausalSelfAttention(nn.Module):
         q, k = rms_norm(self.heads(self.q(x))), rms_norm(self.heads(self.k(x)))
         return self.rotary(q, start), self.rotary(k, start)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None, mask=None) -> Tensor:
+        """``mask``: a whole-sequence mask (training, evaluation), else causal."""
         B, T, D = x.shape
         q, k = self.query_key(x, cache.pos if cache is not None else 0)
         v = self.heads(self.v(x))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
-        if cache is None:
+        if cache is None and mask is not None:
+            y = masked_attention(q, k, v, mask, None)
+        elif cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = cached_attention(q, k, v, cache)

@@ -1,7 +1,8 @@
 """The core GPT: one readable file, the math visible.
 
     x = embed(idx)
-    for each block:   x = x + mixer(norm(x))      # causal self-attention or PoM
+    for each block:   x = x + mixer(norm(x))      # causal self-attention (doc_mask: within each
+                                                  # packed document) or PoM
                       x = x + mlp(norm(x))        # relu(x W1)^2 W2, 4x wide
     logits = cap(lm_head(norm(x)))                # fp32; cap(l) = c tanh(l / c), or l when c = 0
 
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from muongpt import MuonGPTError
 from muongpt.model.attention import CausalSelfAttention, rms_norm
+from muongpt.model.masks import document_dense_mask
 from muongpt.model.pom import PoM
 
 
@@ -49,6 +51,10 @@ class GPTConfig:
     mlp_ratio: int = 4
     rope_base: float = 10000.0
     logit_softcap: float = 0.0  # c of c * tanh(logits / c); 0 = no cap
+    # attention within each packed document only (model=speedrun always masks documents); PoM's
+    # running mean spans the whole row
+    doc_mask: bool = False
+    bos_token: int = 50256  # documents start at this token
     mixing: MixingConfig = field(default_factory=MixingConfig)
 
     mixers = ("attention", "pom")  # the pattern entries this model builds
@@ -148,9 +154,16 @@ class Block(nn.Module):
         super().__init__()
         self.mixer, self.mlp = mixer, mlp
 
-    def forward(self, x: Tensor, cache=None) -> Tensor:
-        x = x + self.mixer(rms_norm(x), cache=cache)
+    def forward(self, x: Tensor, cache=None, mask=None) -> Tensor:
+        """``mask``: the attention mixer's whole-sequence mask (None: causal)."""
+        h = rms_norm(x)
+        x = x + (self.mixer(h, cache=cache) if mask is None else self.mixer(h, mask=mask))
         return x + self.mlp(rms_norm(x))
+
+
+def documents(idx: Tensor, bos_token: int) -> Tensor:
+    """Each token's document number in its row (B, T), int32: a running count of ``bos_token``."""
+    return (idx == bos_token).cumsum(-1, dtype=torch.int32)
 
 
 class GPT(nn.Module):
@@ -160,6 +173,8 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(self.make_block(i) for i in range(config.n_layer))
         self.add_parts()
+        if config.doc_mask:  # how the mask is built: dense for SDPA; flex_attention swaps it
+            self.mask_builder = document_dense_mask
         self.lm_head = Head(
             config.n_embd, config.padded_vocab_size, config.vocab_size, self.make_cap()
         )
@@ -268,6 +283,12 @@ class GPT(nn.Module):
     def forward(self, idx: Tensor, targets: Tensor | None = None, caches: list | None = None):
         """Mean cross-entropy over ``targets`` (ids < 0 are ignored), or fp32 logits (B, T, vocab)."""
         x = self.embed(idx)
+        mask = None
+        if self.config.doc_mask and caches is None:  # decoding: the prompt is one document
+            mask = self.mask_builder(documents(idx, self.config.bos_token))
         for i, block in enumerate(self.blocks):
-            x = block(x, cache=None if caches is None else caches[i])
+            attends = isinstance(block.mixer, CausalSelfAttention)
+            x = block(
+                x, cache=None if caches is None else caches[i], mask=mask if attends else None
+            )
         return self.lm_head(x, targets)

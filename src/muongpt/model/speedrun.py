@@ -40,12 +40,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from muongpt import MuonGPTError
-from muongpt.model.attention import CausalSelfAttention, KVCache, cached_attention, rms_norm
-from muongpt.model.gpt import GPT, MLP, GPTConfig, SoftCap
+from muongpt.model.attention import (
+    CausalSelfAttention,
+    KVCache,
+    cached_attention,
+    masked_attention,
+    rms_norm,
+)
+from muongpt.model.gpt import GPT, MLP, GPTConfig, SoftCap, documents
 from muongpt.model.masks import UNBOUNDED_WINDOW, document_dense_mask
 
 # The 12-layer window pattern of the speed runs: long windows at layers 0, 4, 7 and 11.
@@ -63,7 +68,6 @@ class SpeedrunConfig(GPTConfig):
     window_pattern: list[float] = field(default_factory=lambda: list(D12_WINDOWS))
     attn_scale: float = 0.12  # softmax scale; 0 = 1 / sqrt(head_dim)
     sigmoid_cap: list[float] = field(default_factory=lambda: [30.0, 7.5, 0.0])  # A, B, C
-    bos_token: int = 50256  # documents start at this token
 
     mixers = ("attention", "none")
 
@@ -166,16 +170,6 @@ def offset_keys(k: Tensor, cache: KVCache | None) -> Tensor:
         cache.last_key = still[:, -1:]
     shifted = torch.cat([first, still[:, :-1]], dim=1)
     return torch.cat([rotated, shifted], dim=-1).view(B, T, H, hd)
-
-
-def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask, scale: float | None) -> Tensor:
-    """Attention under a whole-sequence mask: a dense bool tensor goes to SDPA, a FlexAttention
-    BlockMask to flex_attention."""
-    if isinstance(mask, Tensor):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return flex_attention(q, k, v, block_mask=mask, scale=scale)
 
 
 class SpeedrunAttention(CausalSelfAttention):
@@ -286,7 +280,7 @@ class SpeedrunGPT(GPT):
     def masks(self, idx: Tensor) -> dict[float, object]:
         """One whole-sequence mask per distinct window fraction: causal, within each document
         (documents start at ``bos_token``), within the fraction of the current window."""
-        docs = (idx == self.config.bos_token).cumsum(-1, dtype=torch.int32)
+        docs = documents(idx, self.config.bos_token)
         masks = {}
         for fraction in set(self.config.window_pattern):
             window = self.current_window
