@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from functools import partial
 
 import torch
+from timing import cuda_median_ms
 
 from muongpt.kernels import newton_schulz as K
 from muongpt.optim import newton_schulz
@@ -44,17 +44,7 @@ CONFIGS = [
 
 
 def time_ms(fn, args) -> float:
-    warmup, iters = args.warmup, args.iters
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(True), torch.cuda.Event(True)) for _ in range(iters)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
+    return cuda_median_ms(fn, args.warmup, args.iters)
 
 
 def rel_err(a, b) -> float:

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 
 import torch
+from timing import cuda_median_ms
 
 from muongpt.kernels import relu2_mlp as R
 
@@ -51,19 +51,6 @@ CONFIGS: dict[str, R.GemmConfig] = {
     "256x128x64-s3-w8": R.GemmConfig(256, 128, 64, 8, 3, 8),
     "128x128x128-s3-w8": R.GemmConfig(128, 128, 128, 8, 3, 8),
 }
-
-
-def median_ms(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(True), torch.cuda.Event(True)) for _ in range(iters)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
 def errors(got: torch.Tensor, want: torch.Tensor) -> dict:
@@ -95,7 +82,7 @@ def main() -> int:
         return 1
     t_start = time.time()
     M, D, H = args.tokens, args.dim, args.hidden
-    timed = lambda fn: median_ms(fn, args.warmup, args.iters)  # noqa: E731
+    timed = lambda fn: cuda_median_ms(fn, args.warmup, args.iters)  # noqa: E731
 
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(M, D, device="cuda", generator=g).bfloat16().requires_grad_()

@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import seconds_per_step
 
 
 # ---------------------------------------------------------------- worker (one torchrun rank)
@@ -104,19 +105,8 @@ def worker(args) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def timed(steps: int) -> float:
-        """Seconds per step, the slowest rank's."""
-        sync()
-        if W > 1:
-            dist.barrier()
-        start = time.perf_counter()
-        for _ in range(steps):
-            train_step()
-        sync()
-        seconds = torch.tensor((time.perf_counter() - start) / steps, device=device)
-        if W > 1:
-            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-        return float(seconds)
+    def timed(steps: int) -> float:  # seconds per step, the slowest rank's
+        return seconds_per_step(train_step, steps, device, distributed=W > 1)
 
     start = time.perf_counter()
     for _ in range(args.warmup):
