@@ -29,3 +29,47 @@ def disk_full(error: BaseException, path) -> DiskFullError | None:
     if not full:
         return None
     return DiskFullError(f"{path}: no space left on device; free some space and rerun")
+
+
+def atomic_write(path, write):
+    """Call ``write(temporary_path)``, fsync it, rename it to ``path``: all or nothing. A full
+    disk is a one-line DiskFullError naming ``path``; the temporary file never stays behind."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as e:
+        full = disk_full(e, path)
+        if full is None:
+            raise
+        raise full from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _fsync_dir(folder) -> None:
+    # Make the rename itself durable (POSIX); not every platform can open a folder.
+    import os
+
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

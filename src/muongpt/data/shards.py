@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from muongpt import MuonGPTError, disk_full
+from muongpt import MuonGPTError, atomic_write
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -64,23 +64,13 @@ def write_shard(path: str | Path, tokens) -> Path:
         raise ShardError(f"{path}: token ids must lie in [0, 65535] to fit the uint16 shard format")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             f.write(header.tobytes())
             f.write(tokens.astype("<u2", copy=False).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        full = disk_full(e, path)
-        if full is None:
-            raise
-        raise full from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    return atomic_write(path, write)
 
 
 def resolve_shards(pattern: str | Path) -> list[Path]:

@@ -100,7 +100,7 @@ def _train(cfg: DictConfig, run_dir: str, steps_done: list[int]) -> dict:
     broadcast_parameters(trainer.model)
     try:
         if trainer.ctx.is_main:
-            from muongpt.train.checkpoint import atomic_write  # a full disk: one line
+            from muongpt import atomic_write  # a full disk: one line
 
             text = OmegaConf.to_yaml(cfg, resolve=True)
             atomic_write(trainer.run_dir / "config.yaml", lambda tmp: tmp.write_text(text))

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from muongpt import MuonGPTError, disk_full
+from muongpt import MuonGPTError, atomic_write
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FORMAT = 1  # bumped when the layout of the saved dict changes
@@ -61,45 +61,6 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
 def step_of(path: str | Path) -> int | None:
     m = _NAME.match(Path(path).name)
     return int(m.group(1)) if m else None
-
-
-# ---------------------------------------------------------------- atomic writes
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(temporary_path)``, fsync it, rename it to ``path``: all or nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except (OSError, RuntimeError) as e:
-        full = disk_full(e, path)
-        if full is None:
-            raise
-        raise full from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Make the rename itself durable (POSIX); not every platform can open a folder.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:

@@ -32,8 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from muongpt import MuonGPTError, disk_full
-from muongpt.train.checkpoint import atomic_write
+from muongpt import MuonGPTError, atomic_write, disk_full
 from muongpt.train.distributed import DistContext, any_rank
 
 EXIT_INTERRUPTED = 75  # sysexits EX_TEMPFAIL: stopped by a signal, saved; rerun to resume
