@@ -472,3 +472,45 @@ def test_bigram_rows_hash_pairs_and_reserve_a_row_for_no_predecessor():
     # document starts read the reserved row
     idx[:, 20] = 7
     assert (bigram_rows(idx, 97, doc_start=7)[:, 20] == 96).all()
+
+
+def test_stretched_rope_keeps_fast_frequencies_and_interpolates_slow_ones():
+    rotary = Rotary(32, base=1024.0, truncate=True)
+    wide = rotary.stretched(4.0, context=512)
+    turns = 512 * rotary.inv_freq / (2 * torch.pi)
+    ratio = wide.inv_freq / rotary.inv_freq.clamp(min=1e-30)
+    fast, slow = turns >= 32, (turns > 0) & (turns <= 1)
+    assert fast.any() and slow.any()
+    torch.testing.assert_close(ratio[fast], torch.ones(int(fast.sum())))
+    torch.testing.assert_close(ratio[slow], torch.full((int(slow.sum()),), 0.25))
+    assert (wide.inv_freq[rotary.inv_freq == 0] == 0).all()  # unrotated dims stay unrotated
+    real = rotary.inv_freq > 0
+    assert ((ratio[real] >= 0.25 - 1e-6) & (ratio[real] <= 1 + 1e-6)).all()
+    assert torch.equal(rotary.stretched(1.0, context=512).inv_freq, rotary.inv_freq)
+
+
+def test_eval_window_factor_widens_windows_in_eval_mode_only():
+    plain = speedrun(attn_window=6, window_pattern=[1.0, 0.5])
+    model = speedrun(attn_window=6, window_pattern=[1.0, 0.5], eval_window_factor=2.0)
+    idx = documents(2, 40, [(1, 9)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), plain(idx))  # training mode: as trained
+        model.eval()
+        # the eval-mode model is the written-out reference with the windows doubled, each
+        # layer's RoPE stretched and YaRN's temperature on the softmax scale
+        reference = speedrun(attn_window=12, window_pattern=[1.0, 0.5])
+        reference.load_state_dict(model.state_dict())
+        for mine, theirs in zip(model.blocks, reference.blocks):
+            theirs.mixer.rotary = mine.mixer.eval_rotary
+        t = (0.1 * torch.log(torch.tensor(2.0)).item() + 1) ** 2
+        reference.config.attn_scale = (model.config.attn_scale or 16**-0.5) * t
+        torch.testing.assert_close(model(idx), manual_forward(reference, idx), atol=1e-5, rtol=1e-5)
+        # decoding in eval mode uses the same wider window (a prompt is one document)
+        one_doc = documents(2, 40, [])
+        caches = model.new_caches(2, 40)
+        stepped = torch.cat([model(one_doc[:, i : i + 1], caches=caches) for i in range(40)], 1)
+        torch.testing.assert_close(stepped, model(one_doc), atol=1e-4, rtol=1e-4)
+    with pytest.raises(MuonGPTError, match="eval_window_factor"):
+        config(attn_window=0, eval_window_factor=2.0)
+    with pytest.raises(MuonGPTError, match="eval_window_factor"):
+        config(attn_window=8, eval_window_factor=0.5)

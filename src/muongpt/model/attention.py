@@ -9,6 +9,9 @@ document, optionally within a window) given as a dense bool tensor or a FlexAtte
 
 from __future__ import annotations
 
+import copy
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,6 +41,19 @@ class Rotary(nn.Module):
             inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._cache: tuple[int, torch.device, Tensor, Tensor] | None = None
+
+    def stretched(self, factor: float, context: int, alpha: float = 1.0, beta: float = 32.0):
+        """A copy for windows ``factor`` times the ``context`` it was trained on, YaRN's way (Peng
+        et al. 2023, arXiv:2309.00071): a frequency that turns r = context * f / 2pi times over the
+        context is kept where r >= beta (it has seen every angle), divided by ``factor`` where
+        r <= alpha (interpolated: the longer window maps onto angles it has seen), and blended
+        linearly in r between. Zero frequencies (the unrotated dims) stay zero."""
+        turns = context * self.inv_freq / (2 * math.pi)
+        keep = ((turns - alpha) / (beta - alpha)).clamp(0.0, 1.0)
+        out = copy.deepcopy(self)
+        out.inv_freq = self.inv_freq * (keep + (1 - keep) / factor)
+        out._cache = None
+        return out
 
     def cos_sin(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
         # The tables are recomputed only when a longer sequence (or another device) shows up.
@@ -125,10 +141,14 @@ class CausalSelfAttention(nn.Module):
         """(B, T, D) -> (B, T, H, head_dim)."""
         return y.view(*y.shape[:2], self.n_head, self.head_dim)
 
-    def query_key(self, x: Tensor, start: int) -> tuple[Tensor, Tensor]:
-        """QK-norm, then RoPE from position ``start``: (B, T, H, head_dim) each."""
+    def query_key(
+        self, x: Tensor, start: int, rotary: Rotary | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """QK-norm, then RoPE (``rotary``, default this layer's) from position ``start``:
+        (B, T, H, head_dim) each."""
+        rotary = rotary or self.rotary
         q, k = rms_norm(self.heads(self.q(x))), rms_norm(self.heads(self.k(x)))
-        return self.rotary(q, start), self.rotary(k, start)
+        return rotary(q, start), rotary(k, start)
 
     def forward(self, x: Tensor, cache: KVCache | None = None, mask=None) -> Tensor:
         """``mask``: a whole-sequence mask (training, evaluation), else causal."""

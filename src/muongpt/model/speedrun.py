@@ -33,10 +33,17 @@ Each part is plain code below, on in every speed-run model:
 - **MLP-only layers**: a ``mixing.pattern`` entry ``none`` leaves a block without attention.
 - **embedding norm** and a **bf16 residual stream** under bf16 autocast (autocast alone keeps it
   fp32: the embedding output is fp32 and fp32 + bf16 stays fp32).
+
+One part is off by default until a measurement puts it on:
+
+- **window extension for evaluation** (``eval_window_factor`` = s > 1): in eval mode every window
+  is s times the training one, each layer's RoPE is stretched past its trained window
+  (``Rotary.stretched``, YaRN) and the softmax scale is multiplied by (0.1 ln s + 1)^2.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +75,7 @@ class SpeedrunConfig(GPTConfig):
     window_pattern: list[float] = field(default_factory=lambda: list(D12_WINDOWS))
     attn_scale: float = 0.12  # softmax scale; 0 = 1 / sqrt(head_dim)
     sigmoid_cap: list[float] = field(default_factory=lambda: [30.0, 7.5, 0.0])  # A, B, C
+    eval_window_factor: float = 1.0  # eval mode: every window times this, RoPE YaRN-stretched
 
     mixers = ("attention", "none")
 
@@ -96,6 +104,12 @@ class SpeedrunConfig(GPTConfig):
             )
         if self.attn_scale < 0:
             raise MuonGPTError(f"model.attn_scale must be >= 0, got {self.attn_scale}")
+        if self.eval_window_factor < 1 or (self.eval_window_factor > 1 and not self.attn_window):
+            raise MuonGPTError(
+                "model.eval_window_factor must be >= 1, and > 1 only with a sliding window "
+                f"(model.attn_window > 0); got {self.eval_window_factor} with attn_window "
+                f"{self.attn_window}"
+            )
         if self.bigram_rows < 0 or self.bigram_rows == 1:
             raise MuonGPTError(
                 f"model.bigram_rows must be 0 (none) or >= 2, got {self.bigram_rows}"
@@ -182,6 +196,15 @@ class SpeedrunAttention(CausalSelfAttention):
         self.scale = config.attn_scale or None  # None: 1 / sqrt(head_dim)
         has_ve = config.value_embed_of_layer(layer) is not None
         self.ve_lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if has_ve else None
+        # window extension in eval mode: RoPE stretched past the trained window, and YaRN's
+        # logit temperature (0.1 ln s + 1)^2 for the softmax over s times more keys
+        factor = config.eval_window_factor
+        self.eval_rotary, self.eval_scale = None, None
+        if factor > 1:
+            trained = config.layer_window(layer, config.attn_window)
+            self.eval_rotary = self.rotary.stretched(factor, trained)
+            temperature = (0.1 * math.log(factor) + 1) ** 2
+            self.eval_scale = (self.scale or self.head_dim**-0.5) * temperature
 
     def forward(
         self, x: Tensor, mask=None, ve: Tensor | None = None, cache=None, window: int = 0
@@ -189,7 +212,9 @@ class SpeedrunAttention(CausalSelfAttention):
         """``mask``: the whole-sequence mask (training, evaluation); ``cache`` and ``window``:
         decoding, with the training window (0 = unbounded)."""
         B, T, D = x.shape
-        q, k = self.query_key(x, cache.pos if cache is not None else 0)
+        extended = not self.training and self.eval_rotary is not None
+        rotary, scale = (self.eval_rotary, self.eval_scale) if extended else (None, self.scale)
+        q, k = self.query_key(x, cache.pos if cache is not None else 0, rotary)
         v = self.v(x)
         if self.ve_lambdas is not None:
             v = self.ve_lambdas[0] * v + self.ve_lambdas[1] * ve.to(v.dtype)
@@ -198,9 +223,9 @@ class SpeedrunAttention(CausalSelfAttention):
             k = offset_keys(k, cache)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if cache is None:
-            y = masked_attention(q, k, v, mask, self.scale)
+            y = masked_attention(q, k, v, mask, scale)
         else:
-            y = cached_attention(q, k, v, cache, window, self.scale)
+            y = cached_attention(q, k, v, cache, window, scale)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -283,14 +308,23 @@ class SpeedrunGPT(GPT):
         docs = documents(idx, self.config.bos_token)
         masks = {}
         for fraction in set(self.config.window_pattern):
-            window = self.current_window
+            window = self.window_now()
             if fraction != 1.0:  # a short-window layer: a fraction of the current window
                 window = (window * fraction).to(torch.int32).clamp(min=1)
             masks[fraction] = self.mask_builder(docs, window)
         return masks
 
+    def window_now(self) -> Tensor:
+        """The current window in tokens (0-dim int32): the training window, times
+        ``eval_window_factor`` in eval mode."""
+        factor = self.config.eval_window_factor
+        if self.training or factor == 1:
+            return self.current_window
+        wider = self.current_window.double() * factor
+        return wider.clamp(max=UNBOUNDED_WINDOW).to(torch.int32)
+
     def decode_window(self) -> int:
-        window = int(self.current_window)
+        window = int(self.window_now())
         return 0 if window >= UNBOUNDED_WINDOW else window
 
     def bigrams(self, idx: Tensor, caches: DecodeState | None, dtype: torch.dtype) -> Tensor:
