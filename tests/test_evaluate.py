@@ -213,3 +213,27 @@ def test_progress_bar_counts_batches_and_a_run_folder_is_accepted(
     by_folder = evaluate([str(run_dir), "--data", str(text_file), "--json", "-"], capsys)
     assert by_folder[0] == 0
     assert json.loads(by_folder[1])["total"] == json.loads(by_file[1])["total"]
+
+
+def test_model_options_that_keep_the_weights_can_be_set(checkpoint, tmp_path, capsys):
+    text_file = tmp_path / "ok.txt"
+    text_file.write_text(TEXT)
+    base = [str(checkpoint), "--data", str(text_file), "--json", "-"]
+    rc, out, _ = evaluate(base, capsys)
+    assert rc == 0
+    plain = json.loads(out)["total"]["loss"]
+    rc, out, _ = evaluate([*base, "--set", "model.logit_softcap=2.0"], capsys)
+    assert rc == 0
+    capped = json.loads(out)
+    assert capped["overrides"] == ["model.logit_softcap=2.0"]
+    capped_model = load_model(checkpoint, overrides=["model.logit_softcap=2.0"])[0]
+    tokens = [EOT_TOKEN, *encode(TEXT)]
+    expected = window_nats(capped_model, tokens, 64) / (len(tokens) - 1)
+    assert capped["total"]["loss"] == pytest.approx(expected, rel=1e-5)
+    assert capped["total"]["loss"] != pytest.approx(plain, rel=1e-3)
+    for bad, words in [
+        ("model.n_layer=3", ("model.n_layer=3", "change the weights")),
+        ("model.no_such_option=1", ("no_such_option",)),
+        ("training.seq_len=8", ("model.KEY=VALUE",)),
+    ]:
+        assert_clear_error(evaluate([*base, "--set", bad], capsys), *words)

@@ -31,11 +31,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None
+) -> tuple[GPT, dict]:
     """Rebuild the GPT of a checkpoint in eval mode; returns (model, checkpoint dict).
 
     ``path`` is a training checkpoint (``step_NNNNNN.pt``) or its weights-only export
-    (``model.safetensors``, whose metadata carries the config).
+    (``model.safetensors``, whose metadata carries the config). ``overrides`` (``model.KEY=VALUE``)
+    change the stored model config first, for options that keep the weights (e.g.
+    ``model.eval_window_factor``); one that does not fit them is an error.
     """
     from omegaconf.errors import OmegaConfBaseException
 
@@ -65,7 +69,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     if not isinstance(state["config"], dict) or not isinstance(state["model"], dict):
         raise CheckpointError(f"{path}: not a muongpt checkpoint (config or weights malformed)")
     try:
-        config = model_config(upgrade_config(state["config"])["model"])
+        stored = upgrade_config(state["config"])["model"]
+        config = model_config(stored)
     except MuonGPTError as e:
         raise CheckpointError(f"{path}: {e}") from None
     except (OmegaConfBaseException, TypeError, ValueError, KeyError) as e:
@@ -73,7 +78,22 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
         raise CheckpointError(
             f"{path}: not a muongpt checkpoint (bad model config: {first})"
         ) from None
-    check_weights_fit_config(path, config, state["model"])  # before anything is allocated
+    if overrides:
+        try:
+            config = model_config(with_overrides(stored, overrides))
+        except (OmegaConfBaseException, TypeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MuonGPTError(f"overrides {' '.join(overrides)}: {first}") from None
+        except MuonGPTError as e:
+            raise MuonGPTError(f"overrides {' '.join(overrides)}: {e}") from None
+    try:
+        check_weights_fit_config(path, config, state["model"])  # before anything is allocated
+    except CheckpointError as e:
+        if not overrides:
+            raise
+        raise MuonGPTError(
+            f"overrides {' '.join(overrides)} change the weights' shapes: {e}"
+        ) from None
     model = build_model(config)
     # A state dict saved from a torch.compile'd module carries an "_orig_mod." prefix.
     weights = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
@@ -84,6 +104,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
     return model.to(device).eval(), state
+
+
+def with_overrides(model: dict, overrides: list[str] | None) -> dict:
+    """The stored model config with ``model.KEY=VALUE`` overrides (YAML values) applied."""
+    if not overrides:
+        return model
+    from omegaconf import OmegaConf
+
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.startswith("model.") or key == "model.":
+            raise MuonGPTError(f"override {item!r}: expected model.KEY=VALUE")
+    dotlist = [item.removeprefix("model.") for item in overrides]
+    merged = OmegaConf.merge(OmegaConf.create(model), OmegaConf.from_dotlist(dotlist))
+    return OmegaConf.to_container(merged)
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:

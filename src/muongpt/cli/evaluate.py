@@ -201,6 +201,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=None, help="cap on predicted tokens")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="model.KEY=VALUE",
+        help="model options that keep the weights, e.g. model.eval_window_factor=2",
+    )
+    p.add_argument(
         "--json", default=None, metavar="PATH", help="also write JSON ('-': stdout only)"
     )
     return p.parse_args(argv)
@@ -220,7 +227,7 @@ def run(args: argparse.Namespace) -> dict:
     from muongpt.cli.sample import model_file
 
     device = resolve_device(args.device)
-    model, state = load_model(model_file(args.checkpoint), device)
+    model, state = load_model(model_file(args.checkpoint), device, args.set)
     training = state["config"].get("training") or {}
     seq_len = args.seq_len or int(training.get("seq_len", 1024))
     autocast = device.type == "cuda" and bool(training.get("autocast_bf16", True))
@@ -231,6 +238,7 @@ def run(args: argparse.Namespace) -> dict:
         "checkpoint": str(args.checkpoint),
         "step": state.get("step"),
         "seq_len": seq_len,
+        "overrides": args.set,
         "files": [r.as_dict() for r in results],
         "total": total.as_dict(),
     }
