@@ -83,12 +83,13 @@ def _dequantized_mm(
     )
 
 
-def _column_major(t: Tensor) -> Tensor:
+def column_major(t: Tensor) -> Tensor:
     """The same 2-D matrix laid out column-major (contiguous along its first dim)."""
     return t.t().contiguous().t()
 
 
-def _to_fp8(t: Tensor, scale: float, dtype: torch.dtype, limit: float) -> Tensor:
+def to_fp8(t: Tensor, scale: float | Tensor, dtype: torch.dtype, limit: float) -> Tensor:
+    """round_to_fp8(t * scale), clamped to the format's range (e4m3fn has no infinity)."""
     return (t.float() * scale).clamp(-limit, limit).to(dtype)
 
 
@@ -97,8 +98,8 @@ def quantized_linear(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(x @ w^T in fp8, dequantized bf16 (M, N), x8 (M, K), w8 (N, K)): the forward of the fp8
     head, shared by ``fp8_matmul`` and the fused loss (fp8_loss.py)."""
-    x8 = _to_fp8(x, x_scale, torch.float8_e4m3fn, E4M3_MAX)  # x (M, K): M tokens
-    w8 = _to_fp8(w, w_scale, torch.float8_e4m3fn, E4M3_MAX)
+    x8 = to_fp8(x, x_scale, torch.float8_e4m3fn, E4M3_MAX)  # x (M, K): M tokens
+    w8 = to_fp8(w, w_scale, torch.float8_e4m3fn, E4M3_MAX)
     # w8.t(): (K, N) column-major
     y = _dequantized_mm(x8, w8.t(), x_scale, w_scale, torch.bfloat16, fast_accum=True)
     return y, x8, w8
@@ -110,7 +111,7 @@ def grad_input(
     """dx = g8 (M, N) e5m2 @ w8 (N, K) e4m3, dequantized [times ``times``]: bf16 (M, K)."""
     # w8 (N, K) column-major: contiguous along the reduced N
     return _dequantized_mm(
-        g8, _column_major(w8), grad_scale, w_scale, torch.bfloat16, fast_accum=False, times=times
+        g8, column_major(w8), grad_scale, w_scale, torch.bfloat16, fast_accum=False, times=times
     )
 
 
@@ -121,7 +122,7 @@ def grad_weight(
     are made contiguous along the reduced M (tokens): the gradient by ``transpose_fp8``, x8
     (small) by a plain copy."""
     return _dequantized_mm(
-        transpose_fp8(g8), _column_major(x8), grad_scale, x_scale, torch.float32,
+        transpose_fp8(g8), column_major(x8), grad_scale, x_scale, torch.float32,
         fast_accum=False, times=times,
     )  # fmt: skip
 
@@ -213,7 +214,7 @@ def _backward(ctx, grad_y, _grad_x8, _grad_w8):
     x, x8, w8 = ctx.saved_tensors
     x_scale, w_scale, grad_scale = ctx.scales
     # Traced: under torch.compile the scaled cast fuses into the kernel that made grad_y.
-    g8 = _to_fp8(grad_y, grad_scale, torch.float8_e5m2, E5M2_MAX).contiguous()
+    g8 = to_fp8(grad_y, grad_scale, torch.float8_e5m2, E5M2_MAX).contiguous()
     dx = fp8_matmul_backward(g8, w8, w_scale, grad_scale).to(ctx.x_dtype)
     if ctx.fp8_dw:
         dw = fp8_grad_weight(g8, x8, x_scale, grad_scale)
@@ -242,7 +243,7 @@ def fp8_linear(
 _fallback_logged = False
 
 
-def log_fallback(reason: str) -> None:
+def _log_fallback(reason: str) -> None:
     global _fallback_logged
     if not _fallback_logged:
         _fallback_logged = True
@@ -273,10 +274,14 @@ class FP8Matmul:
 
     def init_fp8(self, in_features: int, out_features: int, scales) -> None:
         self.scales = check_scales(scales)
+        self.decide_fp8(in_features, out_features)
+
+    def decide_fp8(self, in_features: int, out_features: int) -> None:
+        """``fp8_ok``: whether this machine and shape take the fp8 path (logged once if not)."""
         reason = fp8_unavailable_reason(in_features, out_features)
         self.fp8_ok = reason is None
         if reason:
-            log_fallback(reason)
+            _log_fallback(reason)
 
     def fp8_usable(self, x: Tensor) -> bool:
         """The fp8 path takes ``x``: an fp8 GPU, x on it, a token count that is a multiple of 16."""

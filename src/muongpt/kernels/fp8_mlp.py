@@ -37,24 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from muongpt.kernels.fp8 import (
-    E4M3_MAX,
-    E5M2_MAX,
-    FP8Matmul,
-    fp8_unavailable_reason,
-    log_fallback,
-)
+from muongpt.kernels.fp8 import E4M3_MAX, E5M2_MAX, FP8Matmul, column_major, to_fp8
 from muongpt.model.gpt import MLP
 
 
 def amax_scale(t: Tensor, fp8_max: float) -> Tensor:
     """fp8_max / max|t| as a 0-dim fp32 tensor on t's device (an all-zero t gets a finite one)."""
     return fp8_max / t.abs().amax().float().clamp(min=1e-30)
-
-
-def quantize(t: Tensor, scale: Tensor, dtype: torch.dtype, fp8_max: float) -> Tensor:
-    """round_to_fp8(t * scale), clamped to the format's range (e4m3fn has no infinity)."""
-    return (t.float() * scale).clamp(-fp8_max, fp8_max).to(dtype)
 
 
 def scaled_mm(a8: Tensor, b8: Tensor, a_scale: Tensor, b_scale: Tensor, fast: bool) -> Tensor:
@@ -70,10 +59,6 @@ def scaled_mm(a8: Tensor, b8: Tensor, a_scale: Tensor, b_scale: Tensor, fast: bo
     )
 
 
-def column_major(t: Tensor) -> Tensor:
-    return t.t().contiguous().t()
-
-
 class FP8MLPFunction(torch.autograd.Function):
     """y = relu(x W1^T)^2 W2^T for 2-D x (M, D); the math is in the module docstring."""
 
@@ -81,12 +66,12 @@ class FP8MLPFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
         e4m3 = torch.float8_e4m3fn
         s_x, s_w1, s_w2 = (amax_scale(t, E4M3_MAX) for t in (x, w1, w2))
-        w1_8 = quantize(w1, s_w1, e4m3, E4M3_MAX)
-        w2_8 = quantize(w2, s_w2, e4m3, E4M3_MAX)
-        pre = scaled_mm(quantize(x, s_x, e4m3, E4M3_MAX), w1_8.t(), s_x, s_w1, fast=True)
+        w1_8 = to_fp8(w1, s_w1, e4m3, E4M3_MAX)
+        w2_8 = to_fp8(w2, s_w2, e4m3, E4M3_MAX)
+        pre = scaled_mm(to_fp8(x, s_x, e4m3, E4M3_MAX), w1_8.t(), s_x, s_w1, fast=True)
         post = F.relu(pre).square()
         s_post = amax_scale(post, E4M3_MAX)
-        y = scaled_mm(quantize(post, s_post, e4m3, E4M3_MAX), w2_8.t(), s_post, s_w2, fast=True)
+        y = scaled_mm(to_fp8(post, s_post, e4m3, E4M3_MAX), w2_8.t(), s_post, s_w2, fast=True)
         ctx.save_for_backward(x, post, w1, w2_8, s_w2)
         ctx.w_dtypes = (w1.dtype, w2.dtype)
         return y
@@ -96,7 +81,7 @@ class FP8MLPFunction(torch.autograd.Function):
         x, post, w1, w2_8, s_w2 = ctx.saved_tensors
         dy = dy.contiguous()  # the fp8 operand must be row-major
         s_dy = amax_scale(dy, E5M2_MAX)
-        dy8 = quantize(dy, s_dy, torch.float8_e5m2, E5M2_MAX)
+        dy8 = to_fp8(dy, s_dy, torch.float8_e5m2, E5M2_MAX)
         dpost = scaled_mm(dy8, column_major(w2_8), s_dy, s_w2, fast=False)
         dpre = dpost * 2 * post.sqrt()
         dy16, x16, dpre16 = dy.to(torch.bfloat16), x.to(torch.bfloat16), dpre.to(torch.bfloat16)
@@ -121,10 +106,7 @@ class FP8MLP(FP8Matmul, MLP):
         torch.nn.Module.__init__(self)
         self.fc, self.proj = mlp.fc, mlp.proj
         hidden, dim = self.fc.weight.shape
-        reason = fp8_unavailable_reason(dim, hidden)  # decided once, as FP8Matmul does
-        self.fp8_ok = reason is None
-        if reason:
-            log_fallback(reason)
+        self.decide_fp8(dim, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fp8_usable(x):
