@@ -77,6 +77,11 @@ class GPTConfig:
             )
 
     @property
+    def masks_documents(self) -> bool:
+        """Whether attention takes whole-sequence document masks (``model.doc_mask``)."""
+        return self.doc_mask
+
+    @property
     def padded_vocab_size(self) -> int:
         return math.ceil(self.vocab_size / 128) * 128
 
@@ -173,7 +178,7 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(self.make_block(i) for i in range(config.n_layer))
         self.add_parts()
-        if config.doc_mask:  # how the mask is built: dense for SDPA; flex_attention swaps it
+        if config.masks_documents:  # how masks are built: dense for SDPA; flex_attention swaps it
             self.mask_builder = document_dense_mask
         self.lm_head = Head(
             config.n_embd, config.padded_vocab_size, config.vocab_size, self.make_cap()

@@ -58,7 +58,7 @@ from muongpt.model.attention import (
     rms_norm,
 )
 from muongpt.model.gpt import GPT, MLP, GPTConfig, SoftCap, documents
-from muongpt.model.masks import UNBOUNDED_WINDOW, document_dense_mask
+from muongpt.model.masks import UNBOUNDED_WINDOW
 
 # The 12-layer window pattern of the speed runs: long windows at layers 0, 4, 7 and 11.
 D12_WINDOWS = [1.0, 0.5, 0.5, 0.5, 1.0, 0.5, 0.5, 1.0, 0.5, 0.5, 0.5, 1.0]
@@ -124,6 +124,10 @@ class SpeedrunConfig(GPTConfig):
                 f"model.value_embeds must be in [0, n_layer / 2 = {self.n_layer // 2}], got "
                 f"{self.value_embeds} (the speed-run defaults are d12's)"
             )
+
+    @property
+    def masks_documents(self) -> bool:  # always: documents and windows are in every mask
+        return True
 
     def window_of_layer(self, i: int) -> float:
         return float(self.window_pattern[i % len(self.window_pattern)])
@@ -273,8 +277,6 @@ class SpeedrunGPT(GPT):
         # the current window in tokens: a buffer, so that a window schedule does not recompile
         window = torch.tensor(c.attn_window or UNBOUNDED_WINDOW, dtype=torch.int32)
         self.register_buffer("current_window", window, persistent=False)
-        # how whole-sequence masks are built: dense for SDPA; the flex_attention converter swaps it
-        self.mask_builder = document_dense_mask
 
     def make_cap(self) -> SoftCap:
         return SoftCap("sigmoid", *self.config.sigmoid_cap)
