@@ -81,11 +81,9 @@ def load_model(
     if overrides:
         try:
             config = model_config(with_overrides(stored, overrides))
-        except (OmegaConfBaseException, TypeError, ValueError, KeyError) as e:
+        except (MuonGPTError, OmegaConfBaseException, TypeError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise MuonGPTError(f"overrides {' '.join(overrides)}: {first}") from None
-        except MuonGPTError as e:
-            raise MuonGPTError(f"overrides {' '.join(overrides)}: {e}") from None
     try:
         check_weights_fit_config(path, config, state["model"])  # before anything is allocated
     except CheckpointError as e:
