@@ -29,30 +29,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 from timing import seconds_per_step
+from torchrun_workers import compose_config, run_workers
 
 
 # ---------------------------------------------------------------- worker (one torchrun rank)
 def build(model_name: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from muongpt.config import CONF_DIR, register_configs
-
-    register_configs()
     size = [f"model/size={model_name}"] if "x" not in model_name else shape(model_name)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(
-            config_name="config", overrides=["experiment=speedrun_d12", *size, *overrides]
-        )
+    return compose_config([*size, *overrides])
 
 
 def shape(name: str) -> list[str]:
@@ -169,52 +157,21 @@ def worker(args) -> None:
 
 # ---------------------------------------------------------------- launcher
 def launch(args, model: str, mode: str, steps: int, warmup: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={args.gpus}",
-            str(Path(__file__).resolve()),
-            "--worker",
-            f"--model={model}",
-            f"--mode={mode}",
-            f"--compile={args.compile}",
-            f"--device={args.device}",
-            f"--micro-batch={args.micro_batch}",
-            f"--seq-len={args.seq_len}",
-            f"--steps={steps}",
-            f"--warmup={warmup}",
-            f"--result={result}",
-            *(f"--override={o}" for o in args.override),
-        ]
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        # a rank out of memory leaves the others in a collective: let it time out, not hang
-        env.setdefault("MUONGPT_DIST_TIMEOUT_S", "120")
-        start = time.perf_counter()
-        proc = subprocess.Popen(
-            cmd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # its own process group: a timeout kills every rank
-        )
-        try:
-            stdout, stderr = proc.communicate(timeout=args.run_timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            return {"model": model, "mode": mode, "fits": False, "error": "timeout"}
-        if proc.returncode != 0 or not result.is_file():
-            tail = (stderr or stdout)[-1500:]
-            print(tail, file=sys.stderr)
-            return {"model": model, "mode": mode, "fits": False, "error": tail[-300:]}
-        out = json.loads(result.read_text())
-        out["wall_s"] = round(time.perf_counter() - start, 1)
-        return out
+    argv = [
+        f"--model={model}",
+        f"--mode={mode}",
+        f"--compile={args.compile}",
+        f"--device={args.device}",
+        f"--micro-batch={args.micro_batch}",
+        f"--seq-len={args.seq_len}",
+        f"--steps={steps}",
+        f"--warmup={warmup}",
+        *(f"--override={o}" for o in args.override),
+    ]
+    # a rank out of memory leaves the others in a collective: let it time out, not hang
+    env = {"MUONGPT_DIST_TIMEOUT_S": "120"}
+    out, error = run_workers(__file__, args.gpus, argv, args.run_timeout_s, env)
+    return out or {"model": model, "mode": mode, "fits": False, "error": error}
 
 
 def table(results: list[dict]) -> str:

@@ -37,30 +37,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from timing import seconds_per_step
+from torchrun_workers import compose_config, run_workers
 
 
 # ---------------------------------------------------------------- worker (one torchrun rank)
 def build(model_name: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from muongpt.config import CONF_DIR, register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(
-            config_name="config",
-            overrides=["experiment=speedrun_d12", f"model/size={model_name}", *overrides],
-        )
+    return compose_config([f"model/size={model_name}", *overrides])
 
 
 def worker(args) -> None:
@@ -154,52 +143,19 @@ def worker(args) -> None:
 
 # ---------------------------------------------------------------- launcher
 def launch(args, model: str, gpus: int, compile_mode: str, batch_size: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={gpus}",
-            str(Path(__file__).resolve()),
-            "--worker",
-            "--model",
-            model,
-            "--compile",
-            compile_mode,
-            "--device",
-            args.device,
-            "--micro-batch",
-            str(args.micro_batch),
-            "--seq-len",
-            str(args.seq_len),
-            "--batch-size",
-            str(batch_size),
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-            "--result",
-            str(result),
-            *(f"--override={o}" for o in args.override),
-        ]
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        start = time.perf_counter()
-        try:
-            proc = subprocess.run(
-                cmd, env=env, capture_output=True, text=True, timeout=args.run_timeout_s
-            )
-        except subprocess.TimeoutExpired:
-            return {"model": model, "gpus": gpus, "compile": compile_mode, "error": "timeout"}
-        wall = round(time.perf_counter() - start, 1)
-        if proc.returncode != 0 or not result.is_file():
-            tail = (proc.stderr or proc.stdout)[-1500:]
-            print(tail, file=sys.stderr)
-            return {"model": model, "gpus": gpus, "compile": compile_mode, "error": tail[-300:]}
-        out = json.loads(result.read_text())
-        out["wall_s"] = wall
-        return out
+    argv = [
+        f"--model={model}",
+        f"--compile={compile_mode}",
+        f"--device={args.device}",
+        f"--micro-batch={args.micro_batch}",
+        f"--seq-len={args.seq_len}",
+        f"--batch-size={batch_size}",
+        f"--steps={args.steps}",
+        f"--warmup={args.warmup}",
+        *(f"--override={o}" for o in args.override),
+    ]
+    out, error = run_workers(__file__, gpus, argv, args.run_timeout_s)
+    return out or {"model": model, "gpus": gpus, "compile": compile_mode, "error": error}
 
 
 def add_efficiency(results: list[dict]) -> None:
