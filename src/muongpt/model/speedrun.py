@@ -308,11 +308,11 @@ class SpeedrunGPT(GPT):
         """One whole-sequence mask per distinct window fraction: causal, within each document
         (documents start at ``bos_token``), within the fraction of the current window."""
         docs = documents(idx, self.config.bos_token)
-        masks = {}
+        now, masks = self.window_now(), {}
         for fraction in set(self.config.window_pattern):
-            window = self.window_now()
+            window = now
             if fraction != 1.0:  # a short-window layer: a fraction of the current window
-                window = (window * fraction).to(torch.int32).clamp(min=1)
+                window = (now * fraction).to(torch.int32).clamp(min=1)
             masks[fraction] = self.mask_builder(docs, window)
         return masks
 
