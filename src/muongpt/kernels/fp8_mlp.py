@@ -42,8 +42,11 @@ from muongpt.model.gpt import MLP
 
 
 def amax_scale(t: Tensor, fp8_max: float) -> Tensor:
-    """fp8_max / max|t| as a 0-dim fp32 tensor on t's device (an all-zero t gets a finite one)."""
-    return fp8_max / t.abs().amax().float().clamp(min=1e-30)
+    """fp8_max / max|t| as a 0-dim fp32 tensor on t's device (an all-zero t gets a finite one).
+    A true division: ``fp8_max / tensor`` is a reciprocal times fp8_max, an ulp off, which moves
+    the many activations that land on fp8 rounding ties to the other side."""
+    amax = t.abs().amax().float().clamp(min=1e-30)
+    return amax.new_full((), fp8_max) / amax
 
 
 def scaled_mm(a8: Tensor, b8: Tensor, a_scale: Tensor, b_scale: Tensor, fast: bool) -> Tensor:
