@@ -5,6 +5,8 @@
         --train-files '.devdata/bench/train_*.bin' --val-files '.devdata/bench/val_*.bin'
     python benchmarks/optimizer_study.py --preset d24 --out runs/study_d24 --train-files ... \\
         --val-files ... --compare runs/study_d12/study.json        # lr transfer, Muon and AdamW
+    python benchmarks/optimizer_study.py --preset l24 ...          # d12 at d24's depth, AdamW
+    python benchmarks/optimizer_study.py --preset w1024 ...        # d12 at d24's width, AdamW
 
 Every run is ``python -m muongpt.train`` with Hydra overrides (the preset's, then the
 optimizer's, then the lr and seed), in ``OUT/runs/<optimizer>_lr<lr>_s<seed>``, at one fixed
@@ -22,7 +24,11 @@ token budget. Two phases:
 Writes ``OUT/study.json`` (every run; a rerun skips runs already in it), ``OUT/val_vs_tokens.png``
 and ``OUT/val_vs_time.png`` (the best-lr curves), and ``OUT/table.md``. With ``--compare A.json``
 the best lrs of both studies are printed side by side (the lr transfer across widths: the config
-lr is the d12 one, build_optimizer applies the width rule).
+lr is the d12 one, build_optimizer applies the width rule). Besides the best lr of the grid, the
+table gives the ``fitted`` lr: the vertex of a parabola through the val losses of the best lr and
+its two neighbours against log2(lr) (a grid of factor 2 places the best lr within a factor of 2;
+the transfer needs finer). ``--sweep-only`` skips the finals (e.g. to add grid points to a copy of
+a finished study).
 
 AdamW lrs (AdamW's matrix lr, and every side group's) are scaled by (n_embd / 768) ** -0.5 inside
 muongpt, Muon's by its shape factor; the lrs in the table are the config values.
@@ -148,6 +154,32 @@ PRESETS = {
         finals=False,
         parallel=2,
         notes="one GPU: d24 on the bench pack, 160 steps x 32,768 tokens, sweeps only",
+    ),
+    # The AdamW rule checked beyond the sizes it was fitted on: d36 (GPT-2 large shape).
+    "d36": Preset(
+        [*BENCH_D12, "model/size=d36", "training.micro_batch_size=8"],
+        ["adamw"],
+        needs_data=True,
+        finals=False,
+        parallel=2,
+        notes="one GPU: d36 on the bench pack, 160 steps x 32,768 tokens, sweeps only",
+    ),
+    # Width and depth apart: d12 at d24's depth (24 layers) and at d24's width (1024), AdamW only.
+    "l24": Preset(
+        [*BENCH_D12, "model.n_layer=24", "training.micro_batch_size=16"],
+        ["adamw"],
+        needs_data=True,
+        finals=False,
+        parallel=2,
+        notes="one GPU: d12 at 24 layers (768 wide) on the bench pack, 160 steps x 32,768 tokens",
+    ),
+    "w1024": Preset(
+        [*BENCH_D12, "model.n_embd=1024", "model.n_head=16", "training.micro_batch_size=16"],
+        ["adamw"],
+        needs_data=True,
+        finals=False,
+        parallel=2,
+        notes="one GPU: d12 at 1024 wide (12 layers) on the bench pack, 160 steps x 32,768 tokens",
     ),
 }
 
@@ -338,10 +370,43 @@ def finals_of(data: dict, name: str, timed: bool = False) -> list[dict]:
     return [data["runs"][run_key(name, lr, s)] for s in seeds]
 
 
+def swept(data: dict, name: str) -> dict[float, float]:
+    """lr -> val loss of the sweep's finite runs (seed ``data['seed']``)."""
+    out = {}
+    for lr in data["grid"][name]:
+        r = data["runs"].get(run_key(name, lr, data["seed"]))
+        if r is not None and math.isfinite(r["val_loss"]):
+            out[lr] = r["val_loss"]
+    return out
+
+
+def fitted_lr(losses: dict[float, float]) -> float | None:
+    """The vertex of the parabola through the best lr and its neighbours on either side, in
+    log2(lr); None where the best lr has no neighbour on a side (the minimum is not bracketed)."""
+    lrs = sorted(losses)
+    i = min(range(len(lrs)), key=lambda k: losses[lrs[k]])
+    if i == 0 or i == len(lrs) - 1:
+        return None
+    (x0, x1, x2), (y0, y1, y2) = (
+        [math.log2(lr) for lr in lrs[i - 1 : i + 2]],
+        [losses[lr] for lr in lrs[i - 1 : i + 2]],
+    )
+    # Lagrange form: y'(x) = 0 of the parabola through the three points
+    d0, d1, d2 = (
+        y0 / ((x0 - x1) * (x0 - x2)),
+        y1 / ((x1 - x0) * (x1 - x2)),
+        y2 / ((x2 - x0) * (x2 - x1)),
+    )
+    a = d0 + d1 + d2
+    if a <= 0:
+        return None
+    return 2 ** ((d0 * (x1 + x2) + d1 * (x0 + x2) + d2 * (x0 + x1)) / (2 * a))
+
+
 def table(data: dict) -> str:
     lines = [
-        "| optimizer | lrs tried (val loss) | best lr | final val loss | time (s) | step ms | state GiB |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| optimizer | lrs tried (val loss) | best lr | fitted lr | final val loss | time (s) | step ms | state GiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, best in data.get("best_lr", {}).items():
         opt = OPTIMIZERS[name]
@@ -368,8 +433,10 @@ def table(data: dict) -> str:
             gib = f"{state / 2**30:.3f}" if state is not None else "-"
         else:
             loss = secs = ms = gib = "-"
+        fit = fitted_lr(swept(data, name))
+        fit = fmt_lr(fit) if fit else "-"
         lines.append(
-            f"| {opt.label} | {', '.join(tried)} | {fmt_lr(best)} | {loss} | {secs} | {ms} | {gib} |"
+            f"| {opt.label} | {', '.join(tried)} | {fmt_lr(best)} | {fit} | {loss} | {secs} | {ms} | {gib} |"
         )
     n_seeds = max((len(v) for v in data.get("final_seeds", {}).values()), default=0)
     reused = any(
@@ -434,14 +501,21 @@ def plots(data: dict, out: Path) -> None:
 
 
 def compare(data: dict, other: dict) -> str:
+    a, b = other["preset"], data["preset"]
     lines = [
-        f"| optimizer | best lr, {other['preset']} | best lr, {data['preset']} |",
-        "|---|---:|---:|",
+        f"| optimizer | best lr, {a} | best lr, {b} | fitted lr, {a} | fitted lr, {b} | fitted ratio |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, lr in data.get("best_lr", {}).items():
         theirs = other.get("best_lr", {}).get(name)
+        fits = [
+            fitted_lr(swept(d, name)) if name in d.get("grid", {}) else None for d in (other, data)
+        ]
+        ratio = f"{fits[1] / fits[0]:.2f}" if all(fits) else "-"
+        fa, fb = (fmt_lr(f) if f else "-" for f in fits)
         lines.append(
-            f"| {OPTIMIZERS[name].label} | {fmt_lr(theirs) if theirs else '-'} | {fmt_lr(lr)} |"
+            f"| {OPTIMIZERS[name].label} | {fmt_lr(theirs) if theirs else '-'} | {fmt_lr(lr)} "
+            f"| {fa} | {fb} | {ratio} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -466,6 +540,7 @@ def main() -> None:
     parser.add_argument("--final-parallel", type=int, default=None, help="final runs at a time")
     parser.add_argument("--compare", default=None, help="another study.json: best lrs side by side")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides")
+    parser.add_argument("--sweep-only", action="store_true", help="no finals, no plots")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     if preset.needs_data and not (args.train_files and args.val_files):
@@ -480,7 +555,8 @@ def main() -> None:
     t0 = time.perf_counter()
     print(f"sweep {', '.join(names)}", flush=True)
     study.sweep([OPTIMIZERS[name] for name in names])
-    if preset.finals:
+    finals = preset.finals and not args.sweep_only
+    if finals:
         for name in names:
             print(f"finals {name} at lr {fmt_lr(study.data['best_lr'][name])}", flush=True)
             study.finals(OPTIMIZERS[name], study.data["best_lr"][name])
@@ -495,13 +571,11 @@ def main() -> None:
             + compare(study.data, json.loads(Path(args.compare).read_text()))
         )
     (study.out / "table.md").write_text(text)
-    if preset.finals:
+    if finals:
         plots(study.data, study.out)
     shutil.rmtree(study.out / "runs", ignore_errors=True) if args.preset == "tiny" else None
     print(text)
-    print(
-        f"wrote {study.path}, {study.out / 'table.md'}" + (", the plots" if preset.finals else "")
-    )
+    print(f"wrote {study.path}, {study.out / 'table.md'}" + (", the plots" if finals else ""))
 
 
 if __name__ == "__main__":

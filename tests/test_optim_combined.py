@@ -50,7 +50,7 @@ class Block(nn.Module):
 class TinyModel(nn.Module):
     """A model that declares its optimizer groups: muongpt's layout plus odd extras."""
 
-    config = SimpleNamespace(n_embd=DIM)
+    config = SimpleNamespace(n_embd=DIM, n_layer=2)
 
     def __init__(self):
         super().__init__()
@@ -184,6 +184,25 @@ def test_adamw_lr_scaling_schedule_and_summary():
         n_params = sum(p.numel() for p in g["params"])
         line = next(li for li in summary.splitlines() if f" {g['name']} " in li)
         assert f"{len(g['params'])} tensors" in line and f"{n_params:,} params" in line
+
+
+@pytest.mark.parametrize("n_embd, n_layer", [(32, 2), (64, 2), (32, 8)])
+def test_adamw_matrix_lr_scales_as_one_over_width_and_sqrt_depth(n_embd, n_layer):
+    """AdamW's hidden-matrix lr: cfg.lr * (768 / n_embd) * sqrt(12 / n_layer), the rule fitted in
+    docs/optimizers.md (1 at d12); the side groups keep (n_embd / 768) ** -0.5."""
+    from muongpt.model import MODELS
+
+    schema, cls = MODELS["gpt"]
+    model = cls(schema(vocab_size=200, n_layer=n_layer, n_head=2, n_embd=n_embd))
+    cfg = config("adamw")
+    groups = {g["name"]: g for g in build_optimizer(model, cfg).param_groups}
+    assert groups["matrix"]["base_lr"] == pytest.approx(
+        cfg.lr * (768 / n_embd) * (12 / n_layer) ** 0.5
+    )
+    assert groups["embed"]["base_lr"] == pytest.approx(cfg.embed_lr * (768 / n_embd) ** 0.5)
+    # under Muon the same widths leave the side groups where they were
+    muon = {g["name"]: g for g in build_optimizer(model, config("muon")).param_groups}
+    assert muon["embed"]["base_lr"] == pytest.approx(groups["embed"]["base_lr"])
 
 
 def test_adamw_state_is_two_buffers_per_parameter():

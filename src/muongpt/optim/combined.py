@@ -3,8 +3,12 @@
 The model declares its groups (``model.optimizer_groups()``: ``matrix``, ``embed``, ``head``,
 ``scalar``); ``build_optimizer(model, cfg)`` gives ``matrix`` to the matrix optimizer of ``cfg``
 (Muon, SOAP, or AdamW for ``name: adamw``) and the other three to AdamW at ``embed_lr``,
-``head_lr``, ``scalar_lr``, without weight decay. Every AdamW lr (for ``adamw``: the matrix
-group's too) is multiplied by (n_embd / 768) ** -0.5. Each parameter lands in exactly one group
+``head_lr``, ``scalar_lr``, without weight decay. The side groups' AdamW lrs are multiplied by
+(n_embd / 768) ** -0.5; for ``adamw`` the hidden matrices' lr by (n_embd / 768) ** -1 *
+(n_layer / 12) ** -0.5 (muP's 1/width for Adam on hidden matrices, and 1/sqrt(depth): fitted
+against AdamW lr sweeps at d12, at d12 with 24 layers, at d12 1024 wide and at d24, see
+docs/optimizers.md; the side groups' rule keeps the lr where d12 put it under Muon, which
+transfers to d24). Each parameter lands in exactly one group
 (checked). AdamW is ``fused`` when every parameter is on CUDA. Each group remembers its
 ``base_lr``; ``apply_schedule(lr_scale, momentum)`` sets lr = base_lr * lr_scale for every group
 and, where given, Muon's momentum (the trainer's schedule computes both).
@@ -35,6 +39,14 @@ from muongpt.optim.muon import Muon, run_closure
 from muongpt.optim.soap import SOAP
 
 REFERENCE_WIDTH = 768
+REFERENCE_DEPTH = 12
+
+
+def adamw_matrix_scale(n_embd: int, n_layer: int) -> float:
+    """The factor on AdamW's hidden-matrix lr: 1 at d12, 1/width and 1/sqrt(depth) around it."""
+    return (n_embd / REFERENCE_WIDTH) ** -1 * (n_layer / REFERENCE_DEPTH) ** -0.5
+
+
 GROUP_NAMES = ("matrix", "embed", "head", "scalar")
 
 
@@ -218,12 +230,15 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
     side_lrs = {"embed": cfg.embed_lr, "head": cfg.head_lr, "scalar": cfg.scalar_lr}
     if cfg.name == "adamw":
         # The same side groups as the hybrids, so a comparison differs only in the matrix optimizer.
-        lrs = {"matrix": cfg.lr, **side_lrs}
+        lrs = {
+            "matrix": cfg.lr * adamw_matrix_scale(n_embd, model.config.n_layer),
+            **{name: lr * adam_scale for name, lr in side_lrs.items()},
+        }
         groups = [
             _group(
                 name,
                 routed[name],
-                lrs[name] * adam_scale,
+                lrs[name],
                 weight_decay=cfg.weight_decay if name == "matrix" else 0.0,
             )
             for name in GROUP_NAMES
@@ -281,8 +296,12 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
 
     _check_partition(model, optimizers)
     header = (
-        f"optimizer {cfg.name}: the model's groups (n_embd {n_embd}, AdamW lrs x {adam_scale:.3f})"
+        f"optimizer {cfg.name}: the model's groups (n_embd {n_embd}, AdamW lrs x {adam_scale:.3f}"
     )
+    if cfg.name == "adamw":
+        scale = adamw_matrix_scale(n_embd, model.config.n_layer)
+        header += f", the hidden matrices' x {scale:.3f}"
+    header += ")"
     return CombinedOptimizer(optimizers, header=header)
 
 
