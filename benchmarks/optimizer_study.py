@@ -70,7 +70,13 @@ OPTIMIZERS = {
         Optimizer(
             "normuon", "NorMuon", ["optimizer=muon", "optimizer.normuon=true"], MuonConfig.lr, 0.02
         ),
-        Optimizer("soap", "SOAP", ["optimizer=soap"], SOAPConfig.lr, 0.1),
+        Optimizer(
+            "soap",
+            "SOAP two-sided",
+            ["optimizer=soap", "optimizer.one_sided=false"],
+            SOAPConfig.lr,
+            0.1,
+        ),
         Optimizer(
             "soap_one_sided",
             "SOAP one-sided",

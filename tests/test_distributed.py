@@ -158,7 +158,7 @@ def check_soap(rank: int, world_size: int, group=None) -> None:
     # statistic has at most a 1-dim null space, so the first eigenbasis is unique up to signs.
     shapes = [(6, 6)] * 5 + [(5, 6)] * 4 + [(3, 2, 4)]
     base = dict(lr=0.01, betas=(0.9, 0.95), weight_decay=0.05, precondition_frequency=3)
-    for extra in ({}, {"one_sided": True, "orthonormalize": "cholesky_qr"}):
+    for extra in ({"one_sided": False}, {"one_sided": True, "orthonormalize": "cholesky_qr"}):
         hyper = {**base, **extra}
         make = lambda: [p.detach().double().requires_grad_() for p in make_params(shapes)]  # noqa: E731
         mean64 = lambda step: [  # noqa: E731

@@ -1,5 +1,6 @@
 """SOAP against a straightforward float64 reference: 12 steps with basis refreshes."""
 
+import copy
 import io
 
 import pytest
@@ -113,7 +114,12 @@ CASES = [
 def test_twelve_steps_equal_float64_reference():
     gen = torch.Generator().manual_seed(0)
     defaults = dict(
-        lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05, precondition_frequency=3
+        lr=0.01,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        weight_decay=0.05,
+        precondition_frequency=3,
+        one_sided=False,
     )
     params, groups, references = [], [], []
     for shape, options, view in CASES:
@@ -181,7 +187,8 @@ def test_state_dict_roundtrip_bit_identical_bf16():
     clones = [p.detach().clone().requires_grad_() for p in params]
     resumed = SOAP(clones, precondition_frequency=2)
     resumed.load_state_dict(saved)
-    assert resumed.state[clones[0]]["Q"][0].dtype == torch.float32  # not cast to bf16
+    (Q,) = [q for q in resumed.state[clones[0]]["Q"] if q is not None]
+    assert Q.dtype == torch.float32  # not cast to bf16
     for group in (params, clones):
         for p, g in zip(group, grads[4]):
             p.grad = g.clone()
@@ -214,6 +221,7 @@ def run_against_reference(shapes, options, dtype=torch.float64, steps=12):
     returns the largest difference of any weight at any step."""
     gen = torch.Generator().manual_seed(3)
     hyper = dict(lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05, precondition_frequency=3)
+    options = {"one_sided": False, **options}  # the reference's two-sided SOAP unless asked
     params = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes]
     refs = []
     for p in params:
@@ -267,3 +275,29 @@ def test_cholesky_qr_is_qr_up_to_signs_and_falls_back_per_matrix():
     for i in (0, 2):  # the others: Householder's Q with its columns' signs made positive-R
         signs = torch.sign(torch.diagonal(Q_ref[i].mT @ A[i]))
         torch.testing.assert_close(Q[i], Q_ref[i] * signs, rtol=0, atol=1e-12)
+
+
+def test_checkpoint_without_one_sided_resumes_two_sided():
+    """Checkpoints from before ``one_sided`` existed were two-sided: they resume two-sided under
+    today's one-sided default, stepping exactly as the optimizer that saved them."""
+    gen = torch.Generator().manual_seed(4)
+    params = [torch.randn(6, 5, generator=gen, dtype=torch.float64).requires_grad_()]
+    opt = SOAP(params, precondition_frequency=2, one_sided=False)
+    grads = [torch.randn(6, 5, generator=gen, dtype=torch.float64) for _ in range(6)]
+    for g in grads[:3]:
+        params[0].grad = g.clone()
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        for key in ("one_sided", "precondition_dtype", "orthonormalize"):
+            del group[key]
+    clone = [params[0].detach().clone().requires_grad_()]
+    resumed = SOAP(clone, precondition_frequency=2)
+    assert resumed.param_groups[0]["one_sided"]  # today's default
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["one_sided"] is False
+    for g in grads[3:]:
+        params[0].grad, clone[0].grad = g.clone(), g.clone()
+        opt.step()
+        resumed.step()
+    assert torch.equal(params[0], clone[0])

@@ -26,8 +26,8 @@ buffers that ``self.state[p]`` views. ``precondition_dtype`` is the dtype of the
 matmuls (the two rotations and the statistics' outer products; the refresh stays fp32):
 ``auto`` is bf16 on CUDA and the state dtype elsewhere.
 
-``one_sided``: only the smallest preconditioned dim of each tensor (the last on a tie) keeps a
-statistic and a basis; the others are left unrotated (for d12's 3072 x 768 MLP matrices: the
+``one_sided`` (the default; ``False`` is the reference's two-sided SOAP): only the smallest
+preconditioned dim of each tensor (the last on a tie) keeps a statistic and a basis; the others are left unrotated (for d12's 3072 x 768 MLP matrices: the
 768-side only), which removes most of the state and of the refresh.
 
 Tensors of any rank: dim k gets its own statistic (contracting G with itself over every other dim)
@@ -66,6 +66,8 @@ PRECONDITION_DTYPES = {
     "float64": torch.float64,
 }
 ADDED_OPTIONS = ("one_sided", "precondition_dtype", "orthonormalize")  # absent from old checkpoints
+# what a checkpoint without the option was stepped with, where that is not today's default
+LEGACY_OPTIONS = {"one_sided": False}
 
 
 def merged_shape(shape: tuple[int, ...], max_precond_dim: int) -> tuple[int, ...]:
@@ -418,4 +420,4 @@ class SOAP(torch.optim.Optimizer):
         self.stacks = {}
         for group in self.param_groups:
             for key in ADDED_OPTIONS:
-                group.setdefault(key, self.defaults[key])
+                group.setdefault(key, LEGACY_OPTIONS.get(key, self.defaults[key]))
