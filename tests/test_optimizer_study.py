@@ -161,3 +161,16 @@ def test_a_crashed_run_is_run_again_a_diverged_one_is_not(study_module, tmp_path
     study = s.Study(fake_args(tmp_path, max_extend=0))  # the study run again
     assert study.sweep([muon])["muon"] == pytest.approx(muon.default_lr)
     assert sorted(calls) == sorted([muon.default_lr * f for f in (0.5, 1, 1, 2, 4)])
+
+
+def test_fitted_lr_is_the_vertex_in_log_lr_and_none_at_an_edge(study_module):
+    s = study_module
+    best = 0.00071
+    losses = {
+        0.00075 * 2 ** (k / 2): 5.8 + 0.3 * (k / 2 - math.log2(best / 0.00075)) ** 2
+        for k in range(-2, 3)
+    }
+    assert s.fitted_lr(losses) == pytest.approx(best, rel=1e-9)
+    # the minimum at the grid's edge is not bracketed: no vertex
+    assert s.fitted_lr({lr: lr for lr in (1e-4, 2e-4, 4e-4)}) is None
+    assert s.fitted_lr({lr: -lr for lr in (1e-4, 2e-4, 4e-4)}) is None
