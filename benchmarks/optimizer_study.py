@@ -23,15 +23,16 @@ token budget. Two phases:
 
 Writes ``OUT/study.json`` (every run; a rerun skips runs already in it), ``OUT/val_vs_tokens.png``
 and ``OUT/val_vs_time.png`` (the best-lr curves), and ``OUT/table.md``. With ``--compare A.json``
-the best lrs of both studies are printed side by side (the lr transfer across widths: the config
-lr is the d12 one, build_optimizer applies the width rule). Besides the best lr of the grid, the
+the best and fitted lrs of both studies are printed side by side (the lr transfer across sizes:
+the config lr is the d12 one, build_optimizer applies the scaling rules). Besides the best lr of the grid, the
 table gives the ``fitted`` lr: the vertex of a parabola through the val losses of the best lr and
 its two neighbours against log2(lr) (a grid of factor 2 places the best lr within a factor of 2;
 the transfer needs finer). ``--sweep-only`` skips the finals (e.g. to add grid points to a copy of
 a finished study).
 
-AdamW lrs (AdamW's matrix lr, and every side group's) are scaled by (n_embd / 768) ** -0.5 inside
-muongpt, Muon's by its shape factor; the lrs in the table are the config values.
+Inside muongpt AdamW's matrix lr is scaled by (n_embd / 768) ** -1 (n_layer / 12) ** -0.5, the
+side groups' by (n_embd / 768) ** -0.5, Muon's by its shape factor; the lrs in the table are the
+config values.
 """
 
 from __future__ import annotations
@@ -123,6 +124,14 @@ BENCH_D12 = [
     "training.compile=false",
 ]
 
+
+def sweep_preset(model: list[str], optimizers: list[str], notes: str) -> Preset:
+    """An lr-transfer preset: d12's runs on another shape (``model``: its overrides), sweeps only."""
+    return Preset(
+        [*BENCH_D12, *model], optimizers, needs_data=True, finals=False, parallel=2, notes=notes
+    )
+
+
 PRESETS = {
     # CPU, 2 cores: a 2-layer 64-wide GPT on tiny Shakespeare, 60 steps x 1,024 tokens.
     "tiny": Preset(
@@ -153,39 +162,27 @@ PRESETS = {
         notes="one GPU: d12 on the bench pack, 160 steps x 32,768 tokens (5.2M tokens)",
     ),
     # The lr transfer: d24 (GPT-2 medium shape), same tokens, Muon and AdamW sweeps only.
-    "d24": Preset(
-        [*BENCH_D12, "model/size=d24", "training.micro_batch_size=16"],
+    "d24": sweep_preset(
+        ["model/size=d24", "training.micro_batch_size=16"],
         ["muon", "adamw"],
-        needs_data=True,
-        finals=False,
-        parallel=2,
-        notes="one GPU: d24 on the bench pack, 160 steps x 32,768 tokens, sweeps only",
+        "one GPU: d24 on the bench pack, 160 steps x 32,768 tokens, sweeps only",
     ),
     # The AdamW rule checked beyond the sizes it was fitted on: d36 (GPT-2 large shape).
-    "d36": Preset(
-        [*BENCH_D12, "model/size=d36", "training.micro_batch_size=8"],
+    "d36": sweep_preset(
+        ["model/size=d36", "training.micro_batch_size=8"],
         ["adamw"],
-        needs_data=True,
-        finals=False,
-        parallel=2,
-        notes="one GPU: d36 on the bench pack, 160 steps x 32,768 tokens, sweeps only",
+        "one GPU: d36 on the bench pack, 160 steps x 32,768 tokens, sweeps only",
     ),
     # Width and depth apart: d12 at d24's depth (24 layers) and at d24's width (1024), AdamW only.
-    "l24": Preset(
-        [*BENCH_D12, "model.n_layer=24", "training.micro_batch_size=16"],
+    "l24": sweep_preset(
+        ["model.n_layer=24", "training.micro_batch_size=16"],
         ["adamw"],
-        needs_data=True,
-        finals=False,
-        parallel=2,
-        notes="one GPU: d12 at 24 layers (768 wide) on the bench pack, 160 steps x 32,768 tokens",
+        "one GPU: d12 at 24 layers (768 wide) on the bench pack, 160 steps x 32,768 tokens",
     ),
-    "w1024": Preset(
-        [*BENCH_D12, "model.n_embd=1024", "model.n_head=16", "training.micro_batch_size=16"],
+    "w1024": sweep_preset(
+        ["model.n_embd=1024", "model.n_head=16", "training.micro_batch_size=16"],
         ["adamw"],
-        needs_data=True,
-        finals=False,
-        parallel=2,
-        notes="one GPU: d12 at 1024 wide (12 layers) on the bench pack, 160 steps x 32,768 tokens",
+        "one GPU: d12 at 1024 wide (12 layers) on the bench pack, 160 steps x 32,768 tokens",
     ),
 }
 

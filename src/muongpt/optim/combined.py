@@ -6,8 +6,8 @@ The model declares its groups (``model.optimizer_groups()``: ``matrix``, ``embed
 ``head_lr``, ``scalar_lr``, without weight decay. The side groups' AdamW lrs are multiplied by
 (n_embd / 768) ** -0.5; for ``adamw`` the hidden matrices' lr by (n_embd / 768) ** -1 *
 (n_layer / 12) ** -0.5 (muP's 1/width for Adam on hidden matrices, and 1/sqrt(depth): fitted
-against AdamW lr sweeps at d12, at d12 with 24 layers, at d12 1024 wide and at d24, see
-docs/optimizers.md; the side groups' rule keeps the lr where d12 put it under Muon, which
+against AdamW lr sweeps at d12, at d12 with 24 layers, at d12 1024 wide and at d24, checked at
+d36, see docs/optimizers.md; the side groups' rule keeps the lr where d12 put it under Muon, which
 transfers to d24). Each parameter lands in exactly one group
 (checked). AdamW is ``fused`` when every parameter is on CUDA. Each group remembers its
 ``base_lr``; ``apply_schedule(lr_scale, momentum)`` sets lr = base_lr * lr_scale for every group
@@ -228,10 +228,11 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
 
     optimizers: list[torch.optim.Optimizer] = []
     side_lrs = {"embed": cfg.embed_lr, "head": cfg.head_lr, "scalar": cfg.scalar_lr}
+    matrix_scale = adamw_matrix_scale(n_embd, model.config.n_layer)
     if cfg.name == "adamw":
         # The same side groups as the hybrids, so a comparison differs only in the matrix optimizer.
         lrs = {
-            "matrix": cfg.lr * adamw_matrix_scale(n_embd, model.config.n_layer),
+            "matrix": cfg.lr * matrix_scale,
             **{name: lr * adam_scale for name, lr in side_lrs.items()},
         }
         groups = [
@@ -299,8 +300,7 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
         f"optimizer {cfg.name}: the model's groups (n_embd {n_embd}, AdamW lrs x {adam_scale:.3f}"
     )
     if cfg.name == "adamw":
-        scale = adamw_matrix_scale(n_embd, model.config.n_layer)
-        header += f", the hidden matrices' x {scale:.3f}"
+        header += f", the hidden matrices' x {matrix_scale:.3f}"
     header += ")"
     return CombinedOptimizer(optimizers, header=header)
 

@@ -27,8 +27,9 @@ matmuls (the two rotations and the statistics' outer products; the refresh stays
 ``auto`` is bf16 on CUDA and the state dtype elsewhere.
 
 ``one_sided`` (the default; ``False`` is the reference's two-sided SOAP): only the smallest
-preconditioned dim of each tensor (the last on a tie) keeps a statistic and a basis; the others are left unrotated (for d12's 3072 x 768 MLP matrices: the
-768-side only), which removes most of the state and of the refresh.
+preconditioned dim of each tensor (the last on a tie) keeps a statistic and a basis; the others
+are left unrotated (for d12's 3072 x 768 MLP matrices: the 768-side only), which removes most of
+the state and of the refresh.
 
 Tensors of any rank: dim k gets its own statistic (contracting G with itself over every other dim)
 unless its size exceeds ``max_precond_dim``, in which case it is left unrotated. 1-D tensors are
