@@ -23,6 +23,34 @@ import torch
 from muongpt.cli.bench import MFU_FORMULA, compose_config, flops_per_token, peak_flops
 
 
+def evaluate_extended(trainer, cfg, factor: float) -> float:
+    """The trained weights' val loss under ``model.eval_window_factor=factor``: a copy of the
+    model built with that option (same converters, compiled as in training) evaluated in the
+    trainer's place; the trainer's own model is put back afterwards."""
+    from dataclasses import replace
+
+    from omegaconf import OmegaConf
+
+    from muongpt.kernels.converters import KernelsConfig, apply_converters
+    from muongpt.model import build_model
+    from muongpt.train.trainer import compile_model
+
+    model = build_model(replace(trainer.model_config, eval_window_factor=factor))
+    apply_converters(model, KernelsConfig(**OmegaConf.to_container(cfg.kernels)))
+    model.load_state_dict(trainer.model.state_dict())
+    model.to(trainer.device)
+    model.current_window.copy_(trainer.model.current_window)
+    saved = trainer.model, trainer.forward
+    trainer.model = model
+    trainer.forward = (
+        compile_model(model, cfg.training.compile_mode) if cfg.training.compile else model
+    )
+    try:
+        return trainer.evaluate()
+    finally:
+        trainer.model, trainer.forward = saved
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -31,6 +59,12 @@ def main() -> int:
         "--eval-windows",
         default="",
         help="comma-separated flex windows (tokens) to re-evaluate the trained model at",
+    )
+    ap.add_argument(
+        "--eval-factors",
+        default="",
+        help="comma-separated model.eval_window_factor values (YaRN window extension) to "
+        "re-evaluate the trained model at",
     )
     args, overrides = ap.parse_known_args()
     from muongpt.train.trainer import Trainer
@@ -49,6 +83,10 @@ def main() -> int:
             trainer.model.set_attn_window(int(window))
             window_losses[window] = trainer.evaluate()
             print(f"val loss at window {window}: {window_losses[window]:.4f}")
+        factor_losses = {}
+        for factor in filter(None, args.eval_factors.split(",")):
+            factor_losses[factor] = evaluate_extended(trainer, cfg, float(factor))
+            print(f"val loss at eval_window_factor {factor}: {factor_losses[factor]:.4f}")
         trainer.close()
     if "final_val_loss" not in summary:  # stopped early (SIGTERM, e.g. a time limit)
         print(f"INTERRUPTED {args.name or cfg.experiment_name}: {summary}", file=sys.stderr)
@@ -71,6 +109,7 @@ def main() -> int:
         "peak_flops": peak_flops(torch.device("cuda")) if torch.cuda.is_available() else None,
         "val_loss": summary["final_val_loss"],
         "val_loss_at_window": window_losses,
+        "val_loss_at_eval_window_factor": factor_losses,
         "wall_seconds_total": time.perf_counter() - start,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30
         if torch.cuda.is_available()
