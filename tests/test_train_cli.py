@@ -112,6 +112,7 @@ def test_size_override_changes_the_model(size, n_layer, n_embd):
         (["+training.max_step=10"], "unknown key training.max_step (did you mean max_steps"),
         (["training.max_steps=abc"], "training.max_steps must be an int, got 'abc'"),
         (["training.max_steps=0"], "training.max_steps must be >= 1, got 0"),
+        (["training.eval_every=0"], "training.eval_every must be >= 1, got 0"),
         pytest.param(
             ["training.device=cuda"],
             "no CUDA GPU is available",

@@ -67,7 +67,14 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 
 def check_batch_config(t: DictConfig, world_size: int) -> int:
     """Return the number of gradient-accumulation micro-steps, or explain why the batch is impossible."""
-    for name in ("seq_len", "batch_size", "micro_batch_size", "max_steps"):
+    for name in (
+        "seq_len",
+        "batch_size",
+        "micro_batch_size",
+        "max_steps",
+        "log_every",
+        "eval_every",
+    ):
         if t[name] < 1:
             raise MuonGPTError(f"training.{name} must be >= 1, got {t[name]}")
     per_step = t.micro_batch_size * world_size
