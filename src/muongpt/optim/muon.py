@@ -114,10 +114,12 @@ def orthogonal_update(
 
 def apply_update(weights: list[Tensor], update: Tensor, group: dict, scale: float = 1.0) -> None:
     """W <- W - lr * scale * update, after the (cautious) decoupled weight decay; ``update``
-    stacks one matrix per weight (any strides; in its own dtype, e.g. bf16: the add reads it as
-    it is, in the weights' precision, rather than from an fp32 copy)."""
+    stacks one matrix per weight (any strides and dtype). It is copied once into the weights'
+    dtype and layout, so the adds take torch's multi-tensor path (a bf16 update into fp32
+    weights would be one kernel per matrix)."""
     lr, wd = group["lr"], group["weight_decay"]
-    updates = update.contiguous().view(len(weights), *weights[0].shape).unbind(0)
+    update = update.to(weights[0].dtype, memory_format=torch.contiguous_format)
+    updates = update.view(len(weights), *weights[0].shape).unbind(0)
     if wd != 0 and group["cautious_wd"]:  # scale > 0: the signs of update are the step's
         for w, d in zip(weights, updates):
             w.addcmul_(w, (w * d > 0).to(w.dtype), value=-lr * wd)
@@ -260,15 +262,21 @@ class Muon(torch.optim.Optimizer):
         grads = [p.grad.to(bufs[0].dtype) for p in params]
         torch._foreach_lerp_(bufs, grads, 1 - beta)  # m <- beta m + (1 - beta) g
 
-        # the Newton-Schulz input, written once: cast to ns_dtype and oriented wide on the way
+        # The Newton-Schulz input, in ns_dtype and oriented wide. Every write is contiguous: the
+        # tall matrices go to a stack of their own, copied in transposed once (a strided write
+        # per matrix was slower than the rest of the pointwise work).
+        n_wide = talls.count(False)
         wide = wide_view(params[0], talls[0]).shape
         stack = torch.empty(len(params), *wide, dtype=self.ns_dtype, device=params[0].device)
-        slots = stack.unbind(0)
-        if group["nesterov"]:  # u <- (1 - beta) g + beta m, straight into the stack
-            for slot, g, m, t in zip(slots, grads, bufs, talls):
-                torch.lerp(wide_view(g, t), wide_view(m, t), beta, out=slot)
+        tall_stack = torch.empty_like(stack[n_wide:].mT, memory_format=torch.contiguous_format)
+        slots = list(stack[:n_wide].unbind(0)) + list(tall_stack.unbind(0))
+        if group["nesterov"]:  # u <- (1 - beta) g + beta m
+            for slot, g, m in zip(slots, grads, bufs):
+                torch.lerp(g.view(slot.shape), m.view(slot.shape), beta, out=slot)
         else:
-            torch._foreach_copy_(list(slots), [wide_view(m, t) for m, t in zip(bufs, talls)])
+            torch._foreach_copy_(slots, [m.view(s.shape) for m, s in zip(bufs, slots)])
+        if n_wide < len(params):
+            stack[n_wide:].copy_(tall_stack.mT)
         ortho = newton_schulz(
             stack, group["ns_steps"], group["ns_coefficients"], dtype=self.ns_dtype
         )
@@ -278,7 +286,6 @@ class Muon(torch.optim.Optimizer):
             ortho = normalize_neurons(ortho, second_moment, group["normuon_beta2"])
             torch._foreach_copy_(moments, list(second_moment.unbind(0)))
 
-        n_wide = talls.count(False)
         for part, tall in ((slice(0, n_wide), False), (slice(n_wide, None), True)):
             weights = params[part]
             if weights:
