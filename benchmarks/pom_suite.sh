@@ -18,19 +18,20 @@ kernel)
   run python3 benchmarks/pom_decode.py --out "$R/pom_decode.json"
   ;;
 quality)
-  # Equal tokens, the same recipe; PoM layers fused. conv = the position signal's width.
+  # Equal tokens, the same recipe; PoM layers fused. conv = the position signal's width (4 by
+  # default; nconv runs without it).
   COMMON="data=bench $D training.max_steps=${STEPS:-100} training.cooldown_steps=40 training.eval_every=100000 training.eval_tokens=2000000 training.progress_bar=false training.checkpoint_every=0 training.export_safetensors=false training.compile_warmup_steps=3"
   q() { local name=$1; shift; run python3 benchmarks/speedrun.py --name "$name" --out "$R/d12_$name.json" "$@" $COMMON; }
   q attention experiment=transformers_baseline
-  q pom experiment=pomgpt_baseline $FUSED
-  q pom_conv4 experiment=pomgpt_baseline model.mixing.pom_conv=4 $FUSED
-  q hybrid3 experiment=hybrid_baseline $FUSED
-  q hybrid3_conv4 experiment=hybrid_baseline model.mixing.pom_conv=4 $FUSED
-  q hybrid2_conv4 experiment=hybrid_baseline "model.mixing.pattern=[pom,attention]" model.mixing.pom_conv=4 $FUSED
-  q hybrid4_conv4 experiment=hybrid_baseline "model.mixing.pattern=[pom,pom,pom,attention]" model.mixing.pom_conv=4 $FUSED
+  q pom_nconv experiment=pomgpt_baseline model.mixing.pom_conv=0 $FUSED
+  q pom_conv4 experiment=pomgpt_baseline $FUSED
+  q hybrid3_nconv experiment=hybrid_baseline model.mixing.pom_conv=0 $FUSED
+  q hybrid3_conv4 experiment=hybrid_baseline $FUSED
+  q hybrid2_conv4 experiment=hybrid_baseline "model.mixing.pattern=[pom,attention]" $FUSED
+  q hybrid4_conv4 experiment=hybrid_baseline "model.mixing.pattern=[pom,pom,pom,attention]" $FUSED
   # 4 selection heads: a 4x smaller gate matmul (the fast kernel configuration)
-  q pom_conv4_h4 experiment=pomgpt_baseline model.mixing.pom_conv=4 model.mixing.pom_n_sel_heads=4 $FUSED
-  q hybrid3_conv4_h4 experiment=hybrid_baseline model.mixing.pom_conv=4 model.mixing.pom_n_sel_heads=4 $FUSED
+  q pom_conv4_h4 experiment=pomgpt_baseline model.mixing.pom_n_sel_heads=4 $FUSED
+  q hybrid3_conv4_h4 experiment=hybrid_baseline model.mixing.pom_n_sel_heads=4 $FUSED
   ;;
 long)
   # 131,072 tokens per step at every T (16 x 8K, 4 x 32K, 2 x 64K rows); val loss every 25 steps;
@@ -40,8 +41,8 @@ long)
     ROWS=$((131072 / T))
     COMMON="data=bench $D training.seq_len=$T training.batch_size=$ROWS training.micro_batch_size=$ROWS training.max_steps=${STEPS:-150} training.cooldown_steps=60 training.eval_every=25 training.eval_tokens=1048576 training.progress_bar=false training.checkpoint_every=0 training.checkpoint_minutes=0 training.export_safetensors=false training.compile_warmup_steps=3"
     run python3 benchmarks/speedrun.py --name "attention_T$T" --out "$R/attention_T$T.json" experiment=transformers_baseline model.doc_mask=true "kernels.converters=[flex_attention]" $COMMON
-    run python3 benchmarks/speedrun.py --name "pom_T$T" --out "$R/pom_T$T.json" experiment=pomgpt_baseline model.mixing.pom_conv=4 $FUSED $COMMON
-    run python3 benchmarks/speedrun.py --name "hybrid_T$T" --out "$R/hybrid_T$T.json" experiment=hybrid_baseline model.mixing.pom_conv=4 model.doc_mask=true "kernels.converters=[flex_attention,fused_pom]" $COMMON
+    run python3 benchmarks/speedrun.py --name "pom_T$T" --out "$R/pom_T$T.json" experiment=pomgpt_baseline $FUSED $COMMON
+    run python3 benchmarks/speedrun.py --name "hybrid_T$T" --out "$R/hybrid_T$T.json" experiment=hybrid_baseline model.doc_mask=true "kernels.converters=[flex_attention,fused_pom]" $COMMON
   done
   run python3 benchmarks/pom_long_context_plot.py --results "$R" --out "$R/pom_long_context.png"
   ;;

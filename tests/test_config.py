@@ -95,7 +95,8 @@ def test_size_files_are_gpt2_shapes():
     [
         ("tiny", []),
         ("speedrun_bench", ["experiment=speedrun_bench"]),
-        ("hybrid_baseline", ["experiment=hybrid_baseline"]),
+        # 0.1 had no PoM convolution (today's default is 4)
+        ("hybrid_baseline", ["experiment=hybrid_baseline", "model.mixing.pom_conv=0"]),
     ],
 )
 def test_configs_stored_by_version_0_1_upgrade_to_the_same_run(name, overrides):
@@ -111,7 +112,24 @@ def test_configs_stored_by_version_0_1_upgrade_to_the_same_run(name, overrides):
     for phase in ("warmup", "cooldown"):
         steps = round(new["training"][f"{phase}_frac"] * total) or new["training"][f"{phase}_steps"]
         assert old["training"][f"{phase}_steps"] == steps
-    assert upgrade_config(new) is new  # the current layout passes unchanged
+    assert upgrade_config(new) == new  # the current layout passes unchanged
+
+
+def test_stored_configs_without_a_changed_default_keep_the_value_they_trained_with():
+    """pom_conv's default went from 0 to 4: a stored PoM config without the key had no
+    convolution, and must rebuild the model its weights belong to."""
+    new = composed("mixing_layer=pom", "model/size=tiny")
+    assert new["model"]["mixing"]["pom_conv"] == 4
+    stored = json.loads(json.dumps(new))
+    del stored["model"]["mixing"]["pom_conv"]
+    upgraded = upgrade_config(stored)
+    assert upgraded["model"]["mixing"]["pom_conv"] == 0
+    assert model_config(upgraded["model"]) == model_config(
+        composed("mixing_layer=pom", "model/size=tiny", "model.mixing.pom_conv=0")["model"]
+    )
+    assert upgrade_config(new) == new  # a config that names the key keeps it
+    v01 = upgrade_config(V01_CONFIGS["hybrid_baseline"])
+    assert v01["model"]["mixing"]["pom_conv"] == 0
 
 
 def test_removed_options_and_unknown_layouts_are_one_line_errors():

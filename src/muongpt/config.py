@@ -215,7 +215,7 @@ def upgrade_config(stored: dict) -> dict:
     if not isinstance(stored, dict) or not isinstance(stored.get("model"), dict):
         raise MuonGPTError("stored config has no model section: not a muongpt config")
     if "name" in stored["model"]:  # the current layout (format 2, muongpt 0.2)
-        return stored
+        return _with_former_defaults(stored)
     if "gpt" not in stored["model"] or "mixing_layer" not in stored:
         raise MuonGPTError("stored config is of an unknown format (neither muongpt 0.1 nor 0.2)")
     config = {k: v for k, v in stored.items() if k not in ("model", "mixing_layer")}
@@ -233,4 +233,20 @@ def upgrade_config(stored: dict) -> dict:
     training = dict(config.get("training", {}))
     training.pop("mtp_decay", None)
     config["training"] = training
-    return config
+    return _with_former_defaults(config)
+
+
+# PoM options whose default changed: a stored config with PoM layers and without the key was
+# trained with the value here (pom_conv: 0 until 2026-12-04). Without PoM layers they change
+# nothing, and stay absent (a resume lists them, does not refuse them).
+FORMER_MIXING_DEFAULTS = {"pom_conv": 0}
+
+
+def _with_former_defaults(config: dict) -> dict:
+    mixing = config["model"].get("mixing")
+    if not isinstance(mixing, dict) or "pom" not in mixing.get("pattern", []):
+        return config
+    if all(k in mixing for k in FORMER_MIXING_DEFAULTS):
+        return config
+    model = {**config["model"], "mixing": {**FORMER_MIXING_DEFAULTS, **mixing}}
+    return {**config, "model": model}
