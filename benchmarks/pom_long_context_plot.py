@@ -49,7 +49,9 @@ def main() -> None:
         "|---:|---|---:|---:|---:|---:|",
     ]
     for T, by_model in sorted(runs.items()):
-        target = max(r["val_loss"] for r in by_model.values())
+        # the curves' own last points: the JSON rounds them, so the unrounded final val_loss of
+        # the worst run could lie just below its curve and that run would never reach it
+        target = max(r["val_loss_curve"][-1][2] for r in by_model.values())
         for name, r in sorted(by_model.items()):
             t = time_to_loss(r["val_loss_curve"], target)
             lines.append(
