@@ -60,3 +60,21 @@ def test_peak_flops_by_gpu_name_and_the_override(monkeypatch):
     assert bench.peak_flops(torch.device("cpu")) is None
     monkeypatch.setenv("MUONGPT_PEAK_FLOPS", "1.5e14")
     assert bench.peak_flops(cuda) == 1.5e14
+
+
+def test_flops_per_token_counts_each_layers_attention_context():
+    """12 d C_l per attention layer: C_l its window (or the sequence), twice the sequence for a
+    layer with paired heads (2T positions of H/2 heads), nothing for an MLP-only layer."""
+    from muongpt.model import SpeedrunConfig, build_model
+    from muongpt.model.gpt import MixingConfig
+
+    kw = dict(vocab_size=300, n_layer=4, n_head=4, n_embd=32, value_embeds=1, bigram_rows=211)
+    kw.update(backout_after=2, window_pattern=[1.0, 0.5], attn_window=64)
+    kw.update(mixing=MixingConfig(["attention", "attention", "attention", "none"]))
+    model = build_model(SpeedrunConfig(**kw))
+    matmuls = 6.0 * bench.matmul_params(model)
+    # windows 64, 32, 64 (layer 3 has no attention); seq_len 48 caps the long ones
+    assert bench.flops_per_token(model, 48) == matmuls + 12 * 32 * (48 + 32 + 48)
+    paired = build_model(SpeedrunConfig(**kw, paired_head_layers=[0, 1]))
+    # paired: 96 positions, so the 64-token window is the context of layer 0
+    assert bench.flops_per_token(paired, 48) == matmuls + 12 * 32 * (64 + 32 + 48)

@@ -89,12 +89,24 @@ def manual_forward(model: SpeedrunGPT, idx: torch.Tensor) -> torch.Tensor:
                 k[..., still] = shifted
             window = int(model.current_window)
             window = window if fraction == 1.0 else max(int(window * fraction), 1)
-            gap = pos[:, None] - pos[None, :]
-            keep = (gap >= 0) & (gap < window) & (docs[:, :, None] == docs[:, None, :])
+            # paired heads: position n = 2t + j holds head 2p + j of token t, as head p
+            paired = i in c.paired_head_layers
+            at = torch.arange(2 * T) if paired else pos
+            tok = at // 2 if paired else at
+            heads = (2 * torch.arange(H // 2)[None] + (at % 2)[:, None]) if paired else None
+            if paired:
+                q, k, v = (t[:, tok[:, None], heads] for t in (q, k, v))
+            gap = at[:, None] - at[None, :]
+            same_doc = docs[:, tok, None] == docs[:, None, tok]
+            keep = (gap >= 0) & (gap < window) & same_doc
             scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * (c.attn_scale or hd**-0.5)
             att = scores.masked_fill(~keep[:, None], float("-inf")).softmax(-1)
-            y = torch.einsum("bhqk,bkhd->bqhd", att, v).reshape(B, T, c.n_embd)
-            x = x + a.proj(y)
+            y = torch.einsum("bhqk,bkhd->bqhd", att, v)
+            if paired:
+                out = torch.empty(B, T, H, hd)
+                out[:, tok[:, None], heads] = y
+                y = out
+            x = x + a.proj(y.reshape(B, T, c.n_embd))
         x = x + block.mlp(rms_norm(x))
         if i < n:
             skips.append(x)
@@ -111,6 +123,7 @@ def manual_forward(model: SpeedrunGPT, idx: torch.Tensor) -> torch.Tensor:
         dict(attn_window=5, window_pattern=[1.0, 0.5, 0.5]),
         dict(mixing=MixingConfig(pattern=["attention", "none"]), attn_scale=0.3),
         dict(n_layer=6, value_embeds=2, backout_after=4, window_pattern=[0.5, 1.0]),
+        dict(n_head=4, paired_head_layers=[0, 1], attn_window=5, window_pattern=[1.0, 0.5, 0.5]),
     ],
 )
 def test_model_equals_the_written_out_reference(extra):
@@ -124,7 +137,13 @@ def test_model_equals_the_written_out_reference(extra):
 
 
 @pytest.mark.parametrize(
-    "extra", [{}, dict(attn_window=6), dict(mixing=MixingConfig(pattern=["none", "attention"]))]
+    "extra",
+    [
+        {},
+        dict(attn_window=6),
+        dict(mixing=MixingConfig(pattern=["none", "attention"])),
+        dict(n_head=4, paired_head_layers=[0, 3], attn_window=6),
+    ],
 )
 def test_causal_and_chunked_decoding_equals_the_full_forward(extra):
     """Decoding with caches (KV, the last key for the offset, the last token for the bigram)
@@ -267,6 +286,9 @@ def test_config_errors_name_the_key():
         (dict(n_head=4, n_embd=24), "divisible by 4"),
         (dict(attn_scale=-1.0), "attn_scale"),
         (dict(mixing=MixingConfig(pattern=["pom"])), "mixing.pattern"),
+        (dict(paired_head_layers=[4]), "paired_head_layers: 4 is not an attention layer"),
+        (dict(paired_head_layers=[1], mixing=MixingConfig(["attention", "none"])), "layer"),
+        (dict(paired_head_layers=[0], n_head=1), "even model.n_head"),
     ):
         with pytest.raises(MuonGPTError, match=match):
             config(**bad)
@@ -395,13 +417,16 @@ def test_flex_kernel_with_the_block_mask_matches_dense_sdpa_on_cuda(window):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("window_pattern", [[1.0], [1.0, 0.5]])
-def test_compiled_flex_model_on_cuda_matches_dense_sdpa(window_pattern):
+@pytest.mark.parametrize(
+    "window_pattern,paired", [([1.0], []), ([1.0, 0.5], []), ([1.0, 0.5], [1])]
+)
+def test_compiled_flex_model_on_cuda_matches_dense_sdpa(window_pattern, paired):
     """The GPU path end to end: the compiled speed-run model with the flex_attention converter
     (documents, a window changed without recompiling, the key offset traced) gives the loss and
     gradients of the same model on dense-mask SDPA, in training and under no_grad."""
     cfg = dict(vocab_size=512, n_layer=2, n_head=2, n_embd=128, attn_window=512)
     cfg.update(window_pattern=window_pattern, value_embeds=1, backout_after=1)
+    cfg.update(paired_head_layers=paired)  # a paired layer's mask covers 2 x 1024 positions
     flex = speedrun(**cfg)
     flex = apply_converters(flex, KernelsConfig(["flex_attention"])).cuda()
     idx = documents(2, 1024, [(0, 0), (0, 100), (0, 300), (0, 700), (1, 0), (1, 640)]).cuda()

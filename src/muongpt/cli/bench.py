@@ -119,13 +119,16 @@ def matmul_params(model) -> int:
 
 def flops_per_token(model, seq_len: int) -> float:
     """6 N (matmul weights) + 12 D sum_l C_l over the attention layers, C_l the layer's context:
-    seq_len, or its sliding window where shorter (document masking is not subtracted)."""
+    seq_len, or its sliding window where shorter (document masking is not subtracted). A layer
+    with paired heads attends over 2 seq_len positions, each token's heads split between two."""
     c = model.config
+    paired = getattr(c, "paired_heads_of_layer", lambda i: False)
     context = 0  # summed over the attention layers, each with its own window (window_pattern)
     for i in range(c.n_layer):
         if c.mixer_of_layer(i) == "attention":
+            span = 2 * seq_len if paired(i) else seq_len
             window = getattr(c, "attn_window", 0)  # the speed-run model's sliding window
-            context += min(seq_len, c.layer_window(i, window) if window else seq_len)
+            context += min(span, c.layer_window(i, window) if window else span)
     return 6.0 * matmul_params(model) + 12.0 * context * c.n_embd
 
 

@@ -34,8 +34,12 @@ Each part is plain code below, on in every speed-run model:
 - **embedding norm** and a **bf16 residual stream** under bf16 autocast (autocast alone keeps it
   fp32: the embedding output is fp32 and fp32 + bf16 stays fp32).
 
-One part is off by default until a measurement puts it on:
+Two parts are off by default until a measurement puts them on:
 
+- **paired-head attention** (``paired_head_layers``): in those layers heads 2h and 2h+1 form one
+  head over a sequence twice as long, token t's two keys, queries and values at positions 2t and
+  2t + 1, so each query scores both representations of every earlier token in one softmax
+  (modded-nanogpt, January 2026). Masks, windows and the decoding cache count those positions.
 - **window extension for evaluation** (``eval_window_factor`` = s > 1): in eval mode every window
   is s times the training one, each layer's RoPE is stretched past its trained window
   (``Rotary.stretched``, YaRN) and the softmax scale is multiplied by (0.1 ln s + 1)^2.
@@ -76,6 +80,7 @@ class SpeedrunConfig(GPTConfig):
     attn_scale: float = 0.12  # softmax scale; 0 = 1 / sqrt(head_dim)
     sigmoid_cap: list[float] = field(default_factory=lambda: [30.0, 7.5, 0.0])  # A, B, C
     eval_window_factor: float = 1.0  # eval mode: every window times this, RoPE YaRN-stretched
+    paired_head_layers: list[int] = field(default_factory=list)  # layers with head pairs fused
 
     mixers = ("attention", "none")
 
@@ -110,6 +115,16 @@ class SpeedrunConfig(GPTConfig):
                 f"(model.attn_window > 0); got {self.eval_window_factor} with attn_window "
                 f"{self.attn_window}"
             )
+        for i in self.paired_head_layers:
+            if not 0 <= i < self.n_layer or self.mixer_of_layer(i) != "attention":
+                raise MuonGPTError(
+                    f"model.paired_head_layers: {i} is not an attention layer of this model "
+                    f"(layers 0..{self.n_layer - 1}, pattern {list(self.mixing.pattern)})"
+                )
+        if self.paired_head_layers and self.n_head % 2:
+            raise MuonGPTError(
+                f"model.paired_head_layers needs an even model.n_head, got {self.n_head}"
+            )
         if self.bigram_rows < 0 or self.bigram_rows == 1:
             raise MuonGPTError(
                 f"model.bigram_rows must be 0 (none) or >= 2, got {self.bigram_rows}"
@@ -136,6 +151,9 @@ class SpeedrunConfig(GPTConfig):
         """Layer i's share of a ``window``-token window: its fraction, truncated, at least one
         token (the rule ``SpeedrunGPT.masks`` applies to the window tensor)."""
         return max(int(window * self.window_of_layer(i)), 1)
+
+    def paired_heads_of_layer(self, i: int) -> bool:
+        return i in self.paired_head_layers
 
     def key_offset_of_layer(self, i: int) -> bool:
         """The key offset applies to the long-window layers (the largest window fraction)."""
@@ -174,6 +192,18 @@ def bigram_rows(
     return torch.where(no_predecessor, rows - 1, h)
 
 
+def pair_heads(x: Tensor) -> Tensor:
+    """(B, T, H, hd) -> (B, 2T, H/2, hd): head 2h + j of token t at position 2t + j of head h."""
+    B, T, H, hd = x.shape
+    return x.view(B, T, H // 2, 2, hd).transpose(2, 3).reshape(B, 2 * T, H // 2, hd)
+
+
+def unpair_heads(y: Tensor) -> Tensor:
+    """The inverse of ``pair_heads``: (B, 2T, H/2, hd) -> (B, T, H, hd)."""
+    B, T2, H2, hd = y.shape
+    return y.view(B, T2 // 2, 2, H2, hd).transpose(2, 3).reshape(B, T2 // 2, 2 * H2, hd)
+
+
 def offset_keys(k: Tensor, cache: KVCache | None) -> Tensor:
     """Shift the unrotated dims of the keys (B, T, H, hd) one token later: with a half-truncated
     RoPE those are the last quarter of each half, [hd/4, hd/2) and [3hd/4, hd). The first token
@@ -197,6 +227,7 @@ class SpeedrunAttention(CausalSelfAttention):
     def __init__(self, config: SpeedrunConfig, layer: int):
         super().__init__(config.n_embd, config.n_head, config.rope_base, rope_truncate=True)
         self.key_offset = config.key_offset_of_layer(layer)
+        self.paired = config.paired_heads_of_layer(layer)
         self.scale = config.attn_scale or None  # None: 1 / sqrt(head_dim)
         has_ve = config.value_embed_of_layer(layer) is not None
         self.ve_lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if has_ve else None
@@ -218,19 +249,30 @@ class SpeedrunAttention(CausalSelfAttention):
         B, T, D = x.shape
         extended = not self.training and self.eval_rotary is not None
         rotary, scale = (self.eval_rotary, self.eval_scale) if extended else (None, self.scale)
-        q, k = self.query_key(x, cache.pos if cache is not None else 0, rotary)
+        start = 0 if cache is None else cache.pos // (2 if self.paired else 1)  # in tokens
+        q, k = self.query_key(x, start, rotary)
         v = self.v(x)
         if self.ve_lambdas is not None:
             v = self.ve_lambdas[0] * v + self.ve_lambdas[1] * ve.to(v.dtype)
         v = self.heads(v)
         if self.key_offset:
             k = offset_keys(k, cache)
+        if self.paired:  # (B, 2T, H/2, hd)
+            q, k, v = pair_heads(q), pair_heads(k), pair_heads(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if cache is None:
             y = masked_attention(q, k, v, mask, scale)
         else:
             y = cached_attention(q, k, v, cache, window, scale)
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+        y = y.transpose(1, 2)
+        if self.paired:
+            y = unpair_heads(y)
+        return self.proj(y.reshape(B, T, D))
+
+    def new_cache(self, batch_size: int, max_len: int, device, dtype) -> KVCache:
+        if not self.paired:
+            return super().new_cache(batch_size, max_len, device, dtype)
+        return KVCache(batch_size, self.n_head // 2, self.head_dim, 2 * max_len, device, dtype)
 
 
 class SpeedrunBlock(nn.Module):
@@ -304,17 +346,23 @@ class SpeedrunGPT(GPT):
         self.current_window.fill_(tokens or UNBOUNDED_WINDOW)
 
     # ---------------------------------------------------------------- parts
-    def masks(self, idx: Tensor) -> dict[float, object]:
-        """One whole-sequence mask per distinct window fraction: causal, within each document
-        (documents start at ``bos_token``), within the fraction of the current window."""
-        docs = documents(idx, self.config.bos_token)
+    def masks(self, idx: Tensor) -> dict[tuple[float, bool], object]:
+        """One whole-sequence mask per distinct (window fraction, paired heads) of the attention
+        layers: causal, within each document (documents start at ``bos_token``), within the
+        fraction of the current window; over twice the positions where heads are paired."""
+        c = self.config
+        docs = documents(idx, c.bos_token)
         now, masks = self.window_now(), {}
-        for fraction in set(self.config.window_pattern):
+        for key in {self.mask_key(i) for i in range(c.n_layer)}:
+            fraction, paired = key
             window = now
             if fraction != 1.0:  # a short-window layer: a fraction of the current window
                 window = (now * fraction).to(torch.int32).clamp(min=1)
-            masks[fraction] = self.mask_builder(docs, window)
+            masks[key] = self.mask_builder(docs.repeat_interleave(2, 1) if paired else docs, window)
         return masks
+
+    def mask_key(self, i: int) -> tuple[float, bool]:
+        return self.config.window_of_layer(i), self.config.paired_heads_of_layer(i)
 
     def window_now(self) -> Tensor:
         """The current window in tokens (0-dim int32): the training window, times
@@ -366,7 +414,7 @@ class SpeedrunGPT(GPT):
             x = block(
                 x,
                 x0,
-                mask=masks.get(c.window_of_layer(i)),
+                mask=masks.get(self.mask_key(i)),
                 ve=None if v is None else ves[v],
                 cache=None if caches is None else caches[i],
                 window=window and c.layer_window(i, window),
