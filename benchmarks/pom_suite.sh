@@ -15,6 +15,8 @@ case $PART in
 kernel)
   run python3 benchmarks/pom_vs_attention.py --compile --layers pom,pom_fused,attention --out "$R/pom_vs_attention_compiled.json"
   run python3 benchmarks/pom_vs_attention.py --compile --layers pom_fused --n-sel-heads 4 --out "$R/pom_fused_h4_compiled.json"
+  # expansion 1: half the state and half the matmuls (54.8 ns/token of them at expansion 2)
+  run python3 benchmarks/pom_vs_attention.py --compile --layers pom_fused --expand 1 --out "$R/pom_fused_e1_compiled.json"
   run python3 benchmarks/pom_decode.py --out "$R/pom_decode.json"
   ;;
 quality)
@@ -31,6 +33,8 @@ quality)
   q hybrid4_conv4 experiment=hybrid_baseline "model.mixing.pattern=[pom,pom,pom,attention]" $FUSED
   # 4 selection heads: a 4x smaller gate matmul (the fast kernel configuration)
   q pom_conv4_h4 experiment=pomgpt_baseline model.mixing.pom_n_sel_heads=4 $FUSED
+  q pom_conv4_e1 experiment=pomgpt_baseline model.mixing.pom_expand=1 $FUSED
+  q hybrid3_conv4_e1 experiment=hybrid_baseline model.mixing.pom_expand=1 $FUSED
   q hybrid3_conv4_h4 experiment=hybrid_baseline model.mixing.pom_n_sel_heads=4 $FUSED
   ;;
 long)
