@@ -237,6 +237,8 @@ class SpeedrunAttention(CausalSelfAttention):
         self.eval_rotary, self.eval_scale = None, None
         if factor > 1:
             trained = config.layer_window(layer, config.attn_window)
+            if self.paired:  # the window counts two positions per token
+                trained = max(trained // 2, 1)
             self.eval_rotary = self.rotary.stretched(factor, trained)
             temperature = (0.1 * math.log(factor) + 1) ** 2
             self.eval_scale = (self.scale or self.head_dim**-0.5) * temperature
