@@ -44,7 +44,11 @@ def test_interpreter_symmetric_gram_matches_torch(shape, kernel):
     expected = K.symmetric_gram_torch(y.double(), c.double(), alpha=-2.5, beta=0.75)
     out = K.symmetric_gram(y, c, alpha=-2.5, beta=0.75, kernel=kernel)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
-    assert torch.equal(out, out.mT)  # mirrored tiles: exactly symmetric
+    # tiles off the diagonal are stored mirrored: exactly symmetric there (a diagonal tile is one
+    # numpy matmul under the interpreter, symmetric only to rounding; on the GPU it is exact too)
+    tile = torch.arange(shape[1]) // 16  # the interpreter's tile (kernels.newton_schulz._launch)
+    off = tile[:, None] != tile[None, :]
+    assert torch.equal(out[:, off], out.mT[:, off])
     plain = K.symmetric_gram(y.mT.contiguous().mT, kernel=kernel)  # strided input, no C
     torch.testing.assert_close(plain.double(), y.double() @ y.double().mT, rtol=1e-5, atol=1e-5)
 

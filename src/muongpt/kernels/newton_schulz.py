@@ -76,6 +76,7 @@ if triton is not None:
     def _symmetric_gram_kernel(
         y, c, out, M, K, stride_yb, stride_ym, stride_yk, alpha, beta,
         HAS_C: tl.constexpr, EVEN_K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+        K_TILES: tl.constexpr,
     ):  # fmt: skip
         # Program (t, batch): tile (i, j), i <= j, of out[batch] = alpha Y Y^T + beta C, stored at
         # (i, j) and at (j, i). y (B, M, K) any strides; c and out (B, M, M) contiguous.
@@ -91,7 +92,7 @@ if triton is not None:
         a_ptrs = base + ym[:, None] * stride_ym + rk[None, :] * stride_yk
         b_ptrs = base + yn[:, None] * stride_ym + rk[None, :] * stride_yk
         acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
+        for k in range(0, K_TILES):
             if EVEN_K:
                 a_tile = tl.load(a_ptrs)
                 b_tile = tl.load(b_ptrs)
@@ -117,32 +118,35 @@ if triton is not None:
 
     @triton.jit
     def _symmetric_gram_tma_kernel(
-        y_desc, c_desc, out_desc, M, K, batches, alpha, beta,
-        HAS_C: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-        NUM_PROGRAMS: tl.constexpr,
+        y_desc, c_desc, out_desc, M, K, alpha, beta,
+        HAS_C: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr,
+        TILES: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
     ):  # fmt: skip
         # Persistent: program p computes tiles p, p + NUM_PROGRAMS, ... of the upper triangles,
-        # matrix by matrix. Descriptors: y (B * M, K), c and out (B * M, M); M % BLOCK == 0. TMA
-        # zero-fills reads past K.
+        # matrix by matrix (TILES of them in all). Descriptors: y (B * M, K), c and out
+        # (B * M, M); M % BLOCK == 0. TMA zero-fills reads past K. The loop bound is a constant
+        # (Triton's interpreter cannot range from a program id).
         side = M // BLOCK
         per_matrix = side * (side + 1) // 2
-        for tile in tl.range(tl.program_id(0), per_matrix * batches, NUM_PROGRAMS):
-            batch = tile // per_matrix
-            pid_m, pid_n = _upper_tile(tile % per_matrix)
-            row_m = batch * M + pid_m * BLOCK
-            row_n = batch * M + pid_n * BLOCK
-            acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-            for kk in range(tl.cdiv(K, BLOCK_K)):
-                a_tile = y_desc.load([row_m, kk * BLOCK_K])
-                b_tile = y_desc.load([row_n, kk * BLOCK_K])
-                acc = tl.dot(a_tile, tl.trans(b_tile), acc)
-            acc = acc * alpha
-            if HAS_C:
-                acc += beta * c_desc.load([row_m, pid_n * BLOCK]).to(tl.float32)
-            res = acc.to(out_desc.dtype)
-            out_desc.store([row_m, pid_n * BLOCK], res)
-            if pid_m != pid_n:
-                out_desc.store([row_n, pid_m * BLOCK], tl.trans(res))
+        for i in range(0, tl.cdiv(TILES, NUM_PROGRAMS)):
+            tile = tl.program_id(0) + i * NUM_PROGRAMS
+            if tile < TILES:
+                batch = tile // per_matrix
+                pid_m, pid_n = _upper_tile(tile % per_matrix)
+                row_m = batch * M + pid_m * BLOCK
+                row_n = batch * M + pid_n * BLOCK
+                acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+                for kk in range(K_TILES):
+                    a_tile = y_desc.load([row_m, kk * BLOCK_K])
+                    b_tile = y_desc.load([row_n, kk * BLOCK_K])
+                    acc = tl.dot(a_tile, tl.trans(b_tile), acc)
+                acc = acc * alpha
+                if HAS_C:
+                    acc += beta * c_desc.load([row_m, pid_n * BLOCK]).to(tl.float32)
+                res = acc.to(out_desc.dtype)
+                out_desc.store([row_m, pid_n * BLOCK], res)
+                if pid_m != pid_n:
+                    out_desc.store([row_n, pid_m * BLOCK], tl.trans(res))
 
 
 @cache
@@ -207,8 +211,9 @@ def _launch(y, c, out, alpha, beta, launch: tuple, kernel: str) -> Tensor:
             TensorDescriptor.from_tensor(y2, [block, block_k]),
             TensorDescriptor.from_tensor(c2, [block, block]),
             TensorDescriptor.from_tensor(out2, [block, block]),
-            m, k, batch, float(alpha), float(beta),
-            HAS_C=c is not None, BLOCK=block, BLOCK_K=block_k, NUM_PROGRAMS=programs,
+            m, k, float(alpha), float(beta),
+            HAS_C=c is not None, BLOCK=block, BLOCK_K=block_k, K_TILES=triton.cdiv(k, block_k),
+            TILES=batch * (m // block) * (m // block + 1) // 2, NUM_PROGRAMS=programs,
             num_stages=stages, num_warps=warps,
         )  # fmt: skip
         return out
@@ -217,6 +222,7 @@ def _launch(y, c, out, alpha, beta, launch: tuple, kernel: str) -> Tensor:
     _symmetric_gram_kernel[grid](
         y, c if c is not None else out, out, m, k, *y.stride(), float(alpha), float(beta),
         HAS_C=c is not None, EVEN_K=k % block_k == 0, BLOCK=block, BLOCK_K=block_k,
+        K_TILES=triton.cdiv(k, block_k),
         num_stages=stages, num_warps=warps,
     )  # fmt: skip
     return out
