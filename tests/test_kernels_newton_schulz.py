@@ -1,7 +1,7 @@
 """The symmetric Gram kernel of Newton-Schulz (kernels/newton_schulz.py).
 
-Under Triton's interpreter (``TRITON_INTERPRET=1``, by hand; Triton 3.6's interpreter needs
-numpy < 2.4, and its tl.dot mishandles bf16, so it runs fp32) the kernel equals alpha Y Y^T + beta C on edge-sized shapes, exactly
+Under Triton's interpreter (``TRITON_INTERPRET=1``, by hand; its tl.dot mishandles bf16, so it
+runs fp32) the kernel equals alpha Y Y^T + beta C on edge-sized shapes, its mirrored tiles exactly
 symmetric. On a CUDA GPU: the same in bf16 on the d12 shapes, and Newton-Schulz through the kernel
 keeps the orthogonality contract and matches the PyTorch path and the float64 iteration.
 """

@@ -22,8 +22,9 @@ sqrt(fan_out/fan_in)) or 0.2 * sqrt(max(rows, cols)) ("match_adamw": the update'
 AdamW's ~0.2, Moonshot 2025, so AdamW learning rates carry over).
 
 All matrices of one shape, up to a transpose, are stacked in the wide orientation (rows <= cols,
-so a 3072 x 768 fc joins the 768 x 3072 projections) straight into one ``ns_dtype`` buffer and
-orthogonalized in one batched call: the matmuls are the same, but one launch sequence per shape
+so a 3072 x 768 fc joins the 768 x 3072 projections) straight into one ``ns_dtype`` buffer (on
+CUDA by one Triton kernel per orientation that also updates the momentum,
+``kernels/muon_momentum.py``) and orthogonalized in one batched call: the matmuls are the same, but one launch sequence per shape
 instead of one per matrix. The scale is folded into the final add, so the orthogonalized stack is
 read once more, by that add. Parameters with more than two dims are flattened to (shape[0], -1);
 scalars and vectors are refused (route them to AdamW).
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from muongpt.kernels.muon_momentum import momentum_into_stack
 from muongpt.optim.config import (
     MuonConfig,
     OptimizerError,
@@ -260,23 +262,12 @@ class Muon(torch.optim.Optimizer):
                 )
         bufs = [s["momentum_buffer"] for s in states]
         grads = [p.grad.to(bufs[0].dtype) for p in params]
-        torch._foreach_lerp_(bufs, grads, 1 - beta)  # m <- beta m + (1 - beta) g
-
-        # The Newton-Schulz input, in ns_dtype and oriented wide. Every write is contiguous: the
-        # tall matrices go to a stack of their own, copied in transposed once (a strided write
-        # per matrix was slower than the rest of the pointwise work).
+        # m <- beta m + (1 - beta) g, and the Newton-Schulz input u (Nesterov's, or m) written
+        # into one ns_dtype stack in the wide orientation
         n_wide = talls.count(False)
         wide = wide_view(params[0], talls[0]).shape
         stack = torch.empty(len(params), *wide, dtype=self.ns_dtype, device=params[0].device)
-        tall_stack = torch.empty_like(stack[n_wide:].mT, memory_format=torch.contiguous_format)
-        slots = list(stack[:n_wide].unbind(0)) + list(tall_stack.unbind(0))
-        if group["nesterov"]:  # u <- (1 - beta) g + beta m
-            for slot, g, m in zip(slots, grads, bufs):
-                torch.lerp(g.view(slot.shape), m.view(slot.shape), beta, out=slot)
-        else:
-            torch._foreach_copy_(slots, [m.view(s.shape) for m, s in zip(bufs, slots)])
-        if n_wide < len(params):
-            stack[n_wide:].copy_(tall_stack.mT)
+        momentum_into_stack(grads, bufs, stack, n_wide, beta, group["nesterov"])
         ortho = newton_schulz(
             stack, group["ns_steps"], group["ns_coefficients"], dtype=self.ns_dtype
         )
