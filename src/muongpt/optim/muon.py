@@ -24,7 +24,7 @@ AdamW's ~0.2, Moonshot 2025, so AdamW learning rates carry over).
 All matrices of one shape, up to a transpose, are stacked in the wide orientation (rows <= cols,
 so a 3072 x 768 fc joins the 768 x 3072 projections) straight into one ``ns_dtype`` buffer (on
 CUDA by one Triton kernel per orientation that also updates the momentum,
-``kernels/muon_momentum.py``) and orthogonalized in one batched call: the matmuls are the same, but one launch sequence per shape
+``kernels/muon_pointwise.py``) and orthogonalized in one batched call: the matmuls are the same, but one launch sequence per shape
 instead of one per matrix. The scale is folded into the final add, so the orthogonalized stack is
 read once more, by that add. Parameters with more than two dims are flattened to (shape[0], -1);
 scalars and vectors are refused (route them to AdamW).
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from muongpt.kernels.muon_momentum import momentum_into_stack
+from muongpt.kernels.muon_pointwise import apply_stack, apply_stack_torch, momentum_into_stack
 from muongpt.optim.config import (
     MuonConfig,
     OptimizerError,
@@ -116,18 +116,9 @@ def orthogonal_update(
 
 def apply_update(weights: list[Tensor], update: Tensor, group: dict, scale: float = 1.0) -> None:
     """W <- W - lr * scale * update, after the (cautious) decoupled weight decay; ``update``
-    stacks one matrix per weight (any strides and dtype). It is copied once into the weights'
-    dtype and layout, so the adds take torch's multi-tensor path (a bf16 update into fp32
-    weights would be one kernel per matrix)."""
+    stacks one matrix per weight (any strides and dtype)."""
     lr, wd = group["lr"], group["weight_decay"]
-    update = update.to(weights[0].dtype, memory_format=torch.contiguous_format)
-    updates = update.view(len(weights), *weights[0].shape).unbind(0)
-    if wd != 0 and group["cautious_wd"]:  # scale > 0: the signs of update are the step's
-        for w, d in zip(weights, updates):
-            w.addcmul_(w, (w * d > 0).to(w.dtype), value=-lr * wd)
-    elif wd != 0:
-        torch._foreach_mul_(weights, 1 - lr * wd)
-    torch._foreach_add_(weights, updates, alpha=-lr * scale)
+    apply_stack_torch(weights, update, False, lr, wd, group["cautious_wd"], scale)
 
 
 def state_dtype(param: Tensor) -> torch.dtype:
@@ -281,8 +272,8 @@ class Muon(torch.optim.Optimizer):
             weights = params[part]
             if weights:
                 scale = update_scale(*as_matrix_shape(weights[0].shape), group["scale_mode"])
-                update = ortho[part].mT if tall else ortho[part]
-                apply_update(weights, update, group, scale)
+                lr, wd, cautious = group["lr"], group["weight_decay"], group["cautious_wd"]
+                apply_stack(weights, ortho[part], tall, lr, wd, cautious, scale)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

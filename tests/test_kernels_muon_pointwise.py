@@ -1,4 +1,4 @@
-"""Muon's momentum/Nesterov kernel (kernels/muon_momentum.py) against its PyTorch form.
+"""Muon's momentum/Nesterov kernel (kernels/muon_pointwise.py) against its PyTorch form.
 
 Under Triton's interpreter (``TRITON_INTERPRET=1``, by hand) on CPU tensors, and on a CUDA GPU at
 d12's shapes: the momentum buffers and the stack of updates (wide, the tall matrices transposed)
@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from muongpt.kernels import muon_momentum as K
+from muongpt.kernels import muon_pointwise as K
 from muongpt.optim import Muon
 
 needs_interpreter = pytest.mark.skipif(
@@ -54,9 +54,30 @@ def test_interpreted_kernel_equals_the_pytorch_form(shapes, n_wide, nesterov):
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)  # every slot written
 
 
+def run_apply(shape, n, tall, wd, cautious, device, dtype):
+    g = torch.Generator(device=device).manual_seed(1)
+    natural = (shape[1], shape[0]) if tall else shape
+    weights = [torch.randn(natural, generator=g, device=device) for _ in range(n)]
+    update = torch.randn(n, *shape, generator=g, device=device).to(dtype)
+    ref = [w.clone() for w in weights]
+    K.apply_stack_torch(ref, update, tall, 0.1, wd, cautious, 1.5)
+    assert K.kernel_usable(update, weights, [])
+    K.apply_stack(weights, update, tall, 0.1, wd, cautious, 1.5)
+    return weights, ref
+
+
 @needs_interpreter
-@pytest.mark.parametrize("normuon", [False, True])
-def test_interpreted_muon_step_equals_the_pytorch_path(monkeypatch, normuon):
+@pytest.mark.parametrize("wd,cautious", [(0.0, False), (0.3, False), (0.3, True)])
+@pytest.mark.parametrize("tall", [False, True])
+def test_interpreted_apply_kernel_equals_the_pytorch_form(tall, wd, cautious):
+    weights, ref = run_apply((20, 36), 3, tall, wd, cautious, "cpu", torch.float32)
+    for w, r in zip(weights, ref):
+        torch.testing.assert_close(w, r, rtol=1e-6, atol=1e-6)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("normuon,wd,cautious", [(False, 0.0, False), (True, 0.1, True)])
+def test_interpreted_muon_step_equals_the_pytorch_path(monkeypatch, normuon, wd, cautious):
     shapes = [(24, 40), (40, 24), (24, 40), (16, 16)]
     steps = []
     for use_kernel in (True, False):
@@ -64,7 +85,8 @@ def test_interpreted_muon_step_equals_the_pytorch_path(monkeypatch, normuon):
             monkeypatch.setattr(K, "kernel_usable", lambda *a: False)
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-        opt = Muon(params, lr=0.02, normuon=normuon, ns_dtype=torch.float32)
+        opt = Muon(params, lr=0.02, normuon=normuon, weight_decay=wd, cautious_wd=cautious,
+                   ns_dtype=torch.float32)  # fmt: skip
         for step in range(2):
             gen = torch.Generator().manual_seed(step)
             for p in params:
@@ -85,3 +107,11 @@ def test_cuda_kernel_equals_the_pytorch_form_on_d12_shapes(nesterov):
     # one bf16 rounding of values that agree to fp32 rounding
     torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2, atol=1e-2)
     assert (got != ref).float().mean() < 1e-3
+
+
+@needs_gpu
+@pytest.mark.parametrize("tall,cautious", [(False, False), (True, True)])
+def test_cuda_apply_kernel_equals_the_pytorch_form_on_d12_shapes(tall, cautious):
+    weights, ref = run_apply((768, 3072), 3, tall, 0.1, cautious, "cuda", torch.bfloat16)
+    for w, r in zip(weights, ref):
+        torch.testing.assert_close(w, r, rtol=1e-6, atol=1e-6)

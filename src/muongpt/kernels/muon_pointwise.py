@@ -1,22 +1,27 @@
-"""Muon's momentum and Nesterov step for a stack of matrices, in one Triton kernel (CUDA).
+"""Muon's pointwise work around the stack of matrices, in Triton kernels (CUDA).
 
-For each matrix with gradient g and momentum buffer m (fp32, the matrix's own layout):
+Before Newton-Schulz, for each matrix with gradient g and momentum buffer m (fp32, the matrix's
+own layout):
 
     m <- m + (1 - beta) (g - m)                       # beta m + (1 - beta) g, in place
     u  = g + beta (m - g)   (Nesterov)   or   u = m
     stack[i] = u in the stack's dtype, wide: (rows, cols) with rows <= cols, a tall matrix
                transposed on the way
 
-PyTorch does this as one multi-tensor lerp plus one lerp per matrix, about 80 launches for d12's
-72 matrices, and the tall ones take one more, transposing, copy. Here one launch covers
-every matrix of one orientation: the matrices' addresses come from a table of pointers, each
-program reads a tile of g and m once, writes m back and the tile of u (a tall matrix's tile is
-read in its own layout and transposed in registers). 14 bytes move per fp32 weight instead of 22.
+and after it, for each fp32 weight W and its orthogonalized update O (the stack, wide):
 
-``momentum_into_stack`` runs the kernel on CUDA (or on CPU tensors under ``TRITON_INTERPRET=1``,
-for tests) and the same math in PyTorch elsewhere, or where the kernel fails to build (warned
-once).
-"""
+    W <- W - lr wd W [W O > 0 where the decay is cautious] - lr scale O   (O transposed back)
+
+PyTorch does the first as one multi-tensor lerp plus one lerp per matrix, about 80 launches for
+d12's 72 matrices, the tall ones with one more, transposing, copy; the second as a cast of the
+stack to fp32 and multi-tensor adds. Here each is one launch per orientation: the matrices'
+addresses come from a table of pointers, each program handles one tile of one matrix, reads
+every input once and writes every output once (a tall matrix's tile is transposed in registers).
+Before: 14 bytes per fp32 weight instead of 22; after: 10 instead of 18.
+
+``momentum_into_stack`` and ``apply_stack`` run the kernels on CUDA (or on CPU tensors under
+``TRITON_INTERPRET=1``, for tests) and the same math in PyTorch elsewhere, or where a kernel fails
+to build (warned once)."""
 
 from __future__ import annotations
 
@@ -33,7 +38,8 @@ FAILED: list[str] = []  # why the kernel could not run here (then PyTorch comput
 
 
 def kernel_usable(stack: Tensor, grads: list[Tensor], bufs: list[Tensor]) -> bool:
-    """Triton present; CUDA tensors (or CPU under the interpreter); fp32 contiguous g and m."""
+    """Triton present; CUDA tensors (or CPU under the interpreter); fp32 contiguous ``grads``
+    and ``bufs`` (or weights)."""
     if triton is None or FAILED:
         return False
     if not (stack.is_cuda or (interpreting() and stack.device.type == "cpu")):
@@ -128,7 +134,7 @@ def momentum_into_stack(
                 if not stack.is_cuda:
                     raise
                 FAILED.append(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
-                message = f"Muon momentum kernel failed ({FAILED[0]}); using PyTorch"
+                message = f"Muon pointwise kernel failed ({FAILED[0]}); using PyTorch"
                 warnings.warn(message, stacklevel=2)
         # a launch that failed changed nothing, so this part is computed whole here
         _part_torch(grads[first:last], bufs[first:last], stack[first:last], beta, nesterov, tall)
@@ -142,3 +148,78 @@ def _launch(grads, bufs, stack: Tensor, first: int, beta, nesterov: bool, tall: 
         _pointer_table(grads, stack.device), _pointer_table(bufs, stack.device), stack, first,
         R, C, float(beta), TALL=tall, NESTEROV=nesterov, BLOCK=block,
     )  # fmt: skip
+
+
+def apply_stack_torch(
+    weights: list[Tensor], update: Tensor, tall: bool, lr: float, wd: float, cautious: bool,
+    scale: float,
+) -> None:  # fmt: skip
+    """The PyTorch form of ``apply_stack`` (its reference). The update is copied once into the
+    weights' dtype and layout, so the adds take torch's multi-tensor path (a bf16 update into
+    fp32 weights would be one kernel per matrix)."""
+    update = update.mT if tall else update
+    update = update.to(weights[0].dtype, memory_format=torch.contiguous_format)
+    updates = update.view(len(weights), *weights[0].shape).unbind(0)
+    if wd != 0 and cautious:  # scale > 0: the signs of update are the step's
+        for w, d in zip(weights, updates):
+            w.addcmul_(w, (w * d > 0).to(w.dtype), value=-lr * wd)
+    elif wd != 0:
+        torch._foreach_mul_(weights, 1 - lr * wd)
+    torch._foreach_add_(weights, updates, alpha=-lr * scale)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _apply_kernel(
+        w_table, update, R, C, lr_wd, lr_scale,
+        TALL: tl.constexpr, CAUTIOUS: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # Program (matrix i, row tile, column tile) of update[i], (R, C) wide; weight i is (R, C)
+        # row-major, or (C, R) where TALL (its tile transposed from the update's).
+        i = tl.program_id(0)
+        w = tl.load(w_table + i).to(tl.pointer_type(tl.float32))
+        r = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        c = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+        inside = (r[:, None] < R) & (c[None, :] < C)
+        o = update + i.to(tl.int64) * R * C + r[:, None].to(tl.int64) * C + c[None, :]
+        d = tl.load(o, mask=inside, other=0.0).to(tl.float32)
+        if TALL:
+            d = tl.trans(d)
+            dst = c[:, None].to(tl.int64) * R + r[None, :]
+            inside = (c[:, None] < C) & (r[None, :] < R)
+        else:
+            dst = r[:, None].to(tl.int64) * C + c[None, :]
+        x = tl.load(w + dst, mask=inside, other=0.0)
+        if CAUTIOUS:  # noqa: SIM108 (a constexpr branch: Triton compiles one side)
+            x = x - lr_wd * tl.where(x * d > 0, x, 0.0)
+        else:
+            x = x - lr_wd * x
+        tl.store(w + dst, x - lr_scale * d, mask=inside)
+
+
+def apply_stack(
+    weights: list[Tensor], update: Tensor, tall: bool, lr: float, wd: float, cautious: bool,
+    scale: float,
+) -> None:  # fmt: skip
+    """W <- W - lr wd W (only where W and the update agree in sign if ``cautious``) - lr scale U
+    for each weight and its matrix U of ``update`` (n, rows, cols), rows <= cols; ``tall``:
+    the weights are (cols, rows), U transposed."""
+    if kernel_usable(update, weights, []) and not FAILED:
+        try:
+            _, R, C = update.shape
+            block = 16 if interpreting() else BLOCK
+            grid = (len(weights), triton.cdiv(R, block), triton.cdiv(C, block))
+            _apply_kernel[grid](
+                _pointer_table(weights, update.device), update.contiguous(), R, C,
+                float(lr * wd), float(lr * scale), TALL=tall, CAUTIOUS=cautious, BLOCK=block,
+            )  # fmt: skip
+            return
+        except Exception as e:  # as in momentum_into_stack
+            if not update.is_cuda:
+                raise
+            FAILED.append(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+            warnings.warn(
+                f"Muon pointwise kernel failed ({FAILED[0]}); using PyTorch", stacklevel=2
+            )
+    apply_stack_torch(weights, update, tall, lr, wd, cautious, scale)
