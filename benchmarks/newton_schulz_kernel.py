@@ -8,8 +8,10 @@ The products of one Newton-Schulz step on the d12 hidden matrices in the wide or
 - gram: A = X X^T, the kernel (one triangle of tiles; "pointer" and "tma") for each launch shape
   of ``CONFIGS``, and torch.bmm (cuBLAS, the whole product);
 - poly: B = b A + c A A^T, the kernel against torch.baddbmm;
+- times: a X + B X, torch.baddbmm (which copies X into its output first) against the Triton
+  product (``PRODUCT = "triton"``) for each launch shape of ``PRODUCT_CONFIGS``;
 - ns: a whole 5-step Polar Express newton_schulz of each stack, through each kernel (default
-  launch shape) and through bmm / baddbmm.
+  launch shape) with either last product, and through bmm / baddbmm.
 
 TFLOP/s counts the full product's 2 m^2 k flops for both (so the kernel can pass the GEMM's peak).
 Every kernel output is checked against the fp32 product. CUDA events, median of --iters after
@@ -40,6 +42,14 @@ CONFIGS = [
     (128, 32, 5, 8),
     (64, 64, 4, 4),
     (64, 128, 3, 4),
+]
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) of the a X + B X kernel
+PRODUCT_CONFIGS = [
+    (128, 128, 64, 4, 8),
+    (128, 128, 64, 3, 8),
+    (128, 256, 64, 3, 8),
+    (128, 64, 64, 4, 4),
 ]
 
 
@@ -86,12 +96,28 @@ def main() -> None:
                     continue
                 add("gram", name, label, time_ms(gram, args), gram_flops, err[0])
                 add("poly", name, label, time_ms(poly, args), poly_flops, err[1])
+        times_flops = 2 * b * m * m * k
+        ref_times = torch.baddbmm(x.float(), a.float(), x.float(), beta=2.5)
+        times = partial(torch.baddbmm, x, a, x, beta=2.5)
+        add("times", name, "torch.baddbmm", time_ms(times, args), times_flops)
+        default_launch = K.PRODUCT_LAUNCH
+        for cfg in PRODUCT_CONFIGS:
+            K.PRODUCT_LAUNCH = cfg
+            label = "triton {}x{}x{} s{} w{}".format(*cfg)
+            times = partial(K.poly_times, a, x, 2.5, product="triton")
+            err = rel_err(times(), ref_times)
+            if "poly_times" in K.FAILED:
+                print(f"{name} {label}: {K.FAILED.pop('poly_times')}")
+                continue
+            add("times", name, label, time_ms(times, args), times_flops, err)
+        K.PRODUCT_LAUNCH = default_launch
         ns_flops = 5 * (gram_flops + poly_flops + 2 * b * m * m * k)
         ns = partial(newton_schulz, x, 5, "polar_express")
         for kernel in K.KERNELS:
-            K.KERNEL, default = kernel, K.KERNEL
-            add("ns", name, f"{kernel} kernel", time_ms(ns, args), ns_flops)
-            K.KERNEL = default
+            for product in K.PRODUCTS:
+                (K.KERNEL, K.PRODUCT), default = (kernel, product), (K.KERNEL, K.PRODUCT)
+                add("ns", name, f"{kernel} kernel, {product}", time_ms(ns, args), ns_flops)
+                K.KERNEL, K.PRODUCT = default
         usable = NS.kernel_usable
         NS.kernel_usable = lambda t: False
         add("ns", name, "bmm", time_ms(ns, args), ns_flops)

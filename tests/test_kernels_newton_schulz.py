@@ -69,9 +69,36 @@ def test_cuda_symmetric_gram_bf16(shape, kernel):
     assert rel_err(gram, y.double() @ y.double().mT) < 1e-2
 
 
+@needs_interpreter
+@pytest.mark.parametrize("shape", [(2, 24, 40), (3, 17, 17), (1, 40, 24)])
+def test_interpreter_poly_times_matches_baddbmm(shape):
+    """The Triton a X + B X (partial tiles in every dimension) equals cuBLAS's form in fp32."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=g)
+    b = torch.randn(shape[0], shape[1], shape[1], generator=g)
+    out = K.poly_times(b, x, 2.5, product="triton")
+    assert "poly_times" not in K.FAILED
+    expected = 2.5 * x.double() + b.double() @ x.double()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 @needs_gpu
+@pytest.mark.parametrize("shape", [(8, 768, 768), (4, 768, 3072)])
+def test_cuda_poly_times_bf16(shape):
+    g = torch.Generator("cuda").manual_seed(5)
+    x = torch.randn(*shape, device="cuda", generator=g).bfloat16()
+    b = (torch.randn(shape[0], shape[1], shape[1], device="cuda", generator=g) / 30).bfloat16()
+    out = K.poly_times(b, x, 2.5, product="triton")
+    assert "poly_times" not in K.FAILED, K.FAILED
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, 2.5 * x.double() + b.double() @ x.double()) < 1e-2
+
+
+@needs_gpu
+@pytest.mark.parametrize("product", K.PRODUCTS)
 @pytest.mark.parametrize("shape", [(768, 3072), (3072, 768), (768, 768)])
-def test_cuda_newton_schulz_through_the_kernel(shape, monkeypatch):
+def test_cuda_newton_schulz_through_the_kernel(shape, product, monkeypatch):
+    monkeypatch.setattr(K, "PRODUCT", product)
     G = torch.randn(4, *shape, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     fast = newton_schulz(G, coefficients="polar_express")
     assert not K.FAILED, K.FAILED

@@ -16,6 +16,11 @@ GEMM's need not be bit-for-bit.
 
 ``symmetric_gram`` runs the kernel on CUDA (or under ``TRITON_INTERPRET=1`` on CPU tensors, for
 tests) and the same math in PyTorch elsewhere; ``kernel_usable`` says whether the kernel runs.
+
+``poly_times`` is the step's last product, a X + B X. cuBLAS's ``baddbmm`` (``PRODUCT =
+"cublas"``, the default) first copies X into its output, a whole pass over the stack per step;
+``PRODUCT = "triton"`` is a batched GEMM that reads a X in its epilogue instead. Which is faster
+on a GPU has not been measured yet (``benchmarks/newton_schulz_kernel.py`` times both).
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 KERNEL = "pointer"
 KERNELS = ("pointer", "tma")
 FAILED: dict[str, str] = {}  # kernel -> why it could not run here (then PyTorch computes it)
+PRODUCT = "cublas"  # a X + B X: "cublas" (torch.baddbmm) or "triton" (_poly_times_kernel)
+PRODUCTS = ("cublas", "triton")
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) of _poly_times_kernel
+PRODUCT_LAUNCH = (128, 128, 64, 4, 8)
 
 
 def interpreting() -> bool:
@@ -147,6 +156,65 @@ if triton is not None:
                 out_desc.store([row_m, pid_n * BLOCK], res)
                 if pid_m != pid_n:
                     out_desc.store([row_n, pid_m * BLOCK], tl.trans(res))
+
+    @triton.jit
+    def _poly_times_kernel(
+        b, x, out, M, N, a, K_TILES: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        # Program (tile, batch): a tile of out[batch] = B X + a X, B (M, M), X and out (M, N),
+        # all contiguous; fp32 accumulation, a X added in the epilogue, one rounding.
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        pid_m = tl.program_id(0) // tiles_n
+        pid_n = tl.program_id(0) % tiles_n
+        batch = tl.program_id(1).to(tl.int64)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        bm = (rm % M).to(tl.int64)  # rows past the edge wrap: in bounds, masked at the store
+        xn = (rn % N).to(tl.int64)
+        b_ptrs = b + batch * M * M + bm[:, None] * M + rk[None, :]
+        x_ptrs = x + batch * M * N + rk[:, None].to(tl.int64) * N + xn[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K_TILES):
+            k_in = rk < M - k * BLOCK_K
+            b_tile = tl.load(b_ptrs, mask=k_in[None, :], other=0.0)
+            x_tile = tl.load(x_ptrs, mask=k_in[:, None], other=0.0)
+            acc = tl.dot(b_tile, x_tile, acc)
+            b_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K * N
+        offs = batch * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
+        inside = (rm[:, None] < M) & (rn[None, :] < N)
+        acc += a * tl.load(x + offs, mask=inside, other=0.0).to(tl.float32)
+        tl.store(out + offs, acc.to(out.dtype.element_ty), mask=inside)
+
+
+def poly_times(b: Tensor, x: Tensor, a: float, product: str | None = None) -> Tensor:
+    """a X + B X for a batch of B (b, m, m) and X (b, m, n): ``PRODUCT``'s way (``product``
+    overrides it), PyTorch's where the Triton kernel cannot run."""
+    product = product or PRODUCT
+    if product == "cublas" or not kernel_usable(x) or "poly_times" in FAILED:
+        return torch.baddbmm(x, b, x, beta=a, alpha=1.0)
+    b, x = b.contiguous(), x.contiguous()
+    batch, m, n = x.shape
+    out = torch.empty_like(x)
+    bm, bn, bk, stages, warps = PRODUCT_LAUNCH
+    if interpreting():
+        bm, bn, bk = 16, 16, 16
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), batch)
+    try:
+        _poly_times_kernel[grid](
+            b, x, out, m, n, float(a), K_TILES=triton.cdiv(m, bk),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=warps,
+        )  # fmt: skip
+    except Exception as e:  # as in symmetric_gram: warn once, use PyTorch
+        if not x.is_cuda:
+            raise
+        FAILED["poly_times"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        message = f"poly_times kernel failed ({FAILED['poly_times']}); using baddbmm"
+        warnings.warn(message, stacklevel=2)
+        return torch.baddbmm(x, b, x, beta=a, alpha=1.0)
+    return out
 
 
 @cache

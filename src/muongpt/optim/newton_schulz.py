@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from muongpt.kernels.newton_schulz import kernel_usable, symmetric_gram
+from muongpt.kernels.newton_schulz import kernel_usable, poly_times, symmetric_gram
 from muongpt.optim.config import OptimizerError
 
 CLASSIC_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -85,7 +85,7 @@ def newton_schulz(
         else:
             A = X @ X.mT
             B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)  # a X + B X
+        X = poly_times(B, X, a) if triangle else torch.baddbmm(X, B, X, beta=a, alpha=1.0)
     if tall:
         X = X.mT
     return X.reshape(*batch_shape, G.size(-2), G.size(-1)).to(G.dtype)
