@@ -9,7 +9,9 @@ with q, k, v, proj 768x768 (the model keeps q, k, v separate), mlp fc 3072x768 a
 
 - muongpt Muon (polar_express, and classic) over the 72 block matrices; on CUDA also polar_express
   with the Newton-Schulz Gram products as plain cuBLAS bmm instead of the symmetric Triton kernel
-  (``kernels/newton_schulz.py``), to show what the kernel itself buys, and with its TMA variant
+  (``kernels/newton_schulz.py``), to show what the kernel itself buys, with its TMA variant, and
+  with the pointwise Triton kernels (``kernels/muon_pointwise.py``), alone and with the Triton
+  a X + B X (``PRODUCT = "triton"``)
 - muongpt NorMuon over the speed-run set (``experiment=speedrun_bench``: layer 7 is MLP-only, so
   44 attention matrices + 24 MLP ones, and NorMuon on)
 - torch.optim.Muon (torch >= 2.9; it loops over the matrices one by one) over the same matrices
@@ -115,6 +117,9 @@ def time_steps(step, device: torch.device, warmup: int, steps: int) -> list[floa
 KERNEL_USABLE = getattr(ns_module, "kernel_usable", None)  # None: a version without the kernel
 GRAM = sys.modules.get("muongpt.kernels.newton_schulz")
 GRAM_KERNEL = getattr(GRAM, "KERNEL", None)
+GRAM_PRODUCT = getattr(GRAM, "PRODUCT", None)  # None: a version without the Triton a X + B X
+POINTWISE = sys.modules.get("muongpt.kernels.muon_pointwise")  # None: a version without them
+POINTWISE_ON = getattr(POINTWISE, "ON_CUDA", None)
 
 
 def without_gram_kernel(make):
@@ -137,11 +142,28 @@ def with_gram_kernel(kernel: str, make):
     return patched
 
 
+def with_triton_kernels(product: bool, make):
+    """``make``, with Muon's pointwise kernels on CUDA, and the Triton a X + B X if
+    ``product``, while it runs."""
+
+    def patched():
+        POINTWISE.ON_CUDA = True
+        if product:
+            GRAM.PRODUCT = "triton"
+        return make()
+
+    return patched
+
+
 def restore_gram_kernel() -> None:
     """Undo an entry's patch."""
     if KERNEL_USABLE is not None:
         ns_module.kernel_usable = KERNEL_USABLE
         GRAM.KERNEL = GRAM_KERNEL
+    if GRAM_PRODUCT is not None:
+        GRAM.PRODUCT = GRAM_PRODUCT
+    if POINTWISE_ON is not None:
+        POINTWISE.ON_CUDA = POINTWISE_ON
 
 
 def run_entry(name, make, params, device, args) -> dict:
@@ -218,6 +240,13 @@ def main() -> None:
             ("muongpt Muon pe, tma Gram", with_gram_kernel("tma", lambda: Muon(matrices, lr=0.05)),
              matrices)
         )  # fmt: skip
+    if device.type == "cuda" and POINTWISE_ON is not None:
+        entries += [
+            ("muongpt Muon pe, pointwise kernels",
+             with_triton_kernels(False, lambda: Muon(matrices, lr=0.05)), matrices),
+            ("muongpt Muon pe, pointwise kernels + triton aX+BX",
+             with_triton_kernels(True, lambda: Muon(matrices, lr=0.05)), matrices),
+        ]  # fmt: skip
     entries.append(
         (
             "muongpt NorMuon speedrun set",
@@ -225,6 +254,12 @@ def main() -> None:
             speedrun_matrices,
         )
     )
+    if device.type == "cuda" and POINTWISE_ON is not None:
+        entries.append(
+            ("muongpt NorMuon speedrun set, pointwise kernels",
+             with_triton_kernels(False, lambda: Muon(speedrun_matrices, lr=0.05, normuon=True)),
+             speedrun_matrices)
+        )  # fmt: skip
     if hasattr(torch.optim, "Muon"):
         entries.append(
             (
