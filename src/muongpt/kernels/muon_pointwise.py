@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from muongpt.kernels.newton_schulz import interpreting
-from muongpt.kernels.triton_support import tl, triton
+from muongpt.kernels.triton_support import failure_reason, tl, triton
 
 BLOCK = 64  # a 64 x 64 tile per program (fp32 in, the transposed store stays in registers)
 FAILED: list[str] = []  # why the kernel could not run here (then PyTorch computes it)
@@ -130,27 +130,37 @@ def momentum_into_stack(
     for first, last, tall in ((0, n_wide, False), (n_wide, len(grads), True)):
         if first == last:
             continue
-        if use_kernel and not FAILED:
+        if use_kernel and not FAILED:  # (a failure in the first part turns the second off)
             try:
                 _launch(grads[first:last], bufs[first:last], stack, first, beta, nesterov, tall)
                 continue
-            except Exception as e:  # a GPU or Triton that cannot build it: warn once, PyTorch
-                if not stack.is_cuda:
-                    raise
-                FAILED.append(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
-                message = f"Muon pointwise kernel failed ({FAILED[0]}); using PyTorch"
-                warnings.warn(message, stacklevel=2)
+            except Exception as e:
+                _fall_back(e, stack)
         # a launch that failed changed nothing, so this part is computed whole here
         _part_torch(grads[first:last], bufs[first:last], stack[first:last], beta, nesterov, tall)
 
 
-def _launch(grads, bufs, stack: Tensor, first: int, beta, nesterov: bool, tall: bool) -> None:
+def _fall_back(error: Exception, stack: Tensor) -> None:
+    """A kernel that cannot build on this GPU or Triton: record why, warn once; the caller then
+    runs PyTorch. Elsewhere (the interpreter, in tests) the error is raised."""
+    if not stack.is_cuda:
+        raise error
+    FAILED.append(failure_reason(error))
+    warnings.warn(f"Muon pointwise kernel failed ({FAILED[0]}); using PyTorch", stacklevel=3)
+
+
+def _grid(n: int, stack: Tensor) -> tuple[tuple[int, int, int], int]:
+    """(grid, tile side) over n matrices of ``stack``'s (R, C): one program per tile."""
     _, R, C = stack.shape
     block = 16 if interpreting() else BLOCK  # the interpreter runs numpy per program
-    grid = (len(grads), triton.cdiv(R, block), triton.cdiv(C, block))
+    return (n, triton.cdiv(R, block), triton.cdiv(C, block)), block
+
+
+def _launch(grads, bufs, stack: Tensor, first: int, beta, nesterov: bool, tall: bool) -> None:
+    grid, block = _grid(len(grads), stack)
     _momentum_kernel[grid](
         _pointer_table(grads, stack.device), _pointer_table(bufs, stack.device), stack, first,
-        R, C, float(beta), TALL=tall, NESTEROV=nesterov, BLOCK=block,
+        stack.size(1), stack.size(2), float(beta), TALL=tall, NESTEROV=nesterov, BLOCK=block,
     )  # fmt: skip
 
 
@@ -209,21 +219,15 @@ def apply_stack(
     """W <- W - lr wd W (only where W and the update agree in sign if ``cautious``) - lr scale U
     for each weight and its matrix U of ``update`` (n, rows, cols), rows <= cols; ``tall``:
     the weights are (cols, rows), U transposed."""
-    if kernel_usable(update, weights, []) and not FAILED:
+    if kernel_usable(update, weights, []):
         try:
-            _, R, C = update.shape
-            block = 16 if interpreting() else BLOCK
-            grid = (len(weights), triton.cdiv(R, block), triton.cdiv(C, block))
+            grid, block = _grid(len(weights), update)
             _apply_kernel[grid](
-                _pointer_table(weights, update.device), update.contiguous(), R, C,
-                float(lr * wd), float(lr * scale), TALL=tall, CAUTIOUS=cautious, BLOCK=block,
+                _pointer_table(weights, update.device), update.contiguous(), update.size(1),
+                update.size(2), float(lr * wd), float(lr * scale), TALL=tall, CAUTIOUS=cautious,
+                BLOCK=block,
             )  # fmt: skip
             return
-        except Exception as e:  # as in momentum_into_stack
-            if not update.is_cuda:
-                raise
-            FAILED.append(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
-            warnings.warn(
-                f"Muon pointwise kernel failed ({FAILED[0]}); using PyTorch", stacklevel=2
-            )
+        except Exception as e:
+            _fall_back(e, update)
     apply_stack_torch(weights, update, tall, lr, wd, cautious, scale)

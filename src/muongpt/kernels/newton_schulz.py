@@ -32,7 +32,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from muongpt.kernels.triton_support import TensorDescriptor, tl, triton
+from muongpt.kernels.triton_support import TensorDescriptor, failure_reason, tl, triton
 
 # (BLOCK, BLOCK_K, num_stages, num_warps): 128 x 128 output tiles, the usual Hopper bf16 shape.
 LAUNCH = (128, 64, 4, 8)
@@ -210,7 +210,7 @@ def poly_times(b: Tensor, x: Tensor, a: float, product: str | None = None) -> Te
     except Exception as e:  # as in symmetric_gram: warn once, use PyTorch
         if not x.is_cuda:
             raise
-        FAILED["poly_times"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        FAILED["poly_times"] = failure_reason(e)
         message = f"poly_times kernel failed ({FAILED['poly_times']}); using baddbmm"
         warnings.warn(message, stacklevel=2)
         return torch.baddbmm(x, b, x, beta=a, alpha=1.0)
@@ -258,7 +258,7 @@ def symmetric_gram(
     except Exception as e:  # a GPU or Triton that cannot build it: warn once, use PyTorch
         if not y.is_cuda:
             raise
-        FAILED[kernel] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        FAILED[kernel] = failure_reason(e)
         warnings.warn(
             f"symmetric Gram kernel {kernel!r} failed ({FAILED[kernel]}); using torch.bmm",
             stacklevel=2,

@@ -15,4 +15,10 @@ try:  # host-side TMA descriptors: Triton >= 3.4
 except ImportError:  # pragma: no cover - older Triton, or none
     TensorDescriptor = None
 
-__all__ = ["TensorDescriptor", "tl", "triton"]
+
+def failure_reason(error: Exception) -> str:
+    """A kernel's build or launch error in one line, for the warning of its PyTorch fallback."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+
+
+__all__ = ["TensorDescriptor", "failure_reason", "tl", "triton"]

@@ -24,8 +24,8 @@ AdamW's ~0.2, Moonshot 2025, so AdamW learning rates carry over).
 All matrices of one shape, up to a transpose, are stacked in the wide orientation (rows <= cols,
 so a 3072 x 768 fc joins the 768 x 3072 projections) straight into one ``ns_dtype`` buffer
 (``kernels/muon_pointwise.py`` has Triton kernels for this and for the final add, off until
-timed on a GPU) and orthogonalized in one batched call: the matmuls are the same, but one launch sequence per shape
-instead of one per matrix. The scale is folded into the final add, so the orthogonalized stack is
+timed on a GPU) and orthogonalized in one batched call: the matmuls are the same, but one
+launch sequence per shape instead of one per matrix. The scale is folded into the final add, so the orthogonalized stack is
 read once more, by that add. Parameters with more than two dims are flattened to (shape[0], -1);
 scalars and vectors are refused (route them to AdamW).
 """
