@@ -43,7 +43,9 @@ def evaluate_extended(trainer, cfg, factor: float) -> float:
     saved = trainer.model, trainer.forward
     trainer.model = model
     trainer.forward = (
-        compile_model(model, cfg.training.compile_mode) if cfg.training.compile else model
+        compile_model(model, cfg.training.compile_mode, cfg.training.inductor)
+        if cfg.training.compile
+        else model
     )
     try:
         return trainer.evaluate()
