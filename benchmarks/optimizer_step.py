@@ -9,9 +9,9 @@ with q, k, v, proj 768x768 (the model keeps q, k, v separate), mlp fc 3072x768 a
 
 - muongpt Muon (polar_express, and classic) over the 72 block matrices; on CUDA also polar_express
   with the Newton-Schulz Gram products as plain cuBLAS bmm instead of the symmetric Triton kernel
-  (``kernels/newton_schulz.py``), to show what the kernel itself buys, with its TMA variant, and
-  with the pointwise Triton kernels (``kernels/muon_pointwise.py``), alone and with the Triton
-  a X + B X (``PRODUCT = "triton"``)
+  (``kernels/newton_schulz.py``), to show what the kernel itself buys, with its TMA variant, with
+  the pointwise work in PyTorch instead of the Triton kernels (``kernels/muon_pointwise.py``), and
+  with the Triton a X + B X (``PRODUCT = "triton"``)
 - muongpt NorMuon over the speed-run set (``experiment=speedrun_bench``: layer 7 is MLP-only, so
   44 attention matrices + 24 MLP ones, and NorMuon on)
 - torch.optim.Muon (torch >= 2.9; it loops over the matrices one by one) over the same matrices
@@ -119,7 +119,7 @@ GRAM = sys.modules.get("muongpt.kernels.newton_schulz")
 GRAM_KERNEL = getattr(GRAM, "KERNEL", None)
 GRAM_PRODUCT = getattr(GRAM, "PRODUCT", None)  # None: a version without the Triton a X + B X
 POINTWISE = sys.modules.get("muongpt.kernels.muon_pointwise")  # None: a version without them
-POINTWISE_ON = getattr(POINTWISE, "ON_CUDA", None)
+POINTWISE_USABLE = getattr(POINTWISE, "kernel_usable", None)
 
 
 def without_gram_kernel(make):
@@ -142,14 +142,21 @@ def with_gram_kernel(kernel: str, make):
     return patched
 
 
-def with_triton_kernels(product: bool, make):
-    """``make``, with Muon's pointwise kernels on CUDA, and the Triton a X + B X if
-    ``product``, while it runs."""
+def with_torch_pointwise(make):
+    """``make``, with Muon's pointwise work in PyTorch while it runs."""
 
     def patched():
-        POINTWISE.ON_CUDA = True
-        if product:
-            GRAM.PRODUCT = "triton"
+        POINTWISE.kernel_usable = lambda *args: False
+        return make()
+
+    return patched
+
+
+def with_triton_product(make):
+    """``make``, with the Triton a X + B X while it runs."""
+
+    def patched():
+        GRAM.PRODUCT = "triton"
         return make()
 
     return patched
@@ -162,8 +169,8 @@ def restore_gram_kernel() -> None:
         GRAM.KERNEL = GRAM_KERNEL
     if GRAM_PRODUCT is not None:
         GRAM.PRODUCT = GRAM_PRODUCT
-    if POINTWISE_ON is not None:
-        POINTWISE.ON_CUDA = POINTWISE_ON
+    if POINTWISE_USABLE is not None:
+        POINTWISE.kernel_usable = POINTWISE_USABLE
 
 
 def run_entry(name, make, params, device, args) -> dict:
@@ -240,12 +247,12 @@ def main() -> None:
             ("muongpt Muon pe, tma Gram", with_gram_kernel("tma", lambda: Muon(matrices, lr=0.05)),
              matrices)
         )  # fmt: skip
-    if device.type == "cuda" and POINTWISE_ON is not None:
+    if device.type == "cuda" and POINTWISE_USABLE is not None:
         entries += [
-            ("muongpt Muon pe, pointwise kernels",
-             with_triton_kernels(False, lambda: Muon(matrices, lr=0.05)), matrices),
-            ("muongpt Muon pe, pointwise kernels + triton aX+BX",
-             with_triton_kernels(True, lambda: Muon(matrices, lr=0.05)), matrices),
+            ("muongpt Muon pe, torch pointwise",
+             with_torch_pointwise(lambda: Muon(matrices, lr=0.05)), matrices),
+            ("muongpt Muon pe, triton aX+BX",
+             with_triton_product(lambda: Muon(matrices, lr=0.05)), matrices),
         ]  # fmt: skip
     entries.append(
         (
@@ -254,10 +261,10 @@ def main() -> None:
             speedrun_matrices,
         )
     )
-    if device.type == "cuda" and POINTWISE_ON is not None:
+    if device.type == "cuda" and POINTWISE_USABLE is not None:
         entries.append(
-            ("muongpt NorMuon speedrun set, pointwise kernels",
-             with_triton_kernels(False, lambda: Muon(speedrun_matrices, lr=0.05, normuon=True)),
+            ("muongpt NorMuon speedrun set, torch pointwise",
+             with_torch_pointwise(lambda: Muon(speedrun_matrices, lr=0.05, normuon=True)),
              speedrun_matrices)
         )  # fmt: skip
     if hasattr(torch.optim, "Muon"):

@@ -22,12 +22,6 @@ needs_gpu = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def kernels_on_cuda(monkeypatch):
-    """The tests run the kernels on CUDA too (off there by default until timed)."""
-    monkeypatch.setattr(K, "ON_CUDA", True)
-
-
 def matrices(shapes, device, seed=0):
     """(grads, momentum buffers) of matrices of ``shapes`` (fp32, the buffers non-zero)."""
     g = torch.Generator(device=device).manual_seed(seed)
