@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from muongpt.kernels import pom as K
+from muongpt.model.gpt import MixingConfig
+
+MIXING = MixingConfig()  # PoM's defaults
 
 
 def cuda_ms(fn, iters: int = 20, warmup: int = 5) -> float:
@@ -39,8 +42,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--dim", type=int, default=768)
-    p.add_argument("--degree", type=int, default=2)
-    p.add_argument("--expand", type=int, default=2)
+    p.add_argument("--degree", type=int, default=MIXING.pom_degree)
+    p.add_argument("--expand", type=int, default=MIXING.pom_expand)
     p.add_argument("--heads", type=int, default=1, help="n_sel_heads")
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--T", type=int, default=4096)

@@ -4,7 +4,8 @@
 #   bash benchmarks/pom_suite.sh kernel    # one layer: fused PoM vs plain vs attention; decoding
 #   bash benchmarks/pom_suite.sh quality   # d12, bench pack, 100 steps x 131,072 tokens, Muon
 #   bash benchmarks/pom_suite.sh long      # d12 at T = 8K, 32K, 64K, 131,072 tokens per step
-# (expects .whl/ and .devdata/bench/*.xz, see device_setup.sh). STEPS overrides the step counts.
+# (expects .whl/ and .devdata/bench/*.xz, see device_setup.sh). STEPS overrides the step counts,
+# TS the long part's sequence lengths (TS="8192 32768" runs two of them).
 set -uo pipefail
 source benchmarks/device_setup.sh
 PART=${1:?usage: pom_suite.sh kernel|quality|long}
@@ -15,8 +16,8 @@ case $PART in
 kernel)
   run python3 benchmarks/pom_vs_attention.py --compile --layers pom,pom_fused,attention --out "$R/pom_vs_attention_compiled.json"
   run python3 benchmarks/pom_vs_attention.py --compile --layers pom_fused --n-sel-heads 4 --out "$R/pom_fused_h4_compiled.json"
-  # expansion 1: half the state and half the matmuls (54.8 ns/token of them at expansion 2)
-  run python3 benchmarks/pom_vs_attention.py --compile --layers pom_fused --expand 1 --out "$R/pom_fused_e1_compiled.json"
+  # expansion 2 (the default until 2026-12-04): twice the state and the matmuls
+  run python3 benchmarks/pom_vs_attention.py --compile --layers pom_fused --expand 2 --out "$R/pom_fused_e2_compiled.json"
   run python3 benchmarks/pom_decode.py --out "$R/pom_decode.json"
   ;;
 quality)
@@ -33,22 +34,22 @@ quality)
   q hybrid4_conv4 experiment=hybrid_baseline "model.mixing.pattern=[pom,pom,pom,attention]" $FUSED
   # 4 selection heads: a 4x smaller gate matmul (the fast kernel configuration)
   q pom_conv4_h4 experiment=pomgpt_baseline model.mixing.pom_n_sel_heads=4 $FUSED
-  q pom_conv4_e1 experiment=pomgpt_baseline model.mixing.pom_expand=1 $FUSED
-  q hybrid3_conv4_e1 experiment=hybrid_baseline model.mixing.pom_expand=1 $FUSED
+  q pom_conv4_e2 experiment=pomgpt_baseline model.mixing.pom_expand=2 $FUSED
+  q hybrid3_conv4_e2 experiment=hybrid_baseline model.mixing.pom_expand=2 $FUSED
   q hybrid3_conv4_h4 experiment=hybrid_baseline model.mixing.pom_n_sel_heads=4 $FUSED
   ;;
 long)
   # 131,072 tokens per step at every T (16 x 8K, 4 x 32K, 2 x 64K rows); val loss every 25 steps;
   # attention document-masked (FlexAttention), PoM over the whole row
   # against training seconds (benchmarks/speedrun.py's val_loss_curve).
-  for T in 8192 32768 65536; do
+  for T in ${TS:-8192 32768 65536}; do
     ROWS=$((131072 / T))
     COMMON="data=bench $D training.seq_len=$T training.batch_size=$ROWS training.micro_batch_size=$ROWS training.max_steps=${STEPS:-150} training.cooldown_steps=60 training.eval_every=25 training.eval_tokens=1048576 training.progress_bar=false training.checkpoint_every=0 training.checkpoint_minutes=0 training.export_safetensors=false training.compile_warmup_steps=3"
     run python3 benchmarks/speedrun.py --name "attention_T$T" --out "$R/attention_T$T.json" experiment=transformers_baseline model.doc_mask=true "kernels.converters=[flex_attention]" $COMMON
     run python3 benchmarks/speedrun.py --name "pom_T$T" --out "$R/pom_T$T.json" experiment=pomgpt_baseline $FUSED $COMMON
     run python3 benchmarks/speedrun.py --name "hybrid_T$T" --out "$R/hybrid_T$T.json" experiment=hybrid_baseline model.doc_mask=true "kernels.converters=[flex_attention,fused_pom]" $COMMON
   done
-  run python3 benchmarks/pom_long_context_plot.py --results "$R" --out "$R/pom_long_context.png"
+  [ -z "${TS:-}" ] && run python3 benchmarks/pom_long_context_plot.py --results "$R" --out "$R/pom_long_context.png"
   ;;
 *) echo "unknown part $PART (kernel, quality, long)"; exit 2 ;;
 esac

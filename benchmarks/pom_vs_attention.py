@@ -33,7 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from muongpt.model.gpt import MixingConfig
 from muongpt.model.pom import PoM
+
+MIXING = MixingConfig()  # PoM's defaults
 
 
 class CausalAttentionLayer(nn.Module):
@@ -54,7 +57,7 @@ class CausalAttentionLayer(nn.Module):
 
 def make_layer(kind: str, args: argparse.Namespace, device: torch.device) -> nn.Module:
     if kind in ("pom", "pom_fused"):
-        layer = PoM(args.dim, args.degree, args.expand, args.n_sel_heads)
+        layer = PoM(args.dim, args.degree, args.expand, args.n_sel_heads, conv=args.conv)
         # A trained layer's output projection is not zero: keep the values flowing realistic.
         nn.init.normal_(layer.proj.weight, std=layer.state_dim**-0.5)
         if kind == "pom_fused":
@@ -206,9 +209,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile both layers")
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--heads", type=int, default=12, help="attention heads")
-    p.add_argument("--degree", type=int, default=2)
-    p.add_argument("--expand", type=int, default=2)
-    p.add_argument("--n-sel-heads", type=int, default=1)
+    p.add_argument("--degree", type=int, default=MIXING.pom_degree)
+    p.add_argument("--expand", type=int, default=MIXING.pom_expand)
+    p.add_argument("--n-sel-heads", type=int, default=MIXING.pom_n_sel_heads)
+    p.add_argument("--conv", type=int, default=MIXING.pom_conv, help="PoM's convolution width")
     p.add_argument("--tokens", type=int, default=65536, help="tokens per batch, B = tokens / T")
     p.add_argument("--seq-lens", default="1024,4096,16384,65536")
     p.add_argument("--layers", default="pom,attention")
