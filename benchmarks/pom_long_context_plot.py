@@ -68,17 +68,22 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    names = sorted({name for by_model in runs.values() for name in by_model})
+    color = {name: f"C{i}" for i, name in enumerate(names)}  # one colour per model in every panel
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), squeeze=False)
     for ax, (T, by_model) in zip(axes[0], sorted(runs.items())):
         for name, r in sorted(by_model.items()):
             pts = [(s, v) for step, s, v in r["val_loss_curve"] if s is not None and step > 0]
-            ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", ms=3, label=name)
+            xs, ys = [s for s, _ in pts], [v for _, v in pts]
+            ax.plot(xs, ys, marker="o", ms=3, label=name, color=color[name])
         ax.set_title(f"T = {T:,}")
         ax.set_xlabel("training seconds (compilation excluded)")
         ax.set_ylabel("val loss")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("d12, 131,072 tokens per step, one H200")
+    first = next(iter(next(iter(runs.values())).values()))
+    where = f"{first.get('device', '?')}, torch {first.get('torch', '?')}"
+    fig.suptitle(f"d12, 131,072 tokens per step, {where}")
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
