@@ -20,7 +20,13 @@ from pathlib import Path
 
 import torch
 
-from muongpt.cli.bench import MFU_FORMULA, compose_config, flops_per_token, peak_flops
+from muongpt.cli.bench import (
+    MFU_FORMULA,
+    compose_config,
+    flops_per_token,
+    peak_flops,
+    sample_training_rows,
+)
 
 
 def evaluate_extended(trainer, cfg, factor: float) -> float:
@@ -89,13 +95,14 @@ def main() -> int:
         for factor in filter(None, args.eval_factors.split(",")):
             factor_losses[factor] = evaluate_extended(trainer, cfg, float(factor))
             print(f"val loss at eval_window_factor {factor}: {factor_losses[factor]:.4f}")
+        rows = sample_training_rows(trainer)  # for the document-masked attention FLOPs
         trainer.close()
     if "final_val_loss" not in summary:  # stopped early (SIGTERM, e.g. a time limit)
         print(f"INTERRUPTED {args.name or cfg.experiment_name}: {summary}", file=sys.stderr)
         return 75
     steps, secs = summary["steps"], summary["train_seconds"]
     tok_s = summary["tokens"] / secs
-    fpt = flops_per_token(trainer.model, cfg.training.seq_len)
+    fpt = flops_per_token(trainer.model, cfg.training.seq_len, rows)
     result = {
         "name": args.name or cfg.experiment_name,
         "overrides": overrides,

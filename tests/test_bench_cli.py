@@ -1,5 +1,8 @@
 """`muongpt bench`: its arguments, --help, unknown keys and the MFU line (no timing asserted)."""
 
+import pytest
+import torch
+
 from muongpt.cli import bench
 
 
@@ -78,3 +81,35 @@ def test_flops_per_token_counts_each_layers_attention_context():
     paired = build_model(SpeedrunConfig(**kw, paired_head_layers=[0, 1]))
     # paired: 96 positions, so the 64-token window is the context of layer 0
     assert bench.flops_per_token(paired, 48) == matmuls + 12 * 32 * (64 + 32 + 48)
+
+
+def test_flops_per_token_counts_documents_where_attention_masks_them():
+    """With a document mask a token's context is its document's part of the row (capped by the
+    window), averaged over the tokens; without one the rows' documents change nothing."""
+    from muongpt.model import GPTConfig, SpeedrunConfig, build_model
+    from muongpt.model.gpt import MixingConfig
+
+    bos = 299
+    rows = torch.randint(0, bos, (2, 48))
+    rows[0, [0, 8, 40]] = bos  # documents of 8, 32, 8 tokens
+    rows[1, 0] = bos  # one document of 48
+    # token-weighted mean of min(span, cap): (8*8 + 32*32 + 8*8 + 48*48) / 96 for cap >= 48
+    mean_span = (8 * 8 + 32 * 32 + 8 * 8 + 48 * 48) / 96
+    capped = (8 * 8 + 32 * 32 + 8 * 8 + 48 * 32) / 96  # window 32
+
+    kw = dict(vocab_size=300, n_layer=4, n_head=4, n_embd=32, value_embeds=1, bigram_rows=211)
+    kw.update(backout_after=2, window_pattern=[1.0, 0.5], attn_window=64, bos_token=bos)
+    kw.update(mixing=MixingConfig(["attention", "attention", "attention", "none"]))
+    model = build_model(SpeedrunConfig(**kw))  # masks documents always
+    matmuls = 6.0 * bench.matmul_params(model)
+    got = bench.flops_per_token(model, 48, rows)
+    assert got == pytest.approx(matmuls + 12 * 32 * (mean_span + capped + mean_span))
+
+    plain = dict(vocab_size=300, n_layer=2, n_head=4, n_embd=32, bos_token=bos)
+    masked = build_model(GPTConfig(**plain, doc_mask=True))
+    unmasked = build_model(GPTConfig(**plain))
+    matmuls = 6.0 * bench.matmul_params(masked)
+    assert bench.flops_per_token(masked, 48, rows) == pytest.approx(
+        matmuls + 12 * 32 * 2 * mean_span
+    )
+    assert bench.flops_per_token(unmasked, 48, rows) == matmuls + 12 * 32 * 2 * 48

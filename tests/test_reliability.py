@@ -509,3 +509,21 @@ def test_accumulated_gradients_equal_one_batch_of_all_the_rows(tmp_path):
     assert accumulated.keys() == whole.keys()
     for name in whole:
         torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-7)
+
+
+def test_sampling_rows_for_the_flop_count_leaves_the_data_position_unchanged(tmp_path):
+    """bench's sample_training_rows reads batches ahead for the MFU's document term; the run
+    must still see the batches it would have seen."""
+    from muongpt.cli.bench import sample_training_rows
+
+    trainer = make_trainer(tmp_path / "run")
+    try:
+        start = trainer.train_loader.state_dict()
+        expected = [next(trainer.train_loader)[0].clone() for _ in range(3)]
+        trainer.train_loader.load_state_dict(start)
+        rows = sample_training_rows(trainer, batches=2)
+        assert torch.equal(rows, torch.cat(expected[:2]).cpu())
+        for batch in expected:
+            assert torch.equal(next(trainer.train_loader)[0], batch)
+    finally:
+        trainer.close()

@@ -20,10 +20,12 @@ FLOPs per token (PaLM appendix B convention, counting the full attention matrix)
 N: the parameters of every matmul, the lm_head included (embedding tables excluded: they are
 lookups); d = n_embd; C_l the attention context of layer l: T = seq_len, or its sliding window
 (``model.attn_window`` x its ``window_pattern`` fraction) where shorter; MLP-only layers have
-none. A window schedule (``training.attn_window_start``) and a batch ramp
-(``training.batch_size_start``) are switched off: steps run at the full window and batch.
-Document masking is not subtracted. (With full causal attention on every layer this is
-PaLM's 6N + 12 L T d.) MFU = FLOPs/token * tokens/s / peak, the peak being the GPU's dense
+none. Where attention is document-masked, T becomes each token's document (its part in the row),
+averaged over the tokens of a few of the run's training batches: at 64K-token rows of ~1K-token
+documents the row would overcount attention 60-fold. A window schedule
+(``training.attn_window_start``) and a batch ramp (``training.batch_size_start``) are switched
+off: steps run at the full window and batch. (With full causal attention on every layer, and
+no document mask, this is PaLM's 6N + 12 L T d.) MFU = FLOPs/token * tokens/s / peak, the peak being the GPU's dense
 bf16 FLOP/s (``peak_flops``: H100/H200 SXM 989e12, H100 PCIe 756e12, A100 312e12) or
 ``MUONGPT_PEAK_FLOPS`` where set; on CPU, or a GPU not in the table, no MFU is reported. Training state is not restored:
 benchmark a fresh run, never one you mean to keep.
@@ -44,7 +46,10 @@ from muongpt.cli import probe_dir, write_text
 
 # Dense bf16 tensor-core FLOP/s by device name (first match wins; sparsity not counted).
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
-MFU_FORMULA = "MFU = (6 N + 12 d sum_l C_l) * tokens/s / peak dense bf16 FLOP/s"
+MFU_FORMULA = (
+    "MFU = (6 N + 12 d sum_l C_l) * tokens/s / peak dense bf16 FLOP/s; C_l: a token's row, or its"
+    " document where documents are masked, capped at layer l's window"
+)
 
 
 def peak_flops(device) -> float | None:
@@ -117,19 +122,52 @@ def matmul_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.ndim >= 2 and id(p) not in embeddings)
 
 
-def flops_per_token(model, seq_len: int) -> float:
+def flops_per_token(model, seq_len: int, tokens=None) -> float:
     """6 N (matmul weights) + 12 D sum_l C_l over the attention layers, C_l the layer's context:
-    seq_len, or its sliding window where shorter (document masking is not subtracted). A layer
-    with paired heads attends over 2 seq_len positions, each token's heads split between two."""
+    seq_len, or its sliding window where shorter. With ``tokens`` (rows of seq_len token ids) and
+    a document-masked model, the row is each token's document instead (token-weighted mean). A
+    layer with paired heads attends over twice the span, each token's heads split between two."""
     c = model.config
     paired = getattr(c, "paired_heads_of_layer", lambda i: False)
-    context = 0  # summed over the attention layers, each with its own window (window_pattern)
+    window = getattr(c, "attn_window", 0)  # the speed-run model's sliding window
+    spans = None  # each token's document length within its row
+    if tokens is not None and c.masks_documents:
+        spans = document_spans(tokens, c.bos_token).double()
+    context = 0.0  # summed over the attention layers, each with its own window (window_pattern)
     for i in range(c.n_layer):
         if c.mixer_of_layer(i) == "attention":
-            span = 2 * seq_len if paired(i) else seq_len
-            window = getattr(c, "attn_window", 0)  # the speed-run model's sliding window
-            context += min(span, c.layer_window(i, window) if window else span)
+            factor = 2 if paired(i) else 1
+            cap = c.layer_window(i, window) if window else UNBOUNDED
+            if spans is None:
+                context += min(factor * seq_len, cap)
+            else:
+                context += float((factor * spans).clamp(max=cap).mean())
     return 6.0 * matmul_params(model) + 12.0 * context * c.n_embd
+
+
+UNBOUNDED = 2**62
+
+
+def document_spans(tokens, bos_token: int):
+    """For each token of ``tokens`` (B, T), the length of its document's part in its row (the
+    span a document mask lets the row's last token of that document see)."""
+    import torch
+
+    docs = (tokens == bos_token).cumsum(-1)  # as the model numbers documents
+    docs = docs + torch.arange(tokens.size(0), device=tokens.device)[:, None] * (tokens.size(1) + 1)
+    _, inverse, counts = torch.unique(docs.flatten(), return_inverse=True, return_counts=True)
+    return counts[inverse].view_as(tokens)
+
+
+def sample_training_rows(trainer, batches: int = 4):
+    """Token ids (on CPU) of ``batches`` training micro-batches from the loader's position,
+    which is then restored: the run is unchanged."""
+    import torch
+
+    state = trainer.train_loader.state_dict()
+    rows = [next(trainer.train_loader)[0].cpu() for _ in range(batches)]
+    trainer.train_loader.load_state_dict(state)
+    return torch.cat(rows)
 
 
 def _sync(device) -> None:
@@ -203,11 +241,12 @@ def run_bench(opts: dict, overrides: list[str]) -> dict:
         timed = time.perf_counter() - t0
         splits = [split_step(trainer) for _ in range(opts["split"])]
         peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
+        rows = sample_training_rows(trainer)
         trainer.train_loader.close()
         model = trainer.model
         tokens_per_s = trainer.tokens_per_step * opts["steps"] / timed
         step_s = timed / opts["steps"]
-        fpt = flops_per_token(model, cfg.training.seq_len)
+        fpt = flops_per_token(model, cfg.training.seq_len, rows)
         peak_fl = peak_flops(dev)
         report = {
             "experiment": cfg.experiment_name,
@@ -221,7 +260,7 @@ def run_bench(opts: dict, overrides: list[str]) -> dict:
             "ms_per_step": 1e3 * step_s,
             "tokens_per_s": tokens_per_s,
             "flops_per_token": fpt,
-            "flop_formula": "6*N_matmul_params + 12*n_embd*sum_attention_layers(min(seq_len, layer window)) per token",
+            "flop_formula": "6*N_matmul_params + 12*n_embd*sum_attention_layers(min(seq_len or document, layer window)) per token",
             "matmul_params": matmul_params(model),
             "mfu_formula": MFU_FORMULA,
             "peak_flops": peak_fl,

@@ -62,7 +62,7 @@ def run_facts(trainer, overrides: list[str], argv: list[str], started: float) ->
     """What the report needs that the run folder's other files do not hold (main rank)."""
     import torch
 
-    from muongpt.cli.bench import MFU_FORMULA, flops_per_token, peak_flops
+    from muongpt.cli.bench import MFU_FORMULA, flops_per_token, peak_flops, sample_training_rows
 
     device = trainer.device
     seconds = trainer.train_seconds
@@ -83,7 +83,8 @@ def run_facts(trainer, overrides: list[str], argv: list[str], started: float) ->
     }
     peak = peak_flops(device)
     if peak and tok_s:  # peak FLOP/s are known for listed GPUs only
-        fpt = flops_per_token(trainer.model, trainer.cfg.training.seq_len)
+        rows = sample_training_rows(trainer)
+        fpt = flops_per_token(trainer.model, trainer.cfg.training.seq_len, rows)
         facts.update(
             mfu=fpt * tok_s / (peak * trainer.ctx.world_size),
             peak_flops=peak,
