@@ -169,6 +169,26 @@ if triton is not None:
         return b, chunk, t, rows, t < T, cols, cols < E
 
     @triton.jit
+    def _gate(pg, rows, rmask, i, pid_c, E, W, S, HEADS: tl.constexpr, BLOCK_C: tl.constexpr):
+        """sigmoid(G) of the gate values this tile's channels of degree i read, (CHUNK,
+        BLOCK_C / HEADS) fp32: contiguous loads, one per value (channel s reads G[s // HEADS])."""
+        gk = tl.arange(0, BLOCK_C // HEADS)
+        gmask = rmask[:, None] & (pid_c * BLOCK_C + gk * HEADS < E)[None, :]
+        gcol = S + (i * E + pid_c * BLOCK_C) // HEADS + gk
+        g = tl.load(pg + rows[:, None] * W + gcol[None, :], mask=gmask, other=0.0)
+        return tl.sigmoid(g.to(tl.float32))
+
+    @triton.jit
+    def _per_channel(gate, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, HEADS: tl.constexpr):
+        """(CHUNK, BLOCK_C / HEADS) gate values -> (CHUNK, BLOCK_C), each repeated for its
+        HEADS channels (a broadcast in registers instead of HEADS loads of one address)."""
+        if HEADS == 1:
+            return gate
+        else:
+            wide = tl.broadcast_to(gate[:, :, None], (CHUNK, BLOCK_C // HEADS, HEADS))
+            return tl.reshape(wide, (CHUNK, BLOCK_C))
+
+    @triton.jit
     def _h_sums_kernel(
         pg, sums, T, n_chunks, E, W, S,
         DEGREE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -202,8 +222,8 @@ if triton is not None:
             h = h * _gelu(p.to(tl.float32))
             before = tl.load(carry + s, mask=cmask, other=0.0)
             m = (tl.cumsum(tl.where(mask, h, 0.0), axis=0) + before[None, :]) * inv_count[:, None]
-            g = tl.load(pg + rows[:, None] * W + (S + s // HEADS)[None, :], mask=mask, other=0.0)
-            out = tl.sigmoid(g.to(tl.float32)) * m
+            gate = _gate(pg, rows, rmask, i, pid_c, E, W, S, HEADS, BLOCK_C)
+            out = _per_channel(gate, CHUNK, BLOCK_C, HEADS) * m
             tl.store(z + rows[:, None] * S + s[None, :], out.to(z.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -220,8 +240,8 @@ if triton is not None:
         for i in tl.static_range(DEGREE):
             s = i * E + cols
             d = tl.load(dz + rows[:, None] * S + s[None, :], mask=mask, other=0.0)
-            g = tl.load(pg + rows[:, None] * W + (S + s // HEADS)[None, :], mask=mask, other=0.0)
-            u = d.to(tl.float32) * tl.sigmoid(g.to(tl.float32)) * inv_count[:, None]
+            gate = _gate(pg, rows, rmask, i, pid_c, E, W, S, HEADS, BLOCK_C)
+            u = d.to(tl.float32) * _per_channel(gate, CHUNK, BLOCK_C, HEADS) * inv_count[:, None]
             tl.store(out + s, tl.sum(u, axis=0), mask=cmask)
 
     @triton.jit
@@ -249,8 +269,8 @@ if triton is not None:
             h = tl.where(mask, h_below * a, 0.0)
             before = tl.load(carry_f + s, mask=cmask, other=0.0)
             m = (tl.cumsum(h, axis=0) + before[None, :]) * inv_count[:, None]
-            g_ptrs = pg + rows[:, None] * W + (S + s // HEADS)[None, :]
-            g = tl.sigmoid(tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32))
+            gate = _gate(pg, rows, rmask, i, pid_c, E, W, S, HEADS, BLOCK_C)
+            g = _per_channel(gate, CHUNK, BLOCK_C, HEADS)
             d = tl.load(dz + rows[:, None] * S + s[None, :], mask=mask, other=0.0).to(tl.float32)
             # the gate: Σ over the heads that share it
             dg = d * m
@@ -260,12 +280,10 @@ if triton is not None:
                          dg.to(dpg.dtype.element_ty), mask=mask)  # fmt: skip
             else:
                 dg = tl.sum(tl.reshape(dg, (CHUNK, BLOCK_C // HEADS, HEADS)), axis=2)
+                dg = dg * gate * (1.0 - gate)
                 gk = tl.arange(0, BLOCK_C // HEADS)
                 gmask = rmask[:, None] & (pid_c * BLOCK_C + gk * HEADS < E)[None, :]
                 gcol = S + (i * E + pid_c * BLOCK_C) // HEADS + gk
-                gv = tl.load(pg + rows[:, None] * W + gcol[None, :], mask=gmask, other=0.0)
-                gv = tl.sigmoid(gv.to(tl.float32))
-                dg = dg * gv * (1.0 - gv)
                 tl.store(dpg + rows[:, None] * W + gcol[None, :],
                          dg.to(dpg.dtype.element_ty), mask=gmask)  # fmt: skip
             # the mean: dh_i[s] = Σ_{t >= s} u_t, the chunk's own part plus the later chunks'
