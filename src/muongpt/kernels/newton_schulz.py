@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import os
 import warnings
-from functools import cache
 
 import torch
 from torch import Tensor
 
-from muongpt.kernels.triton_support import TensorDescriptor, failure_reason, tl, triton
+from muongpt.kernels.triton_support import TensorDescriptor, failure_reason, sm_count, tl, triton
 
 # (BLOCK, BLOCK_K, num_stages, num_warps): 128 x 128 output tiles, the usual Hopper bf16 shape.
 LAUNCH = (128, 64, 4, 8)
@@ -221,11 +220,6 @@ def poly_times(b: Tensor, x: Tensor, a: float, product: str | None = None) -> Te
     return out
 
 
-@cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _tma_ok(y: Tensor, block: int) -> bool:
     """The TMA kernel takes y: Hopper+ (or the interpreter), m a multiple of the tile, y
     contiguous with 16-byte rows."""
@@ -278,7 +272,7 @@ def _launch(y, c, out, alpha, beta, launch: tuple, kernel: str) -> Tensor:
     if kernel == "tma" and _tma_ok(y, block):
         y2, out2 = y.view(batch * m, k), out.view(batch * m, m)
         c2 = c.view(batch * m, m) if c is not None else out2
-        programs = _sm_count(y.device.index or 0) if y.is_cuda else 4
+        programs = sm_count(y.device.index or 0) if y.is_cuda else 4
         _symmetric_gram_tma_kernel[(programs,)](
             TensorDescriptor.from_tensor(y2, [block, block_k]),
             TensorDescriptor.from_tensor(c2, [block, block]),

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from muongpt.kernels.triton_support import TensorDescriptor, tl, triton
+from muongpt.kernels.triton_support import TensorDescriptor, sm_count, tl, triton
 from muongpt.model.gpt import MLP
 
 
@@ -234,11 +234,6 @@ if triton is not None:
 
 
 @cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-@cache
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
@@ -284,7 +279,7 @@ def _gemm(
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     if kernel == "tma" and _tma_ok(a, b, out, post):
         tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-        sms = _sm_count(a.device.index or 0) if a.is_cuda else 4
+        sms = sm_count(a.device.index or 0) if a.is_cuda else 4
         programs = min(tiles, sms * cfg.per_sm)
         split = bn // cfg.epi_split
         _relu2_gemm_tma_kernel[(programs,)](

@@ -4,6 +4,8 @@ Each kernel module imports ``triton``, ``tl`` and ``TensorDescriptor`` from here
 kernels under ``if triton is not None:``; without Triton the plain PyTorch modules stay.
 """
 
+from functools import cache
+
 try:
     import triton
     import triton.language as tl
@@ -21,4 +23,13 @@ def failure_reason(error: Exception) -> str:
     return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
 
 
-__all__ = ["TensorDescriptor", "failure_reason", "tl", "triton"]
+@cache
+def sm_count(index: int) -> int:
+    """The number of streaming multiprocessors of CUDA device ``index`` (persistent kernels
+    launch one program per SM)."""
+    import torch
+
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+__all__ = ["TensorDescriptor", "failure_reason", "sm_count", "tl", "triton"]
