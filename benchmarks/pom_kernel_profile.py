@@ -6,6 +6,9 @@ For one PoM layer (d = 768, degree 2, expansion 2 by default) at 65,536 tokens p
 the time of its six matmuls alone (the floor the kernels cannot go under), of the fused pointwise
 kernels (forward + backward, ``pom_mix``) for each launch shape in ``--shapes``, and a
 torch.profiler table of one fused forward + backward. Times are medians of CUDA-event timings.
+``--row-scan`` also times the single-pass kernels (``ROW_SCAN_PROGRAMS_PER_SM``) at each shape:
+
+    python benchmarks/pom_kernel_profile.py --T 1024 --row-scan --out rows.json
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def main() -> None:
         default="64x64x4,64x32x4,64x32x2,64x64x8,32x64x4,32x32x4,32x32x2,128x32x4,128x64x8",
         help="CHUNK x block_c x num_warps, each run for both passes",
     )
+    p.add_argument("--row-scan", action="store_true", help="time the single-pass kernels too")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     dev, bf16 = "cuda", torch.bfloat16
@@ -98,6 +102,22 @@ def main() -> None:
         print(f"mix {shape} (chunk x block_c x warps): fwd {fwd:.3f} ms, bwd {bwd:.3f} ms, "
               f"{(fwd + bwd) * 1e6 / M:.1f} ns/token")  # fmt: skip
     result["mix_shapes"] = shapes
+    if args.row_scan:  # the single-pass kernels at the same shapes (restored to the default after)
+        default, rows = K.ROW_SCAN_PROGRAMS_PER_SM, {}
+        K.ROW_SCAN_PROGRAMS_PER_SM = 0
+        for shape in args.shapes.split(","):
+            chunk, block_c, warps = (int(v) for v in shape.split("x"))
+            K.CHUNK, K.FWD, K.BWD = chunk, K.MixConfig(block_c, warps), K.MixConfig(block_c, warps)
+            _, prefix = K.mix_forward_kernel(pg, args.degree, args.heads)
+            fwd = cuda_ms(lambda: K.mix_forward_kernel(pg, args.degree, args.heads))
+            bwd = cuda_ms(
+                lambda p=prefix: K.mix_backward_kernel(pg, p, dz, args.degree, args.heads)
+            )
+            rows[shape] = {"fwd_ms": fwd, "bwd_ms": bwd, "ns_per_token": (fwd + bwd) * 1e6 / M}
+            print(f"single-pass {shape}: fwd {fwd:.3f} ms, bwd {bwd:.3f} ms, "
+                  f"{(fwd + bwd) * 1e6 / M:.1f} ns/token")  # fmt: skip
+        K.ROW_SCAN_PROGRAMS_PER_SM = default
+        result["row_scan_shapes"] = rows
     # the best forward and backward shapes of one chunk length (the passes share the chunks)
     best = None
     for chunk in {k.split("x")[0] for k in shapes}:

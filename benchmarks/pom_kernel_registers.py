@@ -29,7 +29,8 @@ INTS = ("T", "n_chunks", "E", "W", "S")
 def compile_one(fn, pointers: dict, constants: dict, warps: int, arch: int) -> str:
     signature = {n: pointers.get(n, "i32" if n in INTS else "constexpr") for n in fn.arg_names}
     # pointers and sizes aligned to 16, as at d = 768 (Triton specializes them so at launch)
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in [*pointers, *INTS]}
+    ints = [n for n in INTS if n in fn.arg_names]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in [*pointers, *ints]}
     src = ASTSource(fn, signature, constexprs=constants, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -60,6 +61,11 @@ def main() -> None:
     fwd_ptrs = {"pg": f"*{dt}", "prefix": "*fp32", "z": f"*{dt}"}
     bwd_ptrs = {"pg": f"*{dt}", "prefix": "*fp32", "suffix": "*fp32", "dz": f"*{dt}"}
     bwd_ptrs["dpg"] = f"*{dt}"
+    bwd_rows_ptrs = {k: v for k, v in bwd_ptrs.items() if k != "suffix"}
+
+    def rows_c(chunk: int) -> dict:
+        return {"N_CHUNKS": 1024 // chunk, "DEGREE_P2": 1 << (args.degree - 1).bit_length()}
+
     for (fc, fb, fw), (bc, bb, bw) in passes:
         for heads in (int(h) for h in args.heads.split(",")):
             c = {"DEGREE": args.degree, "HEADS": heads}
@@ -70,6 +76,11 @@ def main() -> None:
                 ("u sums", K._u_sums_kernel, {"pg": f"*{dt}", "dz": f"*{dt}", "sums": "*fp32"},
                  {**c, "CHUNK": bc, "BLOCK_C": bb}, bw),
                 ("backward", K._mix_bwd_kernel, bwd_ptrs, {**c, "CHUNK": bc, "BLOCK_C": bb}, bw),
+                # the single-pass kernels (ROW_SCAN_PROGRAMS_PER_SM), at T = 1,024
+                ("fwd rows", K._mix_fwd_rows_kernel, fwd_ptrs,
+                 {**c, **rows_c(fc), "CHUNK": fc, "BLOCK_C": fb}, fw),
+                ("bwd rows", K._mix_bwd_rows_kernel, bwd_rows_ptrs,
+                 {**c, **rows_c(bc), "CHUNK": bc, "BLOCK_C": bb}, bw),
             ]  # fmt: skip
             for name, fn, ptrs, consts, warps in rows:
                 shape = f"{consts['CHUNK']}x{consts['BLOCK_C']}x{warps}"

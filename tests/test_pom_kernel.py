@@ -189,9 +189,39 @@ def test_interpreted_kernels_at_other_launch_shapes(monkeypatch):
     check_kernels("cpu", torch.float32, 100, 40, 2, 4, tol=1e-5)
 
 
+class NotLaunched:
+    """Stands in for a kernel the single-pass path must not launch."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("the two-level kernels ran instead of the single-pass ones")
+
+
+def row_scan_only(monkeypatch):
+    monkeypatch.setattr(K, "ROW_SCAN_PROGRAMS_PER_SM", 0)
+    monkeypatch.setattr(K, "_h_sums_kernel", NotLaunched())
+    monkeypatch.setattr(K, "_u_sums_kernel", NotLaunched())
+
+
+@needs_interpreter
+@pytest.mark.parametrize("T,E,degree,heads", KERNEL_CASES)
+def test_interpreted_single_pass_kernels_match_float64_reference(monkeypatch, T, E, degree, heads):
+    """The single-pass kernels (one program per sequence and channel block) compute the same z,
+    chunk prefix sums and d[P | G] as the reference."""
+    row_scan_only(monkeypatch)
+    check_kernels("cpu", torch.float32, T, E, degree, heads, tol=1e-5)
+
+
 @needs_gpu
 @pytest.mark.parametrize("T,E,degree,heads", [*KERNEL_CASES, (4096, 1536, 2, 1)])
 def test_gpu_kernels_match_float64_reference(T, E, degree, heads):
+    check_kernels("cuda", torch.float32, T, E, degree, heads, tol=1e-5)
+    check_kernels("cuda", torch.bfloat16, T, E, degree, heads, tol=1e-2)
+
+
+@needs_gpu
+@pytest.mark.parametrize("T,E,degree,heads", [*KERNEL_CASES, (1024, 1536, 2, 1)])
+def test_gpu_single_pass_kernels_match_float64_reference(monkeypatch, T, E, degree, heads):
+    row_scan_only(monkeypatch)
     check_kernels("cuda", torch.float32, T, E, degree, heads, tol=1e-5)
     check_kernels("cuda", torch.bfloat16, T, E, degree, heads, tol=1e-2)
 

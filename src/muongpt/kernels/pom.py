@@ -25,7 +25,8 @@ sequence for ``block_c`` channels of every degree (launch shapes ``FWD``, ``BWD`
 totals (of h forward, of u backward), PyTorch turns them into exclusive prefix (suffix) sums
 across chunks, and the main kernel adds its chunk's carry to a scan inside the chunk. So the grid
 is (E / block_c) x (B·T / CHUNK) programs at every T, and T = 64K with B = 1 fills the GPU as
-well as T = 1K with B = 64.
+well as T = 1K with B = 64. The single-pass kernels (``ROW_SCAN_PROGRAMS_PER_SM``, off until
+timed) instead walk each sequence's chunks in one program, for many short rows.
 
 Why: compiled, the plain module spends about half its time in memory-bound pointwise kernels and
 the fp32 scan, which read and write (B, T, S) tensors several times. Here the forward reads
@@ -48,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from muongpt.kernels.triton_support import tl, triton
+from muongpt.kernels.triton_support import sm_count, tl, triton
 from muongpt.model.pom import PoM
 
 
@@ -65,6 +66,13 @@ CHUNK = 32  # tokens per program, both passes (the scan inside a chunk is one tl
 # per 65,536 tokens; the former forward shape, 64 x 64 x 8, took 1.12 ms.
 FWD = MixConfig(64, 4)
 BWD = MixConfig(32, 4)
+# The single-pass kernels (``_mix_*_rows_kernel``): one program walks a whole sequence's chunks
+# for its channels, the running totals in registers, so there is no chunk-sums kernel and no
+# PyTorch cumsum (about a quarter less memory traffic at T = 1K), but only B · E / block_c
+# programs, and a compilation per T. Used where that is at least this many programs per SM (short
+# rows, many of them); None = never: written 2026-12-04, checked under the interpreter, not yet
+# timed on a GPU (``benchmarks/pom_kernel_profile.py --row-scan`` times both).
+ROW_SCAN_PROGRAMS_PER_SM: float | None = None
 
 
 # ---------------------------------------------------------------- reference (PyTorch)
@@ -205,6 +213,23 @@ if triton is not None:
             tl.store(out + i * E + cols, tl.sum(tl.where(mask, h, 0.0), axis=0), mask=cmask)
 
     @triton.jit
+    def _fwd_degree(
+        pg, z, h, before, rows, rmask, mask, inv_count, cols, i, pid_c, E, W, S,
+        HEADS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        # Degree i of one chunk: h <- h GELU(P_i), z_i[t] = gate (before + Σ_{s<=t in chunk} h[s])
+        # / (t + 1). Returns h and the chunk's total of h_i.
+        s = i * E + cols  # state channels
+        p = tl.load(pg + rows[:, None] * W + s[None, :], mask=mask, other=0.0)
+        h = h * _gelu(p.to(tl.float32))
+        hm = tl.where(mask, h, 0.0)
+        m = (tl.cumsum(hm, axis=0) + before[None, :]) * inv_count[:, None]
+        gate = _gate(pg, rows, rmask, i, pid_c, E, W, S, HEADS, BLOCK_C)
+        out = _per_channel(gate, CHUNK, BLOCK_C, HEADS) * m
+        tl.store(z + rows[:, None] * S + s[None, :], out.to(z.dtype.element_ty), mask=mask)
+        return h, tl.sum(hm, axis=0)
+
+    @triton.jit
     def _mix_fwd_kernel(
         pg, prefix, z, T, n_chunks, E, W, S,
         DEGREE: tl.constexpr, HEADS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -217,14 +242,42 @@ if triton is not None:
         h = tl.full((CHUNK, BLOCK_C), 1.0, tl.float32)
         carry = prefix + pid_t.to(tl.int64) * S
         for i in tl.static_range(DEGREE):
-            s = i * E + cols  # state channels
-            p = tl.load(pg + rows[:, None] * W + s[None, :], mask=mask, other=0.0)
-            h = h * _gelu(p.to(tl.float32))
-            before = tl.load(carry + s, mask=cmask, other=0.0)
-            m = (tl.cumsum(tl.where(mask, h, 0.0), axis=0) + before[None, :]) * inv_count[:, None]
-            gate = _gate(pg, rows, rmask, i, pid_c, E, W, S, HEADS, BLOCK_C)
-            out = _per_channel(gate, CHUNK, BLOCK_C, HEADS) * m
-            tl.store(z + rows[:, None] * S + s[None, :], out.to(z.dtype.element_ty), mask=mask)
+            before = tl.load(carry + i * E + cols, mask=cmask, other=0.0)
+            h, _ = _fwd_degree(pg, z, h, before, rows, rmask, mask, inv_count, cols, i, pid_c,
+                               E, W, S, HEADS, CHUNK, BLOCK_C)  # fmt: skip
+
+    @triton.jit
+    def _row(totals, degrees, i):
+        """Row i of a (DEGREE_P2, BLOCK_C) table of running totals."""
+        return tl.sum(tl.where(degrees[:, None] == i, totals, 0.0), axis=0)
+
+    @triton.jit
+    def _mix_fwd_rows_kernel(
+        pg, prefix, z, T, E, W, S,
+        N_CHUNKS: tl.constexpr, DEGREE: tl.constexpr, DEGREE_P2: tl.constexpr,
+        HEADS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        # The single-pass forward: one program walks sequence b's chunks in order for BLOCK_C
+        # channels of every degree, the running totals in registers; each chunk's carry (the
+        # total before it) goes to prefix, as the two-level forward leaves it for the backward.
+        pid_c, b = tl.program_id(0), tl.program_id(1)
+        degrees = tl.arange(0, DEGREE_P2)
+        totals = tl.zeros((DEGREE_P2, BLOCK_C), tl.float32)
+        for n in range(N_CHUNKS):
+            pid_t = b * N_CHUNKS + n
+            _, chunk, t, rows, rmask, cols, cmask = _tile(
+                pid_c, pid_t, T, N_CHUNKS, E, CHUNK, BLOCK_C
+            )
+            mask = rmask[:, None] & cmask[None, :]
+            inv_count = 1.0 / (t + 1).to(tl.float32)
+            h = tl.full((CHUNK, BLOCK_C), 1.0, tl.float32)
+            carry = prefix + pid_t.to(tl.int64) * S
+            for i in tl.static_range(DEGREE):
+                before = _row(totals, degrees, i)
+                tl.store(carry + i * E + cols, before, mask=cmask)
+                h, total = _fwd_degree(pg, z, h, before, rows, rmask, mask, inv_count, cols, i,
+                                       pid_c, E, W, S, HEADS, CHUNK, BLOCK_C)  # fmt: skip
+                totals = tl.where(degrees[:, None] == i, totals + total[None, :], totals)
 
     @triton.jit
     def _u_sums_kernel(
@@ -245,6 +298,54 @@ if triton is not None:
             tl.store(out + s, tl.sum(u, axis=0), mask=cmask)
 
     @triton.jit
+    def _bwd_degree(
+        pg, dz, dpg, carry_f, rows, rmask, mask, inv_count, cols, cmask, pid_c, E, W, S,
+        DEG: tl.constexpr, HEADS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        # Degree DEG (i below) of one chunk, up to the mean's gradient: stores dG and returns
+        # h_{i-1}, P_i, a_i = GELU(P_i) and u_i = dz_i g / (t + 1) (zero outside the tile).
+        h_below = tl.full((CHUNK, BLOCK_C), 1.0, tl.float32)  # h_{i-1}, recomputed
+        for j in tl.static_range(DEG):
+            pj = tl.load(pg + rows[:, None] * W + (j * E + cols)[None, :], mask=mask, other=0.0)
+            h_below = h_below * _gelu(pj.to(tl.float32))
+        s = DEG * E + cols
+        p = tl.load(pg + rows[:, None] * W + s[None, :], mask=mask, other=0.0).to(tl.float32)
+        a = _gelu(p)
+        h = tl.where(mask, h_below * a, 0.0)
+        before = tl.load(carry_f + s, mask=cmask, other=0.0)
+        m = (tl.cumsum(h, axis=0) + before[None, :]) * inv_count[:, None]
+        gate = _gate(pg, rows, rmask, DEG, pid_c, E, W, S, HEADS, BLOCK_C)
+        g = _per_channel(gate, CHUNK, BLOCK_C, HEADS)
+        d = tl.load(dz + rows[:, None] * S + s[None, :], mask=mask, other=0.0).to(tl.float32)
+        # the gate: Σ over the heads that share it
+        dg = d * m
+        if HEADS == 1:
+            dg = dg * g * (1.0 - g)
+            tl.store(dpg + rows[:, None] * W + (S + s)[None, :],
+                     dg.to(dpg.dtype.element_ty), mask=mask)  # fmt: skip
+        else:
+            dg = tl.sum(tl.reshape(dg, (CHUNK, BLOCK_C // HEADS, HEADS)), axis=2)
+            dg = dg * gate * (1.0 - gate)
+            gk = tl.arange(0, BLOCK_C // HEADS)
+            gmask = rmask[:, None] & (pid_c * BLOCK_C + gk * HEADS < E)[None, :]
+            gcol = S + (DEG * E + pid_c * BLOCK_C) // HEADS + gk
+            tl.store(dpg + rows[:, None] * W + gcol[None, :],
+                     dg.to(dpg.dtype.element_ty), mask=gmask)  # fmt: skip
+        u = tl.where(mask, d * g * inv_count[:, None], 0.0)
+        return h_below, p, a, u
+
+    @triton.jit
+    def _bwd_products(dpg, c, a_above, h_below, p, u, after, rows, mask, s, W):
+        # The mean: dh_i[s] = Σ_{t >= s} u_t, the chunk's own part plus ``after``, the later
+        # chunks' total; the products: c_i = dh_i + c_{i+1} a_{i+1}, da_i = c_i h_{i-1}; stores
+        # dP_i. (``after`` is read by the caller only here: loaded earlier, it costs registers.)
+        dh = tl.sum(u, axis=0)[None, :] - tl.cumsum(u, axis=0) + u + after[None, :]
+        c = dh + c * a_above
+        dp = c * h_below * _gelu_grad(p)
+        tl.store(dpg + rows[:, None] * W + s[None, :], dp.to(dpg.dtype.element_ty), mask=mask)
+        return c
+
+    @triton.jit
     def _mix_bwd_kernel(
         pg, prefix, suffix, dz, dpg, T, n_chunks, E, W, S,
         DEGREE: tl.constexpr, HEADS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -259,46 +360,57 @@ if triton is not None:
         c = tl.zeros((CHUNK, BLOCK_C), tl.float32)  # dL/dh_i through the higher degrees
         a_above = tl.full((CHUNK, BLOCK_C), 1.0, tl.float32)
         for i in tl.static_range(DEGREE - 1, -1, -1):
-            h_below = tl.full((CHUNK, BLOCK_C), 1.0, tl.float32)  # h_{i-1}, recomputed
-            for j in tl.static_range(i):
-                pj = tl.load(pg + rows[:, None] * W + (j * E + cols)[None, :], mask=mask, other=0.0)
-                h_below = h_below * _gelu(pj.to(tl.float32))
+            h_below, p, a, u = _bwd_degree(pg, dz, dpg, carry_f, rows, rmask, mask, inv_count,
+                                           cols, cmask, pid_c, E, W, S, i, HEADS, CHUNK,
+                                           BLOCK_C)  # fmt: skip
             s = i * E + cols
-            p = tl.load(pg + rows[:, None] * W + s[None, :], mask=mask, other=0.0).to(tl.float32)
-            a = _gelu(p)
-            h = tl.where(mask, h_below * a, 0.0)
-            before = tl.load(carry_f + s, mask=cmask, other=0.0)
-            m = (tl.cumsum(h, axis=0) + before[None, :]) * inv_count[:, None]
-            gate = _gate(pg, rows, rmask, i, pid_c, E, W, S, HEADS, BLOCK_C)
-            g = _per_channel(gate, CHUNK, BLOCK_C, HEADS)
-            d = tl.load(dz + rows[:, None] * S + s[None, :], mask=mask, other=0.0).to(tl.float32)
-            # the gate: Σ over the heads that share it
-            dg = d * m
-            if HEADS == 1:
-                dg = dg * g * (1.0 - g)
-                tl.store(dpg + rows[:, None] * W + (S + s)[None, :],
-                         dg.to(dpg.dtype.element_ty), mask=mask)  # fmt: skip
-            else:
-                dg = tl.sum(tl.reshape(dg, (CHUNK, BLOCK_C // HEADS, HEADS)), axis=2)
-                dg = dg * gate * (1.0 - gate)
-                gk = tl.arange(0, BLOCK_C // HEADS)
-                gmask = rmask[:, None] & (pid_c * BLOCK_C + gk * HEADS < E)[None, :]
-                gcol = S + (i * E + pid_c * BLOCK_C) // HEADS + gk
-                tl.store(dpg + rows[:, None] * W + gcol[None, :],
-                         dg.to(dpg.dtype.element_ty), mask=gmask)  # fmt: skip
-            # the mean: dh_i[s] = Σ_{t >= s} u_t, the chunk's own part plus the later chunks'
-            u = tl.where(mask, d * g * inv_count[:, None], 0.0)
             after = tl.load(carry_r + s, mask=cmask, other=0.0)
-            dh = tl.sum(u, axis=0)[None, :] - tl.cumsum(u, axis=0) + u + after[None, :]
-            # the products: c_i = dh_i + c_{i+1} a_{i+1}, da_i = c_i h_{i-1}
-            c = dh + c * a_above
-            dp = c * h_below * _gelu_grad(p)
-            tl.store(dpg + rows[:, None] * W + s[None, :], dp.to(dpg.dtype.element_ty), mask=mask)
+            c = _bwd_products(dpg, c, a_above, h_below, p, u, after, rows, mask, s, W)
             a_above = a
+
+    @triton.jit
+    def _mix_bwd_rows_kernel(
+        pg, prefix, dz, dpg, T, E, W, S,
+        N_CHUNKS: tl.constexpr, DEGREE: tl.constexpr, DEGREE_P2: tl.constexpr,
+        HEADS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        # The single-pass backward: one program walks sequence b's chunks from the last to the
+        # first, the running totals of u (the reverse sums) in registers.
+        pid_c, b = tl.program_id(0), tl.program_id(1)
+        degrees = tl.arange(0, DEGREE_P2)
+        totals = tl.zeros((DEGREE_P2, BLOCK_C), tl.float32)
+        for n in range(N_CHUNKS):
+            pid_t = b * N_CHUNKS + (N_CHUNKS - 1 - n)
+            _, chunk, t, rows, rmask, cols, cmask = _tile(
+                pid_c, pid_t, T, N_CHUNKS, E, CHUNK, BLOCK_C
+            )
+            mask = rmask[:, None] & cmask[None, :]
+            inv_count = 1.0 / (t + 1).to(tl.float32)
+            carry_f = prefix + pid_t.to(tl.int64) * S
+            c = tl.zeros((CHUNK, BLOCK_C), tl.float32)
+            a_above = tl.full((CHUNK, BLOCK_C), 1.0, tl.float32)
+            for i in tl.static_range(DEGREE - 1, -1, -1):
+                h_below, p, a, u = _bwd_degree(pg, dz, dpg, carry_f, rows, rmask, mask, inv_count,
+                                               cols, cmask, pid_c, E, W, S, i, HEADS, CHUNK,
+                                               BLOCK_C)  # fmt: skip
+                s = i * E + cols
+                c = _bwd_products(dpg, c, a_above, h_below, p, u, _row(totals, degrees, i), rows,
+                                  mask, s, W)  # fmt: skip
+                totals = tl.where(degrees[:, None] == i, totals + tl.sum(u, axis=0)[None, :],
+                                  totals)  # fmt: skip
+                a_above = a
 
 
 def _grid(B: int, T: int, E: int, block_c: int) -> tuple[int, int]:
     return triton.cdiv(E, block_c), B * triton.cdiv(T, CHUNK)
+
+
+def _row_scan(pg: Tensor, B: int, E: int, block_c: int) -> bool:
+    """Whether the single-pass kernels run (``ROW_SCAN_PROGRAMS_PER_SM``)."""
+    if ROW_SCAN_PROGRAMS_PER_SM is None:
+        return False
+    sms = sm_count(pg.device.index or 0) if pg.is_cuda else 1
+    return B * triton.cdiv(E, block_c) >= ROW_SCAN_PROGRAMS_PER_SM * sms
 
 
 def _check_heads(heads: int, block_c: int) -> None:
@@ -316,6 +428,15 @@ def mix_forward_kernel(pg: Tensor, degree: int, heads: int) -> tuple[Tensor, Ten
     S, E = _split_widths(pg, degree, heads)
     grid = _grid(B, T, E, cfg.block_c)
     n_chunks = grid[1] // B
+    if _row_scan(pg, B, E, cfg.block_c):
+        prefix = torch.empty((B, n_chunks, S), device=pg.device, dtype=torch.float32)
+        z = torch.empty((B, T, S), device=pg.device, dtype=pg.dtype)
+        _mix_fwd_rows_kernel[(grid[0], B)](
+            pg, prefix, z, T, E, W, S,
+            N_CHUNKS=n_chunks, DEGREE=degree, DEGREE_P2=triton.next_power_of_2(degree),
+            HEADS=heads, CHUNK=CHUNK, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+        )  # fmt: skip
+        return z, prefix
     sums = torch.empty((B, n_chunks, S), device=pg.device, dtype=torch.float32)
     _h_sums_kernel[grid](
         pg, sums, T, n_chunks, E, W, S,
@@ -339,13 +460,20 @@ def mix_backward_kernel(pg: Tensor, prefix: Tensor, dz: Tensor, degree: int, hea
     S, E = _split_widths(pg, degree, heads)
     grid = _grid(B, T, E, cfg.block_c)
     n_chunks = grid[1] // B
+    dpg = torch.empty_like(pg)
+    if _row_scan(pg, B, E, cfg.block_c):
+        _mix_bwd_rows_kernel[(grid[0], B)](
+            pg, prefix, dz, dpg, T, E, W, S,
+            N_CHUNKS=n_chunks, DEGREE=degree, DEGREE_P2=triton.next_power_of_2(degree),
+            HEADS=heads, CHUNK=CHUNK, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+        )  # fmt: skip
+        return dpg
     sums = torch.empty((B, n_chunks, S), device=pg.device, dtype=torch.float32)
     _u_sums_kernel[grid](
         pg, dz, sums, T, n_chunks, E, W, S,
         DEGREE=degree, HEADS=heads, CHUNK=CHUNK, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )  # fmt: skip
     suffix = _exclusive_cumsum(sums, reverse=True)
-    dpg = torch.empty_like(pg)
     _mix_bwd_kernel[grid](
         pg, prefix, suffix, dz, dpg, T, n_chunks, E, W, S,
         DEGREE=degree, HEADS=heads, CHUNK=CHUNK, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
