@@ -7,6 +7,29 @@ import torch
 # Tests are single-threaded by default: CI has 2 cores and runs processes of its own.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+
+def _interpret_scalars_with_numpy_2_4() -> None:
+    """Triton's interpreter (3.6) turns a runtime scalar into a Python int with int() of a
+    one-element array, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted"):
+    a kernel whose loop bound is a runtime value fails there. Read the element instead."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None:
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpret_scalars_with_numpy_2_4()
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
