@@ -19,16 +19,16 @@ FLOPs per token (PaLM appendix B convention, counting the full attention matrix)
 
 N: the parameters of every matmul, the lm_head included (embedding tables excluded: they are
 lookups); d = n_embd; C_l the attention context of layer l: T = seq_len, or its sliding window
-(``model.attn_window`` x its ``window_pattern`` fraction) where shorter; MLP-only layers have
-none. Where attention is document-masked, T becomes each token's document (its part in the row),
-averaged over the tokens of a few of the run's training batches: at 64K-token rows of ~1K-token
-documents the row would overcount attention 60-fold. A window schedule
-(``training.attn_window_start``) and a batch ramp (``training.batch_size_start``) are switched
-off: steps run at the full window and batch. (With full causal attention on every layer, and
-no document mask, this is PaLM's 6N + 12 L T d.) MFU = FLOPs/token * tokens/s / peak, the peak being the GPU's dense
-bf16 FLOP/s (``peak_flops``: H100/H200 SXM 989e12, H100 PCIe 756e12, A100 312e12) or
-``MUONGPT_PEAK_FLOPS`` where set; on CPU, or a GPU not in the table, no MFU is reported. Training state is not restored:
-benchmark a fresh run, never one you mean to keep.
+(``model.attn_window`` x its ``window_pattern`` fraction) where shorter; MLP-only layers have none.
+Where attention is document-masked, T becomes each token's document (its part in the row), averaged
+over the tokens of a few of the run's training batches (at 64K-token rows of the bench pack the row
+overcounts attention 13-fold). A window schedule (``training.attn_window_start``) and a batch ramp
+(``training.batch_size_start``) are switched off: steps run at the full window and batch. (With
+full causal attention on every layer, and no document mask, this is PaLM's 6N + 12 L T d.) MFU =
+FLOPs/token * tokens/s / peak, the peak being the GPU's dense bf16 FLOP/s (``peak_flops``:
+H100/H200 SXM 989e12, H100 PCIe 756e12, A100 312e12) or ``MUONGPT_PEAK_FLOPS`` where set; on CPU,
+or a GPU not in the table, no MFU is reported. Training state is not restored: benchmark a fresh
+run, never one you mean to keep.
 """
 
 from __future__ import annotations
