@@ -167,14 +167,15 @@ if triton is not None:
 
     @triton.jit
     def _tile(pid_c, pid_t, T, n_chunks, E, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
-        """This program's sequence b, chunk, token positions t (in the sequence), flat row
-        indices (int64), row mask, channel offsets in a degree block and their mask."""
-        b = pid_t // n_chunks
-        chunk = pid_t % n_chunks
-        t = chunk * CHUNK + tl.arange(0, CHUNK)
-        rows = (b * T + t).to(tl.int64)
+        """Chunk pid_t (of the flattened B x n_chunks) and channel block pid_c: flat row indices
+        (int64), row mask, channel offsets in a degree block, their mask, the tile's mask and
+        1 / (t + 1) for the token positions t in the sequence."""
+        t = (pid_t % n_chunks) * CHUNK + tl.arange(0, CHUNK)
+        rows = ((pid_t // n_chunks) * T + t).to(tl.int64)
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        return b, chunk, t, rows, t < T, cols, cols < E
+        rmask, cmask = t < T, cols < E
+        inv_count = 1.0 / (t + 1).to(tl.float32)
+        return rows, rmask, cols, cmask, rmask[:, None] & cmask[None, :], inv_count
 
     @triton.jit
     def _gate(pg, rows, rmask, i, pid_c, E, W, S, HEADS: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -203,8 +204,7 @@ if triton is not None:
     ):  # fmt: skip
         # sums[b, chunk, iE + c] = Σ_{t in chunk} h_i[t, c]
         pid_c, pid_t = tl.program_id(0), tl.program_id(1)
-        b, chunk, t, rows, rmask, cols, cmask = _tile(pid_c, pid_t, T, n_chunks, E, CHUNK, BLOCK_C)
-        mask = rmask[:, None] & cmask[None, :]
+        rows, rmask, cols, cmask, mask, _ = _tile(pid_c, pid_t, T, n_chunks, E, CHUNK, BLOCK_C)
         h = tl.full((CHUNK, BLOCK_C), 1.0, tl.float32)
         out = sums + pid_t.to(tl.int64) * S
         for i in tl.static_range(DEGREE):
@@ -236,9 +236,9 @@ if triton is not None:
     ):  # fmt: skip
         # z[t, iE + c] = sigmoid(G[t, (iE + c) // H]) (prefix + Σ_{s<=t in chunk} h_i[s, c]) / (t+1)
         pid_c, pid_t = tl.program_id(0), tl.program_id(1)
-        b, chunk, t, rows, rmask, cols, cmask = _tile(pid_c, pid_t, T, n_chunks, E, CHUNK, BLOCK_C)
-        mask = rmask[:, None] & cmask[None, :]
-        inv_count = 1.0 / (t + 1).to(tl.float32)
+        rows, rmask, cols, cmask, mask, inv_count = _tile(
+            pid_c, pid_t, T, n_chunks, E, CHUNK, BLOCK_C
+        )
         h = tl.full((CHUNK, BLOCK_C), 1.0, tl.float32)
         carry = prefix + pid_t.to(tl.int64) * S
         for i in tl.static_range(DEGREE):
@@ -265,11 +265,9 @@ if triton is not None:
         totals = tl.zeros((DEGREE_P2, BLOCK_C), tl.float32)
         for n in range(N_CHUNKS):
             pid_t = b * N_CHUNKS + n
-            _, chunk, t, rows, rmask, cols, cmask = _tile(
+            rows, rmask, cols, cmask, mask, inv_count = _tile(
                 pid_c, pid_t, T, N_CHUNKS, E, CHUNK, BLOCK_C
             )
-            mask = rmask[:, None] & cmask[None, :]
-            inv_count = 1.0 / (t + 1).to(tl.float32)
             h = tl.full((CHUNK, BLOCK_C), 1.0, tl.float32)
             carry = prefix + pid_t.to(tl.int64) * S
             for i in tl.static_range(DEGREE):
@@ -286,9 +284,9 @@ if triton is not None:
     ):  # fmt: skip
         # sums[b, chunk, s] = Σ_{t in chunk} dz[t, s] sigmoid(G[t, s // H]) / (t + 1)
         pid_c, pid_t = tl.program_id(0), tl.program_id(1)
-        b, chunk, t, rows, rmask, cols, cmask = _tile(pid_c, pid_t, T, n_chunks, E, CHUNK, BLOCK_C)
-        mask = rmask[:, None] & cmask[None, :]
-        inv_count = 1.0 / (t + 1).to(tl.float32)
+        rows, rmask, cols, cmask, mask, inv_count = _tile(
+            pid_c, pid_t, T, n_chunks, E, CHUNK, BLOCK_C
+        )
         out = sums + pid_t.to(tl.int64) * S
         for i in tl.static_range(DEGREE):
             s = i * E + cols
@@ -352,9 +350,9 @@ if triton is not None:
     ):  # fmt: skip
         # d[P | G] of one chunk x BLOCK_C channels of every degree, degrees from the top down.
         pid_c, pid_t = tl.program_id(0), tl.program_id(1)
-        b, chunk, t, rows, rmask, cols, cmask = _tile(pid_c, pid_t, T, n_chunks, E, CHUNK, BLOCK_C)
-        mask = rmask[:, None] & cmask[None, :]
-        inv_count = 1.0 / (t + 1).to(tl.float32)
+        rows, rmask, cols, cmask, mask, inv_count = _tile(
+            pid_c, pid_t, T, n_chunks, E, CHUNK, BLOCK_C
+        )
         carry_f = prefix + pid_t.to(tl.int64) * S
         carry_r = suffix + pid_t.to(tl.int64) * S
         c = tl.zeros((CHUNK, BLOCK_C), tl.float32)  # dL/dh_i through the higher degrees
@@ -381,11 +379,9 @@ if triton is not None:
         totals = tl.zeros((DEGREE_P2, BLOCK_C), tl.float32)
         for n in range(N_CHUNKS):
             pid_t = b * N_CHUNKS + (N_CHUNKS - 1 - n)
-            _, chunk, t, rows, rmask, cols, cmask = _tile(
+            rows, rmask, cols, cmask, mask, inv_count = _tile(
                 pid_c, pid_t, T, N_CHUNKS, E, CHUNK, BLOCK_C
             )
-            mask = rmask[:, None] & cmask[None, :]
-            inv_count = 1.0 / (t + 1).to(tl.float32)
             carry_f = prefix + pid_t.to(tl.int64) * S
             c = tl.zeros((CHUNK, BLOCK_C), tl.float32)
             a_above = tl.full((CHUNK, BLOCK_C), 1.0, tl.float32)
