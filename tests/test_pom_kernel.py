@@ -174,9 +174,29 @@ def check_kernels(device, dtype, T, E, degree, heads, tol):
     assert rel_err(dpg[..., S:], want[..., S:]) < tol
 
 
+class NotLaunched:
+    """Stands in for a kernel the chosen path must not launch."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("the other path's kernels ran")
+
+
+def row_scan_only(monkeypatch):
+    monkeypatch.setattr(K, "ROW_SCAN_PROGRAMS_PER_SM", 0)
+    monkeypatch.setattr(K, "_h_sums_kernel", NotLaunched())
+    monkeypatch.setattr(K, "_u_sums_kernel", NotLaunched())
+
+
+def two_pass_only(monkeypatch):
+    monkeypatch.setattr(K, "ROW_SCAN_PROGRAMS_PER_SM", None)
+    monkeypatch.setattr(K, "_mix_fwd_rows_kernel", NotLaunched())
+    monkeypatch.setattr(K, "_mix_bwd_rows_kernel", NotLaunched())
+
+
 @needs_interpreter
 @pytest.mark.parametrize("T,E,degree,heads", KERNEL_CASES)
-def test_interpreted_kernels_match_float64_reference(T, E, degree, heads):
+def test_interpreted_kernels_match_float64_reference(monkeypatch, T, E, degree, heads):
+    two_pass_only(monkeypatch)
     check_kernels("cpu", torch.float32, T, E, degree, heads, tol=1e-5)
 
 
@@ -186,20 +206,8 @@ def test_interpreted_kernels_at_other_launch_shapes(monkeypatch):
     monkeypatch.setattr(K, "CHUNK", 32)
     monkeypatch.setattr(K, "FWD", K.MixConfig(16, 4))
     monkeypatch.setattr(K, "BWD", K.MixConfig(32, 2))
+    two_pass_only(monkeypatch)
     check_kernels("cpu", torch.float32, 100, 40, 2, 4, tol=1e-5)
-
-
-class NotLaunched:
-    """Stands in for a kernel the single-pass path must not launch."""
-
-    def __getitem__(self, grid):
-        raise AssertionError("the two-level kernels ran instead of the single-pass ones")
-
-
-def row_scan_only(monkeypatch):
-    monkeypatch.setattr(K, "ROW_SCAN_PROGRAMS_PER_SM", 0)
-    monkeypatch.setattr(K, "_h_sums_kernel", NotLaunched())
-    monkeypatch.setattr(K, "_u_sums_kernel", NotLaunched())
 
 
 @needs_interpreter
@@ -213,7 +221,8 @@ def test_interpreted_single_pass_kernels_match_float64_reference(monkeypatch, T,
 
 @needs_gpu
 @pytest.mark.parametrize("T,E,degree,heads", [*KERNEL_CASES, (4096, 1536, 2, 1)])
-def test_gpu_kernels_match_float64_reference(T, E, degree, heads):
+def test_gpu_kernels_match_float64_reference(monkeypatch, T, E, degree, heads):
+    two_pass_only(monkeypatch)
     check_kernels("cuda", torch.float32, T, E, degree, heads, tol=1e-5)
     check_kernels("cuda", torch.bfloat16, T, E, degree, heads, tol=1e-2)
 

@@ -25,8 +25,8 @@ sequence for ``block_c`` channels of every degree (launch shapes ``FWD``, ``BWD`
 totals (of h forward, of u backward), PyTorch turns them into exclusive prefix (suffix) sums
 across chunks, and the main kernel adds its chunk's carry to a scan inside the chunk. So the grid
 is (E / block_c) x (B·T / CHUNK) programs at every T, and T = 64K with B = 1 fills the GPU as
-well as T = 1K with B = 64. The single-pass kernels (``ROW_SCAN_PROGRAMS_PER_SM``, off until
-timed) instead walk each sequence's chunks in one program, for many short rows.
+well as T = 1K with B = 64. The single-pass kernels (``ROW_SCAN_PROGRAMS_PER_SM``) instead walk
+each sequence's chunks in one program, for many short rows.
 
 Why: compiled, the plain module spends about half its time in memory-bound pointwise kernels and
 the fp32 scan, which read and write (B, T, S) tensors several times. Here the forward reads
@@ -61,18 +61,18 @@ class MixConfig(NamedTuple):
 
 
 CHUNK = 32  # tokens per program, both passes (the scan inside a chunk is one tl.cumsum)
-# The fastest of nine shapes (benchmarks/pom_kernel_profile.py, H200, torch 2.11, 2026-12-04;
-# d = 768, k = e = 2, T = 4K): forward 32 x 64 x 4 warps 1.04 ms, backward 32 x 32 x 4 2.06 ms
-# per 65,536 tokens; the former forward shape, 64 x 64 x 8, took 1.12 ms.
-FWD = MixConfig(64, 4)
+# The fastest shapes at the default PoM (d = 768, degree 2, expansion 1, 4 selection heads, T = 1K,
+# 65,536 tokens; benchmarks/pom_kernel_profile.py, H200, torch 2.11, 2026-12-04): forward
+# 32 x 32 x 2 warps 0.51 ms, backward 32 x 32 x 4 1.10 ms; 32 x 64 x 4 forward took 0.58 ms.
+FWD = MixConfig(32, 2)
 BWD = MixConfig(32, 4)
 # The single-pass kernels (``_mix_*_rows_kernel``): one program walks a whole sequence's chunks
 # for its channels, the running totals in registers, so there is no chunk-sums kernel and no
-# PyTorch cumsum (about a quarter less memory traffic at T = 1K), but only B · E / block_c
-# programs, and a compilation per T. Used where that is at least this many programs per SM (short
-# rows, many of them); None = never: written 2026-12-04, checked under the interpreter, not yet
-# timed on a GPU (``benchmarks/pom_kernel_profile.py --row-scan`` times both).
-ROW_SCAN_PROGRAMS_PER_SM: float | None = None
+# PyTorch cumsum, but only B · E / block_c programs, and a compilation per T. Used where that is
+# at least this many programs per SM (short rows, many of them): at T = 1K (B = 64, 11.6 programs
+# per SM on an H200) the backward took 0.96 ms against 1.10, the forward 0.55 against 0.51 (same
+# benchmark, --row-scan); at T = 4K there are 2.9.
+ROW_SCAN_PROGRAMS_PER_SM: float | None = 8
 
 
 # ---------------------------------------------------------------- reference (PyTorch)
