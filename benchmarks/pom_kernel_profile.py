@@ -47,7 +47,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--degree", type=int, default=MIXING.pom_degree)
     p.add_argument("--expand", type=int, default=MIXING.pom_expand)
-    p.add_argument("--heads", type=int, default=1, help="n_sel_heads")
+    p.add_argument("--heads", type=int, default=MIXING.pom_n_sel_heads, help="n_sel_heads")
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--T", type=int, default=4096)
     p.add_argument(

@@ -104,10 +104,15 @@ def built_model(model: dict):
     [
         ("tiny", []),
         ("speedrun_bench", ["experiment=speedrun_bench"]),
-        # 0.1 had no PoM convolution and expansion 2 (today's defaults are 4 and 1)
+        # 0.1 had no PoM convolution, expansion 2 and one selection head (today's defaults: 4, 1, 4)
         (
             "hybrid_baseline",
-            ["experiment=hybrid_baseline", "model.mixing.pom_conv=0", "model.mixing.pom_expand=2"],
+            [
+                "experiment=hybrid_baseline",
+                "model.mixing.pom_conv=0",
+                "model.mixing.pom_expand=2",
+                "model.mixing.pom_n_sel_heads=1",
+            ],
         ),
     ],
 )
