@@ -169,6 +169,8 @@ class PoM(nn.Module):
         continues after the cache's tail, which is then advanced to x's last conv - 1 tokens."""
         if not self.conv:
             return x
+        if torch.is_autocast_enabled(x.device.type):  # the matmuls round u anyway: half the bytes
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         B, T, D = x.shape
         k = self.conv
         past = x.new_zeros(B, k - 1, D) if cache is None else cache.tail.to(x.dtype)
