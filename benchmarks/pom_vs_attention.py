@@ -130,10 +130,29 @@ def bench_one(kind: str, T: int, args: argparse.Namespace, device: torch.device)
             peak = torch.cuda.max_memory_allocated()
             row["peak_mib"] = peak / 2**20
             row["peak_over_inputs_mib"] = (peak - base) / 2**20  # activations + workspace
+        if args.profile and cuda:
+            row["kernels"] = kernel_table(step, args.profile_steps)
         row["status"] = "ok"
     except torch.OutOfMemoryError:
         row["status"] = "oom"
     return row
+
+
+def kernel_table(step, steps: int, top: int = 14) -> list[dict]:
+    """The GPU kernels of ``steps`` steps (torch.profiler): the ``top`` by time, microseconds
+    per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows = [
+        {"kernel": e.key[:90], "us": e.device_time_total / steps, "calls": e.count / steps}
+        for e in prof.key_averages()
+        if e.device_time_total > 0
+    ]
+    return sorted(rows, key=lambda r: -r["us"])[:top]
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -201,6 +220,15 @@ def print_table(rows: list[dict], summary: dict) -> None:
         )
 
 
+def print_kernels(rows: list[dict]) -> None:
+    for r in rows:
+        if "kernels" not in r:
+            continue
+        print(f"{r['layer']} T={r['T']}: GPU kernels, microseconds per step")
+        for k in r["kernels"]:
+            print(f"  {k['us']:9.1f}  x{k['calls']:<4g} {k['kernel']}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="JSON result file")
@@ -219,6 +247,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--warmup", type=int, default=None, help="default 5, 10 with --compile")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--profile", action="store_true", help="also list each run's GPU kernels")
+    p.add_argument("--profile-steps", type=int, default=5)
     args = p.parse_args(argv)
     if args.small:
         args.dim, args.heads, args.tokens = 64, 2, 2048
@@ -264,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
+    print_kernels(rows)
     print_table(rows, summary)
 
 
