@@ -39,8 +39,8 @@ class MixingConfig:
     # 1, not 2: at d12 (bench pack, 100 steps) 0.017-0.035 nats worse at equal tokens, 17-24% less
     # training time, half the state (docs/pom.md)
     pom_expand: int = 1
-    # 4, not 1: at d12 (bench pack, 100 steps, two seeds) 0.00-0.03 nats worse at equal tokens, the
-    # layer 6-7 ns/token faster, so PoM models train as fast as attention at T = 1K (docs/pom.md)
+    # 4, not 1: a 4x smaller gate matmul, the layer about 7 ns/token faster; at d12 (bench pack,
+    # 100 steps, seed 1337) 0.001 (PoM) and 0.019 (hybrid) nats worse at equal tokens (docs/pom.md)
     pom_n_sel_heads: int = 4
     # width of PoM's causal depthwise convolution, its position signal (0 = none): d12 on the
     # bench pack, 100 steps, val 5.175 with it against 5.542 without (docs/pom.md)
