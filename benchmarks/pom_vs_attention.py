@@ -61,9 +61,10 @@ def make_layer(kind: str, args: argparse.Namespace, device: torch.device) -> nn.
         # A trained layer's output projection is not zero: keep the values flowing realistic.
         nn.init.normal_(layer.proj.weight, std=layer.state_dim**-0.5)
         if kind == "pom_fused":
-            from muongpt.kernels.pom import FusedPoM
+            from muongpt.kernels import pom as fused_pom
 
-            layer = FusedPoM(layer)
+            fused_pom.FUSED_CONV = args.fused_conv
+            layer = fused_pom.FusedPoM(layer)
     else:
         layer = CausalAttentionLayer(args.dim, args.heads)
     return layer.to(device)
@@ -248,6 +249,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="default 5, 10 with --compile")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--profile", action="store_true", help="also list each run's GPU kernels")
+    p.add_argument(
+        "--fused-conv", action="store_true", help="pom_fused: the convolution by its Triton op"
+    )
     p.add_argument("--profile-steps", type=int, default=5)
     args = p.parse_args(argv)
     if args.small:

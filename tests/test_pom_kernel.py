@@ -237,13 +237,16 @@ def test_gpu_single_pass_kernels_match_float64_reference(monkeypatch, T, E, degr
 
 @needs_gpu
 @pytest.mark.parametrize("compile", [False, True])
-def test_gpu_fused_module_matches_plain_under_autocast(compile):
+@pytest.mark.parametrize("conv,fused_conv", [(0, False), (4, False), (4, True)])
+def test_gpu_fused_module_matches_plain_under_autocast(monkeypatch, compile, conv, fused_conv):
+    monkeypatch.setattr(K, "FUSED_CONV", fused_conv)
     torch.manual_seed(0)
-    pom = make_pom(dim=256, degree=2, expand=2, scan_chunk=256, dtype=torch.float32).cuda()
+    pom = make_pom(dim=256, degree=2, expand=2, scan_chunk=256, dtype=torch.float32, conv=conv)
+    pom = pom.cuda()
     fused = K.FusedPoM(pom)
     x = torch.randn(4, 1024, 256, device="cuda")
     dy = torch.randn(4, 1024, 256, device="cuda")
-    exact = make_pom(dim=256, degree=2, expand=2, dtype=torch.float64).cuda()
+    exact = make_pom(dim=256, degree=2, expand=2, dtype=torch.float64, conv=conv).cuda()
     exact.load_state_dict(pom.state_dict())
 
     def run(module, x, autocast=True):

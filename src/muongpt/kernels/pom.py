@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from muongpt.kernels.causal_conv import causal_conv
 from muongpt.kernels.triton_support import sm_count, tl, triton
 from muongpt.model.pom import PoM
 
@@ -73,6 +74,10 @@ BWD = MixConfig(32, 4)
 # per SM on an H200) the backward took 0.96 ms against 1.10, the forward 0.55 against 0.51 (same
 # benchmark, --row-scan); at T = 4K there are 2.9.
 ROW_SCAN_PROGRAMS_PER_SM: float | None = 8
+# The convolution (``pom_conv``) by ``kernels/causal_conv.py`` instead of the module's PyTorch:
+# written 2026-12-04, checked against the float64 reference under the interpreter, not yet timed
+# on a GPU (``pom_vs_attention.py --fused-conv`` times it), so off.
+FUSED_CONV = False
 
 
 # ---------------------------------------------------------------- reference (PyTorch)
@@ -579,6 +584,12 @@ class FusedPoM(PoM):
         if self.dim != x.size(-1):
             return super().forward(x)  # the plain module raises the error
         weight = torch.cat([self.poly.weight, self.select.weight])  # one matmul for P and G
-        pg = F.linear(self.local(x), weight)
+        pg = F.linear(self.fused_local(x) if FUSED_CONV and self.conv else self.local(x), weight)
         z = pom_mix(pg, self.degree, self.n_sel_heads)
         return F.linear(z, self.proj.weight)
+
+    def fused_local(self, x: Tensor) -> Tensor:
+        """``local`` by the ``causal_conv`` op, u in the autocast dtype (the matmul's input)."""
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        return causal_conv(x, self.conv_weight.view(self.conv, self.dim), dtype)
