@@ -4,13 +4,14 @@
 #   bash benchmarks/pom_suite.sh kernel    # one layer: fused PoM vs plain vs attention; decoding
 #   bash benchmarks/pom_suite.sh quality   # d12, bench pack, 100 steps x 131,072 tokens, Muon
 #   bash benchmarks/pom_suite.sh long      # d12 at T = 8K, 32K, 64K, 131,072 tokens per step
+#   bash benchmarks/pom_suite.sh profile   # d12 at T = 1K: a training step's GPU kernels, per model
 # (expects .whl/ and .devdata/bench/*.xz, see device_setup.sh). STEPS overrides the step counts,
 # SEED the seed, TS the long part's sequence lengths (TS="8192 32768" runs two of them), RUNS the
 # quality and long parts' runs (RUNS="attention pom_conv4 hybrid3_conv4" runs three of them),
 # EXTRA overrides added to every run (EXTRA="model.mixing.pom_n_sel_heads=1").
 set -uo pipefail
 source benchmarks/device_setup.sh
-PART=${1:?usage: pom_suite.sh kernel|quality|long}
+PART=${1:?usage: pom_suite.sh kernel|quality|long|profile}
 R=$OUT/pom_$PART; mkdir -p "$R"
 run() { echo "=== $*"; "$@" 2>&1 | tail -n 25; tar -czf "$OUT/pom_$PART.tar.gz" -C "$OUT" "pom_$PART"; }
 FUSED="kernels.converters=[fused_pom]"
@@ -62,6 +63,14 @@ long)
   done
   [ -z "${TS:-}" ] && run python3 benchmarks/pom_long_context_plot.py --results "$R" --out "$R/pom_long_context.png"
   ;;
-*) echo "unknown part $PART (kernel, quality, long)"; exit 2 ;;
+profile)
+  # Where a whole model's step goes (the quality part's recipe): the layer benchmark's PoM is
+  # faster than its attention, the d12 models' steps are not (docs/pom.md).
+  P="data=bench $D ${EXTRA:-}"
+  run python3 benchmarks/profile_step.py --out "$R/attention.txt" experiment=transformers_baseline $P
+  run python3 benchmarks/profile_step.py --out "$R/pom.txt" experiment=pomgpt_baseline $FUSED $P
+  run python3 benchmarks/profile_step.py --out "$R/hybrid.txt" experiment=hybrid_baseline $FUSED $P
+  ;;
+*) echo "unknown part $PART (kernel, quality, long, profile)"; exit 2 ;;
 esac
 rm -rf "$R"
