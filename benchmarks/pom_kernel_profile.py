@@ -9,6 +9,9 @@ torch.profiler table of one fused forward + backward. Times are medians of CUDA-
 ``--row-scan`` also times the single-pass kernels (``ROW_SCAN_PROGRAMS_PER_SM``) at each shape:
 
     python benchmarks/pom_kernel_profile.py --T 1024 --row-scan --out rows.json
+
+``--sums-shapes`` times the two-pass kernels with the chunk-sums kernels at their own shapes
+(``SUMS``).
 """
 
 from __future__ import annotations
@@ -56,6 +59,12 @@ def main() -> None:
         help="CHUNK x block_c x num_warps, each run for both passes",
     )
     p.add_argument("--row-scan", action="store_true", help="time the single-pass kernels too")
+    p.add_argument(
+        "--sums-shapes",
+        default="",
+        help="block_c x num_warps of the chunk-sums kernels (kernels.pom.SUMS), each timed with "
+        "the best main shapes, e.g. 32x2,64x4,128x4",
+    )
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     dev, bf16 = "cuda", torch.bfloat16
@@ -91,7 +100,8 @@ def main() -> None:
     )
 
     dz = torch.randn(B, T, S, device=dev, dtype=bf16)
-    shapes = {}
+    shapes, row_scan_default = {}, K.ROW_SCAN_PROGRAMS_PER_SM
+    K.ROW_SCAN_PROGRAMS_PER_SM = None  # the two-pass kernels here, the single-pass ones below
     for shape in args.shapes.split(","):
         chunk, block_c, warps = (int(v) for v in shape.split("x"))
         K.CHUNK, K.FWD, K.BWD = chunk, K.MixConfig(block_c, warps), K.MixConfig(block_c, warps)
@@ -102,8 +112,8 @@ def main() -> None:
         print(f"mix {shape} (chunk x block_c x warps): fwd {fwd:.3f} ms, bwd {bwd:.3f} ms, "
               f"{(fwd + bwd) * 1e6 / M:.1f} ns/token")  # fmt: skip
     result["mix_shapes"] = shapes
-    if args.row_scan:  # the single-pass kernels at the same shapes (restored to the default after)
-        default, rows = K.ROW_SCAN_PROGRAMS_PER_SM, {}
+    if args.row_scan:  # the single-pass kernels at the same shapes
+        rows = {}
         K.ROW_SCAN_PROGRAMS_PER_SM = 0
         for shape in args.shapes.split(","):
             chunk, block_c, warps = (int(v) for v in shape.split("x"))
@@ -116,8 +126,8 @@ def main() -> None:
             rows[shape] = {"fwd_ms": fwd, "bwd_ms": bwd, "ns_per_token": (fwd + bwd) * 1e6 / M}
             print(f"single-pass {shape}: fwd {fwd:.3f} ms, bwd {bwd:.3f} ms, "
                   f"{(fwd + bwd) * 1e6 / M:.1f} ns/token")  # fmt: skip
-        K.ROW_SCAN_PROGRAMS_PER_SM = default
         result["row_scan_shapes"] = rows
+    K.ROW_SCAN_PROGRAMS_PER_SM = row_scan_default
     # the best forward and backward shapes of one chunk length (the passes share the chunks)
     best = None
     for chunk in {k.split("x")[0] for k in shapes}:
@@ -134,6 +144,22 @@ def main() -> None:
     _, bb, bw = (int(v) for v in b.split("x"))
     K.CHUNK, K.FWD, K.BWD = fc, K.MixConfig(fb, fw), K.MixConfig(bb, bw)
     best = f"{f} / {b}"
+    if args.sums_shapes:  # the two-pass kernels with the chunk sums at their own shapes
+        default, sums = K.SUMS, {}
+        K.ROW_SCAN_PROGRAMS_PER_SM = None
+        for shape in args.sums_shapes.split(","):
+            block_c, warps = (int(v) for v in shape.split("x"))
+            K.SUMS = K.MixConfig(block_c, warps)
+            _, prefix = K.mix_forward_kernel(pg, args.degree, args.heads)
+            fwd = cuda_ms(lambda: K.mix_forward_kernel(pg, args.degree, args.heads))
+            bwd = cuda_ms(
+                lambda p=prefix: K.mix_backward_kernel(pg, p, dz, args.degree, args.heads)
+            )
+            sums[shape] = {"fwd_ms": fwd, "bwd_ms": bwd, "ns_per_token": (fwd + bwd) * 1e6 / M}
+            print(f"chunk sums {shape} (block_c x warps), main {best}: fwd {fwd:.3f} ms, "
+                  f"bwd {bwd:.3f} ms, {(fwd + bwd) * 1e6 / M:.1f} ns/token")  # fmt: skip
+        K.SUMS, K.ROW_SCAN_PROGRAMS_PER_SM = default, row_scan_default
+        result["sums_shapes"] = sums
 
     xr = x.float().requires_grad_()
     wi = w_in.float().requires_grad_()

@@ -208,6 +208,8 @@ def test_interpreted_kernels_at_other_launch_shapes(monkeypatch):
     monkeypatch.setattr(K, "BWD", K.MixConfig(32, 2))
     two_pass_only(monkeypatch)
     check_kernels("cpu", torch.float32, 100, 40, 2, 4, tol=1e-5)
+    monkeypatch.setattr(K, "SUMS", K.MixConfig(64, 4))  # chunk sums in wider tiles than the scan
+    check_kernels("cpu", torch.float32, 100, 40, 2, 4, tol=1e-5)
 
 
 @needs_interpreter

@@ -74,6 +74,11 @@ BWD = MixConfig(32, 4)
 # per SM on an H200) the backward took 0.96 ms against 1.10, the forward 0.55 against 0.51 (same
 # benchmark, --row-scan); at T = 4K there are 2.9.
 ROW_SCAN_PROGRAMS_PER_SM: float | None = 8
+# The chunk-sums kernels' own launch shape (None: the main kernel's). They only stream [P | G]
+# (and dz) into per-chunk totals, at about a third of the bandwidth with 32-channel tiles (T = 4K,
+# H200, 2026-12-04); wider tiles may stream better, not yet timed (``pom_kernel_profile.py
+# --sums-shapes``).
+SUMS: MixConfig | None = None
 # The convolution (``pom_conv``) by ``kernels/causal_conv.py`` instead of the module's PyTorch:
 # written 2026-12-04, checked against the float64 reference under the interpreter, not yet timed
 # on a GPU (``pom_vs_attention.py --fused-conv`` times it), so off.
@@ -439,9 +444,10 @@ def mix_forward_kernel(pg: Tensor, degree: int, heads: int) -> tuple[Tensor, Ten
         )  # fmt: skip
         return z, prefix
     sums = torch.empty((B, n_chunks, S), device=pg.device, dtype=torch.float32)
-    _h_sums_kernel[grid](
+    scfg = SUMS or cfg
+    _h_sums_kernel[_grid(B, T, E, scfg.block_c)](
         pg, sums, T, n_chunks, E, W, S,
-        DEGREE=degree, CHUNK=CHUNK, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+        DEGREE=degree, CHUNK=CHUNK, BLOCK_C=scfg.block_c, num_warps=scfg.num_warps,
     )  # fmt: skip
     prefix = _exclusive_cumsum(sums)
     z = torch.empty((B, T, S), device=pg.device, dtype=pg.dtype)
@@ -470,9 +476,11 @@ def mix_backward_kernel(pg: Tensor, prefix: Tensor, dz: Tensor, degree: int, hea
         )  # fmt: skip
         return dpg
     sums = torch.empty((B, n_chunks, S), device=pg.device, dtype=torch.float32)
-    _u_sums_kernel[grid](
+    scfg = SUMS or cfg
+    _check_heads(heads, scfg.block_c)
+    _u_sums_kernel[_grid(B, T, E, scfg.block_c)](
         pg, dz, sums, T, n_chunks, E, W, S,
-        DEGREE=degree, HEADS=heads, CHUNK=CHUNK, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+        DEGREE=degree, HEADS=heads, CHUNK=CHUNK, BLOCK_C=scfg.block_c, num_warps=scfg.num_warps,
     )  # fmt: skip
     suffix = _exclusive_cumsum(sums, reverse=True)
     _mix_bwd_kernel[grid](
@@ -561,7 +569,7 @@ def fused_pom_usable(x: Tensor, pom: PoM) -> bool:
     """True when ``FusedPoM`` runs the kernels on ``x``: CUDA, Triton, a power-of-2 head count
     of at most the launch shapes' block_c. Safe to call inside torch.compile."""
     heads = pom.n_sel_heads
-    fits = heads <= min(FWD.block_c, BWD.block_c)
+    fits = heads <= min(FWD.block_c, BWD.block_c, (SUMS or BWD).block_c)
     return triton is not None and x.is_cuda and not heads & (heads - 1) and fits
 
 
