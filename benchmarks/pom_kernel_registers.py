@@ -1,4 +1,5 @@
-"""Compile the fused PoM kernels for a GPU target without a GPU; print registers and spills.
+"""Compile the fused PoM kernels (and the convolution's) for a GPU target without a GPU; print
+registers and spills.
 
     python benchmarks/pom_kernel_registers.py                  # sm_90, bf16, the launch shapes
     python benchmarks/pom_kernel_registers.py --shapes 64x64x4,64x32x8 --heads 1,4
@@ -20,10 +21,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from muongpt.kernels import causal_conv as C
 from muongpt.kernels import pom as K
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-INTS = ("T", "n_chunks", "E", "W", "S")
+INTS = ("T", "n_chunks", "E", "W", "S", "D", "n_tiles")
 
 
 def compile_one(fn, pointers: dict, constants: dict, warps: int, arch: int) -> str:
@@ -86,6 +88,17 @@ def main() -> None:
                 shape = f"{consts['CHUNK']}x{consts['BLOCK_C']}x{warps}"
                 info = compile_one(fn, ptrs, consts, warps, args.arch)
                 print(f"{name:<9} heads {heads}  {shape:<9} sm_{args.arch}: {info}")
+    # the convolution's kernels (kernels/causal_conv.py): x fp32 in, u in the model's dtype
+    conv = {"K": 4, "BLOCK_T": C.BLOCK_T, "BLOCK_D": C.BLOCK_D}
+    shape = f"{C.BLOCK_T}x{C.BLOCK_D}x{C.NUM_WARPS}"
+    rows = [
+        ("conv fwd", C._conv_fwd_kernel, {"x": "*fp32", "w": "*fp32", "u": f"*{dt}"}),
+        ("conv bwd", C._conv_bwd_kernel,
+         {"x": "*fp32", "w": "*fp32", "du": f"*{dt}", "dx": "*fp32", "dw_parts": "*fp32"}),
+    ]  # fmt: skip
+    for name, fn, ptrs in rows:
+        info = compile_one(fn, ptrs, conv, C.NUM_WARPS, args.arch)
+        print(f"{name:<9} k 4      {shape:<9} sm_{args.arch}: {info}")
 
 
 if __name__ == "__main__":
