@@ -21,6 +21,8 @@ kernel)
   # candidates: the convolution as one Triton op (FUSED_CONV), the chunk sums in wider tiles (SUMS)
   run python3 benchmarks/pom_vs_attention.py --compile --layers pom_fused --fused-conv --profile --out "$R/pom_fused_conv_compiled.json"
   run python3 benchmarks/pom_kernel_profile.py --T 4096 --shapes 32x32x2,32x32x4 --sums-shapes 32x2,64x4,128x4,128x8 --out "$R/pom_sums_shapes.json"
+  # the d12 experiments' micro-batch, 32 rows of 1K: below ROW_SCAN_PROGRAMS_PER_SM at 32 channels
+  run python3 benchmarks/pom_kernel_profile.py --T 1024 --tokens 32768 --shapes 32x32x2,32x32x4,32x16x2,32x16x4 --row-scan --out "$R/pom_rows_32x1024.json"
   run python3 benchmarks/pom_vs_attention.py --compile --layers pom_fused --n-sel-heads 1 --out "$R/pom_fused_h1_compiled.json"
   # expansion 2 (the default until 2026-12-04): twice the state and the matmuls
   run python3 benchmarks/pom_vs_attention.py --compile --layers pom_fused --expand 2 --out "$R/pom_fused_e2_compiled.json"
