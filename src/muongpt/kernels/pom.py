@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from muongpt.kernels.causal_conv import causal_conv
 from muongpt.kernels.triton_support import sm_count, tl, triton
+from muongpt.model.attention import matmul_dtype
 from muongpt.model.pom import PoM
 
 
@@ -598,6 +599,4 @@ class FusedPoM(PoM):
 
     def fused_local(self, x: Tensor) -> Tensor:
         """``local`` by the ``causal_conv`` op, u in the autocast dtype (the matmul's input)."""
-        autocast = torch.is_autocast_enabled(x.device.type)
-        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        return causal_conv(x, self.conv_weight.view(self.conv, self.dim), dtype)
+        return causal_conv(x, self.conv_weight.view(self.conv, self.dim), matmul_dtype(x))

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from muongpt.kernels.triton_support import TensorDescriptor, sm_count, tl, triton
+from muongpt.model.attention import matmul_dtype
 from muongpt.model.gpt import MLP
 
 
@@ -393,13 +394,6 @@ def _backward(ctx, dy, _grad_post):
 relu2_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The matmul dtype: autocast's where it is on for x's device (as nn.Linear), else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 def relu2_mlp(x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
     """proj(relu(fc(x))^2) for x (..., D), w1 = fc.weight (H, D), w2 = proj.weight (D, H).
 
@@ -407,7 +401,7 @@ def relu2_mlp(x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
     it here, so, as with nn.Linear under autocast, y comes out in that dtype (bf16) and the
     gradients go back in x's and the weights' own dtypes (fp32 parameters get fp32 gradients).
     The fused kernels run where ``fused_mlp_usable(x)``; elsewhere the op is PyTorch math."""
-    dtype = _compute_dtype(x)
+    dtype = matmul_dtype(x)
     x2 = x.reshape(-1, x.size(-1)).to(dtype).contiguous()
     y, _ = relu2_mlp_fwd(x2, w1.to(dtype).contiguous(), w2.to(dtype).contiguous())
     return y.view(*x.shape[:-1], w2.size(0))
@@ -418,7 +412,7 @@ def fused_mlp_usable(x: Tensor, hidden: int | None = None) -> bool:
     (autocast's, else x's) bf16, compute capability >= 8.0 (tuned for Hopper), D and the hidden
     width (if given) multiples of 16. Otherwise callers should use the plain PyTorch MLP.
     Safe to call inside torch.compile (the device query is constant-folded)."""
-    if triton is None or not x.is_cuda or _compute_dtype(x) != torch.bfloat16:
+    if triton is None or not x.is_cuda or matmul_dtype(x) != torch.bfloat16:
         return False
     if x.size(-1) % 16 != 0 or (hidden is not None and hidden % 16 != 0):
         return False

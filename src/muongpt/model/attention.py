@@ -24,6 +24,14 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+def matmul_dtype(x: Tensor) -> torch.dtype:
+    """The dtype x's matmuls run in: autocast's where it is on for x's device (as nn.Linear),
+    else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class Rotary(nn.Module):
     """Rotary position embedding (Su et al. 2021) on the last dim of (B, T, H, head_dim) tensors."""
 

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from muongpt import MuonGPTError
+from muongpt.model.attention import matmul_dtype
 
 
 @dataclass
@@ -169,8 +170,7 @@ class PoM(nn.Module):
         continues after the cache's tail, which is then advanced to x's last conv - 1 tokens."""
         if not self.conv:
             return x
-        if torch.is_autocast_enabled(x.device.type):  # the matmuls round u anyway: half the bytes
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = x.to(matmul_dtype(x))  # the matmuls round u anyway: half the bytes under autocast
         B, T, D = x.shape
         k = self.conv
         past = x.new_zeros(B, k - 1, D) if cache is None else cache.tail.to(x.dtype)

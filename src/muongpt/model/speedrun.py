@@ -59,6 +59,7 @@ from muongpt.model.attention import (
     KVCache,
     cached_attention,
     masked_attention,
+    matmul_dtype,
     rms_norm,
 )
 from muongpt.model.gpt import GPT, MLP, GPTConfig, SoftCap, documents
@@ -396,8 +397,7 @@ class SpeedrunGPT(GPT):
         With ``caches`` (decoding) the prompt counts as one document."""
         c = self.config
         x = self.embed(idx)
-        if torch.is_autocast_enabled(x.device.type):  # bf16 residual stream
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = x.to(matmul_dtype(x))  # a bf16 residual stream under bf16 autocast
         x = x0 = rms_norm(x)
         ves = [e(idx) for e in self.value_embeds]
         bigram = self.bigrams(idx, caches, x.dtype) if self.bigram_embed is not None else None
