@@ -59,16 +59,20 @@ def causal_conv_backward_reference(x: Tensor, w: Tensor, du: Tensor) -> tuple[Te
 if triton is not None:
 
     @triton.jit
+    def _tile(T, D, n_tiles, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's token positions t in its row, channels d, their mask, and the row's
+        first flat index (int64)."""
+        pid_d, pid_t = tl.program_id(0), tl.program_id(1)
+        t = (pid_t % n_tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        return t, d, d < D, (pid_t // n_tiles).to(tl.int64) * T
+
+    @triton.jit
     def _conv_fwd_kernel(
         x, w, u, T, D, n_tiles,
         K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        pid_d, pid_t = tl.program_id(0), tl.program_id(1)
-        b, tile = pid_t // n_tiles, pid_t % n_tiles
-        t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-        d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        dmask = d < D
-        row0 = b.to(tl.int64) * T
+        t, d, dmask, row0 = _tile(T, D, n_tiles, BLOCK_T, BLOCK_D)
         acc = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
         for j in tl.static_range(K):
             src = t - j
@@ -84,13 +88,9 @@ if triton is not None:
         x, w, du, dx, dw_parts, T, D, n_tiles,
         K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        pid_d, pid_t = tl.program_id(0), tl.program_id(1)
-        b, tile = pid_t // n_tiles, pid_t % n_tiles
-        t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-        d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        dmask = d < D
+        t, d, dmask, row0 = _tile(T, D, n_tiles, BLOCK_T, BLOCK_D)
+        parts = dw_parts + tl.program_id(1).to(tl.int64) * K * D  # this tile's dw partial sums
         tmask = t < T
-        row0 = b.to(tl.int64) * T
         here = tmask[:, None] & dmask[None, :]
         du_t = tl.load(du + (row0 + t)[:, None] * D + d[None, :], mask=here, other=0.0)
         du_t = du_t.to(tl.float32)
@@ -106,7 +106,7 @@ if triton is not None:
             m = (tmask & (back >= 0))[:, None] & dmask[None, :]
             xv = tl.load(x + (row0 + back)[:, None] * D + d[None, :], mask=m, other=0.0)
             part = tl.sum(du_t * xv.to(tl.float32), axis=0)
-            tl.store(dw_parts + (pid_t.to(tl.int64) * K + j) * D + d, part, mask=dmask)
+            tl.store(parts + j * D + d, part, mask=dmask)
         tl.store(dx + (row0 + t)[:, None] * D + d[None, :], acc.to(dx.dtype.element_ty), mask=here)
 
 
