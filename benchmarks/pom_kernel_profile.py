@@ -100,33 +100,29 @@ def main() -> None:
     )
 
     dz = torch.randn(B, T, S, device=dev, dtype=bf16)
-    shapes, row_scan_default = {}, K.ROW_SCAN_PROGRAMS_PER_SM
-    K.ROW_SCAN_PROGRAMS_PER_SM = None  # the two-pass kernels here, the single-pass ones below
-    for shape in args.shapes.split(","):
-        chunk, block_c, warps = (int(v) for v in shape.split("x"))
-        K.CHUNK, K.FWD, K.BWD = chunk, K.MixConfig(block_c, warps), K.MixConfig(block_c, warps)
-        z_, prefix = K.mix_forward_kernel(pg, args.degree, args.heads)
+
+    def time_mix(label: str) -> dict:
+        """Forward and backward of the kernels at the module's current launch settings."""
+        _, prefix = K.mix_forward_kernel(pg, args.degree, args.heads)
         fwd = cuda_ms(lambda: K.mix_forward_kernel(pg, args.degree, args.heads))
-        bwd = cuda_ms(lambda p=prefix: K.mix_backward_kernel(pg, p, dz, args.degree, args.heads))
-        shapes[shape] = {"fwd_ms": fwd, "bwd_ms": bwd, "ns_per_token": (fwd + bwd) * 1e6 / M}
-        print(f"mix {shape} (chunk x block_c x warps): fwd {fwd:.3f} ms, bwd {bwd:.3f} ms, "
-              f"{(fwd + bwd) * 1e6 / M:.1f} ns/token")  # fmt: skip
-    result["mix_shapes"] = shapes
-    if args.row_scan:  # the single-pass kernels at the same shapes
-        rows = {}
-        K.ROW_SCAN_PROGRAMS_PER_SM = 0
+        bwd = cuda_ms(lambda: K.mix_backward_kernel(pg, prefix, dz, args.degree, args.heads))
+        print(f"{label}: fwd {fwd:.3f} ms, bwd {bwd:.3f} ms, {(fwd + bwd) * 1e6 / M:.1f} ns/token")
+        return {"fwd_ms": fwd, "bwd_ms": bwd, "ns_per_token": (fwd + bwd) * 1e6 / M}
+
+    def time_shapes(label: str) -> dict:
+        timed = {}
         for shape in args.shapes.split(","):
             chunk, block_c, warps = (int(v) for v in shape.split("x"))
             K.CHUNK, K.FWD, K.BWD = chunk, K.MixConfig(block_c, warps), K.MixConfig(block_c, warps)
-            _, prefix = K.mix_forward_kernel(pg, args.degree, args.heads)
-            fwd = cuda_ms(lambda: K.mix_forward_kernel(pg, args.degree, args.heads))
-            bwd = cuda_ms(
-                lambda p=prefix: K.mix_backward_kernel(pg, p, dz, args.degree, args.heads)
-            )
-            rows[shape] = {"fwd_ms": fwd, "bwd_ms": bwd, "ns_per_token": (fwd + bwd) * 1e6 / M}
-            print(f"single-pass {shape}: fwd {fwd:.3f} ms, bwd {bwd:.3f} ms, "
-                  f"{(fwd + bwd) * 1e6 / M:.1f} ns/token")  # fmt: skip
-        result["row_scan_shapes"] = rows
+            timed[shape] = time_mix(f"{label} {shape} (chunk x block_c x warps)")
+        return timed
+
+    row_scan_default = K.ROW_SCAN_PROGRAMS_PER_SM
+    K.ROW_SCAN_PROGRAMS_PER_SM = None  # the two-pass kernels here, the single-pass ones below
+    shapes = result["mix_shapes"] = time_shapes("mix")
+    if args.row_scan:  # the single-pass kernels at the same shapes
+        K.ROW_SCAN_PROGRAMS_PER_SM = 0
+        result["row_scan_shapes"] = time_shapes("single-pass")
     K.ROW_SCAN_PROGRAMS_PER_SM = row_scan_default
     # the best forward and backward shapes of one chunk length (the passes share the chunks)
     best = None
@@ -150,14 +146,7 @@ def main() -> None:
         for shape in args.sums_shapes.split(","):
             block_c, warps = (int(v) for v in shape.split("x"))
             K.SUMS = K.MixConfig(block_c, warps)
-            _, prefix = K.mix_forward_kernel(pg, args.degree, args.heads)
-            fwd = cuda_ms(lambda: K.mix_forward_kernel(pg, args.degree, args.heads))
-            bwd = cuda_ms(
-                lambda p=prefix: K.mix_backward_kernel(pg, p, dz, args.degree, args.heads)
-            )
-            sums[shape] = {"fwd_ms": fwd, "bwd_ms": bwd, "ns_per_token": (fwd + bwd) * 1e6 / M}
-            print(f"chunk sums {shape} (block_c x warps), main {best}: fwd {fwd:.3f} ms, "
-                  f"bwd {bwd:.3f} ms, {(fwd + bwd) * 1e6 / M:.1f} ns/token")  # fmt: skip
+            sums[shape] = time_mix(f"chunk sums {shape} (block_c x warps), main {best}")
         K.SUMS, K.ROW_SCAN_PROGRAMS_PER_SM = default, row_scan_default
         result["sums_shapes"] = sums
 

@@ -61,10 +61,9 @@ def make_layer(kind: str, args: argparse.Namespace, device: torch.device) -> nn.
         # A trained layer's output projection is not zero: keep the values flowing realistic.
         nn.init.normal_(layer.proj.weight, std=layer.state_dim**-0.5)
         if kind == "pom_fused":
-            from muongpt.kernels import pom as fused_pom
+            from muongpt.kernels.pom import FusedPoM
 
-            fused_pom.FUSED_CONV = args.fused_conv
-            layer = fused_pom.FusedPoM(layer)
+            layer = FusedPoM(layer)
     else:
         layer = CausalAttentionLayer(args.dim, args.heads)
     return layer.to(device)
@@ -271,6 +270,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.fused_conv:
+        from muongpt.kernels import pom as fused_pom
+
+        fused_pom.FUSED_CONV = True
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
