@@ -113,17 +113,18 @@ def main() -> None:
         timed = {}
         for shape in args.shapes.split(","):
             chunk, block_c, warps = (int(v) for v in shape.split("x"))
-            K.CHUNK, K.FWD, K.BWD = chunk, K.MixConfig(block_c, warps), K.MixConfig(block_c, warps)
+            cfg = K.MixConfig(block_c, warps)  # both passes, two-pass and single-pass kernels
+            K.CHUNK, K.FWD, K.BWD, K.ROW_FWD, K.ROW_BWD = chunk, cfg, cfg, cfg, cfg
             timed[shape] = time_mix(f"{label} {shape} (chunk x block_c x warps)")
         return timed
 
-    row_scan_default = K.ROW_SCAN_PROGRAMS_PER_SM
+    row_scan_default, row_shapes = K.ROW_SCAN_PROGRAMS_PER_SM, (K.ROW_FWD, K.ROW_BWD)
     K.ROW_SCAN_PROGRAMS_PER_SM = None  # the two-pass kernels here, the single-pass ones below
     shapes = result["mix_shapes"] = time_shapes("mix")
     if args.row_scan:  # the single-pass kernels at the same shapes
         K.ROW_SCAN_PROGRAMS_PER_SM = 0
         result["row_scan_shapes"] = time_shapes("single-pass")
-    K.ROW_SCAN_PROGRAMS_PER_SM = row_scan_default
+    K.ROW_SCAN_PROGRAMS_PER_SM, (K.ROW_FWD, K.ROW_BWD) = row_scan_default, row_shapes
     # the best forward and backward shapes of one chunk length (the passes share the chunks)
     best = None
     for chunk in {k.split("x")[0] for k in shapes}:

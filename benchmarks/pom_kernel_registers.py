@@ -57,9 +57,9 @@ def main() -> None:
     dt = args.dtype
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-        passes = [(shape, shape) for shape in shapes]
-    else:
-        passes = [((K.CHUNK, *K.FWD), (K.CHUNK, *K.BWD))]
+        passes = [(shape,) * 4 for shape in shapes]
+    else:  # forward, backward, single-pass forward, single-pass backward
+        passes = [tuple((K.CHUNK, *cfg) for cfg in (K.FWD, K.BWD, K.ROW_FWD, K.ROW_BWD))]
     fwd_ptrs = {"pg": f"*{dt}", "prefix": "*fp32", "z": f"*{dt}"}
     bwd_ptrs = {"pg": f"*{dt}", "prefix": "*fp32", "suffix": "*fp32", "dz": f"*{dt}"}
     bwd_ptrs["dpg"] = f"*{dt}"
@@ -68,7 +68,7 @@ def main() -> None:
     def rows_c(chunk: int) -> dict:
         return {"N_CHUNKS": 1024 // chunk, "DEGREE_P2": 1 << (args.degree - 1).bit_length()}
 
-    for (fc, fb, fw), (bc, bb, bw) in passes:
+    for (fc, fb, fw), (bc, bb, bw), (rfc, rfb, rfw), (rbc, rbb, rbw) in passes:
         for heads in (int(h) for h in args.heads.split(",")):
             c = {"DEGREE": args.degree, "HEADS": heads}
             rows = [
@@ -80,9 +80,9 @@ def main() -> None:
                 ("backward", K._mix_bwd_kernel, bwd_ptrs, {**c, "CHUNK": bc, "BLOCK_C": bb}, bw),
                 # the single-pass kernels (ROW_SCAN_PROGRAMS_PER_SM), at T = 1,024
                 ("fwd rows", K._mix_fwd_rows_kernel, fwd_ptrs,
-                 {**c, **rows_c(fc), "CHUNK": fc, "BLOCK_C": fb}, fw),
+                 {**c, **rows_c(rfc), "CHUNK": rfc, "BLOCK_C": rfb}, rfw),
                 ("bwd rows", K._mix_bwd_rows_kernel, bwd_rows_ptrs,
-                 {**c, **rows_c(bc), "CHUNK": bc, "BLOCK_C": bb}, bw),
+                 {**c, **rows_c(rbc), "CHUNK": rbc, "BLOCK_C": rbb}, rbw),
             ]  # fmt: skip
             for name, fn, ptrs, consts, warps in rows:
                 shape = f"{consts['CHUNK']}x{consts['BLOCK_C']}x{warps}"

@@ -193,6 +193,15 @@ def two_pass_only(monkeypatch):
     monkeypatch.setattr(K, "_mix_bwd_rows_kernel", NotLaunched())
 
 
+def test_single_pass_kernels_run_where_their_programs_fill_the_gpu():
+    h200 = 132  # SMs
+    # the d12 experiments' 32 rows of 1K at E = 768: 1,536 programs of 16 channels, 11.6 per SM
+    assert K._row_scan(32, 768, 4, K.ROW_FWD, h200) and K._row_scan(32, 768, 4, K.ROW_BWD, h200)
+    assert not K._row_scan(16, 768, 4, K.ROW_FWD, h200)  # T = 4K: 5.8 per SM, two passes
+    # a tile must hold whole selection heads: more heads than channels falls back to two passes
+    assert not K._row_scan(32, 768, 2 * K.ROW_BWD.block_c, K.ROW_BWD, h200)
+
+
 @needs_interpreter
 @pytest.mark.parametrize("T,E,degree,heads", KERNEL_CASES)
 def test_interpreted_kernels_match_float64_reference(monkeypatch, T, E, degree, heads):

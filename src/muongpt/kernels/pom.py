@@ -71,9 +71,13 @@ BWD = MixConfig(32, 4)
 # The single-pass kernels (``_mix_*_rows_kernel``): one program walks a whole sequence's chunks
 # for its channels, the running totals in registers, so there is no chunk-sums kernel and no
 # PyTorch cumsum, but only B · E / block_c programs, and a compilation per T. Used where that is
-# at least this many programs per SM (short rows, many of them): at T = 1K (B = 64, 11.6 programs
-# per SM on an H200) the backward took 0.96 ms against 1.10, the forward 0.55 against 0.51 (same
-# benchmark, --row-scan); at T = 4K there are 2.9.
+# at least ``ROW_SCAN_PROGRAMS_PER_SM`` programs per SM at their own launch shapes (many short
+# rows). 16-channel tiles make twice the programs of 32: at the d12 experiments' 32 rows of 1K
+# (11.6 programs per SM on an H200) forward 16 x 2 warps took 0.26 ms against the two-pass 0.30,
+# backward 16 x 4 0.43 against 0.55; at 64 rows 0.50 and 0.78 ms against 32-channel single-pass
+# tiles' 0.58 and 1.00 (pom_kernel_profile.py --row-scan, torch 2.11, 2026-12-04).
+ROW_FWD = MixConfig(16, 2)
+ROW_BWD = MixConfig(16, 4)
 ROW_SCAN_PROGRAMS_PER_SM: float | None = 8
 # The chunk-sums kernels' own launch shape (None: the main kernel's). They only stream [P | G]
 # (and dz) into per-chunk totals, at about a third of the bandwidth with 32-channel tiles (T = 4K,
@@ -412,12 +416,15 @@ def _grid(B: int, T: int, E: int, block_c: int) -> tuple[int, int]:
     return triton.cdiv(E, block_c), B * triton.cdiv(T, CHUNK)
 
 
-def _row_scan(pg: Tensor, B: int, E: int, block_c: int) -> bool:
-    """Whether the single-pass kernels run (``ROW_SCAN_PROGRAMS_PER_SM``)."""
-    if ROW_SCAN_PROGRAMS_PER_SM is None:
+def _row_scan(B: int, E: int, heads: int, cfg: MixConfig, sms: int) -> bool:
+    """Whether the single-pass kernels run at launch shape ``cfg`` on ``sms`` SMs."""
+    if ROW_SCAN_PROGRAMS_PER_SM is None or heads > cfg.block_c:
         return False
-    sms = sm_count(pg.device.index or 0) if pg.is_cuda else 1
-    return B * triton.cdiv(E, block_c) >= ROW_SCAN_PROGRAMS_PER_SM * sms
+    return B * triton.cdiv(E, cfg.block_c) >= ROW_SCAN_PROGRAMS_PER_SM * sms
+
+
+def _sms(t: Tensor) -> int:
+    return sm_count(t.device.index or 0) if t.is_cuda else 1
 
 
 def _check_heads(heads: int, block_c: int) -> None:
@@ -433,17 +440,17 @@ def mix_forward_kernel(pg: Tensor, degree: int, heads: int) -> tuple[Tensor, Ten
     pg = pg.contiguous()
     B, T, W = pg.shape
     S, E = _split_widths(pg, degree, heads)
-    grid = _grid(B, T, E, cfg.block_c)
-    n_chunks = grid[1] // B
-    if _row_scan(pg, B, E, cfg.block_c):
+    n_chunks = triton.cdiv(T, CHUNK)
+    if _row_scan(B, E, heads, ROW_FWD, _sms(pg)):
         prefix = torch.empty((B, n_chunks, S), device=pg.device, dtype=torch.float32)
         z = torch.empty((B, T, S), device=pg.device, dtype=pg.dtype)
-        _mix_fwd_rows_kernel[(grid[0], B)](
+        _mix_fwd_rows_kernel[(triton.cdiv(E, ROW_FWD.block_c), B)](
             pg, prefix, z, T, E, W, S,
             N_CHUNKS=n_chunks, DEGREE=degree, DEGREE_P2=triton.next_power_of_2(degree),
-            HEADS=heads, CHUNK=CHUNK, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+            HEADS=heads, CHUNK=CHUNK, BLOCK_C=ROW_FWD.block_c, num_warps=ROW_FWD.num_warps,
         )  # fmt: skip
         return z, prefix
+    grid = _grid(B, T, E, cfg.block_c)
     sums = torch.empty((B, n_chunks, S), device=pg.device, dtype=torch.float32)
     scfg = SUMS or cfg
     _h_sums_kernel[_grid(B, T, E, scfg.block_c)](
@@ -466,16 +473,16 @@ def mix_backward_kernel(pg: Tensor, prefix: Tensor, dz: Tensor, degree: int, hea
     pg, dz = pg.contiguous(), dz.to(pg.dtype).contiguous()
     B, T, W = pg.shape
     S, E = _split_widths(pg, degree, heads)
-    grid = _grid(B, T, E, cfg.block_c)
-    n_chunks = grid[1] // B
+    n_chunks = triton.cdiv(T, CHUNK)
     dpg = torch.empty_like(pg)
-    if _row_scan(pg, B, E, cfg.block_c):
-        _mix_bwd_rows_kernel[(grid[0], B)](
+    if _row_scan(B, E, heads, ROW_BWD, _sms(pg)):
+        _mix_bwd_rows_kernel[(triton.cdiv(E, ROW_BWD.block_c), B)](
             pg, prefix, dz, dpg, T, E, W, S,
             N_CHUNKS=n_chunks, DEGREE=degree, DEGREE_P2=triton.next_power_of_2(degree),
-            HEADS=heads, CHUNK=CHUNK, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+            HEADS=heads, CHUNK=CHUNK, BLOCK_C=ROW_BWD.block_c, num_warps=ROW_BWD.num_warps,
         )  # fmt: skip
         return dpg
+    grid = _grid(B, T, E, cfg.block_c)
     sums = torch.empty((B, n_chunks, S), device=pg.device, dtype=torch.float32)
     scfg = SUMS or cfg
     _check_heads(heads, scfg.block_c)
