@@ -25,7 +25,10 @@ from torch import Tensor
 from muongpt.kernels.triton_support import tl, triton
 
 # A tile of 32 tokens x 128 channels on 8 warps: 76 registers forward, 96 backward, no spills
-# (benchmarks/pom_kernel_registers.py, sm_90, Triton 3.6); 4 warps took 168 and 148. Not timed.
+# (benchmarks/pom_kernel_registers.py, sm_90, Triton 3.6); 4 warps took 168 and 148. Timed on an
+# H200 (torch 2.11, 2026-12-04) the backward took 319 us at 32 x 1K x 768, slower than the compiled
+# PyTorch it replaces, so kernels/pom.py's FUSED_CONV is off; the weight-gradient tiles are the
+# likely cost (not profiled further).
 BLOCK_T = 32  # tokens per program
 BLOCK_D = 128  # channels per program
 NUM_WARPS = 8
