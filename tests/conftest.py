@@ -1,4 +1,7 @@
+import importlib
+import importlib.util
 import os
+import pkgutil
 from pathlib import Path
 
 import pytest
@@ -27,8 +30,26 @@ def _interpret_scalars_with_numpy_2_4() -> None:
     interpreter._patch_lang_tensor = patched
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":
+def _interpreted_kernels() -> None:
+    """Without a GPU, build every Triton kernel as an interpreted function (Triton reads
+    TRITON_INTERPRET when a kernel is decorated), then unset the variable: the library runs its
+    kernels on CPU tensors only where it is set, which ``kernel_marks.needs_interpreter`` does for
+    the kernel tests alone, so the rest of the suite trains on the PyTorch paths as users do."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        _interpret_scalars_with_numpy_2_4()  # imports Triton: its own jit functions too
+        import muongpt.kernels
+
+        for module in pkgutil.iter_modules(muongpt.kernels.__path__):
+            importlib.import_module(f"muongpt.kernels.{module.name}")
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # set by hand: everything interpreted
     _interpret_scalars_with_numpy_2_4()
+elif not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    _interpreted_kernels()
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -48,3 +69,9 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """TRITON_INTERPRET=1 for one test: the library then runs its kernels on CPU tensors."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -1,28 +1,19 @@
 """PoM's causal depthwise convolution as one op (kernels/causal_conv.py).
 
 On CPU: the op's PyTorch path and its backward equal the module's convolution (``PoM.local``)
-and its autograd in float64, rows kept apart. Under Triton's interpreter (``TRITON_INTERPRET=1``)
+and its autograd in float64, rows kept apart. Under Triton's interpreter (on CPU, ``kernel_marks.py``)
 and on CUDA: both kernels against the float64 reference at shapes that cut the tiles.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from kernel_marks import needs_gpu, needs_interpreter
 from muongpt.kernels import causal_conv as C
 from muongpt.kernels.pom import FusedPoM
 from test_pom import make_pom
-
-needs_gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and C.triton is not None), reason="needs CUDA and Triton"
-)
-needs_interpreter = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" or C.triton is None,
-    reason="needs Triton and TRITON_INTERPRET=1",
-)
 
 
 def rel_err(a, b) -> float:

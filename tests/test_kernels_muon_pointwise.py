@@ -1,25 +1,16 @@
 """Muon's momentum/Nesterov kernel (kernels/muon_pointwise.py) against its PyTorch form.
 
-Under Triton's interpreter (``TRITON_INTERPRET=1``, by hand) on CPU tensors, and on a CUDA GPU at
+Under Triton's interpreter (on CPU tensors, ``kernel_marks.py``), and on a CUDA GPU at
 d12's shapes: the momentum buffers and the stack of updates (wide, the tall matrices transposed)
 equal the PyTorch form's, and a Muon step through the kernel equals one without it.
 """
 
-import os
-
 import pytest
 import torch
 
+from kernel_marks import needs_gpu, needs_interpreter
 from muongpt.kernels import muon_pointwise as K
 from muongpt.optim import Muon
-
-needs_interpreter = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" or K.triton is None,
-    reason="needs Triton and TRITON_INTERPRET=1",
-)
-needs_gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and K.triton is not None), reason="needs a CUDA GPU and Triton"
-)
 
 
 def matrices(shapes, device, seed=0):

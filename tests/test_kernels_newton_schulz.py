@@ -1,27 +1,19 @@
 """The symmetric Gram kernel of Newton-Schulz (kernels/newton_schulz.py).
 
-Under Triton's interpreter (``TRITON_INTERPRET=1``, by hand; its tl.dot mishandles bf16, so it
+Under Triton's interpreter (on CPU, ``kernel_marks.py``; its tl.dot mishandles bf16, so it
 runs fp32) the kernel equals alpha Y Y^T + beta C on edge-sized shapes, its mirrored tiles exactly
 symmetric. On a CUDA GPU: the same in bf16 on the d12 shapes, and Newton-Schulz through the kernel
 keeps the orthogonality contract and matches the PyTorch path and the float64 iteration.
 """
 
-import os
 import sys
 
 import pytest
 import torch
 
+from kernel_marks import needs_gpu, needs_interpreter
 from muongpt.kernels import newton_schulz as K
 from muongpt.optim import newton_schulz
-
-needs_gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and K.triton is not None), reason="needs a CUDA GPU and Triton"
-)
-needs_interpreter = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" or K.triton is None,
-    reason="needs Triton and TRITON_INTERPRET=1",
-)
 
 
 def rel_err(a, b) -> float:

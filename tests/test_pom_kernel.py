@@ -2,8 +2,8 @@
 
 On CPU: the fused form (one matmul to [P | G], ``mix``, the output matmul) equals the module and
 the naive float64 masked mean; the op's PyTorch path and its backward equal autograd; the chunk
-carries; the ``fused_pom`` converter. Under Triton's interpreter (``TRITON_INTERPRET=1`` with
-Triton importable, run by hand) both kernels run on CPU tensors against the float64 reference.
+carries; the ``fused_pom`` converter. Under Triton's interpreter (on CPU with Triton
+installed, ``kernel_marks.py``) both kernels run on CPU tensors against the float64 reference.
 On a CUDA GPU: the bf16 kernels against the float64 reference, the fused module against the
 plain one, eager and compiled.
 """
@@ -11,23 +11,14 @@ plain one, eager and compiled.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
+from kernel_marks import needs_gpu, needs_interpreter
 from muongpt.kernels import pom as K
 from muongpt.kernels.converters import KernelsConfig, apply_converters
 from test_pom import make_pom, naive_pom
-
-needs_gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and K.triton is not None), reason="needs CUDA and Triton"
-)
-#   TRITON_INTERPRET=1 python -m pytest tests/test_pom_kernel.py -k interp
-needs_interpreter = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" or K.triton is None,
-    reason="needs Triton and TRITON_INTERPRET=1",
-)
 
 
 def rel_err(a, b) -> float:

@@ -3,16 +3,15 @@
 On CPU: the backward formula dpre = (dy W2) * 2 sqrt(post) equals autograd of the plain MLP; the
 sqrt of a bf16 post is as accurate as bf16 pre; the op's PyTorch path (the kernels' math: fp32
 accumulation, one rounding) matches the plain MLP, eager, under autocast and traced by
-torch.compile, and its fake kernels match the real outputs. Under Triton's interpreter (run by hand,
-see ``needs_interpreter``) both kernels run on CPU tensors. On a CUDA GPU (cc >= 8.0): the Triton
+torch.compile, and its fake kernels match the real outputs. Under Triton's interpreter (on CPU with Triton
+installed, ``kernel_marks.py``) both kernels run on CPU tensors. On a CUDA GPU (cc >= 8.0): the Triton
 kernels against the PyTorch math, the fused MLP against fp32 autograd, eager and compiled.
 """
-
-import os
 
 import pytest
 import torch
 
+from kernel_marks import needs_interpreter
 from muongpt.kernels import relu2_mlp as R
 
 
@@ -29,14 +28,8 @@ def _gpu_ok() -> bool:
 
 
 needs_gpu = pytest.mark.skipif(not _gpu_ok(), reason="needs a CUDA GPU (cc >= 8.0) and Triton")
-# TRITON_INTERPRET=1 must be set before Triton is imported; e.g. with Triton in /tmp/tritonsite:
-#   TRITON_INTERPRET=1 PYTHONPATH=/tmp/tritonsite python -m pytest tests/test_relu2_mlp.py -k interp
-# (Triton 3.5's interpreter fails under numpy 2.4, works with 2.2; its tl.dot mishandles bf16
-# (it multiplies the raw uint16 bits), so the interpreter test runs fp32 and fp16.)
-needs_interpreter = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" or R.triton is None,
-    reason="needs Triton and TRITON_INTERPRET=1",
-)
+# Triton's interpreter: its tl.dot mishandles bf16 (it multiplies the raw uint16 bits), so the
+# interpreter test runs fp32 and fp16.
 
 
 @pytest.fixture(autouse=True)
