@@ -1,8 +1,9 @@
 """PoM's causal depthwise convolution as one op (kernels/causal_conv.py).
 
 On CPU: the op's PyTorch path and its backward equal the module's convolution (``PoM.local``)
-and its autograd in float64, rows kept apart. Under Triton's interpreter (on CPU, ``kernel_marks.py``)
-and on CUDA: both kernels against the float64 reference at shapes that cut the tiles.
+and its autograd in float64, rows kept apart. Under Triton's interpreter (on CPU,
+``kernel_marks.py``) and on CUDA: both kernels against the float64 reference at shapes that cut
+the tiles.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 On CPU: the backward formula dpre = (dy W2) * 2 sqrt(post) equals autograd of the plain MLP; the
 sqrt of a bf16 post is as accurate as bf16 pre; the op's PyTorch path (the kernels' math: fp32
 accumulation, one rounding) matches the plain MLP, eager, under autocast and traced by
-torch.compile, and its fake kernels match the real outputs. Under Triton's interpreter (on CPU with Triton
-installed, ``kernel_marks.py``) both kernels run on CPU tensors. On a CUDA GPU (cc >= 8.0): the Triton
-kernels against the PyTorch math, the fused MLP against fp32 autograd, eager and compiled.
+torch.compile, and its fake kernels match the real outputs. Under Triton's interpreter (on CPU
+with Triton installed, ``kernel_marks.py``) both kernels run on CPU tensors. On a CUDA GPU
+(cc >= 8.0): the Triton kernels against the PyTorch math, the fused MLP against fp32 autograd,
+eager and compiled.
 """
 
 import pytest

@@ -21,12 +21,13 @@ and the matmuls' own gradients (cuBLAS, by autograd). Every sum is in fp32; each
 rounded once to the input dtype.
 
 The time axis is cut into chunks of ``CHUNK`` tokens. One program handles one chunk of one
-sequence for ``block_c`` channels of every degree (launch shapes ``FWD``, ``BWD``): a first, light kernel writes each chunk's
-totals (of h forward, of u backward), PyTorch turns them into exclusive prefix (suffix) sums
-across chunks, and the main kernel adds its chunk's carry to a scan inside the chunk. So the grid
-is (E / block_c) x (B·T / CHUNK) programs at every T, and T = 64K with B = 1 fills the GPU as
-well as T = 1K with B = 64. The single-pass kernels (``ROW_SCAN_PROGRAMS_PER_SM``) instead walk
-each sequence's chunks in one program, for many short rows.
+sequence for ``block_c`` channels of every degree (launch shapes ``FWD``, ``BWD``): a first,
+light kernel writes each chunk's totals (of h forward, of u backward), PyTorch turns them into
+exclusive prefix (suffix) sums across chunks, and the main kernel adds its chunk's carry to a
+scan inside the chunk. So the grid is (E / block_c) x (B·T / CHUNK) programs at every T, and
+T = 64K with B = 1 fills the GPU as well as T = 1K with B = 64. The single-pass kernels
+(``ROW_SCAN_PROGRAMS_PER_SM``, launch shapes ``ROW_FWD``, ``ROW_BWD``) instead walk each
+sequence's chunks in one program, for many short rows.
 
 Why: compiled, the plain module spends about half its time in memory-bound pointwise kernels and
 the fp32 scan, which read and write (B, T, S) tensors several times. Here the forward reads
