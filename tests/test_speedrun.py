@@ -67,8 +67,16 @@ def manual_forward(model: SpeedrunGPT, idx: torch.Tensor) -> torch.Tensor:
     for i, block in enumerate(model.blocks):
         if i == c.backout_after:
             early = x
+        g = c.gate_dims
         if i >= c.n_layer - n:
-            x = x + model.skip_weights[i - (c.n_layer - n)] * skips.pop()
+            j = i - (c.n_layer - n)
+            skip = model.skip_weights[j] * skips.pop()
+            if g:  # 2 sigmoid(w . x[:g] / rms(x[:g]))
+                head = x[..., :g]
+                head = head / head.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+                w = model.skip_gates[j * g : (j + 1) * g]
+                skip = skip * 2 * torch.sigmoid(head @ w)[..., None]
+            x = x + skip
         x = x + model.bigram_lambdas[i] * bigram
         x = block.x0_lambdas[0] * x + block.x0_lambdas[1] * x0
         a = block.mixer
@@ -76,9 +84,17 @@ def manual_forward(model: SpeedrunGPT, idx: torch.Tensor) -> torch.Tensor:
             h = rms_norm(x)
             q, k, v = a.q(h), a.k(h), a.v(h)
             j = c.value_embed_of_layer(i)
-            if j is not None:
-                v = a.ve_lambdas[0] * v + a.ve_lambdas[1] * model.value_embeds[j](idx)
             q, k, v = (t.view(B, T, H, hd) for t in (q, k, v))
+            if j is not None:
+                ve = model.value_embeds[j](idx).view(B, T, H, hd)
+                if g:  # one gate per head: 2 sigmoid(w_h . h[:g])
+                    w = a.ve_gate.view(H, g)
+                    ve = (
+                        ve
+                        * 2
+                        * torch.sigmoid(torch.einsum("btk,hk->bth", h[..., :g], w))[..., None]
+                    )
+                v = a.ve_lambdas[0] * v + a.ve_lambdas[1] * ve
             q, k = a.rotary(rms_norm(q)), a.rotary(rms_norm(k))
             fraction = c.window_of_layer(i)
             if fraction == longest:  # key offset: unrotated dims from the token before
@@ -124,6 +140,7 @@ def manual_forward(model: SpeedrunGPT, idx: torch.Tensor) -> torch.Tensor:
         dict(mixing=MixingConfig(pattern=["attention", "none"]), attn_scale=0.3),
         dict(n_layer=6, value_embeds=2, backout_after=4, window_pattern=[0.5, 1.0]),
         dict(n_head=4, paired_head_layers=[0, 1], attn_window=5, window_pattern=[1.0, 0.5, 0.5]),
+        dict(n_layer=6, value_embeds=2, backout_after=4, gate_dims=5),
     ],
 )
 def test_model_equals_the_written_out_reference(extra):
@@ -143,6 +160,7 @@ def test_model_equals_the_written_out_reference(extra):
         dict(attn_window=6),
         dict(mixing=MixingConfig(pattern=["none", "attention"])),
         dict(n_head=4, paired_head_layers=[0, 3], attn_window=6),
+        dict(gate_dims=4),
     ],
 )
 def test_causal_and_chunked_decoding_equals_the_full_forward(extra):
@@ -289,6 +307,7 @@ def test_config_errors_name_the_key():
         (dict(paired_head_layers=[4]), "paired_head_layers: 4 is not an attention layer"),
         (dict(paired_head_layers=[1], mixing=MixingConfig(["attention", "none"])), "layer"),
         (dict(paired_head_layers=[0], n_head=1), "even model.n_head"),
+        (dict(gate_dims=33), "gate_dims"),
     ):
         with pytest.raises(MuonGPTError, match=match):
             config(**bad)
@@ -539,3 +558,20 @@ def test_eval_window_factor_widens_windows_in_eval_mode_only():
         config(attn_window=0, eval_window_factor=2.0)
     with pytest.raises(MuonGPTError, match="eval_window_factor"):
         config(attn_window=8, eval_window_factor=0.5)
+
+
+def test_gates_start_at_one_and_train_as_scalars():
+    """Zero gate weights give the ungated model's logits; the weights go to the scalar group."""
+    gated = speedrun(gate_dims=6)
+    with torch.no_grad():
+        for name, p in gated.named_parameters():
+            if name.endswith("_gates") or name.endswith("ve_gate"):
+                p.zero_()
+        plain = SpeedrunGPT(config())
+        missing = plain.load_state_dict(gated.state_dict(), strict=False).unexpected_keys
+        gates = ["blocks.0.mixer.ve_gate", "blocks.3.mixer.ve_gate", "skip_gates"]
+        assert sorted(missing) == gates  # layers 0 and 3 have value embeddings (n = 1)
+        idx = documents(2, 16, [(0, 5)])
+        torch.testing.assert_close(gated(idx), plain(idx))
+    scalars = {n for n, _ in gated.optimizer_groups()["scalar"]}
+    assert set(gates) <= scalars

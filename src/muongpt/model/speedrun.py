@@ -34,12 +34,17 @@ Each part is plain code below, on in every speed-run model:
 - **embedding norm** and a **bf16 residual stream** under bf16 autocast (autocast alone keeps it
   fp32: the embedding output is fp32 and fp32 + bf16 stays fp32).
 
-Two parts are off by default until a measurement puts them on:
+Three parts are off by default until a measurement puts them on:
 
 - **paired-head attention** (``paired_head_layers``): in those layers heads 2h and 2h+1 form one
   head over a sequence twice as long, token t's two keys, queries and values at positions 2t and
   2t + 1, so each query scores both representations of every earlier token in one softmax
   (modded-nanogpt, January 2026). Masks, windows and the decoding cache count those positions.
+- **input gates** (``gate_dims`` = k > 0): the value embeddings and the U-net skips are scaled by
+  gates read from their input, g = 2 sigmoid(w . x[:k]), one per head for a value embedding
+  (x the attention input) and one per skip (x the stream, its first k dims RMS-normalised), so a
+  token can take more or less of each shortcut (modded-nanogpt, late 2025). w starts at zero:
+  every gate starts at 1, the ungated model.
 - **window extension for evaluation** (``eval_window_factor`` = s > 1): in eval mode every window
   is s times the training one, each layer's RoPE is stretched past its trained window
   (``Rotary.stretched``, YaRN) and the softmax scale is multiplied by (0.1 ln s + 1)^2.
@@ -82,6 +87,7 @@ class SpeedrunConfig(GPTConfig):
     sigmoid_cap: list[float] = field(default_factory=lambda: [30.0, 7.5, 0.0])  # A, B, C
     eval_window_factor: float = 1.0  # eval mode: every window times this, RoPE YaRN-stretched
     paired_head_layers: list[int] = field(default_factory=list)  # layers with head pairs fused
+    gate_dims: int = 0  # leading input dims read by the value-embedding and skip gates; 0 = none
 
     mixers = ("attention", "none")
 
@@ -125,6 +131,10 @@ class SpeedrunConfig(GPTConfig):
         if self.paired_head_layers and self.n_head % 2:
             raise MuonGPTError(
                 f"model.paired_head_layers needs an even model.n_head, got {self.n_head}"
+            )
+        if not 0 <= self.gate_dims <= self.n_embd:
+            raise MuonGPTError(
+                f"model.gate_dims must be in [0, n_embd = {self.n_embd}], got {self.gate_dims}"
             )
         if self.bigram_rows < 0 or self.bigram_rows == 1:
             raise MuonGPTError(
@@ -193,6 +203,13 @@ def bigram_rows(
     return torch.where(no_predecessor, rows - 1, h)
 
 
+def input_gate(x: Tensor, weight: Tensor, gates: int) -> Tensor:
+    """2 sigmoid(x[..., :k] . w_g) for each of ``gates`` gates: (..., gates), 1 where w = 0.
+    ``weight`` is flat (gates * k,), so that the optimizer treats it as scalars."""
+    k = weight.numel() // gates
+    return 2 * torch.sigmoid(x[..., :k] @ weight.view(gates, k).to(x.dtype).t())
+
+
 def pair_heads(x: Tensor) -> Tensor:
     """(B, T, H, hd) -> (B, 2T, H/2, hd): head 2h + j of token t at position 2t + j of head h."""
     B, T, H, hd = x.shape
@@ -232,6 +249,8 @@ class SpeedrunAttention(CausalSelfAttention):
         self.scale = config.attn_scale or None  # None: 1 / sqrt(head_dim)
         has_ve = config.value_embed_of_layer(layer) is not None
         self.ve_lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if has_ve else None
+        gated = has_ve and config.gate_dims > 0
+        self.ve_gate = nn.Parameter(torch.zeros(self.n_head * config.gate_dims)) if gated else None
         # window extension in eval mode: RoPE stretched past the trained window, and YaRN's
         # logit temperature (0.1 ln s + 1)^2 for the softmax over s times more keys
         factor = config.eval_window_factor
@@ -254,10 +273,12 @@ class SpeedrunAttention(CausalSelfAttention):
         rotary, scale = (self.eval_rotary, self.eval_scale) if extended else (None, self.scale)
         start = 0 if cache is None else cache.pos // (2 if self.paired else 1)  # in tokens
         q, k = self.query_key(x, start, rotary)
-        v = self.v(x)
+        v = self.heads(self.v(x))
         if self.ve_lambdas is not None:
-            v = self.ve_lambdas[0] * v + self.ve_lambdas[1] * ve.to(v.dtype)
-        v = self.heads(v)
+            ve = self.heads(ve.to(v.dtype))
+            if self.ve_gate is not None:  # (B, T, H, 1): one gate per head and token
+                ve = ve * input_gate(x, self.ve_gate, self.n_head).unsqueeze(-1)
+            v = self.ve_lambdas[0] * v + self.ve_lambdas[1] * ve
         if self.key_offset:
             k = offset_keys(k, cache)
         if self.paired:  # (B, 2T, H/2, hd)
@@ -319,6 +340,8 @@ class SpeedrunGPT(GPT):
         self.bigram_lambdas = nn.Parameter(torch.full((c.n_layer,), 0.1)) if c.bigram_rows else None
         self.backout_lambda = nn.Parameter(torch.tensor(0.5)) if c.backout_after else None
         self.skip_weights = nn.Parameter(torch.ones(c.n_layer // 2))
+        gates = c.n_layer // 2 * c.gate_dims
+        self.skip_gates = nn.Parameter(torch.zeros(gates)) if c.gate_dims else None
         # the current window in tokens: a buffer, so that a window schedule does not recompile
         window = torch.tensor(c.attn_window or UNBOUNDED_WINDOW, dtype=torch.int32)
         self.register_buffer("current_window", window, persistent=False)
@@ -409,7 +432,13 @@ class SpeedrunGPT(GPT):
             if self.backout_lambda is not None and i == c.backout_after:
                 early = x
             if i >= c.n_layer - n_skip:  # U-net: the second half takes the first half's outputs
-                x = x + self.skip_weights[i - (c.n_layer - n_skip)] * skips.pop()
+                j = i - (c.n_layer - n_skip)
+                skip = self.skip_weights[j] * skips.pop()
+                if self.skip_gates is not None:
+                    k = c.gate_dims
+                    w = self.skip_gates[j * k : (j + 1) * k]
+                    skip = skip * input_gate(rms_norm(x[..., :k]), w, 1)
+                x = x + skip
             if bigram is not None:
                 x = x + self.bigram_lambdas[i] * bigram
             v = c.value_embed_of_layer(i)
