@@ -122,6 +122,13 @@ def manual_forward(model: SpeedrunGPT, idx: torch.Tensor) -> torch.Tensor:
                 out = torch.empty(B, T, H, hd)
                 out[:, tok[:, None], heads] = y
                 y = out
+                own = torch.empty(B, T, H, hd)
+                own[:, tok[:, None], heads] = v
+                v = own
+            if c.exclusive_attention:  # y - tanh(a_h) (y . v^) v^
+                unit = v / v.norm(dim=-1, keepdim=True)
+                share = torch.tanh(a.xsa_logits)[:, None]
+                y = y - share * torch.einsum("bthd,bthd->bth", y, unit)[..., None] * unit
             x = x + a.proj(y.reshape(B, T, c.n_embd))
         x = x + block.mlp(rms_norm(x))
         if i < n:
@@ -141,6 +148,8 @@ def manual_forward(model: SpeedrunGPT, idx: torch.Tensor) -> torch.Tensor:
         dict(n_layer=6, value_embeds=2, backout_after=4, window_pattern=[0.5, 1.0]),
         dict(n_head=4, paired_head_layers=[0, 1], attn_window=5, window_pattern=[1.0, 0.5, 0.5]),
         dict(n_layer=6, value_embeds=2, backout_after=4, gate_dims=5),
+        dict(exclusive_attention=True, attn_window=5, window_pattern=[1.0, 0.5, 0.5]),
+        dict(n_head=4, paired_head_layers=[1], exclusive_attention=True),
     ],
 )
 def test_model_equals_the_written_out_reference(extra):
@@ -161,6 +170,7 @@ def test_model_equals_the_written_out_reference(extra):
         dict(mixing=MixingConfig(pattern=["none", "attention"])),
         dict(n_head=4, paired_head_layers=[0, 3], attn_window=6),
         dict(gate_dims=4),
+        dict(exclusive_attention=True, n_head=4, paired_head_layers=[0]),
     ],
 )
 def test_causal_and_chunked_decoding_equals_the_full_forward(extra):

@@ -34,7 +34,7 @@ Each part is plain code below, on in every speed-run model:
 - **embedding norm** and a **bf16 residual stream** under bf16 autocast (autocast alone keeps it
   fp32: the embedding output is fp32 and fp32 + bf16 stays fp32).
 
-Three parts are off by default until a measurement puts them on:
+Four parts are off by default until a measurement puts them on:
 
 - **paired-head attention** (``paired_head_layers``): in those layers heads 2h and 2h+1 form one
   head over a sequence twice as long, token t's two keys, queries and values at positions 2t and
@@ -45,6 +45,11 @@ Three parts are off by default until a measurement puts them on:
   (x the attention input) and one per skip (x the stream, its first k dims RMS-normalised), so a
   token can take more or less of each shortcut (modded-nanogpt, late 2025). w starts at zero:
   every gate starts at 1, the ungated model.
+- **learnable exclusive attention** (``exclusive_attention``): each head's output loses a learned
+  share of its component along the token's own value, y <- y - tanh(a_h) (y . v^) v^ with
+  v^ = v / |v| (XSA, Zhai 2026, arXiv:2603.09078; learnable per head as in modded-nanogpt, May
+  2026), so attention carries what the token does not already hold. a starts at 0 (plain
+  attention).
 - **window extension for evaluation** (``eval_window_factor`` = s > 1): in eval mode every window
   is s times the training one, each layer's RoPE is stretched past its trained window
   (``Rotary.stretched``, YaRN) and the softmax scale is multiplied by (0.1 ln s + 1)^2.
@@ -56,6 +61,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from muongpt import MuonGPTError
@@ -88,6 +94,7 @@ class SpeedrunConfig(GPTConfig):
     eval_window_factor: float = 1.0  # eval mode: every window times this, RoPE YaRN-stretched
     paired_head_layers: list[int] = field(default_factory=list)  # layers with head pairs fused
     gate_dims: int = 0  # leading input dims read by the value-embedding and skip gates; 0 = none
+    exclusive_attention: bool = False  # remove a learned share of each output along its own value
 
     mixers = ("attention", "none")
 
@@ -251,6 +258,8 @@ class SpeedrunAttention(CausalSelfAttention):
         self.ve_lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if has_ve else None
         gated = has_ve and config.gate_dims > 0
         self.ve_gate = nn.Parameter(torch.zeros(self.n_head * config.gate_dims)) if gated else None
+        exclusive = config.exclusive_attention
+        self.xsa_logits = nn.Parameter(torch.zeros(self.n_head)) if exclusive else None
         # window extension in eval mode: RoPE stretched past the trained window, and YaRN's
         # logit temperature (0.1 ln s + 1)^2 for the softmax over s times more keys
         factor = config.eval_window_factor
@@ -291,6 +300,11 @@ class SpeedrunAttention(CausalSelfAttention):
         y = y.transpose(1, 2)
         if self.paired:
             y = unpair_heads(y)
+        if self.xsa_logits is not None:  # (B, T, H, hd): less of what the token already holds
+            v = v.transpose(1, 2)
+            own = F.normalize(unpair_heads(v) if self.paired else v, dim=-1)
+            share = torch.tanh(self.xsa_logits).to(y.dtype).unsqueeze(-1)
+            y = y - share * (y * own).sum(-1, keepdim=True) * own
         return self.proj(y.reshape(B, T, D))
 
     def new_cache(self, batch_size: int, max_len: int, device, dtype) -> KVCache:
