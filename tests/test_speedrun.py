@@ -130,7 +130,8 @@ def manual_forward(model: SpeedrunGPT, idx: torch.Tensor) -> torch.Tensor:
                 share = torch.tanh(a.xsa_logits)[:, None]
                 y = y - share * torch.einsum("bthd,bthd->bth", y, unit)[..., None] * unit
             x = x + a.proj(y.reshape(B, T, c.n_embd))
-        x = x + block.mlp(rms_norm(x))
+        if i not in c.mlp_free_layers:
+            x = x + block.mlp(rms_norm(x))
         if i < n:
             skips.append(x)
     x = x - model.backout_lambda * early
@@ -150,6 +151,7 @@ def manual_forward(model: SpeedrunGPT, idx: torch.Tensor) -> torch.Tensor:
         dict(n_layer=6, value_embeds=2, backout_after=4, gate_dims=5),
         dict(exclusive_attention=True, attn_window=5, window_pattern=[1.0, 0.5, 0.5]),
         dict(n_head=4, paired_head_layers=[1], exclusive_attention=True),
+        dict(mlp_free_layers=[0, 2]),
     ],
 )
 def test_model_equals_the_written_out_reference(extra):
@@ -318,6 +320,8 @@ def test_config_errors_name_the_key():
         (dict(paired_head_layers=[1], mixing=MixingConfig(["attention", "none"])), "layer"),
         (dict(paired_head_layers=[0], n_head=1), "even model.n_head"),
         (dict(gate_dims=33), "gate_dims"),
+        (dict(mlp_free_layers=[4]), "mlp_free_layers: 4 is not an attention layer"),
+        (dict(mlp_free_layers=[1], mixing=MixingConfig(["attention", "none"])), "mlp_free"),
     ):
         with pytest.raises(MuonGPTError, match=match):
             config(**bad)
@@ -585,3 +589,12 @@ def test_gates_start_at_one_and_train_as_scalars():
         torch.testing.assert_close(gated(idx), plain(idx))
     scalars = {n for n, _ in gated.optimizer_groups()["scalar"]}
     assert set(gates) <= scalars
+
+
+@pytest.mark.parametrize("converter", ["fused_mlp", "fp8_mlp"])
+def test_mlp_converters_skip_mlp_free_layers(converter):
+    model = SpeedrunGPT(config(mlp_free_layers=[0]))
+    apply_converters(model, KernelsConfig(converters=[converter]))
+    assert model.blocks[0].mlp is None
+    assert all(type(b.mlp).__name__ in ("FusedMLP", "FP8MLP") for b in model.blocks[1:])
+    assert "blocks.0.mlp.fc.weight" not in dict(model.named_parameters())

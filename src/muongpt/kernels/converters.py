@@ -59,14 +59,16 @@ def fp8_mlp(model: GPT, cfg: KernelsConfig) -> None:
     from muongpt.kernels.fp8_mlp import FP8MLP
 
     for block in model.blocks:
-        block.mlp = FP8MLP(block.mlp)
+        if block.mlp is not None:  # the speed-run model's MLP-free layers
+            block.mlp = FP8MLP(block.mlp)
 
 
 def fused_mlp(model: GPT, cfg: KernelsConfig) -> None:
     from muongpt.kernels.relu2_mlp import FusedMLP
 
     for block in model.blocks:
-        block.mlp = FusedMLP(block.mlp)
+        if block.mlp is not None:
+            block.mlp = FusedMLP(block.mlp)
 
 
 def fused_pom(model: GPT, cfg: KernelsConfig) -> None:

@@ -34,7 +34,7 @@ Each part is plain code below, on in every speed-run model:
 - **embedding norm** and a **bf16 residual stream** under bf16 autocast (autocast alone keeps it
   fp32: the embedding output is fp32 and fp32 + bf16 stays fp32).
 
-Four parts are off by default until a measurement puts them on:
+Five parts are off by default until a measurement puts them on:
 
 - **paired-head attention** (``paired_head_layers``): in those layers heads 2h and 2h+1 form one
   head over a sequence twice as long, token t's two keys, queries and values at positions 2t and
@@ -45,6 +45,8 @@ Four parts are off by default until a measurement puts them on:
   (x the attention input) and one per skip (x the stream, its first k dims RMS-normalised), so a
   token can take more or less of each shortcut (modded-nanogpt, late 2025). w starts at zero:
   every gate starts at 1, the ungated model.
+- **MLP-free layers** (``mlp_free_layers``): those blocks have attention and no MLP (modded-nanogpt
+  dropped its first layer's MLP in 2025), a twelfth of d12's MLP work each.
 - **learnable exclusive attention** (``exclusive_attention``): each head's output loses a learned
   share of its component along the token's own value, y <- y - tanh(a_h) (y . v^) v^ with
   v^ = v / |v| (XSA, Zhai 2026, arXiv:2603.09078; learnable per head as in modded-nanogpt, May
@@ -95,6 +97,7 @@ class SpeedrunConfig(GPTConfig):
     paired_head_layers: list[int] = field(default_factory=list)  # layers with head pairs fused
     gate_dims: int = 0  # leading input dims read by the value-embedding and skip gates; 0 = none
     exclusive_attention: bool = False  # remove a learned share of each output along its own value
+    mlp_free_layers: list[int] = field(default_factory=list)  # blocks without an MLP
 
     mixers = ("attention", "none")
 
@@ -134,6 +137,13 @@ class SpeedrunConfig(GPTConfig):
                 raise MuonGPTError(
                     f"model.paired_head_layers: {i} is not an attention layer of this model "
                     f"(layers 0..{self.n_layer - 1}, pattern {list(self.mixing.pattern)})"
+                )
+        for i in self.mlp_free_layers:
+            if not 0 <= i < self.n_layer or self.mixer_of_layer(i) != "attention":
+                raise MuonGPTError(
+                    f"model.mlp_free_layers: {i} is not an attention layer of this model "
+                    f"(layers 0..{self.n_layer - 1}, pattern {list(self.mixing.pattern)}); a block "
+                    "needs attention or an MLP"
                 )
         if self.paired_head_layers and self.n_head % 2:
             raise MuonGPTError(
@@ -314,7 +324,7 @@ class SpeedrunAttention(CausalSelfAttention):
 
 
 class SpeedrunBlock(nn.Module):
-    def __init__(self, mixer: SpeedrunAttention | None, mlp: MLP):
+    def __init__(self, mixer: SpeedrunAttention | None, mlp: MLP | None):
         super().__init__()
         self.mixer, self.mlp = mixer, mlp
         # x <- a x + b x0 before the block (a scalar-group parameter: no weight decay)
@@ -324,7 +334,7 @@ class SpeedrunBlock(nn.Module):
         x = self.x0_lambdas[0] * x + self.x0_lambdas[1] * x0
         if self.mixer is not None:
             x = x + self.mixer(rms_norm(x), mask=mask, ve=ve, cache=cache, window=window)
-        return x + self.mlp(rms_norm(x))
+        return x if self.mlp is None else x + self.mlp(rms_norm(x))
 
 
 class DecodeState(list):
@@ -343,7 +353,9 @@ class SpeedrunGPT(GPT):
         return SpeedrunAttention(self.config, layer)
 
     def make_block(self, layer: int) -> SpeedrunBlock:
-        return SpeedrunBlock(self.make_mixer(layer), MLP(self.config.n_embd, self.config.mlp_ratio))
+        c = self.config
+        mlp = None if layer in c.mlp_free_layers else MLP(c.n_embd, c.mlp_ratio)
+        return SpeedrunBlock(self.make_mixer(layer), mlp)
 
     def add_parts(self) -> None:
         c = self.config
@@ -370,7 +382,8 @@ class SpeedrunGPT(GPT):
     def zero_init(self) -> list[nn.Parameter]:
         zeros = [self.lm_head.weight]
         for b in self.blocks:
-            zeros.append(b.mlp.proj.weight)
+            if b.mlp is not None:
+                zeros.append(b.mlp.proj.weight)
             if b.mixer is not None:
                 zeros.append(b.mixer.proj.weight)
         return zeros + ([self.bigram_embed.weight] if self.bigram_embed is not None else [])
