@@ -34,7 +34,8 @@ Each part is plain code below, on in every speed-run model:
 - **embedding norm** and a **bf16 residual stream** under bf16 autocast (autocast alone keeps it
   fp32: the embedding output is fp32 and fp32 + bf16 stays fp32).
 
-Five parts are off by default until a measurement puts them on:
+Five parts are off in the model's defaults, so that stored configs keep their models;
+``experiment=speedrun_bench`` turns on the two that measured better there (docs/speedrun.md):
 
 - **paired-head attention** (``paired_head_layers``): in those layers heads 2h and 2h+1 form one
   head over a sequence twice as long, token t's two keys, queries and values at positions 2t and
@@ -44,12 +45,13 @@ Five parts are off by default until a measurement puts them on:
   gates read from their input, g = 2 sigmoid(w . x[:k]), one per head for a value embedding
   (x the attention input) and one per skip (x the stream, its first k dims RMS-normalised), so a
   token can take more or less of each shortcut (modded-nanogpt, late 2025). w starts at zero:
-  every gate starts at 1, the ungated model.
+  every gate starts at 1, the ungated model. On in ``speedrun_bench`` (k = 12).
 - **MLP-free layers** (``mlp_free_layers``): those blocks have attention and no MLP (modded-nanogpt
-  dropped its first layer's MLP in 2025), a twelfth of d12's MLP work each.
+  dropped its first layer's MLP in 2025), a twelfth of d12's MLP work each. ``[0]`` in
+  ``speedrun_bench``.
 - **learnable exclusive attention** (``exclusive_attention``): each head's output loses a learned
   share of its component along the token's own value, y <- y - tanh(a_h) (y . v^) v^ with
-  v^ = v / |v| (XSA, Zhai 2026, arXiv:2603.09078; learnable per head as in modded-nanogpt, May
+  v^ = v / |v| (XSA, arXiv:2603.09078; learnable per head as in modded-nanogpt, May
   2026), so attention carries what the token does not already hold. a starts at 0 (plain
   attention).
 - **window extension for evaluation** (``eval_window_factor`` = s > 1): in eval mode every window
