@@ -369,3 +369,84 @@ def test_loading_a_fresh_state_undoes_steps(name):
     train_steps(start, reference, range(2))
     for (n, a), b in zip(model.named_parameters(), start.parameters()):
         assert torch.equal(a, b), n
+
+
+TABLES = ("embed", "head")
+
+
+def reference_delayed_steps(model, opt, seeds, every):
+    """The plain reference of ``embed_head_every``: an every-step optimizer whose embedding and
+    head parameters get no gradient on off steps and the mean of the held ones on the N-th."""
+    tables = [p for g in opt.param_groups if g["name"] in TABLES for p in g["params"]]
+    held = {}
+    for n, s in enumerate(seeds, start=1):
+        opt.apply_schedule(lr_multiplier(s, 20, 2, 5, 0.1), muon_momentum(s, 0.85, 0.95, 300))
+        model(*batch(s)).backward()
+        for p in tables:
+            held[p] = p.grad if p not in held else held[p] + p.grad
+            p.grad = None if n % every else held.pop(p) / every
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", ["muon", "adamw"])
+def test_embed_and_head_step_every_other_step_on_the_mean_gradient(name):
+    torch.manual_seed(0)
+    model, ref = TinyModel(), None
+    ref = copy.deepcopy(model)
+    opt = build_optimizer(model, config(name, embed_head_every=2))
+    train_steps(model, opt, range(5))
+    reference_delayed_steps(ref, build_optimizer(ref, config(name)), range(5), 2)
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=n)
+    # step 5 was an off step: the tables still hold its gradient, the rest hold none
+    held = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert held == {"embed.weight", "extra_proj", "lm_head.weight"} | {
+        f"blocks.{i}.value_embed.weight" for i in range(2)
+    }
+    assert "every 2 steps" in opt.summary()
+
+
+def test_resume_between_two_table_steps_is_bit_identical():
+    torch.manual_seed(0)
+    model = TinyModel()
+    opt = build_optimizer(model, config("muon", embed_head_every=2))
+    train_steps(model, opt, range(3))  # step 3 is off: its table gradients are held
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    resumed_model = copy.deepcopy(model)
+    for p in resumed_model.parameters():
+        p.grad = None  # a new process has no gradients: they come from the checkpoint
+    resumed = build_optimizer(resumed_model, config("muon", embed_head_every=2))
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    train_steps(model, opt, [3])
+    train_steps(resumed_model, resumed, [3])
+    for (n, a), b in zip(model.named_parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_a_skipped_step_drops_the_held_table_gradients():
+    torch.manual_seed(0)
+    model = TinyModel()
+    opt = build_optimizer(model, config("muon", embed_head_every=2))
+    train_steps(model, opt, [0])
+    assert model.embed.weight.grad is not None
+    model(*batch(1)).backward()
+    opt.zero_grad(set_to_none=True)  # no step(): a non-finite loss was skipped
+    assert all(p.grad is None for p in model.parameters())
+    assert opt.steps == 1
+
+
+def test_delayed_table_steps_are_refused_by_the_sharded_forms_and_checked():
+    from muongpt.optim.distributed import distribute
+    from muongpt.optim.fsdp import fsdp_optimizer
+
+    model = TinyModel()
+    opt = build_optimizer(model, config("muon", embed_head_every=2))
+    with pytest.raises(MuonGPTError, match="embed_head_every > 1 works in one process only"):
+        distribute(opt, model)
+    with pytest.raises(MuonGPTError, match="embed_head_every"):
+        fsdp_optimizer(opt)
+    with pytest.raises(MuonGPTError, match="optimizer.embed_head_every must be an integer >= 1"):
+        build_optimizer(model, config("muon", embed_head_every=0))

@@ -56,13 +56,34 @@ def optimizer_kind(opt: torch.optim.Optimizer) -> str:
 
 
 class CombinedOptimizer:
-    """Several torch optimizers stepped as one; ``optimizers`` lists them."""
+    """Several torch optimizers stepped as one; ``optimizers`` lists them.
 
-    def __init__(self, optimizers: list[torch.optim.Optimizer], header: str = ""):
+    ``every`` maps an optimizer's index to N > 1: that one steps only on every N-th step, on the
+    mean of the N steps' gradients, which stay in ``.grad`` between (``zero_grad`` keeps them;
+    ``state_dict`` carries them, so a resume between two of its steps is exact). A step that is
+    skipped (``zero_grad`` without ``step``, e.g. a non-finite loss) drops them too."""
+
+    def __init__(
+        self,
+        optimizers: list[torch.optim.Optimizer],
+        header: str = "",
+        every: dict[int, int] | None = None,
+    ):
         if not optimizers:
             raise OptimizerError("CombinedOptimizer got no optimizers")
         self.optimizers = list(optimizers)
         self.header = header
+        self.every = dict(every or {})
+        self.steps = 0  # optimizer steps taken (the count ``every`` is read against)
+        self._holding: set[int] | None = None  # after step(): the optimizers still accumulating
+
+    def _delayed_params(self) -> list[nn.Parameter]:
+        return [
+            p
+            for i in sorted(self.every)
+            for g in self.optimizers[i].param_groups
+            for p in g["params"]
+        ]
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -71,13 +92,27 @@ class CombinedOptimizer:
     @torch.no_grad()
     def step(self, closure=None):
         loss = run_closure(closure)
-        for opt in self.optimizers:
+        self.steps += 1
+        self._holding = set()
+        for i, opt in enumerate(self.optimizers):
+            n = self.every.get(i, 1)
+            if self.steps % n:
+                self._holding.add(i)
+                continue
+            if n > 1:  # the mean of the accumulated gradients
+                grads = [
+                    p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None
+                ]
+                torch._foreach_div_(grads, float(n))
             opt.step()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=set_to_none)
+        holding = self._holding or set()  # None: no step since the last zero_grad, drop all
+        for i, opt in enumerate(self.optimizers):
+            if i not in holding:
+                opt.zero_grad(set_to_none=set_to_none)
+        self._holding = None
 
     def reduce_during_next_backward(self) -> None:
         """Called before the last micro-step's backward; only sharded optimizers use it."""
@@ -96,10 +131,16 @@ class CombinedOptimizer:
                     group["momentum"] = momentum
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "kinds": [optimizer_kind(opt) for opt in self.optimizers],
             "optimizers": [opt.state_dict() for opt in self.optimizers],
         }
+        if self.every:  # the step count and the gradients accumulated so far
+            state["steps"] = self.steps
+            state["pending_grads"] = [
+                None if p.grad is None else p.grad.detach().clone() for p in self._delayed_params()
+            ]
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load the optimizer state (moments, bases); hyperparameters stay as configured now."""
@@ -120,6 +161,11 @@ class CombinedOptimizer:
             opt.load_state_dict(saved)
             for group, configured in zip(opt.param_groups, hyper):
                 group.update(configured)
+        if self.every:
+            self.steps = int(state_dict.get("steps", 0))
+            pending = state_dict.get("pending_grads") or []
+            for p, grad in zip(self._delayed_params(), pending):
+                p.grad = None if grad is None else grad.to(p.device, p.dtype).clone()
 
     def summary(self) -> str:
         lines = [self.header] if self.header else []
@@ -183,6 +229,10 @@ def validate_config(cfg: OptimizerConfig) -> None:
         check_nonnegative(cfg.eps, "optimizer.eps")
     for key in ("embed_lr", "head_lr", "scalar_lr"):
         check_lr(getattr(cfg, key), f"optimizer.{key}")
+    if not isinstance(cfg.embed_head_every, int) or cfg.embed_head_every < 1:
+        raise OptimizerError(
+            f"optimizer.embed_head_every must be an integer >= 1, got {cfg.embed_head_every!r}"
+        )
     if cfg.name in ("muon", "soap"):
         check_betas(cfg.adam_betas, "optimizer.adam_betas")
         check_nonnegative(cfg.adam_eps, "optimizer.adam_eps")
@@ -295,6 +345,9 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
         if groups:
             optimizers.append(_adamw(groups, cfg.adam_betas, cfg.adam_eps))
 
+    every = {}
+    if cfg.embed_head_every > 1:
+        optimizers, every = _delay_tables(optimizers, cfg.embed_head_every)
     _check_partition(model, optimizers)
     header = (
         f"optimizer {cfg.name}: the model's groups (n_embd {n_embd}, AdamW lrs x {adam_scale:.3f}"
@@ -302,7 +355,37 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
     if cfg.name == "adamw":
         header += f", the hidden matrices' x {matrix_scale:.3f}"
     header += ")"
-    return CombinedOptimizer(optimizers, header=header)
+    if every:
+        header += f"; embed and head step every {cfg.embed_head_every} steps"
+    return CombinedOptimizer(optimizers, header=header, every=every)
+
+
+DELAYED_GROUPS = ("embed", "head")
+
+
+def refuse_delayed_steps(combined: CombinedOptimizer, form: str) -> None:
+    """The sharded forms reduce and apply every step's gradients: no delayed groups there."""
+    if combined.every:
+        raise OptimizerError(
+            f"optimizer.embed_head_every > 1 works in one process only; the {form} optimizer "
+            "reduces and applies every step's gradients (set optimizer.embed_head_every=1)"
+        )
+
+
+def _delay_tables(optimizers: list, n: int) -> tuple[list, dict[int, int]]:
+    """Move the ``embed`` and ``head`` groups out of their AdamW into one of their own, stepped
+    every ``n`` steps (same betas and eps); the AdamW they leave keeps its other groups."""
+    adamw = next(o for o in optimizers if isinstance(o, torch.optim.AdamW))
+    moved = [g for g in adamw.param_groups if g["name"] in DELAYED_GROUPS]
+    kept = [g for g in adamw.param_groups if g["name"] not in DELAYED_GROUPS]
+    if not moved:
+        return optimizers, {}
+    betas, eps = adamw.defaults["betas"], adamw.defaults["eps"]
+    rest = [o for o in optimizers if o is not adamw]
+    if kept:
+        rest.append(_adamw([dict(g) for g in kept], betas, eps))
+    tables = _adamw([dict(g) for g in moved], betas, eps)
+    return rest + [tables], {len(rest): n}
 
 
 def _check_partition(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:

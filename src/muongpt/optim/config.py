@@ -27,6 +27,9 @@ class SideGroupsConfig:
     embed_lr: float = 0.6
     head_lr: float = 0.008  # a plain nn.Linear head (no 1/sqrt(d) output scaling)
     scalar_lr: float = 0.04
+    # the embedding tables and lm_head take an AdamW step every this many steps, on the mean of
+    # those steps' gradients (accumulated in .grad: the big tables' update costs 1/N as often)
+    embed_head_every: int = 1
 
 
 @dataclass
