@@ -320,6 +320,28 @@ def test_skip_bad_steps_drops_the_update_then_stops_past_the_budget(tmp_path):
     trainer.close()
 
 
+def test_resume_between_two_embedding_steps_is_bit_identical(tmp_path):
+    """With ``optimizer.embed_head_every=3`` a checkpoint after step 4 holds step 4's embedding
+    and head gradients: a resume from it trains on exactly as the uninterrupted run."""
+    every = "optimizer.embed_head_every=3"
+    (tmp_path / "a").mkdir()
+    whole = make_trainer(tmp_path / "a", every)
+    for _ in range(4):
+        whole.train_step()
+    whole.save_checkpoint()
+    assert whole.model.embed.weight.grad is not None  # held for step 6
+    for _ in range(4):
+        whole.train_step()
+    (tmp_path / "b").mkdir()
+    path = ckpt.checkpoint_path(tmp_path / "a" / "run", 4)
+    resumed = make_trainer(tmp_path / "b", every, f"training.resume={path}")
+    assert resumed.step == 4
+    for _ in range(4):
+        resumed.train_step()
+    assert_same_tree(resumed.model.state_dict(), whole.model.state_dict(), "model")
+    whole.close(), resumed.close()
+
+
 def test_resume_refuses_a_checkpoint_of_another_model_shape(tmp_path):
     trainer = make_trainer(tmp_path)
     trainer.save_checkpoint()
