@@ -48,6 +48,7 @@ def adamw_matrix_scale(n_embd: int, n_layer: int) -> float:
 
 
 GROUP_NAMES = ("matrix", "embed", "head", "scalar")
+DELAYED_GROUPS = ("embed", "head")  # the groups ``embed_head_every`` steps less often
 
 
 def optimizer_kind(opt: torch.optim.Optimizer) -> str:
@@ -75,7 +76,11 @@ class CombinedOptimizer:
         self.header = header
         self.every = dict(every or {})
         self.steps = 0  # optimizer steps taken (the count ``every`` is read against)
-        self._holding: set[int] | None = None  # after step(): the optimizers still accumulating
+        self._stepped = False  # step() since the last zero_grad()
+
+    def _holding(self) -> set[int]:
+        """The optimizers whose gradients keep accumulating after this step."""
+        return {i for i, n in self.every.items() if self.steps % n}
 
     def _delayed_params(self) -> list[nn.Parameter]:
         return [
@@ -93,12 +98,12 @@ class CombinedOptimizer:
     def step(self, closure=None):
         loss = run_closure(closure)
         self.steps += 1
-        self._holding = set()
+        self._stepped = True
+        holding = self._holding()
         for i, opt in enumerate(self.optimizers):
-            n = self.every.get(i, 1)
-            if self.steps % n:
-                self._holding.add(i)
+            if i in holding:
                 continue
+            n = self.every.get(i, 1)
             if n > 1:  # the mean of the accumulated gradients
                 grads = [
                     p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None
@@ -108,11 +113,11 @@ class CombinedOptimizer:
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        holding = self._holding or set()  # None: no step since the last zero_grad, drop all
+        holding = self._holding() if self._stepped else set()  # a skipped step drops them all
         for i, opt in enumerate(self.optimizers):
             if i not in holding:
                 opt.zero_grad(set_to_none=set_to_none)
-        self._holding = None
+        self._stepped = False
 
     def reduce_during_next_backward(self) -> None:
         """Called before the last micro-step's backward; only sharded optimizers use it."""
@@ -295,7 +300,7 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
             for name in GROUP_NAMES
             if routed[name]
         ]
-        optimizers.append(_adamw(groups, cfg.betas, cfg.eps))
+        optimizers += _adamws(groups, cfg.betas, cfg.eps, cfg.embed_head_every)
     else:
         matrices = routed["matrix"]
         if matrices and cfg.name == "muon":
@@ -342,13 +347,14 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
             for name, lr in side_lrs.items()
             if routed[name]
         ]
-        if groups:
-            optimizers.append(_adamw(groups, cfg.adam_betas, cfg.adam_eps))
+        optimizers += _adamws(groups, cfg.adam_betas, cfg.adam_eps, cfg.embed_head_every)
 
-    every = {}
-    if cfg.embed_head_every > 1:
-        optimizers, every = _delay_tables(optimizers, cfg.embed_head_every)
     _check_partition(model, optimizers)
+    every = {  # the AdamW of the embed and head groups, where they step less often
+        i: cfg.embed_head_every
+        for i, opt in enumerate(optimizers)
+        if cfg.embed_head_every > 1 and opt.param_groups[0]["name"] in DELAYED_GROUPS
+    }
     header = (
         f"optimizer {cfg.name}: the model's groups (n_embd {n_embd}, AdamW lrs x {adam_scale:.3f}"
     )
@@ -360,9 +366,6 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
     return CombinedOptimizer(optimizers, header=header, every=every)
 
 
-DELAYED_GROUPS = ("embed", "head")
-
-
 def refuse_delayed_steps(combined: CombinedOptimizer, form: str) -> None:
     """The sharded forms reduce and apply every step's gradients: no delayed groups there."""
     if combined.every:
@@ -372,20 +375,13 @@ def refuse_delayed_steps(combined: CombinedOptimizer, form: str) -> None:
         )
 
 
-def _delay_tables(optimizers: list, n: int) -> tuple[list, dict[int, int]]:
-    """Move the ``embed`` and ``head`` groups out of their AdamW into one of their own, stepped
-    every ``n`` steps (same betas and eps); the AdamW they leave keeps its other groups."""
-    adamw = next(o for o in optimizers if isinstance(o, torch.optim.AdamW))
-    moved = [g for g in adamw.param_groups if g["name"] in DELAYED_GROUPS]
-    kept = [g for g in adamw.param_groups if g["name"] not in DELAYED_GROUPS]
-    if not moved:
-        return optimizers, {}
-    betas, eps = adamw.defaults["betas"], adamw.defaults["eps"]
-    rest = [o for o in optimizers if o is not adamw]
-    if kept:
-        rest.append(_adamw([dict(g) for g in kept], betas, eps))
-    tables = _adamw([dict(g) for g in moved], betas, eps)
-    return rest + [tables], {len(rest): n}
+def _adamws(groups: list[dict], betas, eps: float, embed_head_every: int) -> list:
+    """AdamW over ``groups`` (none if empty); with ``embed_head_every`` > 1 the embed and head
+    groups get an AdamW of their own, last, so that it can step less often."""
+    delayed = DELAYED_GROUPS if embed_head_every > 1 else ()
+    kept = [g for g in groups if g["name"] not in delayed]
+    tables = [g for g in groups if g["name"] in delayed]
+    return [_adamw(part, betas, eps) for part in (kept, tables) if part]
 
 
 def _check_partition(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
