@@ -300,6 +300,7 @@ class SpeedrunAttention(CausalSelfAttention):
             if self.ve_gate is not None:  # (B, T, H, 1): one gate per head and token
                 ve = ve * input_gate(x, self.ve_gate, self.n_head).unsqueeze(-1)
             v = self.ve_lambdas[0] * v + self.ve_lambdas[1] * ve
+        own = v  # (B, T, H, hd): each token's own values, for exclusive attention
         if self.key_offset:
             k = offset_keys(k, cache)
         if self.paired:  # (B, 2T, H/2, hd)
@@ -312,9 +313,8 @@ class SpeedrunAttention(CausalSelfAttention):
         y = y.transpose(1, 2)
         if self.paired:
             y = unpair_heads(y)
-        if self.xsa_logits is not None:  # (B, T, H, hd): less of what the token already holds
-            v = v.transpose(1, 2)
-            own = F.normalize(unpair_heads(v) if self.paired else v, dim=-1)
+        if self.xsa_logits is not None:  # less of what the token already holds
+            own = F.normalize(own, dim=-1)
             share = torch.tanh(self.xsa_logits).to(y.dtype).unsqueeze(-1)
             y = y - share * (y * own).sum(-1, keepdim=True) * own
         return self.proj(y.reshape(B, T, D))
