@@ -7,12 +7,15 @@ The idle report merges every kernel / memcpy / memset interval of the profiled s
 their union, idle the rest of the span. For the largest gaps it names the kernel that ended the
 gap and the Python function that launched it, and whether the launch came after the GPU ran dry
 (the host was the bottleneck) or before (the GPU waited on something else, e.g. a dependency).
+The phase table splits the GPU time per step by the Python frames around each launch (optimizer,
+backward, forward) and by kernel kind (attention, matmul, Triton-fused, copies).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -67,6 +70,59 @@ def idle_report(trace_file: Path, top: int = 12) -> str:
     return "\n".join(lines) + "\n"
 
 
+KINDS = (  # kernel name patterns, first match wins
+    ("attention", re.compile(r"flex|attention|fmha|flash", re.I)),
+    ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|wgmma|_mm_|triton_tem|splitk", re.I)),
+    ("triton fused", re.compile(r"^triton_")),
+    ("copy / fill", re.compile(r"memcpy|memset|copy|fill|Memcpy|Memset")),
+)
+
+
+def phase_of(launch: dict | None, python: list[dict]) -> str:
+    """optimizer / backward / forward, from the Python frames around a kernel's launch."""
+    if launch is None:
+        return "?"
+    names = [
+        p["name"]
+        for p in python
+        if p["tid"] == launch["tid"] and p["ts"] <= launch["ts"] <= p["ts"] + p["dur"]
+    ]
+    if any("muongpt/optim/" in n or "optimizer.py" in n for n in names):
+        return "optimizer"
+    if any("backward" in n for n in names):
+        return "backward"
+    return "forward / other"
+
+
+def category_report(trace_file: Path, steps: int) -> str:
+    """GPU time per step by phase (forward, backward, optimizer) and kernel kind."""
+    events = json.loads(trace_file.read_text())["traceEvents"]
+    launches = {
+        e["args"]["correlation"]: e
+        for e in events
+        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})
+    }
+    python = [e for e in events if e.get("cat") == "python_function" and e.get("dur", 0) > 0]
+    table: dict[tuple[str, str], float] = {}
+    for e in events:
+        if e.get("cat") not in GPU_CATEGORIES or e.get("dur", 0) <= 0:
+            continue
+        kind = next((k for k, rx in KINDS if rx.search(e["name"])), "other")
+        phase = phase_of(launches.get(e.get("args", {}).get("correlation")), python)
+        table[phase, kind] = table.get((phase, kind), 0.0) + e["dur"] / 1e3 / steps
+    phases = sorted(
+        {p for p, _ in table}, key=lambda p: -sum(v for (q, _), v in table.items() if q == p)
+    )
+    kinds = [k for k, _ in KINDS] + ["other"]
+    lines = [f"{'ms/step':<16}" + "".join(f"{k:>14}" for k in kinds) + f"{'total':>10}"]
+    for p in phases:
+        row = [table.get((p, k), 0.0) for k in kinds]
+        lines.append(f"{p:<16}" + "".join(f"{v:14.1f}" for v in row) + f"{sum(row):10.1f}")
+    cols = [sum(table.get((p, k), 0.0) for p in phases) for k in kinds]
+    lines.append(f"{'total':<16}" + "".join(f"{v:14.1f}" for v in cols) + f"{sum(cols):10.1f}")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -98,7 +154,7 @@ def main() -> int:
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top)
         trace = Path(args.trace or Path(run_dir) / "trace.json")
         prof.export_chrome_trace(str(trace))
-        idle = idle_report(trace)
+        idle = idle_report(trace) + category_report(trace, steps=2)
         trainer.close()
     header = f"{' '.join(overrides)}\nwarm-up {compile_s:.1f} s, {ms:.1f} ms/step\n"
     with open(args.out, "w") as f:
