@@ -40,7 +40,7 @@ def idle_report(trace_file: Path, top: int = 12) -> str:
     launches = {
         e["args"]["correlation"]: e
         for e in events
-        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
     }
     python = [e for e in events if e.get("cat") == "python_function" and e.get("dur", 0) > 0]
     busy, gaps, end = 0.0, [], gpu[0]["ts"]
@@ -78,37 +78,45 @@ KINDS = (  # kernel name patterns, first match wins
 )
 
 
-def phase_of(launch: dict | None, python: list[dict]) -> str:
-    """optimizer / backward / forward, from the Python frames around a kernel's launch."""
+PHASE_FRAMES = re.compile(r"muongpt/optim/|Optimizer\.step|backward", re.I)
+
+
+def phase_of(launch: dict | None, frames: list[dict]) -> str:
+    """optimizer / backward / forward, from the frames and ops around a kernel's launch
+    (``frames``: only those whose names say optimizer or backward)."""
     if launch is None:
         return "?"
     names = [
         p["name"]
-        for p in python
+        for p in frames
         if p["tid"] == launch["tid"] and p["ts"] <= launch["ts"] <= p["ts"] + p["dur"]
     ]
-    if any("muongpt/optim/" in n or "optimizer.py" in n for n in names):
+    if any("muongpt/optim/" in n or "Optimizer.step" in n for n in names):
         return "optimizer"
-    if any("backward" in n for n in names):
-        return "backward"
-    return "forward / other"
+    return "backward" if names else "forward / other"
 
 
 def category_report(trace_file: Path, steps: int) -> str:
     """GPU time per step by phase (forward, backward, optimizer) and kernel kind."""
     events = json.loads(trace_file.read_text())["traceEvents"]
-    launches = {
+    launches = {  # Triton's launches are driver calls, cuBLAS's and ATen's runtime calls
         e["args"]["correlation"]: e
         for e in events
-        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
     }
-    python = [e for e in events if e.get("cat") == "python_function" and e.get("dur", 0) > 0]
+    frames = [
+        e
+        for e in events
+        if e.get("cat") in ("python_function", "cpu_op", "user_annotation")
+        and e.get("dur", 0) > 0
+        and PHASE_FRAMES.search(e["name"])
+    ]
     table: dict[tuple[str, str], float] = {}
     for e in events:
         if e.get("cat") not in GPU_CATEGORIES or e.get("dur", 0) <= 0:
             continue
         kind = next((k for k, rx in KINDS if rx.search(e["name"])), "other")
-        phase = phase_of(launches.get(e.get("args", {}).get("correlation")), python)
+        phase = phase_of(launches.get(e.get("args", {}).get("correlation")), frames)
         table[phase, kind] = table.get((phase, kind), 0.0) + e["dur"] / 1e3 / steps
     phases = sorted(
         {p for p, _ in table}, key=lambda p: -sum(v for (q, _), v in table.items() if q == p)
