@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 import torch
+from timing import cuda_median_ms
 
 from muongpt.data.shards import open_shard
 from muongpt.model.gpt import documents
@@ -70,20 +71,6 @@ CONFIGS = [
 LONG_LAYERS, SHORT_LAYERS = 3, 8
 
 
-def timed(fn, iters: int) -> float:
-    """Median ms of ``fn`` over ``iters`` calls, after two warm-up calls."""
-    fn(), fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(np.median(times))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True, help="a bench-pack shard")
@@ -128,8 +115,8 @@ def main() -> int:
                     fwd().backward(dy)
 
                 with torch.no_grad():
-                    row[f"{which} fwd ms"] = timed(fwd, args.iters)
-                row[f"{which} fwd+bwd ms"] = timed(fwd_bwd, args.iters)
+                    row[f"{which} fwd ms"] = cuda_median_ms(fwd, warmup=2, iters=args.iters)
+                row[f"{which} fwd+bwd ms"] = cuda_median_ms(fwd_bwd, warmup=2, iters=args.iters)
                 outs = [fwd().float()]
                 fwd_bwd()
                 outs += [t.grad.float() for t in (qq, kk, vv)]
