@@ -189,6 +189,7 @@ class GPT(nn.Module):
         self.lm_head = Head(
             config.n_embd, config.padded_vocab_size, config.vocab_size, self.make_cap()
         )
+        self.tie_weights()
         self.reset_parameters()
 
     # ---------------------------------------------------------------- construction
@@ -204,6 +205,9 @@ class GPT(nn.Module):
 
     def add_parts(self) -> None:
         """Modules registered between the blocks and the head (a variant's extra parts)."""
+
+    def tie_weights(self) -> None:
+        """Share Parameters between modules (a variant's option; the core GPT shares none)."""
 
     def make_cap(self) -> SoftCap:
         return SoftCap.tanh(self.config.logit_softcap)

@@ -34,7 +34,7 @@ Each part is plain code below, on in every speed-run model:
 - **embedding norm** and a **bf16 residual stream** under bf16 autocast (autocast alone keeps it
   fp32: the embedding output is fp32 and fp32 + bf16 stays fp32).
 
-Five parts are off in the model's defaults, so that stored configs keep their models;
+Six parts are off in the model's defaults, so that stored configs keep their models;
 ``experiment=speedrun_bench`` turns on the two that measured better there (docs/speedrun.md):
 
 - **paired-head attention** (``paired_head_layers``): in those layers heads 2h and 2h+1 form one
@@ -54,6 +54,12 @@ Five parts are off in the model's defaults, so that stored configs keep their mo
   v^ = v / |v| (XSA, arXiv:2603.09078; learnable per head as in modded-nanogpt, May
   2026), so attention carries what the token does not already hold. a starts at 0 (plain
   attention).
+- **tied embedding and head** (``tie_embed_head``): the token embedding table is the lm_head's
+  weight W (V, D): x0 = rmsnorm(W[idx]) and logits = cap(rmsnorm(x) W^T), so W's gradient is the
+  sum of both uses and every token's row learns from every position's prediction. W starts as
+  the hidden matrices do (std 0.5 / sqrt(D): small logits, and the lookup is normalised anyway),
+  and is trained in the head group (AdamW at ``head_lr``); the value-embedding and bigram tables
+  stay lookup tables (modded-nanogpt re-tied its head in December 2025, where it cut steps).
 - **window extension for evaluation** (``eval_window_factor`` = s > 1): in eval mode every window
   is s times the training one, each layer's RoPE is stretched past its trained window
   (``Rotary.stretched``, YaRN) and the softmax scale is multiplied by (0.1 ln s + 1)^2.
@@ -100,6 +106,7 @@ class SpeedrunConfig(GPTConfig):
     gate_dims: int = 0  # leading input dims read by the value-embedding and skip gates; 0 = none
     exclusive_attention: bool = False  # remove a learned share of each output along its own value
     mlp_free_layers: list[int] = field(default_factory=list)  # blocks without an MLP
+    tie_embed_head: bool = False  # the token embedding and the lm_head are one weight
 
     mixers = ("attention", "none")
 
@@ -374,15 +381,20 @@ class SpeedrunGPT(GPT):
         window = torch.tensor(c.attn_window or UNBOUNDED_WINDOW, dtype=torch.int32)
         self.register_buffer("current_window", window, persistent=False)
 
+    def tie_weights(self) -> None:
+        if self.config.tie_embed_head:  # one Parameter, so autograd sums both uses' gradients
+            self.lm_head.weight = self.embed.weight
+
     def make_cap(self) -> SoftCap:
         return SoftCap("sigmoid", *self.config.sigmoid_cap)
 
     def lookup_tables(self) -> list[nn.Parameter]:
-        tables = [self.embed.weight] + [e.weight for e in self.value_embeds]
+        tables = [] if self.config.tie_embed_head else [self.embed.weight]
+        tables += [e.weight for e in self.value_embeds]
         return tables + ([self.bigram_embed.weight] if self.bigram_embed is not None else [])
 
     def zero_init(self) -> list[nn.Parameter]:
-        zeros = [self.lm_head.weight]
+        zeros = [] if self.config.tie_embed_head else [self.lm_head.weight]
         for b in self.blocks:
             if b.mlp is not None:
                 zeros.append(b.mlp.proj.weight)
