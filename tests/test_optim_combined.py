@@ -450,3 +450,70 @@ def test_delayed_table_steps_are_refused_by_the_sharded_forms_and_checked():
         fsdp_optimizer(opt)
     with pytest.raises(MuonGPTError, match="optimizer.embed_head_every must be an integer >= 1"):
         build_optimizer(model, config("muon", embed_head_every=0))
+
+
+class TiedModel(TinyModel):
+    """Embedding and head kept as one weight by the optimizer: (copy, master) declared."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.no_grad():
+            self.embed.weight.copy_(self.lm_head.weight)
+
+    def tied_weights(self):
+        return self.embed.weight, self.lm_head.weight
+
+
+class SharedModel(TinyModel):
+    """The plain reference: one Parameter used as the embedding and as the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm_head.weight = self.embed.weight
+
+    def optimizer_groups(self):
+        groups = super().optimizer_groups()  # the shared weight is named embed.weight
+        shared = [(n, p) for n, p in groups["embed"] if p is self.lm_head.weight]
+        groups["embed"] = [(n, p) for n, p in groups["embed"] if p is not self.lm_head.weight]
+        groups["head"] = shared
+        return groups
+
+
+@pytest.mark.parametrize("name", ["muon", "adamw"])
+def test_tied_pair_trains_as_one_shared_weight_then_apart(name):
+    """While tied, the pair moves exactly as one Parameter used twice (autograd sums its two
+    gradients; the head's AdamW steps it); untied, the copy trains on in its own group."""
+    torch.manual_seed(0)
+    model = TiedModel()
+    ref = SharedModel()
+    ref.load_state_dict(model.state_dict())
+    opt, ref_opt = build_optimizer(model, config(name)), build_optimizer(ref, config(name))
+    assert opt.tie == (model.embed.weight, model.lm_head.weight) and opt.tied
+    train_steps(model, opt, range(4))
+    train_steps(ref, ref_opt, range(4))
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
+    assert torch.equal(model.embed.weight, model.lm_head.weight)
+    embed_adam = next(o for o in opt.optimizers for g in o.param_groups if g["name"] == "embed")
+    assert model.embed.weight not in embed_adam.state  # never stepped on its own while tied
+
+    opt.tied = False
+    head_before = model.lm_head.weight.detach().clone()
+    train_steps(model, opt, [4])
+    assert model.embed.weight in embed_adam.state
+    assert not torch.equal(model.embed.weight, model.lm_head.weight)
+    assert not torch.equal(model.lm_head.weight, head_before)
+
+
+def test_tied_pair_is_refused_by_the_sharded_forms_and_delayed_steps():
+    from muongpt.optim.distributed import distribute
+    from muongpt.optim.fsdp import fsdp_optimizer
+
+    model = TiedModel()
+    opt = build_optimizer(model, config("muon"))
+    with pytest.raises(MuonGPTError, match="tie_embed_head works in one process only"):
+        distribute(opt, model)
+    with pytest.raises(MuonGPTError, match="tie_embed_head works in one process only"):
+        fsdp_optimizer(opt)
+    with pytest.raises(MuonGPTError, match="embed_head_every > 1 with a tied embedding"):
+        build_optimizer(model, config("muon", embed_head_every=2))

@@ -342,6 +342,39 @@ def test_resume_between_two_embedding_steps_is_bit_identical(tmp_path):
     whole.close(), resumed.close()
 
 
+def test_resume_at_the_untie_of_embedding_and_head_is_bit_identical(tmp_path):
+    """model.tie_embed_head untied at step 6 of 12: a run resumed from the step-6 checkpoint
+    (still tied) unties and trains on exactly as the uninterrupted run."""
+    tie = [
+        "model=speedrun",
+        "model.value_embeds=1",
+        "model.bigram_rows=0",
+        "model.backout_after=1",
+        "model.tie_embed_head=true",
+        "training.untie_embed_head_frac=0.5",
+    ]
+    (tmp_path / "a").mkdir()
+    whole = make_trainer(tmp_path / "a", *tie)
+    assert whole.schedule.untie_step == 6
+    for _ in range(6):
+        whole.train_step()
+    assert torch.equal(whole.model.embed.weight, whole.model.lm_head.weight)
+    whole.save_checkpoint()
+    for _ in range(3):
+        whole.train_step()
+    assert not torch.equal(whole.model.embed.weight, whole.model.lm_head.weight)
+    (tmp_path / "b").mkdir()
+    path = ckpt.checkpoint_path(tmp_path / "a" / "run", 6)
+    resumed = make_trainer(tmp_path / "b", *tie, f"training.resume={path}")
+    for _ in range(3):
+        resumed.train_step()
+    assert_same_tree(resumed.model.state_dict(), whole.model.state_dict(), "model")
+    whole.close(), resumed.close()
+    (tmp_path / "c").mkdir()
+    with pytest.raises(MuonGPTError, match=r"untie_embed_head_frac must be in \(0, 1\], got 0"):
+        make_trainer(tmp_path / "c", *tie[:-1], "training.untie_embed_head_frac=0")
+
+
 def test_resume_refuses_a_checkpoint_of_another_model_shape(tmp_path):
     trainer = make_trainer(tmp_path)
     trainer.save_checkpoint()

@@ -600,35 +600,32 @@ def test_mlp_converters_skip_mlp_free_layers(converter):
     assert "blocks.0.mlp.fc.weight" not in dict(model.named_parameters())
 
 
-def test_tied_embed_head_is_one_weight_whose_gradient_sums_both_uses():
-    """The tied model is the untied one with head = embedding table: the same logits, and the
-    one weight's gradient is the sum of the untied embedding's and head's gradients."""
-    tied = speedrun(tie_embed_head=True)
-    assert tied.lm_head.weight is tied.embed.weight
-    untied = SpeedrunGPT(config())
-    untied.load_state_dict(tied.state_dict())  # both keys, one tensor's values
-    idx = documents(2, 24, [(0, 5), (1, 11)])
-    targets = documents(2, 24, [], seed=3)
-    torch.testing.assert_close(tied(idx), untied(idx))
-    tied(idx, targets).backward()
-    untied(idx, targets).backward()
-    both = untied.embed.weight.grad + untied.lm_head.weight.grad
-    torch.testing.assert_close(tied.embed.weight.grad, both)
-    assert untied.lm_head.weight.grad.abs().sum() > 0 and untied.embed.weight.grad.abs().sum() > 0
-
-    # one Parameter, in the head group; the value-embedding and bigram tables stay tables
-    groups = {k: [n for n, _ in v] for k, v in tied.optimizer_groups().items()}
-    assert groups["head"] == ["embed.weight"]
-    assert groups["embed"] == ["value_embeds.0.weight", "bigram_embed.weight"]
-    assert sum(len(v) for v in groups.values()) == len(list(tied.parameters()))
-
-    # starts as the hidden matrices do, neither the tables' N(0, 1) nor the untied head's zeros
+def test_tied_embed_head_starts_equal_and_unties_without_changing_the_model():
+    """Tied: the token table starts as a copy of the head (which starts as the hidden matrices
+    do); untying scales every row to RMS 1, which the normalised lookup does not see."""
     torch.manual_seed(0)
-    fresh = SpeedrunGPT(config(tie_embed_head=True, n_embd=64))
-    torch.testing.assert_close(fresh.embed.weight.std().item(), 0.5 / 64**0.5, rtol=0.02, atol=0)
-    # the FP8 head converters keep the tie (they wrap the same Parameter)
-    apply_converters(fresh, KernelsConfig(converters=["fp8_head_loss"]))
-    assert fresh.lm_head.weight is fresh.embed.weight
+    model = SpeedrunGPT(config(tie_embed_head=True, n_embd=64))
+    copy, master = model.tied_weights()
+    assert copy is model.embed.weight and master is model.lm_head.weight
+    assert copy is not master and torch.equal(copy, master)
+    torch.testing.assert_close(master.std().item(), 0.5 / 64**0.5, rtol=0.02, atol=0)
+    # two Parameters in their usual groups: the optimizer folds the copy's gradient in
+    groups = {k: [n for n, _ in v] for k, v in model.optimizer_groups().items()}
+    assert groups["head"] == ["lm_head.weight"] and groups["embed"][0] == "embed.weight"
+    assert SpeedrunGPT(config()).tied_weights() is None
+
+    perturbed(model)
+    with torch.no_grad():
+        model.embed.weight.copy_(model.lm_head.weight)
+    idx = documents(2, 24, [(0, 5), (1, 11)])
+    before = model(idx)
+    model.untie_weights()
+    rms = model.embed.weight.pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.ones_like(rms))
+    torch.testing.assert_close(model(idx), before, atol=1e-5, rtol=1e-5)
+    # the FP8 head converters keep the head's Parameter, so the pair stays the model's
+    apply_converters(model, KernelsConfig(converters=["fp8_head_loss"]))
+    assert model.tied_weights()[1] is model.lm_head.weight is master
 
 
 def test_tied_embed_head_refused_by_fsdp():

@@ -87,6 +87,8 @@ class TrainingConfig:
     )
     batch_size_start: int = 0  # sequences per step at step 0, grown to batch_size (0: fixed)
     batch_ramp_steps: int = 0  # ... linearly over this many steps
+    # model.tie_embed_head: the share of the run for which embedding and head stay one weight
+    untie_embed_head_frac: float = 1.0  # 1: tied throughout
 
 
 @dataclass

@@ -189,7 +189,6 @@ class GPT(nn.Module):
         self.lm_head = Head(
             config.n_embd, config.padded_vocab_size, config.vocab_size, self.make_cap()
         )
-        self.tie_weights()
         self.reset_parameters()
 
     # ---------------------------------------------------------------- construction
@@ -206,8 +205,14 @@ class GPT(nn.Module):
     def add_parts(self) -> None:
         """Modules registered between the blocks and the head (a variant's extra parts)."""
 
-    def tie_weights(self) -> None:
-        """Share Parameters between modules (a variant's option; the core GPT shares none)."""
+    def tied_weights(self) -> tuple[nn.Parameter, nn.Parameter] | None:
+        """(copy, master): two weights trained as one while the run keeps them tied: the
+        optimizer steps the master on the sum of both gradients and the copy takes its values
+        (a variant's option; the core GPT ties none)."""
+        return None
+
+    def untie_weights(self) -> None:
+        """Called once, before the first step in which the tied weights train apart."""
 
     def make_cap(self) -> SoftCap:
         return SoftCap.tanh(self.config.logit_softcap)
@@ -240,6 +245,9 @@ class GPT(nn.Module):
         for b in self.blocks:  # PoM initialises itself (its output projection starts at zero too)
             if isinstance(b.mixer, PoM):
                 b.mixer.reset_parameters()
+        tied = self.tied_weights()
+        if tied is not None:
+            tied[0].copy_(tied[1])
 
     # ---------------------------------------------------------------- optimizer groups
     def optimizer_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:

@@ -54,12 +54,15 @@ Six parts are off in the model's defaults, so that stored configs keep their mod
   v^ = v / |v| (XSA, arXiv:2603.09078; learnable per head as in modded-nanogpt, May
   2026), so attention carries what the token does not already hold. a starts at 0 (plain
   attention).
-- **tied embedding and head** (``tie_embed_head``): the token embedding table is the lm_head's
-  weight W (V, D): x0 = rmsnorm(W[idx]) and logits = cap(rmsnorm(x) W^T), so W's gradient is the
-  sum of both uses and every token's row learns from every position's prediction. W starts as
-  the hidden matrices do (std 0.5 / sqrt(D): small logits, and the lookup is normalised anyway),
-  and is trained in the head group (AdamW at ``head_lr``); the value-embedding and bigram tables
-  stay lookup tables (modded-nanogpt re-tied its head in December 2025, where it cut steps).
+- **tied embedding and head** (``tie_embed_head``): while the run keeps them tied
+  (``training.untie_embed_head_frac``), the token embedding table E and the lm_head's weight W
+  (V, D) are one weight: x0 = rmsnorm(E[idx]), logits = cap(rmsnorm(x) W^T) with E = W, trained
+  by the head's AdamW on dL/dW + dL/dE, so every token's row also learns from every position's
+  prediction. W starts as the hidden matrices do (std 0.5 / sqrt(D)) and E as its copy; they are
+  two Parameters kept equal (``tied_weights``), so untying changes no compiled graph. At the
+  untie every row of E is scaled to RMS 1 (``untie_weights``; the lookup is normalised, so
+  nothing the model computes changes) and E trains on as a table at the embedding lr
+  (modded-nanogpt re-tied its head in December 2025 and untied it at 2/3 of the run later).
 - **window extension for evaluation** (``eval_window_factor`` = s > 1): in eval mode every window
   is s times the training one, each layer's RoPE is stretched past its trained window
   (``Rotary.stretched``, YaRN) and the softmax scale is multiplied by (0.1 ln s + 1)^2.
@@ -106,7 +109,7 @@ class SpeedrunConfig(GPTConfig):
     gate_dims: int = 0  # leading input dims read by the value-embedding and skip gates; 0 = none
     exclusive_attention: bool = False  # remove a learned share of each output along its own value
     mlp_free_layers: list[int] = field(default_factory=list)  # blocks without an MLP
-    tie_embed_head: bool = False  # the token embedding and the lm_head are one weight
+    tie_embed_head: bool = False  # token embedding = lm_head while training.untie_embed_head_frac
 
     mixers = ("attention", "none")
 
@@ -381,16 +384,21 @@ class SpeedrunGPT(GPT):
         window = torch.tensor(c.attn_window or UNBOUNDED_WINDOW, dtype=torch.int32)
         self.register_buffer("current_window", window, persistent=False)
 
-    def tie_weights(self) -> None:
-        if self.config.tie_embed_head:  # one Parameter, so autograd sums both uses' gradients
-            self.lm_head.weight = self.embed.weight
+    def tied_weights(self) -> tuple[nn.Parameter, nn.Parameter] | None:
+        return (self.embed.weight, self.lm_head.weight) if self.config.tie_embed_head else None
+
+    @torch.no_grad()
+    def untie_weights(self) -> None:
+        """Every embedding row to RMS 1, the scale of an untied table: the lookup is normalised,
+        so the model computes the same, and the table then trains at the embedding lr."""
+        w = self.embed.weight
+        w.div_(w.float().pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12).to(w.dtype))
 
     def make_cap(self) -> SoftCap:
         return SoftCap("sigmoid", *self.config.sigmoid_cap)
 
     def lookup_tables(self) -> list[nn.Parameter]:
-        tables = [] if self.config.tie_embed_head else [self.embed.weight]
-        tables += [e.weight for e in self.value_embeds]
+        tables = [self.embed.weight] + [e.weight for e in self.value_embeds]
         return tables + ([self.bigram_embed.weight] if self.bigram_embed is not None else [])
 
     def zero_init(self) -> list[nn.Parameter]:

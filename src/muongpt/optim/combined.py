@@ -11,7 +11,9 @@ d36, see docs/optimizers.md; the side groups' rule keeps the lr where d12 put it
 transfers to d24). Each parameter lands in exactly one group
 (checked). AdamW is ``fused`` when every parameter is on CUDA. Each group remembers its
 ``base_lr``; ``apply_schedule(lr_scale, momentum)`` sets lr = base_lr * lr_scale for every group
-and, where given, Muon's momentum (the trainer's schedule computes both).
+and, where given, Muon's momentum (the trainer's schedule computes both). A model that ties two
+weights (``model.tied_weights()``: copy, master) has them trained as one while ``tied``: the
+copy's gradient is added to the master's, the master's optimizer steps, the copy takes its values.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class CombinedOptimizer:
         optimizers: list[torch.optim.Optimizer],
         header: str = "",
         every: dict[int, int] | None = None,
+        tie: tuple[nn.Parameter, nn.Parameter] | None = None,
     ):
         if not optimizers:
             raise OptimizerError("CombinedOptimizer got no optimizers")
@@ -77,6 +80,18 @@ class CombinedOptimizer:
         self.every = dict(every or {})
         self.steps = 0  # optimizer steps taken (the count ``every`` is read against)
         self._stepped = False  # step() since the last zero_grad()
+        # the model's tied pair (copy, master): while ``tied``, the master is stepped on both
+        # gradients and the copy takes its values (the trainer's schedule sets ``tied``)
+        self.tie = tie
+        self.tied = tie is not None
+
+    def _fold_tied_grads(self) -> None:
+        """While tied, the copy's gradient joins the master's: one weight's gradient."""
+        if not (self.tie and self.tied) or self.tie[0].grad is None:
+            return
+        copy, master = self.tie
+        master.grad = copy.grad if master.grad is None else master.grad.add_(copy.grad)
+        copy.grad = None
 
     def _holding(self) -> set[int]:
         """The optimizers whose gradients keep accumulating after this step."""
@@ -97,6 +112,7 @@ class CombinedOptimizer:
     @torch.no_grad()
     def step(self, closure=None):
         loss = run_closure(closure)
+        self._fold_tied_grads()
         self.steps += 1
         self._stepped = True
         holding = self._holding()
@@ -110,6 +126,8 @@ class CombinedOptimizer:
                 ]
                 torch._foreach_div_(grads, float(n))
             opt.step()
+        if self.tie and self.tied:
+            self.tie[0].copy_(self.tie[1])
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -124,6 +142,7 @@ class CombinedOptimizer:
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip the gradients to global norm ``max_norm`` (over ranks when distributed)."""
+        self._fold_tied_grads()
         params = [p for g in self.param_groups for p in g["params"]]
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
@@ -363,15 +382,29 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
     header += ")"
     if every:
         header += f"; embed and head step every {cfg.embed_head_every} steps"
-    return CombinedOptimizer(optimizers, header=header, every=every)
+    tie = model.tied_weights() if hasattr(model, "tied_weights") else None
+    if tie is not None and every:
+        raise OptimizerError(
+            "optimizer.embed_head_every > 1 with a tied embedding and head "
+            "(model.tie_embed_head) is not supported: set one of them off"
+        )
+    if tie is not None:
+        header += "; the token embedding trained as the head while tied"
+    return CombinedOptimizer(optimizers, header=header, every=every, tie=tie)
 
 
 def refuse_delayed_steps(combined: CombinedOptimizer, form: str) -> None:
-    """The sharded forms reduce and apply every step's gradients: no delayed groups there."""
+    """The sharded forms reduce and apply every step's gradients on their own parameters: no
+    delayed groups, no tied pair there."""
     if combined.every:
         raise OptimizerError(
             f"optimizer.embed_head_every > 1 works in one process only; the {form} optimizer "
             "reduces and applies every step's gradients (set optimizer.embed_head_every=1)"
+        )
+    if combined.tie is not None:
+        raise OptimizerError(
+            f"model.tie_embed_head works in one process only; the {form} optimizer steps each "
+            "parameter on its own gradient (set model.tie_embed_head=false)"
         )
 
 

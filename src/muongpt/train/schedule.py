@@ -1,8 +1,9 @@
 """Everything that depends on the step, computed in one place.
 
 ``Schedule.at(step)`` gives the settings of one optimizer step: the lr multiplier (warmup, flat,
-linear cooldown), Muon's momentum (warmed up), the attention window (grown over the run) and the
-number of micro-steps (the batch ramp). The trainer applies them once per step; the pure
+linear cooldown), Muon's momentum (warmed up), the attention window (grown over the run), the
+number of micro-steps (the batch ramp) and whether a tied embedding and head are still one
+weight. The trainer applies them once per step; the pure
 functions below are the math of each.
 """
 
@@ -99,15 +100,25 @@ class StepSettings:
     momentum: float | None  # Muon's momentum; None when the optimizer has none
     attn_window: int | None  # tokens; None when the window does not change
     micro_steps: int  # forward/backward passes of this step (rank-local)
+    embed_head_tied: bool | None = None  # None when the model ties nothing
 
 
 class Schedule:
     """The step-dependent settings of a run, from its training and optimizer configs.
 
     ``window_end``: the model's final attention window (``attn_window``), ``window_block``: the
-    tile the window rounds to; ``unit``: sequences per micro-step over all ranks."""
+    tile the window rounds to; ``unit``: sequences per micro-step over all ranks; ``tied``: the
+    model ties its embedding and head (``untie_step`` is then the first step they train apart)."""
 
-    def __init__(self, training, optimizer, unit: int, window_end: int = 0, window_block: int = 1):
+    def __init__(
+        self,
+        training,
+        optimizer,
+        unit: int,
+        window_end: int = 0,
+        window_block: int = 1,
+        tied: bool = False,
+    ):
         t = training
         self.total = t.max_steps
         self.warmup = phase_steps(t.warmup_steps, t.warmup_frac, t.max_steps, "warmup")
@@ -147,6 +158,11 @@ class Schedule:
             )
         if t.batch_size_start and t.batch_ramp_steps < 1:
             raise MuonGPTError("training.batch_size_start needs training.batch_ramp_steps >= 1")
+        if not 0 < t.untie_embed_head_frac <= 1:
+            raise MuonGPTError(
+                f"training.untie_embed_head_frac must be in (0, 1], got {t.untie_embed_head_frac}"
+            )
+        self.untie_step = round(t.untie_embed_head_frac * t.max_steps) if tied else None
 
     def at(self, step: int) -> StepSettings:
         lr = lr_multiplier(step, self.total, self.warmup, self.cooldown, self.final_lr_frac)
@@ -156,4 +172,6 @@ class Schedule:
             start, end, block = self.window
             window = attention_window(step, self.total, start, end, block=block)
         start, full, ramp, unit = self.batch
-        return StepSettings(lr, momentum, window, batch_rows(step, start, full, ramp, unit) // unit)
+        micro = batch_rows(step, start, full, ramp, unit) // unit
+        tied = None if self.untie_step is None else step < self.untie_step
+        return StepSettings(lr, momentum, window, micro, tied)

@@ -154,6 +154,7 @@ class Trainer:
             unit=t.micro_batch_size * self.ctx.world_size,
             window_end=getattr(self.model_config, "attn_window", 0),
             window_block=getattr(self.model, "window_block", 1),
+            tied=self.model.tied_weights() is not None,
         )
         self.forward = (
             compile_model(self.model, t.compile_mode, t.inductor) if t.compile else self.model
@@ -260,11 +261,16 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
     def apply_schedule(self) -> int:
-        """Set the coming step's lr, momentum and attention window; returns its micro-steps."""
+        """Set the coming step's lr, momentum, attention window and tie; returns its
+        micro-steps."""
         settings = self.schedule.at(self.step)
         self.optimizer.apply_schedule(settings.lr_scale, settings.momentum)
         if settings.attn_window is not None:
             self.model.set_attn_window(settings.attn_window)
+        if settings.embed_head_tied is not None:
+            if self.step == self.schedule.untie_step:  # the first step apart
+                self.model.untie_weights()
+            self.optimizer.tied = settings.embed_head_tied
         return settings.micro_steps
 
     def train_step(self) -> torch.Tensor:
