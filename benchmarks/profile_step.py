@@ -62,7 +62,11 @@ def idle_report(trace_file: Path, top: int = 12) -> str:
         where, late = "?", float("nan")
         if launch is not None:
             late = launch["ts"] - idle_from  # > 0: launched after the GPU ran dry
-            around = [p for p in python if p["ts"] <= launch["ts"] <= p["ts"] + p["dur"]]
+            around = [
+                p
+                for p in python
+                if p["tid"] == launch["tid"] and p["ts"] <= launch["ts"] <= p["ts"] + p["dur"]
+            ]  # the launching thread's frames only (the loader's thread runs alongside)
             around = [p for p in around if not p["name"].startswith(("torch/", "<built-in"))]
             if around:
                 where = min(around, key=lambda p: p["dur"])["name"]
