@@ -1,6 +1,8 @@
 """The speed-run model: each part against a written-out reference, causality, document masks,
 windows, decoding, FlexAttention masks and kernels."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -633,3 +635,77 @@ def test_tied_embed_head_refused_by_fsdp():
 
     with pytest.raises(MuonGPTError, match="tie_embed_head.*parallel=replicate"):
         shard_model(SpeedrunGPT(config(tie_embed_head=True)), torch.device("cpu"), bf16=False)
+
+
+def test_prefix_tokens_are_the_longest_proper_prefixes_in_the_vocabulary():
+    from muongpt.data.tokenizer import GPT2_VOCAB_SIZE, get_tokenizer, prefix_tokens
+
+    enc = get_tokenizer()
+    table = prefix_tokens()
+    assert table.shape == (GPT2_VOCAB_SIZE,)
+    ids = {enc.decode_single_token_bytes(i): i for i in range(GPT2_VOCAB_SIZE - 1)}
+    for token, i in ids.items():
+        longest = next(
+            (ids[token[:k]] for k in range(len(token) - 1, 0, -1) if token[:k] in ids), -1
+        )
+        assert table[i] == longest, (token, i)
+    assert table[50256] == -1 and (table >= 0).sum() == 50000  # all but the 256 bytes and EOT
+    assert enc.decode([table[enc.encode_ordinary(" hello")[0]]]) == " hell"
+
+
+def test_prefix_loss_adds_the_weighted_prefix_cross_entropy_in_training_only():
+    """loss = CE(target) + w CE(prefix token of the target), over the same (padded, capped)
+    logits, averaged over the positions with a target; evaluation is the plain next-token CE."""
+    from muongpt.data.tokenizer import prefix_tokens
+
+    V = 50257
+    model = speedrun(vocab_size=V, bos_token=50256, bigram_rows=0, prefix_loss_weight=0.3)
+    idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    targets[0, :8] = torch.randint(5000, V - 1, (8,), generator=torch.Generator().manual_seed(2))
+    targets[1, 3] = -1  # ignored
+    seen = {}
+    model.lm_head.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    loss = model(idx, targets)
+    head = model.lm_head
+    logits = head.cap(head.project(rms_norm(seen["x"])).float()).view(-1, head.out_features)
+    prefix = torch.from_numpy(prefix_tokens())[targets.clamp(min=0)].view(-1)
+    t = targets.view(-1)
+    ce = F.cross_entropy(logits, t, ignore_index=-1, reduction="sum")
+    prefix = torch.where((t >= 0) & (prefix >= 0), prefix, -1)
+    assert (prefix >= 0).sum() >= 8  # the long tokens have prefixes; the bytes have none
+    ce_prefix = F.cross_entropy(logits, prefix, ignore_index=-1, reduction="sum")
+    expected = (ce + 0.3 * ce_prefix) / (t >= 0).sum()
+    torch.testing.assert_close(loss, expected)
+    # the FP8 loss head's CPU path (no fp8 there) takes the same two targets
+    converted = apply_converters(copy.deepcopy(model), KernelsConfig(["fp8_head_loss"]))
+    torch.testing.assert_close(converted(idx, targets), loss)
+    model.eval()
+    torch.testing.assert_close(model(idx, targets), F.cross_entropy(logits, t, ignore_index=-1))
+    with pytest.raises(MuonGPTError, match="prefix_loss_weight"):
+        config(prefix_loss_weight=0.3)  # a 300-token vocabulary
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefix_loss_on_the_fused_fp8_head_matches_the_unfused_fp8_head_on_cuda():
+    """With fp8_head_loss the two targets per position go to the fused kernel: the loss and
+    the gradients match the unfused FP8 head's (test_fp8_loss's bounds: the unfused path rounds
+    the logit gradient twice)."""
+    V = 50257
+    cfg = dict(vocab_size=V, bos_token=50256, bigram_rows=0, n_embd=128, prefix_loss_weight=0.3)
+    model = speedrun(**cfg)
+    fused = apply_converters(copy.deepcopy(model), KernelsConfig(["fp8_head_loss"])).cuda()
+    unfused = apply_converters(model, KernelsConfig(["fp8_head"])).cuda()
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, V - 1, (2, 256), generator=g).cuda()
+    targets = torch.randint(0, V - 1, (2, 256), generator=g).cuda()
+    losses = []
+    for m in (fused, unfused):
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = m(idx, targets)
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) < 1e-4
+    for name in ("lm_head.weight", "embed.weight"):
+        a, b = fused.get_parameter(name).grad, unfused.get_parameter(name).grad
+        assert relative_error(a, b) < 0.03, name

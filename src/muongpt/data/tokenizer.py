@@ -6,6 +6,7 @@ import base64
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 
 from muongpt.assets import GPT2_TIKTOKEN
@@ -49,3 +50,19 @@ def encode(text: str) -> list[int]:
 
 def decode(tokens) -> str:
     return get_tokenizer().decode([int(t) for t in tokens])
+
+
+@lru_cache(maxsize=1)
+def prefix_tokens() -> np.ndarray:
+    """For every GPT-2 token id, the id of the token whose bytes are the longest proper prefix
+    of its bytes (" hello" -> " hell"), or -1 where none is a token (one-byte tokens, and
+    <|endoftext|>). int64, GPT2_VOCAB_SIZE entries."""
+    ranks = _load_ranks(GPT2_TIKTOKEN)
+    out = np.full(GPT2_VOCAB_SIZE, -1, dtype=np.int64)
+    for token, rank in ranks.items():
+        for k in range(len(token) - 1, 0, -1):
+            prefix = ranks.get(token[:k])
+            if prefix is not None:
+                out[rank] = prefix
+                break
+    return out

@@ -346,9 +346,11 @@ class FP8LossHead(FP8Head):
     """The FP8 head whose training forward (gradients on, fp8 usable) is the fused op above:
     matmul, soft-cap, loss and the e5m2 logit gradient; otherwise the FP8 head's plain path."""
 
-    def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, targets: Tensor | None = None, weights: Tensor | None = None
+    ) -> Tensor:
         fused = targets is not None and torch.is_grad_enabled() and triton is not None
         if fused and self.fp8_usable(x):
             cap = self.cap.kernel_form()
-            return fp8_cross_entropy(rms_norm(x), self.weight, targets, self.scales, cap)
-        return super().forward(x, targets)
+            return fp8_cross_entropy(rms_norm(x), self.weight, targets, self.scales, cap, weights)
+        return super().forward(x, targets, weights)

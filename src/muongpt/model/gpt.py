@@ -142,12 +142,22 @@ class Head(nn.Linear):
         """x W^T: the matmul the FP8 converters replace."""
         return F.linear(x, self.weight)
 
-    def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, targets: Tensor | None = None, weights: Tensor | None = None
+    ) -> Tensor:
+        """``targets`` (...) or, with ``weights`` (K,), (..., K): K targets per position, the
+        loss sum_k w_k CE(logits, target_k) over the positions whose first target is valid."""
         logits = self.cap(self.project(rms_norm(x)).float())
         if targets is None:
             return logits[..., : self.vocab_size]
         logits = logits.view(-1, logits.size(-1))
-        return F.cross_entropy(logits, targets.reshape(-1), ignore_index=-1)
+        if weights is None:
+            return F.cross_entropy(logits, targets.reshape(-1), ignore_index=-1)
+        targets = targets.reshape(logits.size(0), -1)
+        valid = targets >= 0
+        picked = logits.gather(1, targets.clamp(min=0))
+        terms = (logits.logsumexp(-1, keepdim=True) - picked) * weights.float() * valid
+        return terms.sum() / valid[:, 0].sum().clamp(min=1)
 
 
 class MLP(nn.Module):

@@ -34,7 +34,7 @@ Each part is plain code below, on in every speed-run model:
 - **embedding norm** and a **bf16 residual stream** under bf16 autocast (autocast alone keeps it
   fp32: the embedding output is fp32 and fp32 + bf16 stays fp32).
 
-Six parts are off in the model's defaults, so that stored configs keep their models;
+Seven parts are off in the model's defaults, so that stored configs keep their models;
 ``experiment=speedrun_bench`` turns on the two that measured better there (docs/speedrun.md):
 
 - **paired-head attention** (``paired_head_layers``): in those layers heads 2h and 2h+1 form one
@@ -63,6 +63,11 @@ Six parts are off in the model's defaults, so that stored configs keep their mod
   untie every row of E is scaled to RMS 1 (``untie_weights``; the lookup is normalised, so
   nothing the model computes changes) and E trains on as a table at the embedding lr
   (modded-nanogpt re-tied its head in December 2025 and untied it at 2/3 of the run later).
+- **prefix-token prediction** (``prefix_loss_weight`` = w > 0; GPT-2 vocabulary): in training the
+  same logits also predict the target's prefix token, the token whose bytes are the longest
+  proper prefix of the target's (" hello" -> " hell"; ``data.tokenizer.prefix_tokens``): loss =
+  CE(target) + w CE(prefix), over the positions with a target (a target with no prefix token
+  adds nothing). Evaluation scores the next token alone (modded-nanogpt, July 2026).
 - **window extension for evaluation** (``eval_window_factor`` = s > 1): in eval mode every window
   is s times the training one, each layer's RoPE is stretched past its trained window
   (``Rotary.stretched``, YaRN) and the softmax scale is multiplied by (0.1 ln s + 1)^2.
@@ -78,6 +83,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from muongpt import MuonGPTError
+from muongpt.data.tokenizer import GPT2_VOCAB_SIZE, prefix_tokens
 from muongpt.model.attention import (
     CausalSelfAttention,
     KVCache,
@@ -110,6 +116,7 @@ class SpeedrunConfig(GPTConfig):
     exclusive_attention: bool = False  # remove a learned share of each output along its own value
     mlp_free_layers: list[int] = field(default_factory=list)  # blocks without an MLP
     tie_embed_head: bool = False  # token embedding = lm_head while training.untie_embed_head_frac
+    prefix_loss_weight: float = 0.0  # training loss += w CE(logits, prefix token of the target)
 
     mixers = ("attention", "none")
 
@@ -160,6 +167,14 @@ class SpeedrunConfig(GPTConfig):
         if self.paired_head_layers and self.n_head % 2:
             raise MuonGPTError(
                 f"model.paired_head_layers needs an even model.n_head, got {self.n_head}"
+            )
+        if self.prefix_loss_weight < 0 or (
+            self.prefix_loss_weight and self.vocab_size != GPT2_VOCAB_SIZE
+        ):
+            raise MuonGPTError(
+                f"model.prefix_loss_weight must be >= 0, and > 0 only with the GPT-2 vocabulary "
+                f"({GPT2_VOCAB_SIZE} tokens); got {self.prefix_loss_weight} with "
+                f"{self.vocab_size} tokens"
             )
         if not 0 <= self.gate_dims <= self.n_embd:
             raise MuonGPTError(
@@ -380,6 +395,13 @@ class SpeedrunGPT(GPT):
         self.skip_weights = nn.Parameter(torch.ones(c.n_layer // 2))
         gates = c.n_layer // 2 * c.gate_dims
         self.skip_gates = nn.Parameter(torch.zeros(gates)) if c.gate_dims else None
+        prefix = weights = None
+        if c.prefix_loss_weight:  # each token's prefix token, -1 where it has none
+            prefix = torch.full((c.padded_vocab_size,), -1, dtype=torch.long)
+            prefix[: c.vocab_size] = torch.from_numpy(prefix_tokens())
+            weights = torch.tensor([1.0, c.prefix_loss_weight])
+        self.register_buffer("prefix_of", prefix, persistent=False)
+        self.register_buffer("prefix_weights", weights, persistent=False)
         # the current window in tokens: a buffer, so that a window schedule does not recompile
         window = torch.tensor(c.attn_window or UNBOUNDED_WINDOW, dtype=torch.int32)
         self.register_buffer("current_window", window, persistent=False)
@@ -503,4 +525,7 @@ class SpeedrunGPT(GPT):
                 skips.append(x)
         if early is not None:
             x = x - self.backout_lambda * early
+        if targets is not None and self.training and self.prefix_of is not None:
+            prefix = torch.where(targets >= 0, self.prefix_of[targets.clamp(min=0)], -1)
+            return self.lm_head(x, torch.stack([targets, prefix], -1), self.prefix_weights)
         return self.lm_head(x, targets)
