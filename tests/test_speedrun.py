@@ -630,13 +630,6 @@ def test_tied_embed_head_starts_equal_and_unties_without_changing_the_model():
     assert model.tied_weights()[1] is model.lm_head.weight is master
 
 
-def test_tied_embed_head_refused_by_fsdp():
-    from muongpt.train.fsdp import shard_model
-
-    with pytest.raises(MuonGPTError, match="tie_embed_head.*parallel=replicate"):
-        shard_model(SpeedrunGPT(config(tie_embed_head=True)), torch.device("cpu"), bf16=False)
-
-
 def test_prefix_tokens_are_the_longest_proper_prefixes_in_the_vocabulary():
     from muongpt.data.tokenizer import GPT2_VOCAB_SIZE, get_tokenizer, prefix_tokens
 

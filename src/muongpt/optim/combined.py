@@ -393,7 +393,7 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
     return CombinedOptimizer(optimizers, header=header, every=every, tie=tie)
 
 
-def refuse_delayed_steps(combined: CombinedOptimizer, form: str) -> None:
+def refuse_single_process_options(combined: CombinedOptimizer, form: str) -> None:
     """The sharded forms reduce and apply every step's gradients on their own parameters: no
     delayed groups, no tied pair there."""
     if combined.every:

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from muongpt.optim.combined import CombinedOptimizer, refuse_delayed_steps
+from muongpt.optim.combined import CombinedOptimizer, refuse_single_process_options
 from muongpt.optim.config import OptimizerError
 from muongpt.optim.muon import (
     Muon,
@@ -787,7 +787,7 @@ def distribute(
     """The sharded counterpart of a single-process ``CombinedOptimizer`` (same groups, same hyper-
     parameters): Muon -> DistributedMuon, AdamW -> ZeRO2AdamW, a type in ``SHARDED_FORMS`` (SOAP)
     -> its sharded form, others replicated."""
-    refuse_delayed_steps(combined, "sharded")
+    refuse_single_process_options(combined, "sharded")
     comm = Comm(group)
     optimizers, buckets = [], []
     for opt in combined.optimizers:

@@ -59,11 +59,6 @@ def shard_model(model: nn.Module, device: torch.device, bf16: bool) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if getattr(getattr(model, "config", None), "tie_embed_head", False):
-        raise MuonGPTError(
-            "model.tie_embed_head shares one weight between the embedding and the head, which "
-            "training.parallel=fsdp shards apart: use training.parallel=replicate"
-        )
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy()  # fp32 compute (CPU, or autocast off)
     if bf16 and device.type == "cuda":
