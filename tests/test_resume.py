@@ -465,6 +465,19 @@ def test_inductor_options_are_checked_by_name(tmp_path):
     trainer.close()
 
 
+def test_nested_inductor_options_are_joined_with_dots():
+    """Hydra nests a dotted torch option (triton.cudagraphs); it reaches torch under its name,
+    and a misspelled nested one is named in full."""
+    from omegaconf import OmegaConf
+
+    from muongpt.train.trainer import inductor_options
+
+    nested = OmegaConf.create({"triton": {"cudagraphs": True}, "max_autotune": False})
+    assert inductor_options(nested) == {"triton.cudagraphs": True, "max_autotune": False}
+    with pytest.raises(MuonGPTError, match="triton.cudagrahps"):
+        inductor_options({"triton": {"cudagrahps": True}})
+
+
 def test_batch_ramp_trains_small_batches_first_and_counts_their_tokens(tmp_path):
     """training.batch_size_start: the first steps take fewer micro-batches (each a full
     micro-batch of fresh data), and tokens_seen counts what was actually trained on."""

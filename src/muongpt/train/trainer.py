@@ -89,9 +89,23 @@ def check_batch_config(t: DictConfig, world_size: int) -> int:
 COMPILE_MODES = ("model", "blocks")
 
 
+def dotted_keys(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(dotted_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def inductor_options(options) -> dict:
-    """``training.inductor`` as a plain dict, every key checked against torch's own list."""
+    """``training.inductor`` as a plain dict, every key checked against torch's own list. Nested
+    keys are joined with dots (``+training.inductor.triton.cudagraphs=true`` is Hydra's nesting
+    of torch's ``triton.cudagraphs``)."""
     options = dict(OmegaConf.to_container(options) if isinstance(options, DictConfig) else options)
+    options = dotted_keys(options)
     known = set(torch._inductor.list_options())
     unknown = sorted(set(options) - known)
     if unknown:
