@@ -64,11 +64,13 @@ def manual_forward(model: SpeedrunGPT, idx: torch.Tensor) -> torch.Tensor:
     rows = torch.bitwise_xor(idx * a_, prev * b_) % (c.bigram_rows - 1)
     rows = torch.where((prev < 0) | (idx == BOS), c.bigram_rows - 1, rows)
     bigram = model.bigram_embed(rows)
-    n, skips, early = c.n_layer // 2, [], None
+    n, skips, early, lane = c.n_layer // 2, [], None, None
     longest = max(c.window_pattern)
     for i, block in enumerate(model.blocks):
         if i == c.backout_after:
             early = x
+        if c.parallel_from and i == c.parallel_from:
+            lane = x  # the second residual lane, read by the MLPs from here on
         g = c.gate_dims
         if i >= c.n_layer - n:
             j = i - (c.n_layer - n)
@@ -79,8 +81,13 @@ def manual_forward(model: SpeedrunGPT, idx: torch.Tensor) -> torch.Tensor:
                 w = model.skip_gates[j * g : (j + 1) * g]
                 skip = skip * 2 * torch.sigmoid(head @ w)[..., None]
             x = x + skip
+            lane = None if lane is None else lane + skip
         x = x + model.bigram_lambdas[i] * bigram
         x = block.x0_lambdas[0] * x + block.x0_lambdas[1] * x0
+        if lane is not None:
+            lane = lane + model.bigram_lambdas[i] * bigram
+            lane = block.x0_lambdas[0] * lane + block.x0_lambdas[1] * x0
+        w = block.lane_weights  # (attention -> x, attention -> lane, MLP -> x, MLP -> lane)
         a = block.mixer
         if a is not None:
             h = rms_norm(x)
@@ -131,11 +138,21 @@ def manual_forward(model: SpeedrunGPT, idx: torch.Tensor) -> torch.Tensor:
                 unit = v / v.norm(dim=-1, keepdim=True)
                 share = torch.tanh(a.xsa_logits)[:, None]
                 y = y - share * torch.einsum("bthd,bthd->bth", y, unit)[..., None] * unit
-            x = x + a.proj(y.reshape(B, T, c.n_embd))
+            out = a.proj(y.reshape(B, T, c.n_embd))
+            if lane is None:
+                x = x + out
+            else:
+                x, lane = x + w[0] * out, lane + w[1] * out
         if i not in c.mlp_free_layers:
-            x = x + block.mlp(rms_norm(x))
+            if lane is None:
+                x = x + block.mlp(rms_norm(x))
+            else:
+                out = block.mlp(rms_norm(lane))
+                x, lane = x + w[2] * out, lane + w[3] * out
         if i < n:
             skips.append(x)
+    if lane is not None:
+        x = (x + lane) / 2
     x = x - model.backout_lambda * early
     A, B_, C = c.sigmoid_cap
     logits = A * torch.sigmoid((model.lm_head.project(rms_norm(x)) + C) / B_)
@@ -154,6 +171,9 @@ def manual_forward(model: SpeedrunGPT, idx: torch.Tensor) -> torch.Tensor:
         dict(exclusive_attention=True, attn_window=5, window_pattern=[1.0, 0.5, 0.5]),
         dict(n_head=4, paired_head_layers=[1], exclusive_attention=True),
         dict(mlp_free_layers=[0, 2]),
+        dict(parallel_from=1),  # lanes before the backout and the U-net skips are read
+        dict(n_layer=6, value_embeds=2, backout_after=4, parallel_from=3, mlp_free_layers=[4]),
+        dict(parallel_from=2, mixing=MixingConfig(pattern=["attention", "attention", "none"])),
     ],
 )
 def test_model_equals_the_written_out_reference(extra):
@@ -175,6 +195,7 @@ def test_model_equals_the_written_out_reference(extra):
         dict(n_head=4, paired_head_layers=[0, 3], attn_window=6),
         dict(gate_dims=4),
         dict(exclusive_attention=True, n_head=4, paired_head_layers=[0]),
+        dict(parallel_from=1),
     ],
 )
 def test_causal_and_chunked_decoding_equals_the_full_forward(extra):
@@ -250,17 +271,20 @@ def test_mlp_only_layer_equals_attention_with_a_silent_output():
         torch.testing.assert_close(none(idx), full(idx))
 
 
-def test_bf16_residual_stream_under_autocast():
-    model = speedrun()
+@pytest.mark.parametrize("parallel_from", [0, 2])
+def test_bf16_residual_stream_under_autocast(parallel_from):
+    model = speedrun(parallel_from=parallel_from)
     idx = documents(2, 24, [])
     dtypes = []
-    hook = model.blocks[-1].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    hook = model.blocks[-1].register_forward_hook(
+        lambda m, i, o: dtypes.append({t.dtype for t in o if t is not None})
+    )
     with torch.no_grad():
         want = model(idx, idx)
         with torch.autocast("cpu", torch.bfloat16):
             got = model(idx, idx)
     hook.remove()
-    assert dtypes == [torch.float32, torch.bfloat16]
+    assert dtypes == [{torch.float32}, {torch.bfloat16}]  # both lanes, with parallel residuals
     torch.testing.assert_close(got, want, atol=0.05, rtol=0.01)
 
 
@@ -322,6 +346,8 @@ def test_config_errors_name_the_key():
         (dict(paired_head_layers=[1], mixing=MixingConfig(["attention", "none"])), "layer"),
         (dict(paired_head_layers=[0], n_head=1), "even model.n_head"),
         (dict(gate_dims=33), "gate_dims"),
+        (dict(parallel_from=4), "parallel_from"),
+        (dict(parallel_from=-1), "parallel_from"),
         (dict(mlp_free_layers=[4]), "mlp_free_layers: 4 is not an attention layer"),
         (dict(mlp_free_layers=[1], mixing=MixingConfig(["attention", "none"])), "mlp_free"),
     ):

@@ -10,6 +10,7 @@
                                                         # last n layers (value embeddings)
         x = x + mlp(norm(x))
     x = x - lambda * x_k                                # backout of the stream after k blocks
+                                                        # (x = the lanes' mean, parallel residuals)
     logits = A sigmoid((lm_head(norm(x)) + C) / B)      # sigmoid soft-cap, fp32
 
 Each part is plain code below, on in every speed-run model:
@@ -34,7 +35,7 @@ Each part is plain code below, on in every speed-run model:
 - **embedding norm** and a **bf16 residual stream** under bf16 autocast (autocast alone keeps it
   fp32: the embedding output is fp32 and fp32 + bf16 stays fp32).
 
-Seven parts are off in the model's defaults, so that stored configs keep their models;
+Eight parts are off in the model's defaults, so that stored configs keep their models;
 ``experiment=speedrun_bench`` turns on the two that measured better there (docs/speedrun.md):
 
 - **paired-head attention** (``paired_head_layers``): in those layers heads 2h and 2h+1 form one
@@ -68,6 +69,12 @@ Seven parts are off in the model's defaults, so that stored configs keep their m
   proper prefix of the target's (" hello" -> " hell"; ``data.tokenizer.prefix_tokens``): loss =
   CE(target) + w CE(prefix), over the positions with a target (a target with no prefix token
   adds nothing). Evaluation scores the next token alone (modded-nanogpt, July 2026).
+- **parallel residuals** (``parallel_from`` = p > 0): from block p on the stream is two lanes,
+  x and u (both the stream at p at first); attention reads x, the MLP reads u, and each adds its
+  output y to both lanes with its own weights: x <- x + w_0 y, u <- u + w_1 y (attention),
+  x <- x + w_2 y, u <- u + w_3 y (MLP), every w starting at 1 (the sequential block while the
+  lanes agree). Skips, the bigram table and x0 mixing apply to both lanes; the head reads their
+  mean (modded-nanogpt, February 2026, from block 7 of 11).
 - **window extension for evaluation** (``eval_window_factor`` = s > 1): in eval mode every window
   is s times the training one, each layer's RoPE is stretched past its trained window
   (``Rotary.stretched``, YaRN) and the softmax scale is multiplied by (0.1 ln s + 1)^2.
@@ -117,6 +124,7 @@ class SpeedrunConfig(GPTConfig):
     mlp_free_layers: list[int] = field(default_factory=list)  # blocks without an MLP
     tie_embed_head: bool = False  # token embedding = lm_head while training.untie_embed_head_frac
     prefix_loss_weight: float = 0.0  # training loss += w CE(logits, prefix token of the target)
+    parallel_from: int = 0  # first block of two residual lanes (parallel residuals); 0 = none
 
     mixers = ("attention", "none")
 
@@ -164,6 +172,11 @@ class SpeedrunConfig(GPTConfig):
                     f"(layers 0..{self.n_layer - 1}, pattern {list(self.mixing.pattern)}); a block "
                     "needs attention or an MLP"
                 )
+        if not 0 <= self.parallel_from < self.n_layer:
+            raise MuonGPTError(
+                f"model.parallel_from must be in [0, n_layer = {self.n_layer}) (0 = one residual "
+                f"stream), got {self.parallel_from}"
+            )
         if self.paired_head_layers and self.n_head % 2:
             raise MuonGPTError(
                 f"model.paired_head_layers needs an even model.n_head, got {self.n_head}"
@@ -351,17 +364,34 @@ class SpeedrunAttention(CausalSelfAttention):
 
 
 class SpeedrunBlock(nn.Module):
-    def __init__(self, mixer: SpeedrunAttention | None, mlp: MLP | None):
+    def __init__(self, mixer: SpeedrunAttention | None, mlp: MLP | None, lanes: bool = False):
         super().__init__()
         self.mixer, self.mlp = mixer, mlp
         # x <- a x + b x0 before the block (a scalar-group parameter: no weight decay)
         self.x0_lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))
+        # parallel residuals: (attention -> x, attention -> u, MLP -> x, MLP -> u)
+        self.lane_weights = nn.Parameter(torch.ones(4)) if lanes else None
 
-    def forward(self, x: Tensor, x0: Tensor, mask=None, ve=None, cache=None, window: int = 0):
-        x = self.x0_lambdas[0] * x + self.x0_lambdas[1] * x0
+    def forward(
+        self, x: Tensor, x0: Tensor, mask=None, ve=None, cache=None, window: int = 0, lane=None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The block on the stream x, or on the lanes (x, ``lane``) of parallel residuals:
+        attention reads x, the MLP the lane, each adds to both. Returns (x, lane)."""
+        a, b = self.x0_lambdas
+        x = a * x + b * x0
+        if lane is None:
+            if self.mixer is not None:
+                x = x + self.mixer(rms_norm(x), mask=mask, ve=ve, cache=cache, window=window)
+            return (x if self.mlp is None else x + self.mlp(rms_norm(x))), None
+        lane = a * lane + b * x0
+        w = self.lane_weights.to(x.dtype)
         if self.mixer is not None:
-            x = x + self.mixer(rms_norm(x), mask=mask, ve=ve, cache=cache, window=window)
-        return x if self.mlp is None else x + self.mlp(rms_norm(x))
+            y = self.mixer(rms_norm(x), mask=mask, ve=ve, cache=cache, window=window)
+            x, lane = x + w[0] * y, lane + w[1] * y
+        if self.mlp is not None:
+            y = self.mlp(rms_norm(lane))
+            x, lane = x + w[2] * y, lane + w[3] * y
+        return x, lane
 
 
 class DecodeState(list):
@@ -382,7 +412,8 @@ class SpeedrunGPT(GPT):
     def make_block(self, layer: int) -> SpeedrunBlock:
         c = self.config
         mlp = None if layer in c.mlp_free_layers else MLP(c.n_embd, c.mlp_ratio)
-        return SpeedrunBlock(self.make_mixer(layer), mlp)
+        lanes = 0 < c.parallel_from <= layer
+        return SpeedrunBlock(self.make_mixer(layer), mlp, lanes)
 
     def add_parts(self) -> None:
         c = self.config
@@ -498,10 +529,12 @@ class SpeedrunGPT(GPT):
         masks = self.masks(idx) if caches is None else {}
         window = self.decode_window() if caches is not None else 0
         n_skip = len(self.skip_weights)
-        skips, early = [], None
+        skips, early, lane = [], None, None
         for i, block in enumerate(self.blocks):
             if self.backout_lambda is not None and i == c.backout_after:
                 early = x
+            if i == c.parallel_from > 0:  # parallel residuals: a second lane from here on
+                lane = x
             if i >= c.n_layer - n_skip:  # U-net: the second half takes the first half's outputs
                 j = i - (c.n_layer - n_skip)
                 skip = self.skip_weights[j] * skips.pop()
@@ -509,20 +542,24 @@ class SpeedrunGPT(GPT):
                     k = c.gate_dims
                     w = self.skip_gates[j * k : (j + 1) * k]
                     skip = skip * input_gate(rms_norm(x[..., :k]), w, 1)
-                x = x + skip
+                x, lane = x + skip, None if lane is None else lane + skip
             if bigram is not None:
                 x = x + self.bigram_lambdas[i] * bigram
+                lane = None if lane is None else lane + self.bigram_lambdas[i] * bigram
             v = c.value_embed_of_layer(i)
-            x = block(
+            x, lane = block(
                 x,
                 x0,
                 mask=masks.get(self.mask_key(i)),
                 ve=None if v is None else ves[v],
                 cache=None if caches is None else caches[i],
                 window=window and c.layer_window(i, window),
+                lane=lane,
             )
             if i < n_skip:
                 skips.append(x)
+        if lane is not None:
+            x = (x + lane) / 2
         if early is not None:
             x = x - self.backout_lambda * early
         if targets is not None and self.training and self.prefix_of is not None:
