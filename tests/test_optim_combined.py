@@ -497,10 +497,22 @@ def test_tied_pair_trains_as_one_shared_weight_then_apart(name):
     embed_adam = next(o for o in opt.optimizers for g in o.param_groups if g["name"] == "embed")
     assert model.embed.weight not in embed_adam.state  # never stepped on its own while tied
 
-    opt.tied = False
+    # the untie: the model scales the copy's rows (here by s), and the copy's AdamW starts from
+    # the master's step count and moments, scaled as the rows' gradients are (1/s, 1/s^2)
+    head_adam = next(o for o in opt.optimizers for g in o.param_groups if g["name"] == "head")
+    master = {k: v.clone() for k, v in head_adam.state[model.lm_head.weight].items()}
+    s = torch.rand(model.embed.weight.shape[0], 1) + 0.5
+    with torch.no_grad():
+        model.embed.weight.mul_(s)
+    opt.untie(s)
+    assert not opt.tied
+    seeded = embed_adam.state[model.embed.weight]
+    assert torch.equal(seeded["step"], master["step"]) and seeded["step"] > 0
+    torch.testing.assert_close(seeded["exp_avg"], master["exp_avg"] / s, rtol=1e-6, atol=0)
+    torch.testing.assert_close(seeded["exp_avg_sq"], master["exp_avg_sq"] / s**2, rtol=1e-6, atol=0)
     head_before = model.lm_head.weight.detach().clone()
     train_steps(model, opt, [4])
-    assert model.embed.weight in embed_adam.state
+    assert torch.equal(embed_adam.state[model.embed.weight]["step"], master["step"] + 1)
     assert not torch.equal(model.embed.weight, model.lm_head.weight)
     assert not torch.equal(model.lm_head.weight, head_before)
 

@@ -221,8 +221,10 @@ class GPT(nn.Module):
         (a variant's option; the core GPT ties none)."""
         return None
 
-    def untie_weights(self) -> None:
-        """Called once, before the first step in which the tied weights train apart."""
+    def untie_weights(self) -> Tensor | None:
+        """Called once, before the first step in which the tied weights train apart; returns
+        the factor each row of the copy was scaled by there, (rows, 1), or None for none."""
+        return None
 
     def make_cap(self) -> SoftCap:
         return SoftCap.tanh(self.config.logit_softcap)

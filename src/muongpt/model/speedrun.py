@@ -62,7 +62,8 @@ Eight parts are off in the model's defaults, so that stored configs keep their m
   prediction. W starts as the hidden matrices do (std 0.5 / sqrt(D)) and E as its copy; they are
   two Parameters kept equal (``tied_weights``), so untying changes no compiled graph. At the
   untie every row of E is scaled to RMS 1 (``untie_weights``; the lookup is normalised, so
-  nothing the model computes changes) and E trains on as a table at the embedding lr
+  nothing the model computes changes) and E trains on as a table at the embedding lr, its AdamW
+  starting from the head's moments (``CombinedOptimizer.untie``)
   (modded-nanogpt re-tied its head in December 2025 and untied it at 2/3 of the run later).
 - **prefix-token prediction** (``prefix_loss_weight`` = w > 0; GPT-2 vocabulary): in training the
   same logits also predict the target's prefix token, the token whose bytes are the longest
@@ -441,11 +442,14 @@ class SpeedrunGPT(GPT):
         return (self.embed.weight, self.lm_head.weight) if self.config.tie_embed_head else None
 
     @torch.no_grad()
-    def untie_weights(self) -> None:
+    def untie_weights(self) -> Tensor:
         """Every embedding row to RMS 1, the scale of an untied table: the lookup is normalised,
-        so the model computes the same, and the table then trains at the embedding lr."""
+        so the model computes the same, and the table then trains at the embedding lr. Returns
+        each row's factor 1 / rms (V, 1)."""
         w = self.embed.weight
-        w.div_(w.float().pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12).to(w.dtype))
+        scale = w.float().pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12).reciprocal()
+        w.mul_(scale.to(w.dtype))
+        return scale
 
     def make_cap(self) -> SoftCap:
         return SoftCap("sigmoid", *self.config.sigmoid_cap)

@@ -14,6 +14,7 @@ transfers to d24). Each parameter lands in exactly one group
 and, where given, Muon's momentum (the trainer's schedule computes both). A model that ties two
 weights (``model.tied_weights()``: copy, master) has them trained as one while ``tied``: the
 copy's gradient is added to the master's, the master's optimizer steps, the copy takes its values.
+At the untie (``untie``) the copy's AdamW starts from the master's moments, not from zero.
 """
 
 from __future__ import annotations
@@ -92,6 +93,33 @@ class CombinedOptimizer:
         copy, master = self.tie
         master.grad = copy.grad if master.grad is None else master.grad.add_(copy.grad)
         copy.grad = None
+
+    @torch.no_grad()
+    def untie(self, row_scale: torch.Tensor | None = None) -> None:
+        """Train the pair apart from now on. The copy's AdamW state starts as the master's
+        (its step count and moments), so that its first steps are as large as the master's
+        were, not Adam's first, unit-size steps. The model scaled the copy's rows by
+        ``row_scale`` (rows, 1) at the untie, which scales their gradients by 1 / row_scale:
+        exp_avg / s, exp_avg_sq / s^2."""
+        if self.tie is None:
+            raise OptimizerError("untie: this optimizer trains no tied pair")
+        self.tied = False
+        copy, master = self.tie
+        source = next((o.state[master] for o in self.optimizers if master in o.state), None)
+        target = next(
+            o
+            for o in self.optimizers
+            for g in o.param_groups
+            if any(p is copy for p in g["params"])
+        )
+        if not source or not {"step", "exp_avg", "exp_avg_sq"} <= set(source):
+            return  # the master has not stepped yet, or not with AdamW: a fresh start
+        s = torch.ones(()) if row_scale is None else row_scale.to(copy.device)
+        target.state[copy] = {
+            "step": source["step"].clone(),
+            "exp_avg": (source["exp_avg"] / s).to(source["exp_avg"].dtype),
+            "exp_avg_sq": (source["exp_avg_sq"] / s.square()).to(source["exp_avg_sq"].dtype),
+        }
 
     def _holding(self) -> set[int]:
         """The optimizers whose gradients keep accumulating after this step."""

@@ -283,7 +283,7 @@ class Trainer:
             self.model.set_attn_window(settings.attn_window)
         if settings.embed_head_tied is not None:
             if self.step == self.schedule.untie_step:  # the first step apart
-                self.model.untie_weights()
+                self.optimizer.untie(self.model.untie_weights())
             self.optimizer.tied = settings.embed_head_tied
         return settings.micro_steps
 
