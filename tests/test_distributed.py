@@ -257,18 +257,20 @@ def check_zero2_adamw(rank: int, world_size: int, group=None) -> None:
     assert_close_all(fresh_params, ref_params, "adamw after load")
 
 
-def tiny_gpt(seed: int = 0):
+def tiny_gpt(seed: int = 0, **options):
     from muongpt.model.speedrun import SpeedrunConfig, SpeedrunGPT
 
     torch.manual_seed(seed)
     config = dict(vocab_size=200, n_layer=3, n_head=2, n_embd=32, value_embeds=1)
-    config.update(bigram_rows=0, backout_after=1, window_pattern=[1.0])
+    config.update(bigram_rows=0, backout_after=1, window_pattern=[1.0], **options)
     model = SpeedrunGPT(SpeedrunConfig(**config))
     # Zero-initialised head and projections would leave the other gradients at rounding noise
     # for the first steps, where AdamW's sign-like first update magnifies the noise.
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape) * 0.05)
+        if model.tied_weights() is not None:  # a tied pair starts equal
+            model.embed.weight.copy_(model.lm_head.weight)
     return model
 
 
@@ -339,6 +341,72 @@ def check_hybrid_training(rank: int, world_size: int) -> None:
         opt.load_state_dict(ref.state_dict())
 
 
+def check_tied_training(rank: int, world_size: int) -> None:
+    """A tied embedding and head under the sharded optimizer (ZeRO2AdamW rows): while tied the
+    pair moves as it does in one process (one weight stepped on the sum of both mean gradients,
+    clipped by that sum's norm) and stays equal on every rank; at the untie the copy's AdamW
+    starts from the master's moments on this rank's rows; apart, both still match."""
+    # 600 tokens (640 padded rows x 32): sharded by rows, not divisible by 3 ranks
+    model, ref_model = (tiny_gpt(vocab_size=600, tie_embed_head=True) for _ in range(2))
+    opt = distribute(build_optimizer(model, {"name": "muon"}), model)
+    with single_process():
+        ref = build_optimizer(ref_model, {"name": "muon"})
+    for o in opt.optimizers + ref.optimizers:
+        if isinstance(o, Muon):
+            o.ns_dtype = torch.float32
+    adamw = opt.optimizers[1]
+    order = [id(p) for group in adamw.param_groups for p in group["params"]]
+    i_copy, i_master = (order.index(id(p)) for p in model.tied_weights())
+    g = torch.Generator().manual_seed(7)
+    # two steps, as check_hybrid_training: later AdamW updates magnify last-bit differences
+    for step in range(2):
+        if step == 1:  # the untie, before the first step apart
+            before = adamw.state_dict()["state"]  # gathered from every rank's rows
+            scale = model.untie_weights()
+            opt.untie(scale)
+            ref.untie(ref_model.untie_weights())
+            after = adamw.state_dict()["state"]
+            assert i_copy not in before and torch.equal(
+                after[i_copy]["step"], before[i_master]["step"]
+            )
+            for key, power in (("exp_avg", 1), ("exp_avg_sq", 2)):
+                want = before[i_master][key] / scale**power
+                torch.testing.assert_close(after[i_copy][key], want, rtol=1e-6, atol=0)
+        batches = [torch.randint(0, 600, (2, 2, 16), generator=g) for _ in range(world_size)]
+        for o in (opt, ref):
+            o.apply_schedule(1.0, muon_momentum(step, 0.85, 0.95, 300))
+        opt.reduce_during_next_backward()
+        model(batches[rank][0], batches[rank][1]).backward()
+        norm = opt.clip_grad_norm_(0.5)
+        opt.step()
+        opt.zero_grad()
+        for x, y in batches:
+            (ref_model(x, y) / world_size).backward()
+        ref_norm = ref.clip_grad_norm_(0.5)
+        ref.step()
+        ref.zero_grad()
+        torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
+        # apart, the table's first step (lr 2.9 here) divides moments that cancel to near zero
+        # for a few coordinates, which magnifies the last-bit differences; a wiring error is ~lr
+        assert_close_all(
+            list(model.parameters()),
+            list(ref_model.parameters()),
+            f"tied step {step}",
+            dict(rtol=0, atol=5e-4 if step == 0 else 1e-2),
+        )
+        assert torch.equal(model.embed.weight, model.lm_head.weight) == (step < 1)
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        everyone = [torch.empty_like(flat) for _ in range(world_size)]
+        dist.all_gather(everyone, flat)
+        assert all(torch.equal(everyone[0], x) for x in everyone)
+    # the checkpoint is the single-process one, the untied table's moments included
+    state, ref_state = opt.state_dict(), ref.state_dict()
+    with single_process():
+        other = build_optimizer(tiny_gpt(vocab_size=600, tie_embed_head=True), {"name": "muon"})
+    other.load_state_dict(state)
+    assert state["kinds"] == ref_state["kinds"]
+
+
 def test_sharded_optimizers_match_single_process():
     """3 ranks (parameter counts and rows not divisible by 3), and ranks 0-1 as a 2-rank group."""
     spawn(_all_checks, 3)
@@ -354,6 +422,7 @@ def _all_checks(rank: int, world_size: int) -> None:
     check_soap(rank, world_size)
     check_zero2_adamw(rank, world_size)
     check_hybrid_training(rank, world_size)
+    check_tied_training(rank, world_size)
     check_startup_agreement(rank, world_size)
 
 
@@ -483,6 +552,30 @@ def test_torchrun_matches_one_process_and_resumes_across_world_sizes(tmp_path):
     assert "resumed from" in resumed.stdout
     assert_same_training(metrics(resumed_dir), b, range(5, 9))
     assert_same_weights(checkpoint(resumed_dir, 8), final_one)
+
+
+@pytest.mark.slow
+def test_torchrun_trains_a_tied_embedding_and_head_as_one_process_does(tmp_path):
+    """model.tie_embed_head untied at step 4 of 8, on two ranks and on one: the same losses and
+    weights (the sharded AdamW folds the table's rows into the head's while tied)."""
+    tied = [
+        "model=speedrun",
+        "model.value_embeds=1",
+        "model.bigram_rows=0",
+        "model.backout_after=1",
+        "model.tie_embed_head=true",
+        "training.untie_embed_head_frac=0.5",
+    ]
+    runs = {}
+    for nproc in (2, 1):
+        run_dir = tmp_path / f"ranks{nproc}"
+        proc = train(*TINY, *tied, f"hydra.run.dir={run_dir}", cwd=tmp_path, nproc=nproc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[nproc] = run_dir
+    assert_same_training(metrics(runs[2]), metrics(runs[1]), range(9))
+    assert_same_weights(checkpoint(runs[2], 8), checkpoint(runs[1], 8))
+    weights = checkpoint(runs[2], 4)["model"]  # still tied at the step-4 checkpoint
+    assert torch.equal(weights["embed.weight"], weights["lm_head.weight"])
 
 
 @pytest.mark.slow

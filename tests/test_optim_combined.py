@@ -517,15 +517,13 @@ def test_tied_pair_trains_as_one_shared_weight_then_apart(name):
     assert not torch.equal(model.lm_head.weight, head_before)
 
 
-def test_tied_pair_is_refused_by_the_sharded_forms_and_delayed_steps():
-    from muongpt.optim.distributed import distribute
+def test_tied_pair_is_refused_by_fsdp_and_delayed_steps():
+    """(The sharded torchrun optimizer trains the pair: tests/test_distributed.py.)"""
     from muongpt.optim.fsdp import fsdp_optimizer
 
     model = TiedModel()
     opt = build_optimizer(model, config("muon"))
-    with pytest.raises(MuonGPTError, match="tie_embed_head works in one process only"):
-        distribute(opt, model)
-    with pytest.raises(MuonGPTError, match="tie_embed_head works in one process only"):
+    with pytest.raises(MuonGPTError, match="tie_embed_head is not supported by the FSDP"):
         fsdp_optimizer(opt)
     with pytest.raises(MuonGPTError, match="embed_head_every > 1 with a tied embedding"):
         build_optimizer(model, config("muon", embed_head_every=2))

@@ -31,6 +31,11 @@ compute; the all-gathers are waited for at the end of ``step()``.
 A gradient that is ``None`` counts as zeros (all ranks must join every collective), where a
 single-process optimizer would skip the parameter.
 
+A tied pair (``model.tied_weights()``: copy, master; both row-sharded by ZeRO2AdamW, with the
+same rows on each rank): while tied, each rank adds the copy's reduced rows to the master's,
+steps the master's rows only, and after the all-gathers copies the master into the copy, which
+is the single-process rule (one weight, stepped on the sum of both gradients) on sharded rows.
+
 Clipping: ``clip_grad_norm_`` waits for every reduction, sums the squared norms of the shards
 each rank owns (replicated tensors counted once) with one all-reduce, and scales the shards.
 
@@ -710,6 +715,55 @@ class DistributedCombinedOptimizer(CombinedOptimizer):
         super().__init__(optimizers, **kwargs)
         self.owner = owner  # id(bucket) -> the optimizer it belongs to
         self.reducer, self.comm = reducer, comm
+        # the tied pair's row shards: ((copy's ZeRO2AdamW, RowShard), (master's ...))
+        self.tie_shards = None if self.tie is None else tuple(map(self._row_shard, self.tie))
+        if self.tie_shards and self.tie[0].shape != self.tie[1].shape:
+            raise OptimizerError(
+                f"a tied pair needs one shape, got {tuple(self.tie[0].shape)} and "
+                f"{tuple(self.tie[1].shape)}"
+            )
+        self._folded = False  # this step's copy rows are added into the master's
+
+    def _row_shard(self, p: Tensor) -> tuple[ZeRO2AdamW, RowShard]:
+        for opt in self.optimizers:
+            bucket = opt.where.get(id(p), (None,))[0] if isinstance(opt, ZeRO2AdamW) else None
+            if isinstance(bucket, RowShard):
+                return opt, bucket
+        raise OptimizerError(
+            "model.tie_embed_head under torchrun needs the embedding and the head in AdamW groups "
+            "large enough to be sharded by rows (set model.tie_embed_head=false)"
+        )
+
+    def _fold_tied_grads(self) -> None:
+        """While tied, the copy's reduced rows join the master's (the same rows on this rank)."""
+        if not (self.tie_shards and self.tied) or self._folded:
+            return
+        (_, copy), (_, master) = self.tie_shards
+        copy.wait()
+        master.wait()
+        master.shard.grad.add_(copy.shard.grad)
+        copy.shard.grad.zero_()
+        self._folded = True
+
+    @torch.no_grad()
+    def untie(self, row_scale: Tensor | None = None) -> None:
+        """``CombinedOptimizer.untie`` on this rank's rows: the copy's AdamW starts from the
+        master's step count and moments, divided by the rows' scale."""
+        if self.tie_shards is None:
+            raise OptimizerError("untie: this optimizer trains no tied pair")
+        self.tied = False
+        (copy_opt, copy), (master_opt, master) = self.tie_shards
+        source = master_opt.inner[id(master)].state.get(master.shard)
+        if not source:
+            return  # the master has not stepped yet: a fresh start
+        s = torch.ones((copy.chunk,) + (1,) * (copy.shard.ndim - 1), device=copy.shard.device)
+        if row_scale is not None:
+            s[: copy.hi - copy.lo] = row_scale[copy.lo : copy.hi].to(s.device)
+        copy_opt.inner[id(copy)].state[copy.shard] = {
+            "step": source["step"].clone(),
+            "exp_avg": (source["exp_avg"] / s).to(source["exp_avg"].dtype),
+            "exp_avg_sq": (source["exp_avg_sq"] / s.square()).to(source["exp_avg_sq"].dtype),
+        }
 
     def reduce_during_next_backward(self) -> None:
         self.reducer.arm()
@@ -724,6 +778,7 @@ class DistributedCombinedOptimizer(CombinedOptimizer):
         self.reducer.launch_all()
         for b in self.reducer.buckets:
             b.wait()
+        self._fold_tied_grads()  # the norm of the one weight's gradient, as in one process
         sq = torch.stack([b.local_sq_norm().float() for b in self.reducer.buckets]).sum()
         if not self.comm.local_only:
             dist.all_reduce(sq, group=self.comm.group)
@@ -741,9 +796,14 @@ class DistributedCombinedOptimizer(CombinedOptimizer):
             id(o): sum(self.owner[id(b)] is o for b in self.reducer.buckets)
             for o in self.optimizers
         }
+        tied = self.tie_shards if self.tied else None
         for bucket in self.reducer.buckets:
             opt = self.owner[id(bucket)]
-            if self.is_sharded(opt):
+            if tied and bucket is tied[0][1]:  # the copy: stepped as the master
+                bucket.wait()
+            elif self.is_sharded(opt):
+                if tied and bucket is tied[1][1]:
+                    self._fold_tied_grads()
                 opt.update_bucket(bucket)
             else:
                 bucket.wait()
@@ -753,11 +813,15 @@ class DistributedCombinedOptimizer(CombinedOptimizer):
         for opt in self.optimizers:
             if self.is_sharded(opt):
                 opt.finish()
+        if tied:
+            self.tie[0].copy_(self.tie[1])
+        self._folded = False
         self.reducer.reset()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
+        self._folded = False
         self.reducer.reset()  # a skipped step may have left collectives in flight
 
     def summary(self) -> str:
@@ -787,7 +851,7 @@ def distribute(
     """The sharded counterpart of a single-process ``CombinedOptimizer`` (same groups, same hyper-
     parameters): Muon -> DistributedMuon, AdamW -> ZeRO2AdamW, a type in ``SHARDED_FORMS`` (SOAP)
     -> its sharded form, others replicated."""
-    refuse_single_process_options(combined, "sharded")
+    refuse_single_process_options(combined, "sharded", tie=True)
     comm = Comm(group)
     optimizers, buckets = [], []
     for opt in combined.optimizers:
@@ -808,11 +872,7 @@ def distribute(
     owner = {id(b): opt for b, opt in buckets}
     reducer = GradReducer([b for b, _ in buckets], model)
     return DistributedCombinedOptimizer(
-        optimizers,
-        owner,
-        reducer,
-        comm,
-        header=combined.header,
+        optimizers, owner, reducer, comm, header=combined.header, tie=combined.tie
     )
 
 
