@@ -59,6 +59,19 @@ def optimizer_kind(opt: torch.optim.Optimizer) -> str:
     return getattr(opt, "state_kind", type(opt).__name__)
 
 
+def adamw_state_of_scaled_rows(source: dict, row_scale: torch.Tensor | None) -> dict:
+    """AdamW's state ``source`` for a copy of its parameter whose rows were scaled by
+    ``row_scale`` (rows, 1) under a normalised lookup, which scales their gradients by 1 / s:
+    the same step count, exp_avg / s, exp_avg_sq / s^2."""
+    m, v = source["exp_avg"], source["exp_avg_sq"]
+    s = torch.ones((), device=m.device) if row_scale is None else row_scale.to(m.device)
+    return {
+        "step": source["step"].clone(),
+        "exp_avg": (m / s).to(m.dtype),
+        "exp_avg_sq": (v / s.square()).to(v.dtype),
+    }
+
+
 class CombinedOptimizer:
     """Several torch optimizers stepped as one; ``optimizers`` lists them.
 
@@ -114,12 +127,7 @@ class CombinedOptimizer:
         )
         if not source or not {"step", "exp_avg", "exp_avg_sq"} <= set(source):
             return  # the master has not stepped yet, or not with AdamW: a fresh start
-        s = torch.ones(()) if row_scale is None else row_scale.to(copy.device)
-        target.state[copy] = {
-            "step": source["step"].clone(),
-            "exp_avg": (source["exp_avg"] / s).to(source["exp_avg"].dtype),
-            "exp_avg_sq": (source["exp_avg_sq"] / s.square()).to(source["exp_avg_sq"].dtype),
-        }
+        target.state[copy] = adamw_state_of_scaled_rows(source, row_scale)
 
     def _holding(self) -> set[int]:
         """The optimizers whose gradients keep accumulating after this step."""

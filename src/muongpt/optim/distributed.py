@@ -56,7 +56,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from muongpt.optim.combined import CombinedOptimizer, refuse_single_process_options
+from muongpt.optim.combined import (
+    CombinedOptimizer,
+    adamw_state_of_scaled_rows,
+    refuse_single_process_options,
+)
 from muongpt.optim.config import OptimizerError
 from muongpt.optim.muon import (
     Muon,
@@ -756,14 +760,11 @@ class DistributedCombinedOptimizer(CombinedOptimizer):
         source = master_opt.inner[id(master)].state.get(master.shard)
         if not source:
             return  # the master has not stepped yet: a fresh start
-        s = torch.ones((copy.chunk,) + (1,) * (copy.shard.ndim - 1), device=copy.shard.device)
+        rows = None  # this rank's rows of the scale, 1 on the pad rows
         if row_scale is not None:
-            s[: copy.hi - copy.lo] = row_scale[copy.lo : copy.hi].to(s.device)
-        copy_opt.inner[id(copy)].state[copy.shard] = {
-            "step": source["step"].clone(),
-            "exp_avg": (source["exp_avg"] / s).to(source["exp_avg"].dtype),
-            "exp_avg_sq": (source["exp_avg_sq"] / s.square()).to(source["exp_avg_sq"].dtype),
-        }
+            rows = torch.ones((copy.chunk,) + row_scale.shape[1:], device=copy.shard.device)
+            rows[: copy.hi - copy.lo] = row_scale[copy.lo : copy.hi].to(rows.device)
+        copy_opt.inner[id(copy)].state[copy.shard] = adamw_state_of_scaled_rows(source, rows)
 
     def reduce_during_next_backward(self) -> None:
         self.reducer.arm()
