@@ -172,6 +172,26 @@ def test_torchrun_fsdp_matches_one_process_and_resumes_on_one(tmp_path):
     assert_same_weights(checkpoint(resumed_dir, 8), final_one)
 
 
+@pytest.mark.slow
+def test_torchrun_fsdp_trains_a_tied_embedding_and_head_as_one_process_does(tmp_path):
+    """model.tie_embed_head untied at step 4 of 8 under FSDP2 on two ranks and on one process:
+    the same losses and weights (the pair's row shards are folded, stepped and copied as the
+    one-process pair is, and the untie rescales and seeds the table's shards)."""
+    tied = [*SPEEDRUN, "model.tie_embed_head=true", "training.untie_embed_head_frac=0.5"]
+    fsdp_dir, one_dir = tmp_path / "fsdp", tmp_path / "one"
+    two = train(
+        *TINY, *tied, "training.parallel=fsdp", f"hydra.run.dir={fsdp_dir}", cwd=tmp_path, nproc=2
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = train(*TINY, *tied, f"hydra.run.dir={one_dir}", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert_same_training(metrics(fsdp_dir), metrics(one_dir), range(9))
+    from muongpt.train.checkpoint import load_checkpoint
+
+    final = load_checkpoint(fsdp_dir / "checkpoints" / "step_000008.dcp")
+    assert_same_weights(final, checkpoint(one_dir, 8))
+
+
 def test_fsdp_unsupported_settings_are_one_line_errors():
     from omegaconf import OmegaConf
 

@@ -517,13 +517,9 @@ def test_tied_pair_trains_as_one_shared_weight_then_apart(name):
     assert not torch.equal(model.lm_head.weight, head_before)
 
 
-def test_tied_pair_is_refused_by_fsdp_and_delayed_steps():
-    """(The sharded torchrun optimizer trains the pair: tests/test_distributed.py.)"""
-    from muongpt.optim.fsdp import fsdp_optimizer
-
+def test_tied_pair_is_refused_with_delayed_steps():
+    """(Under torchrun the sharded and the FSDP optimizers train the pair: tests/test_distributed.py
+    and tests/test_fsdp.py.)"""
     model = TiedModel()
-    opt = build_optimizer(model, config("muon"))
-    with pytest.raises(MuonGPTError, match="tie_embed_head is not supported by the FSDP"):
-        fsdp_optimizer(opt)
     with pytest.raises(MuonGPTError, match="embed_head_every > 1 with a tied embedding"):
         build_optimizer(model, config("muon", embed_head_every=2))

@@ -429,20 +429,12 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
     return CombinedOptimizer(optimizers, header=header, every=every, tie=tie)
 
 
-def refuse_single_process_options(
-    combined: CombinedOptimizer, form: str, tie: bool = False
-) -> None:
-    """The sharded forms reduce and apply every step's gradients: no delayed groups; a tied
-    pair only where the form says it trains one (``tie``)."""
+def refuse_single_process_options(combined: CombinedOptimizer, form: str) -> None:
+    """The sharded forms reduce and apply every step's gradients: no delayed groups."""
     if combined.every:
         raise OptimizerError(
             f"optimizer.embed_head_every > 1 works in one process only; the {form} optimizer "
             "reduces and applies every step's gradients (set optimizer.embed_head_every=1)"
-        )
-    if combined.tie is not None and not tie:
-        raise OptimizerError(
-            f"model.tie_embed_head is not supported by the {form} optimizer, which steps each "
-            "parameter on its own gradient (set model.tie_embed_head=false)"
         )
 
 

@@ -852,7 +852,7 @@ def distribute(
     """The sharded counterpart of a single-process ``CombinedOptimizer`` (same groups, same hyper-
     parameters): Muon -> DistributedMuon, AdamW -> ZeRO2AdamW, a type in ``SHARDED_FORMS`` (SOAP)
     -> its sharded form, others replicated."""
-    refuse_single_process_options(combined, "sharded", tie=True)
+    refuse_single_process_options(combined, "sharded")
     comm = Comm(group)
     optimizers, buckets = [], []
     for opt in combined.optimizers:

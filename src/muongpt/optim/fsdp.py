@@ -188,18 +188,20 @@ def fsdp_optimizer(combined: CombinedOptimizer) -> CombinedOptimizer:
                 f"training.parallel=fsdp supports optimizer=muon and optimizer=adamw, not "
                 f"{type(opt).__name__}; use training.parallel=replicate"
             )
-    return FSDPCombinedOptimizer(optimizers, header=combined.header)
+    return FSDPCombinedOptimizer(optimizers, header=combined.header, tie=combined.tie)
 
 
 class FSDPCombinedOptimizer(CombinedOptimizer):
-    """``CombinedOptimizer`` over DTensor parameters: the clip norm is the global one.
+    """``CombinedOptimizer`` over DTensor parameters: the clip norm is the global one. A tied
+    pair trains as in one process: both are row-sharded alike, so the fold, the copy and the
+    untie's rescaled AdamW state are elementwise on the local rows.
 
     Parameters FSDP left whole (plain tensors: the 0-dim ones it cannot shard) get their
     gradients averaged over ranks here, in one all-reduce before clipping or the step.
     """
 
-    def __init__(self, optimizers, header: str = ""):
-        super().__init__(optimizers, header)
+    def __init__(self, optimizers, header: str = "", tie=None):
+        super().__init__(optimizers, header, tie=tie)
         params = [p for g in self.param_groups for p in g["params"]]
         self.replicated = [p for p in params if not hasattr(p, "to_local")]
         self.reduced = False
