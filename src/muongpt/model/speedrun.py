@@ -36,7 +36,7 @@ Each part is plain code below, on in every speed-run model:
   fp32: the embedding output is fp32 and fp32 + bf16 stays fp32).
 
 Eight parts are off in the model's defaults, so that stored configs keep their models;
-``experiment=speedrun_bench`` turns on the three that measured better there (docs/speedrun.md):
+``experiment=speedrun_bench`` turns on the two that measured better there (docs/speedrun.md):
 
 - **paired-head attention** (``paired_head_layers``): in those layers heads 2h and 2h+1 form one
   head over a sequence twice as long, token t's two keys, queries and values at positions 2t and
@@ -65,7 +65,6 @@ Eight parts are off in the model's defaults, so that stored configs keep their m
   nothing the model computes changes) and E trains on as a table at the embedding lr, its AdamW
   starting from the head's moments (``CombinedOptimizer.untie``)
   (modded-nanogpt re-tied its head in December 2025 and untied it at 2/3 of the run later).
-  On, tied throughout, in ``speedrun_bench``.
 - **prefix-token prediction** (``prefix_loss_weight`` = w > 0; GPT-2 vocabulary): in training the
   same logits also predict the target's prefix token, the token whose bytes are the longest
   proper prefix of the target's (" hello" -> " hell"; ``data.tokenizer.prefix_tokens``): loss =
