@@ -274,6 +274,23 @@ def tiny_gpt(seed: int = 0, **options):
     return model
 
 
+def reference_step(model, opt, batches) -> torch.Tensor:
+    """The single-process step on every rank's batch as one accumulation; returns the clip norm."""
+    for x, y in batches:
+        (model(x, y) / len(batches)).backward()
+    norm = opt.clip_grad_norm_(0.5)
+    opt.step()
+    opt.zero_grad()
+    return norm
+
+
+def assert_same_on_every_rank(model, world_size: int) -> None:
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    everyone = [torch.empty_like(flat) for _ in range(world_size)]
+    dist.all_gather(everyone, flat)
+    assert all(torch.equal(everyone[0], x) for x in everyone)
+
+
 def check_hybrid_training(rank: int, world_size: int) -> None:
     """build_optimizer under a process group: overlapped reduction, clipping, save and restore."""
     for name in ("muon", "adamw", "soap"):
@@ -309,12 +326,7 @@ def check_hybrid_training(rank: int, world_size: int) -> None:
             norm = opt.clip_grad_norm_(0.5)
             opt.step()
             opt.zero_grad()
-            # reference: every rank's batch as one accumulation step
-            for x, y in batches:
-                (ref_model(x, y) / world_size).backward()
-            ref_norm = ref.clip_grad_norm_(0.5)
-            ref.step()
-            ref.zero_grad()
+            ref_norm = reference_step(ref_model, ref, batches)
             assert norm > 0.5 and ref_norm > 0.5  # it did clip
             torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
             # The mean gradient and the clip norm differ from the reference in the last bit
@@ -327,11 +339,7 @@ def check_hybrid_training(rank: int, world_size: int) -> None:
                 f"{name} step {step}",
                 dict(rtol=0, atol=5e-4),
             )
-            # and every rank holds exactly the same weights
-            flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-            everyone = [torch.empty_like(flat) for _ in range(world_size)]
-            dist.all_gather(everyone, flat)
-            assert all(torch.equal(everyone[0], x) for x in everyone)
+            assert_same_on_every_rank(model, world_size)
         # The checkpointed state is the single-process one: loads into either, on any N.
         state = opt.state_dict()
         assert state["kinds"] == ref.state_dict()["kinds"]
@@ -380,11 +388,7 @@ def check_tied_training(rank: int, world_size: int) -> None:
         norm = opt.clip_grad_norm_(0.5)
         opt.step()
         opt.zero_grad()
-        for x, y in batches:
-            (ref_model(x, y) / world_size).backward()
-        ref_norm = ref.clip_grad_norm_(0.5)
-        ref.step()
-        ref.zero_grad()
+        ref_norm = reference_step(ref_model, ref, batches)
         torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
         # apart, the table's first step (lr 2.9 here) divides moments that cancel to near zero
         # for a few coordinates, which magnifies the last-bit differences; a wiring error is ~lr
@@ -395,10 +399,7 @@ def check_tied_training(rank: int, world_size: int) -> None:
             dict(rtol=0, atol=5e-4 if step == 0 else 1e-2),
         )
         assert torch.equal(model.embed.weight, model.lm_head.weight) == (step < 1)
-        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-        everyone = [torch.empty_like(flat) for _ in range(world_size)]
-        dist.all_gather(everyone, flat)
-        assert all(torch.equal(everyone[0], x) for x in everyone)
+        assert_same_on_every_rank(model, world_size)
     # the checkpoint is the single-process one, the untied table's moments included
     state, ref_state = opt.state_dict(), ref.state_dict()
     with single_process():
