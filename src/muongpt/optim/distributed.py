@@ -333,6 +333,15 @@ class RowShard(Bucket):
     def scale_(self, factor: Tensor) -> None:
         self.shard.grad.mul_(factor.to(self.shard.grad.dtype))
 
+    def rows_of(self, full: Tensor, fill: float = 0.0, device=None) -> Tensor:
+        """This rank's rows of ``full`` (a tensor with the parameter's rows), padded to the
+        chunk with ``fill``."""
+        rows = torch.full(
+            (self.chunk, *full.shape[1:]), fill, dtype=full.dtype, device=device or full.device
+        )
+        rows[: self.hi - self.lo] = full[self.lo : self.hi]
+        return rows
+
     def load_rows(self) -> None:
         """shard <- this rank's rows of the parameter (the parameter is the truth: it may have
         been reloaded since the last step)."""
@@ -634,9 +643,7 @@ class ZeRO2AdamW(BucketedStep, torch.optim.Optimizer):
                 s = {k: v.clone() if isinstance(v, Tensor) else v for k, v in saved[id(p)].items()}
                 if isinstance(bucket, RowShard):
                     for key in ("exp_avg", "exp_avg_sq"):
-                        rows = torch.zeros_like(bucket.shard, device="cpu", dtype=s[key].dtype)
-                        rows[: bucket.hi - bucket.lo] = s[key][bucket.lo : bucket.hi]
-                        s[key] = rows
+                        s[key] = bucket.rows_of(s[key], device="cpu")
                 inner_state[j] = s
             groups = inner.state_dict()["param_groups"]
             inner.load_state_dict({"state": inner_state, "param_groups": groups})
@@ -760,10 +767,7 @@ class DistributedCombinedOptimizer(CombinedOptimizer):
         source = master_opt.inner[id(master)].state.get(master.shard)
         if not source:
             return  # the master has not stepped yet: a fresh start
-        rows = None  # this rank's rows of the scale, 1 on the pad rows
-        if row_scale is not None:
-            rows = torch.ones((copy.chunk,) + row_scale.shape[1:], device=copy.shard.device)
-            rows[: copy.hi - copy.lo] = row_scale[copy.lo : copy.hi].to(rows.device)
+        rows = None if row_scale is None else copy.rows_of(row_scale, 1.0, copy.shard.device)
         copy_opt.inner[id(copy)].state[copy.shard] = adamw_state_of_scaled_rows(source, rows)
 
     def reduce_during_next_backward(self) -> None:
