@@ -32,6 +32,7 @@ from muongpt.optim.distributed import (
 )
 from muongpt.optim.distributed_soap import DistributedSOAP
 from muongpt.train.schedule import muon_momentum
+from test_resume import TIED_SPEEDRUN
 
 TOL = dict(rtol=0, atol=1e-6)
 
@@ -559,18 +560,10 @@ def test_torchrun_matches_one_process_and_resumes_across_world_sizes(tmp_path):
 def test_torchrun_trains_a_tied_embedding_and_head_as_one_process_does(tmp_path):
     """model.tie_embed_head untied at step 4 of 8, on two ranks and on one: the same losses and
     weights (the sharded AdamW folds the table's rows into the head's while tied)."""
-    tied = [
-        "model=speedrun",
-        "model.value_embeds=1",
-        "model.bigram_rows=0",
-        "model.backout_after=1",
-        "model.tie_embed_head=true",
-        "training.untie_embed_head_frac=0.5",
-    ]
     runs = {}
     for nproc in (2, 1):
         run_dir = tmp_path / f"ranks{nproc}"
-        proc = train(*TINY, *tied, f"hydra.run.dir={run_dir}", cwd=tmp_path, nproc=nproc)
+        proc = train(*TINY, *TIED_SPEEDRUN, f"hydra.run.dir={run_dir}", cwd=tmp_path, nproc=nproc)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[nproc] = run_dir
     assert_same_training(metrics(runs[2]), metrics(runs[1]), range(9))

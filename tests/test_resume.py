@@ -342,17 +342,21 @@ def test_resume_between_two_embedding_steps_is_bit_identical(tmp_path):
     whole.close(), resumed.close()
 
 
+# a small speed-run model whose embedding and head are tied for the first half of the run
+TIED_SPEEDRUN = [
+    "model=speedrun",
+    "model.value_embeds=1",
+    "model.bigram_rows=0",
+    "model.backout_after=1",
+    "model.tie_embed_head=true",
+    "training.untie_embed_head_frac=0.5",
+]
+
+
 def test_resume_at_the_untie_of_embedding_and_head_is_bit_identical(tmp_path):
     """model.tie_embed_head untied at step 6 of 12: a run resumed from the step-6 checkpoint
     (still tied) unties and trains on exactly as the uninterrupted run."""
-    tie = [
-        "model=speedrun",
-        "model.value_embeds=1",
-        "model.bigram_rows=0",
-        "model.backout_after=1",
-        "model.tie_embed_head=true",
-        "training.untie_embed_head_frac=0.5",
-    ]
+    tie = TIED_SPEEDRUN
     (tmp_path / "a").mkdir()
     whole = make_trainer(tmp_path / "a", *tie)
     assert whole.schedule.untie_step == 6
