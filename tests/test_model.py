@@ -154,6 +154,17 @@ def test_rotary_is_a_rotation_with_relative_positions():
     torch.testing.assert_close(dots[5, 3], dots[7, 5], rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_rotary_builds_its_tables_in_the_graph():
+    """Under torch.compile the tables are computed in the graph (nothing cached on the module,
+    which CUDA graphs would overwrite) and rotate exactly as the eager, cached ones do."""
+    rot = Rotary(16, truncate=True)
+    x = torch.randn(2, 40, 3, 16)
+    got = torch.compile(rot, backend="aot_eager", fullgraph=True)(x, 5)
+    assert rot._cache is None
+    torch.testing.assert_close(got, rot(x, 5), rtol=0, atol=0)
+    assert rot._cache is not None and rot._cache[0] >= 45
+
+
 def test_kv_cache_equals_full_forward():
     model = tiny(n_layer=3).eval()
     idx = torch.randint(0, 300, (2, 12))

@@ -516,6 +516,29 @@ def test_compiled_flex_model_on_cuda_matches_dense_sdpa(window_pattern, paired):
             assert relative_error(compiled(idx, idx.roll(-1, 1)), ref) < 1e-3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_speedrun_model_trains_under_cuda_graphs():
+    """torch.compile's CUDA graphs (mode reduce-overhead) replay the flex model's training step:
+    three SGD steps give the losses of the same model compiled without them (a graph output kept
+    on a module between steps, as a cached rotary table was, breaks the second replay)."""
+    cfg = dict(vocab_size=512, n_layer=2, n_head=2, n_embd=128, attn_window=512)
+    idx = documents(2, 1024, [(0, 0), (0, 300), (1, 0), (1, 640)]).cuda()
+    losses = []
+    for mode in ("reduce-overhead", "default"):
+        torch.compiler.reset()
+        model = apply_converters(speedrun(**cfg), KernelsConfig(["flex_attention"])).cuda()
+        compiled = torch.compile(model, dynamic=False, mode=mode)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.05)
+        losses.append([])
+        for _ in range(3):
+            loss = compiled(idx, idx.roll(-1, 1))
+            loss.backward()
+            sgd.step()
+            sgd.zero_grad(set_to_none=True)
+            losses[-1].append(loss.item())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-4)
+
+
 def test_half_truncated_rope_leaves_half_the_dims_unrotated():
     rot = Rotary(16, base=1024.0, truncate=True)
     torch.testing.assert_close(rot.inv_freq[:4], 1024.0 ** -torch.linspace(0, 1, 4))

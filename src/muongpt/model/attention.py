@@ -63,14 +63,22 @@ class Rotary(nn.Module):
         out._cache = None
         return out
 
+    def tables(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos and sin of position t times each frequency, for t < ``seq_len``: (seq_len, head_dim/2)."""
+        t = torch.arange(seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq.to(device))
+        return freqs.cos(), freqs.sin()
+
     def cos_sin(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        if torch.compiler.is_compiling():
+            # Built in the graph, where they fuse into the rotation: a table cached by a compiled
+            # graph would be one of its outputs, which CUDA graphs overwrite at the next replay.
+            return self.tables(seq_len, device)
         # The tables are recomputed only when a longer sequence (or another device) shows up.
         if self._cache is None or self._cache[0] < seq_len or self._cache[1] != device:
             # Grow geometrically, so token-by-token decoding does not rebuild them at every step.
             seq_len = max(seq_len, 2 * self._cache[0] if self._cache else 0)
-            t = torch.arange(seq_len, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device))
-            self._cache = (seq_len, device, freqs.cos(), freqs.sin())
+            self._cache = (seq_len, device, *self.tables(seq_len, device))
         return self._cache[2], self._cache[3]
 
     def forward(self, x: Tensor, start: int = 0) -> Tensor:
