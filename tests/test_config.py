@@ -104,10 +104,16 @@ def built_model(model: dict):
     "name,overrides",
     [
         ("tiny", []),
-        # 0.1's speed run had no input gates and an MLP in every layer (on since 2026-12-04)
+        # 0.1's speed run had no input gates, an MLP in every layer and an untied head (all three
+        # on since 2026-12-04)
         (
             "speedrun_bench",
-            ["experiment=speedrun_bench", "model.gate_dims=0", "model.mlp_free_layers=[]"],
+            [
+                "experiment=speedrun_bench",
+                "model.gate_dims=0",
+                "model.mlp_free_layers=[]",
+                "model.tie_embed_head=false",
+            ],
         ),
         # 0.1 had no PoM convolution, expansion 2 and one selection head (today's defaults: 4, 1, 4)
         (
