@@ -4,3 +4,8 @@ export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 (cd .devdata/bench && for f in *.xz; do [ -f "${f%.xz}" ] || xz -dk -T0 "$f"; done)
 export D="data.train_files=.devdata/bench/train_000001.bin data.val_files=.devdata/bench/val_000000.bin"
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+# Compile caches in one folder, seeded from a carried archive: a fresh machine loads the compiled
+# kernels of earlier calls instead of compiling again (benchmarks/speed_runs.sh SAVE_COMPILE_CACHE=1).
+export TORCHINDUCTOR_CACHE_DIR=/tmp/compile_cache/inductor TRITON_CACHE_DIR=/tmp/compile_cache/triton
+mkdir -p /tmp/compile_cache
+if [ -f .devcache/compile_cache.tar.xz ]; then tar -xJf .devcache/compile_cache.tar.xz -C /tmp/compile_cache; fi

@@ -3,6 +3,8 @@
 # training + final validation with extra Hydra overrides; JSON results and logs are packed into
 # $OUT/speed.tar.gz after every run (a call cut off at its limit still returns what finished).
 #   RUNS="name1|overrides...;name2|overrides..." bash benchmarks/speed_runs.sh
+# SAVE_COMPILE_CACHE=1 also packs the compile cache into $OUT/compile_cache.tar.xz at the end (for
+# the next call to carry as .devcache/compile_cache.tar.xz; see benchmarks/device_setup.sh).
 set -uo pipefail
 source benchmarks/device_setup.sh
 R=$OUT/speed; mkdir -p "$R"
@@ -28,3 +30,8 @@ for f in "$R"/*.json; do python3 -c "
 import json,sys; r=json.load(open('$f'))
 if 'name' not in r: sys.exit()  # e.g. a bench report written beside the runs
 print(f\"{r['name']:<28} val {r['val_loss']:.4f}  {r['train_seconds']:6.1f} s  {r['ms_per_step']:6.1f} ms/step  {r['tokens_per_s']:>9,.0f} tok/s  MFU {100*r['mfu']:.1f}%  peak {r['peak_mem_gib']:.1f} GiB\")"; done
+if [ "${SAVE_COMPILE_CACHE:-0}" = 1 ]; then
+  rm -rf "$R"  # all of it is in speed.tar.gz: fewer files to bring back
+  tar -cf - -C /tmp/compile_cache . | xz -T0 -6 > "$OUT/compile_cache.tar.xz"
+  echo "compile cache: $(du -sh /tmp/compile_cache | cut -f1) -> $(du -h "$OUT/compile_cache.tar.xz" | cut -f1)"
+fi
