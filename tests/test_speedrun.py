@@ -362,8 +362,12 @@ def test_flex_converter_needs_the_speedrun_model():
         apply_converters(
             GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2)), KernelsConfig(["flex_attention"])
         )
-    model = apply_converters(SpeedrunGPT(config()), KernelsConfig(["flex_attention"]))
-    assert model.mask_builder is flex_or_dense_mask  # dense on CPU, block masks on GPU
+    for in_graph in (False, True):
+        cfg = KernelsConfig(["flex_attention"], flex_mask_in_graph=in_graph)
+        model = apply_converters(SpeedrunGPT(config()), cfg)
+        # dense on CPU, block masks on GPU
+        assert model.mask_builder.func is flex_or_dense_mask
+        assert model.mask_builder.keywords == {"in_graph": in_graph}
 
 
 def dense_reference_mask(docs: torch.Tensor, window: int) -> torch.Tensor:
@@ -444,14 +448,58 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     )
 
 
+def test_block_lists_are_each_rows_true_blocks_first_then_the_rest():
+    """``_ordered`` (binary searches of running counts) against a stable sort: per row the count
+    of True blocks, and the column indices, True ones first, each part ascending."""
+    from muongpt.model.masks import _ordered
+
+    g = torch.Generator().manual_seed(0)
+    dense = torch.rand(3, 9, 9, generator=g) < 0.4
+    dense[0, 0], dense[0, 1] = True, False  # rows all True and all False
+    counts, indices = _ordered(dense)
+    assert counts.dtype == indices.dtype == torch.int32
+    assert torch.equal(counts[:, 0], dense.sum(-1, dtype=torch.int32))
+    want = torch.argsort((~dense).to(torch.int8), dim=-1, stable=True)
+    assert torch.equal(indices[:, 0].long(), want)
+
+
+def test_block_mask_traced_into_a_graph_equals_the_eager_one():
+    """The mask built inside a compiled function (inductor, one graph) has the eager build's
+    block counts and lists, for a window given as a tensor and for a new window value."""
+    from muongpt.model.masks import document_block_mask
+
+    T = 1000
+    starts = torch.zeros(2, T, dtype=torch.bool)
+    starts[0, [0, 5, 127, 128, 129, 260, 700]] = True
+    starts[1, [0, 200, 999]] = True
+    docs = starts.cumsum(-1, dtype=torch.int32)
+
+    def tables(docs, window):
+        m = document_block_mask(docs, window)
+        return (m.kv_num_blocks, m.kv_indices, m.full_kv_num_blocks, m.full_kv_indices,
+                m.q_num_blocks, m.q_indices, m.full_q_num_blocks, m.full_q_indices)  # fmt: skip
+
+    torch.compiler.reset()
+    traced = torch.compile(tables, fullgraph=True, dynamic=False)
+    for window in (300, 1 << 30, 128):
+        w = torch.tensor(window, dtype=torch.int32)
+        for got, want in zip(traced(docs, w), tables(docs, w), strict=True):
+            assert torch.equal(got, want)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("window", [512, 256, 0])
 def test_flex_kernel_with_the_block_mask_matches_dense_sdpa_on_cuda(window):
     """The compiled FlexAttention kernel with the hand-built mask: output and q/k/v gradients
-    equal dense-mask SDPA (fp32), on documents that straddle 128-token blocks."""
+    equal dense-mask SDPA (fp32), on documents that straddle 128-token blocks; the mask built
+    eagerly, eagerly inside a compiled function (the model's default), and traced into it."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from muongpt.model.masks import document_block_mask, document_dense_mask
+    from muongpt.model.masks import (
+        document_block_mask,
+        document_dense_mask,
+        eager_document_block_mask,
+    )
 
     torch.manual_seed(0)
     T = 1024
@@ -465,32 +513,41 @@ def test_flex_kernel_with_the_block_mask_matches_dense_sdpa_on_cuda(window):
     out = torch.compile(flex_attention)(q, k, v, block_mask=document_block_mask(docs, w))
     got = [out, *torch.autograd.grad(out, (q, k, v), go)]
 
-    # as in the model: the mask built inside a compiled function
-    def attend(q, k, v, docs, w):
-        return flex_attention(q, k, v, block_mask=document_block_mask(docs, w))
+    for builder in (eager_document_block_mask, document_block_mask):  # the model's two ways
 
-    out_in_graph = torch.compile(attend, dynamic=False)(q, k, v, docs, w)
-    got += [out_in_graph, *torch.autograd.grad(out_in_graph, (q, k, v), go)]
+        def attend(q, k, v, docs, w, builder=builder):
+            return flex_attention(q, k, v, block_mask=builder(docs, w))
+
+        torch.compiler.reset()
+        out_compiled = torch.compile(attend, dynamic=False)(q, k, v, docs, w)
+        got += [out_compiled, *torch.autograd.grad(out_compiled, (q, k, v), go)]
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=document_dense_mask(docs, w))
-    want = [ref, *torch.autograd.grad(ref, (q, k, v), go)] * 2
+    want = [ref, *torch.autograd.grad(ref, (q, k, v), go)] * 3
     errors = [relative_error(a, b) for a, b in zip(got, want, strict=True)]
-    assert max(errors) < 1e-3, f"relative errors out, dq, dk, dv (eager mask, in-graph): {errors}"
+    assert max(errors) < 1e-3, (
+        f"relative errors out, dq, dk, dv (eager, compiled, in-graph): {errors}"
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("in_graph", [False, True], ids=["eager_mask", "mask_in_graph"])
 @pytest.mark.parametrize(
     "window_pattern,paired", [([1.0], []), ([1.0, 0.5], []), ([1.0, 0.5], [1])]
 )
-def test_compiled_flex_model_on_cuda_matches_dense_sdpa(window_pattern, paired):
+def test_compiled_flex_model_on_cuda_matches_dense_sdpa(window_pattern, paired, in_graph):
     """The GPU path end to end: the compiled speed-run model with the flex_attention converter
-    (documents, a window changed without recompiling, the key offset traced) gives the loss and
-    gradients of the same model on dense-mask SDPA, in training and under no_grad."""
+    (documents, a window changed without recompiling, the key offset traced, the block masks
+    built eagerly or in the graph) gives the loss and gradients of the same model on dense-mask
+    SDPA, in training and under no_grad."""
     cfg = dict(vocab_size=512, n_layer=2, n_head=2, n_embd=128, attn_window=512)
     cfg.update(window_pattern=window_pattern, value_embeds=1, backout_after=1)
     cfg.update(paired_head_layers=paired)  # a paired layer's mask covers 2 x 1024 positions
     flex = speedrun(**cfg)
-    flex = apply_converters(flex, KernelsConfig(["flex_attention"])).cuda()
+    kernels = KernelsConfig(["flex_attention"], flex_mask_in_graph=in_graph)
+    flex = apply_converters(flex, kernels).cuda()
+    builder = flex.mask_builder
     idx = documents(2, 1024, [(0, 0), (0, 100), (0, 300), (0, 700), (1, 0), (1, 640)]).cuda()
+    torch.compiler.reset()
     compiled = torch.compile(flex, dynamic=False)
     for window in (512, 256, 0):
         flex.set_attn_window(window)
@@ -502,7 +559,7 @@ def test_compiled_flex_model_on_cuda_matches_dense_sdpa(window_pattern, paired):
         flex.mask_builder = document_dense_mask  # the same rule, dense, through SDPA
         ref = flex(idx, idx.roll(-1, 1))
         ref.backward()
-        flex.mask_builder = flex_or_dense_mask
+        flex.mask_builder = builder
         names = [n for n, _ in flex.named_parameters()]
         errors = {
             n: relative_error(a, p.grad)
@@ -514,6 +571,9 @@ def test_compiled_flex_model_on_cuda_matches_dense_sdpa(window_pattern, paired):
         assert max(errors.values()) < 5e-2, f"window {window}: {errors}"
         with torch.no_grad():
             assert relative_error(compiled(idx, idx.roll(-1, 1)), ref) < 1e-3
+    if in_graph:  # the point of building the masks in the graph: one graph, no break
+        explained = torch._dynamo.explain(flex)(idx, idx.roll(-1, 1))
+        assert explained.graph_break_count == 0, explained.break_reasons
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

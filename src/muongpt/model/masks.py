@@ -22,25 +22,27 @@ def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
     """(B, n, n) bool block table -> per row: the count of its True blocks and all n column
     indices, the True ones first (ascending), then the others: a permutation of each row.
 
-    Sort-free (cumulative sums and one scatter): no ties for a sort to order wrongly."""
+    With c_j the running count of True blocks up to column j, the k-th True block (from 1) is
+    the first j with c_j >= k: a binary search of the non-decreasing c, no sort and no scatter
+    (both miscompiled or failed in inductor), so the same code runs eagerly and in a graph."""
     taken = dense.to(torch.int32)
-    counts = taken.sum(dim=-1, dtype=torch.int32)
-    slot = torch.where(
-        dense,
-        taken.cumsum(-1) - 1,  # the k-th True block goes to slot k
-        counts[..., None] + (1 - taken).cumsum(-1) - 1,  # the others after them, in order
+    trues, falses = taken.cumsum(-1, dtype=torch.int32), (1 - taken).cumsum(-1, dtype=torch.int32)
+    counts = trues[..., -1:]  # (B, n, 1)
+    slot = torch.arange(1, dense.size(-1) + 1, device=dense.device, dtype=torch.int32)
+    slot = slot.expand_as(trues).contiguous()
+    indices = torch.where(
+        slot <= counts,
+        torch.searchsorted(trues, slot, out_int32=True),  # the slot-th True block
+        torch.searchsorted(falses, slot - counts, out_int32=True),  # then the others, in order
     )
-    cols = torch.arange(dense.size(-1), device=dense.device, dtype=torch.int32).expand_as(slot)
-    indices = torch.empty_like(cols).scatter_(-1, slot.long(), cols)
-    return counts[:, None].contiguous(), indices[:, None].contiguous()
+    return counts[..., 0][:, None].contiguous(), indices[:, None].contiguous()
 
 
-# Built eagerly even inside a compiled model (one graph break; O((T/128)^2) small ops): compiled
-# by torch 2.11's inductor, the block lists came out wrong (BlockMask.from_kv_blocks' stable
-# argsort: the model's attention gradients were off, measured on H100) or failed to compile
-# (a scatter). The BlockMask's tensors enter the compiled graph as inputs, as with
-# create_block_mask.
-@torch.compiler.disable
+# Built eagerly by default even inside a compiled model (one graph break; O((T/128)^2) small
+# ops): in torch 2.11's inductor on an H100, BlockMask.from_kv_blocks' stable argsort gave wrong
+# block lists and a scatter failed to compile; ``_ordered`` needs neither, so
+# ``flex_or_dense_mask(..., in_graph=True)`` builds the mask inside the graph. The BlockMask's
+# tensors enter flex_attention as with create_block_mask.
 def document_block_mask(docs: Tensor, window: Tensor | int | None = None):
     """FlexAttention BlockMask: query q sees key k iff k <= q, same document, q - k < window.
 
@@ -104,8 +106,12 @@ def document_dense_mask(docs: Tensor, window: Tensor | int | None = None) -> Ten
     return (keep[None] & (docs[:, :, None] == docs[:, None, :]))[:, None]
 
 
-def flex_or_dense_mask(docs: Tensor, window: Tensor | int | None = None):
-    """A BlockMask on GPU; on CPU, which has no FlexAttention backward, the dense form."""
+eager_document_block_mask = torch.compiler.disable(document_block_mask)
+
+
+def flex_or_dense_mask(docs: Tensor, window: Tensor | int | None = None, in_graph: bool = False):
+    """A BlockMask on GPU, built eagerly (a graph break in a compiled model) or, ``in_graph``,
+    traced into the graph; on CPU, which has no FlexAttention backward, the dense form."""
     if docs.device.type == "cpu":
         return document_dense_mask(docs, window)
-    return document_block_mask(docs, window)
+    return (document_block_mask if in_graph else eager_document_block_mask)(docs, window)
