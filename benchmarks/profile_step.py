@@ -8,7 +8,9 @@ their union, idle the rest of the span. For the largest gaps it names the kernel
 gap and the Python function that launched it, and whether the launch came after the GPU ran dry
 (the host was the bottleneck) or before (the GPU waited on something else, e.g. a dependency).
 The phase table splits the GPU time per step by the Python frames around each launch (optimizer,
-backward, forward) and by kernel kind (attention, matmul, Triton-fused, copies).
+backward, forward) and by kernel kind (attention, matmul, Triton-fused, copies); the kernel table
+gives each kernel's own GPU time per step (the op table after it nests, so a kernel launched
+inside a custom op shows there only within the op's total).
 """
 
 from __future__ import annotations
@@ -135,6 +137,24 @@ def category_report(trace_file: Path, steps: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kernel_report(trace_file: Path, steps: int, top: int) -> str:
+    """The GPU's own time per step by kernel name (each kernel counted once, unlike the op table
+    below, whose rows nest), largest first."""
+    events = json.loads(trace_file.read_text())["traceEvents"]
+    time_of: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    for e in events:
+        if e.get("cat") in GPU_CATEGORIES and e.get("dur", 0) > 0:
+            time_of[e["name"]] = time_of.get(e["name"], 0.0) + e["dur"] / 1e3 / steps
+            calls[e["name"]] = calls.get(e["name"], 0) + 1
+    total = sum(time_of.values())
+    lines = [f"{'ms/step':>8} {'share':>6} {'calls/step':>10}  kernel"]
+    for name, ms in sorted(time_of.items(), key=lambda kv: -kv[1])[:top]:
+        share = 100 * ms / total
+        lines.append(f"{ms:8.2f} {share:5.1f}% {calls[name] / steps:10.1f}  {name[:100]}")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -167,6 +187,7 @@ def main() -> int:
         trace = Path(args.trace or Path(run_dir) / "trace.json")
         prof.export_chrome_trace(str(trace))
         idle = idle_report(trace) + category_report(trace, steps=2)
+        idle += kernel_report(trace, steps=2, top=args.top)
         trainer.close()
     header = f"{' '.join(overrides)}\nwarm-up {compile_s:.1f} s, {ms:.1f} ms/step\n"
     with open(args.out, "w") as f:
