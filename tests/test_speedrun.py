@@ -487,6 +487,31 @@ def test_block_mask_traced_into_a_graph_equals_the_eager_one():
             assert torch.equal(got, want)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_model_with_block_masks_traced_in_is_one_graph_with_the_dense_loss():
+    """The speed-run model (long and short windows) with the block-mask builder traced into the
+    graph: dynamo captures the whole forward as one graph (the eager builder breaks it) and the
+    logits equal the dense-mask model's (a window 128 tokens longer moves them by 0.02).
+    CPU, no_grad: FlexAttention's unfused reference path."""
+    from muongpt.model.masks import document_block_mask, eager_document_block_mask
+
+    cfg = dict(vocab_size=512, n_layer=2, n_head=2, n_embd=64, attn_window=256)
+    model = speedrun(**cfg, window_pattern=[1.0, 0.5], value_embeds=1, backout_after=1).eval()
+    idx = documents(2, 512, [(0, 0), (0, 100), (0, 300), (1, 0), (1, 200)])
+    breaks = {}
+    with torch.no_grad():
+        dense = model(idx)
+        for builder in (document_block_mask, eager_document_block_mask):
+            model.mask_builder = builder
+            torch.compiler.reset()
+            breaks[builder] = torch._dynamo.explain(model)(idx).graph_break_count
+        model.mask_builder = document_block_mask
+        torch.compiler.reset()
+        traced = torch.compile(model, fullgraph=True, backend="aot_eager")(idx)
+    assert breaks[document_block_mask] == 0 and breaks[eager_document_block_mask] > 0
+    torch.testing.assert_close(traced, dense, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("window", [512, 256, 0])
 def test_flex_kernel_with_the_block_mask_matches_dense_sdpa_on_cuda(window):
