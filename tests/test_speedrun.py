@@ -334,6 +334,17 @@ def test_parts_start_as_a_plain_stream_and_are_declared_to_the_optimizer():
     )
 
 
+@pytest.mark.parametrize("parallel_from", [0, 2])
+def test_residual_scale_init_starts_every_blocks_stream_scale(parallel_from):
+    """x <- a x + b x0 (and the second lane's u <- a u + b x0) starts at a = residual_scale_init,
+    b = 0, in every block; the default is the plain stream, a = 1."""
+    for s in (1.1, 1.0):
+        kw = dict(residual_scale_init=s) if s != 1.0 else {}
+        model = SpeedrunGPT(config(parallel_from=parallel_from, **kw))
+        for block in model.blocks:
+            assert torch.equal(block.x0_lambdas.detach(), torch.tensor([s, 0.0]))
+
+
 def test_config_errors_name_the_key():
     for bad, match in (
         (dict(bigram_rows=1), "bigram_rows"),
@@ -348,6 +359,7 @@ def test_config_errors_name_the_key():
         (dict(gate_dims=33), "gate_dims"),
         (dict(parallel_from=4), "parallel_from"),
         (dict(parallel_from=-1), "parallel_from"),
+        (dict(residual_scale_init=0.0), "residual_scale_init"),
         (dict(mlp_free_layers=[4]), "mlp_free_layers: 4 is not an attention layer"),
         (dict(mlp_free_layers=[1], mixing=MixingConfig(["attention", "none"])), "mlp_free"),
     ):

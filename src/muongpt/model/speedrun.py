@@ -35,8 +35,8 @@ Each part is plain code below, on in every speed-run model:
 - **embedding norm** and a **bf16 residual stream** under bf16 autocast (autocast alone keeps it
   fp32: the embedding output is fp32 and fp32 + bf16 stays fp32).
 
-Eight parts are off in the model's defaults, so that stored configs keep their models;
-``experiment=speedrun_bench`` turns on the two that measured better there (docs/speedrun.md):
+Nine parts are off in the model's defaults, so that stored configs keep their models;
+``experiment=speedrun_bench`` turns on the three that measured better there (docs/speedrun.md):
 
 - **paired-head attention** (``paired_head_layers``): in those layers heads 2h and 2h+1 form one
   head over a sequence twice as long, token t's two keys, queries and values at positions 2t and
@@ -64,7 +64,8 @@ Eight parts are off in the model's defaults, so that stored configs keep their m
   untie every row of E is scaled to RMS 1 (``untie_weights``; the lookup is normalised, so
   nothing the model computes changes) and E trains on as a table at the embedding lr, its AdamW
   starting from the head's moments (``CombinedOptimizer.untie``)
-  (modded-nanogpt re-tied its head in December 2025 and untied it at 2/3 of the run later).
+  (modded-nanogpt re-tied its head in December 2025 and untied it at 2/3 of the run later). Tied
+  throughout in ``speedrun_bench``.
 - **prefix-token prediction** (``prefix_loss_weight`` = w > 0; GPT-2 vocabulary): in training the
   same logits also predict the target's prefix token, the token whose bytes are the longest
   proper prefix of the target's (" hello" -> " hell"; ``data.tokenizer.prefix_tokens``): loss =
@@ -76,6 +77,10 @@ Eight parts are off in the model's defaults, so that stored configs keep their m
   x <- x + w_2 y, u <- u + w_3 y (MLP), every w starting at 1 (the sequential block while the
   lanes agree). Skips, the bigram table and x0 mixing apply to both lanes; the head reads their
   mean (modded-nanogpt, February 2026, from block 7 of 11).
+- **residual scale at init** (``residual_scale_init`` = s, default 1): the x0 mixing's a_i start
+  at s. Unrolled, x = sum_i (prod_{j>i} a_j) y_i + ..., so block i's output y_i reaches the head
+  scaled by s^(L-1-i) at the start: s > 1 weights the early blocks' writes more, s < 1 decays
+  them (modded-nanogpt started a at 1.1 in November 2025).
 - **window extension for evaluation** (``eval_window_factor`` = s > 1): in eval mode every window
   is s times the training one, each layer's RoPE is stretched past its trained window
   (``Rotary.stretched``, YaRN) and the softmax scale is multiplied by (0.1 ln s + 1)^2.
@@ -126,6 +131,7 @@ class SpeedrunConfig(GPTConfig):
     tie_embed_head: bool = False  # token embedding = lm_head while training.untie_embed_head_frac
     prefix_loss_weight: float = 0.0  # training loss += w CE(logits, prefix token of the target)
     parallel_from: int = 0  # first block of two residual lanes (parallel residuals); 0 = none
+    residual_scale_init: float = 1.0  # every block's a in x <- a x + b x0, at init
 
     mixers = ("attention", "none")
 
@@ -173,6 +179,10 @@ class SpeedrunConfig(GPTConfig):
                     f"(layers 0..{self.n_layer - 1}, pattern {list(self.mixing.pattern)}); a block "
                     "needs attention or an MLP"
                 )
+        if not self.residual_scale_init > 0:
+            raise MuonGPTError(
+                f"model.residual_scale_init must be > 0, got {self.residual_scale_init}"
+            )
         if not 0 <= self.parallel_from < self.n_layer:
             raise MuonGPTError(
                 f"model.parallel_from must be in [0, n_layer = {self.n_layer}) (0 = one residual "
@@ -365,11 +375,17 @@ class SpeedrunAttention(CausalSelfAttention):
 
 
 class SpeedrunBlock(nn.Module):
-    def __init__(self, mixer: SpeedrunAttention | None, mlp: MLP | None, lanes: bool = False):
+    def __init__(
+        self,
+        mixer: SpeedrunAttention | None,
+        mlp: MLP | None,
+        lanes: bool = False,
+        residual_scale: float = 1.0,
+    ):
         super().__init__()
         self.mixer, self.mlp = mixer, mlp
         # x <- a x + b x0 before the block (a scalar-group parameter: no weight decay)
-        self.x0_lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))
+        self.x0_lambdas = nn.Parameter(torch.tensor([residual_scale, 0.0]))
         # parallel residuals: (attention -> x, attention -> u, MLP -> x, MLP -> u)
         self.lane_weights = nn.Parameter(torch.ones(4)) if lanes else None
 
@@ -414,7 +430,7 @@ class SpeedrunGPT(GPT):
         c = self.config
         mlp = None if layer in c.mlp_free_layers else MLP(c.n_embd, c.mlp_ratio)
         lanes = 0 < c.parallel_from <= layer
-        return SpeedrunBlock(self.make_mixer(layer), mlp, lanes)
+        return SpeedrunBlock(self.make_mixer(layer), mlp, lanes, c.residual_scale_init)
 
     def add_parts(self) -> None:
         c = self.config
