@@ -65,6 +65,7 @@ def manual_forward(model: SpeedrunGPT, idx: torch.Tensor) -> torch.Tensor:
     rows = torch.where((prev < 0) | (idx == BOS), c.bigram_rows - 1, rows)
     bigram = model.bigram_embed(rows)
     n, skips, early, lane = c.n_layer // 2, [], None, None
+    streams = {0: x}  # the dense connections' sources: s = the stream after s blocks
     longest = max(c.window_pattern)
     for i, block in enumerate(model.blocks):
         if i == c.backout_after:
@@ -83,11 +84,22 @@ def manual_forward(model: SpeedrunGPT, idx: torch.Tensor) -> torch.Tensor:
             x = x + skip
             lane = None if lane is None else lane + skip
         x = x + model.bigram_lambdas[i] * bigram
-        x = block.x0_lambdas[0] * x + block.x0_lambdas[1] * x0
         if lane is not None:
             lane = lane + model.bigram_lambdas[i] * bigram
+        if i in c.dense_layers:  # sum_s (c_ts + w_ts . x[:g] / rms(x[:g])) h_s
+            t, S = c.dense_layers.index(i), len(c.dense_sources)
+            head = x[..., :g]
+            head = head / head.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+            for m, s in enumerate(c.dense_sources):
+                at = t * S + m
+                w = model.dense_weights[at * g : (at + 1) * g]
+                mixed = (model.dense_bias[at] + head @ w)[..., None] * streams[s]
+                x = x + mixed
+                lane = None if lane is None else lane + mixed
+        x = block.x0_lambdas[0] * x + block.x0_lambdas[1] * x0
+        if lane is not None:
             lane = block.x0_lambdas[0] * lane + block.x0_lambdas[1] * x0
-        w = block.lane_weights  # (attention -> x, attention -> lane, MLP -> x, MLP -> lane)
+        lw = block.lane_weights  # (attention -> x, attention -> lane, MLP -> x, MLP -> lane)
         a = block.mixer
         if a is not None:
             h = rms_norm(x)
@@ -142,15 +154,16 @@ def manual_forward(model: SpeedrunGPT, idx: torch.Tensor) -> torch.Tensor:
             if lane is None:
                 x = x + out
             else:
-                x, lane = x + w[0] * out, lane + w[1] * out
+                x, lane = x + lw[0] * out, lane + lw[1] * out
         if i not in c.mlp_free_layers:
             if lane is None:
                 x = x + block.mlp(rms_norm(x))
             else:
                 out = block.mlp(rms_norm(lane))
-                x, lane = x + w[2] * out, lane + w[3] * out
+                x, lane = x + lw[2] * out, lane + lw[3] * out
         if i < n:
             skips.append(x)
+        streams[i + 1] = x
     if lane is not None:
         x = (x + lane) / 2
     x = x - model.backout_lambda * early
@@ -174,6 +187,8 @@ def manual_forward(model: SpeedrunGPT, idx: torch.Tensor) -> torch.Tensor:
         dict(parallel_from=1),  # lanes before the backout and the U-net skips are read
         dict(n_layer=6, value_embeds=2, backout_after=4, parallel_from=3, mlp_free_layers=[4]),
         dict(parallel_from=2, mixing=MixingConfig(pattern=["attention", "attention", "none"])),
+        dict(gate_dims=5, dense_layers=[3], dense_sources=[0, 2]),
+        dict(gate_dims=5, dense_layers=[2, 3], dense_sources=[1], parallel_from=1),
     ],
 )
 def test_model_equals_the_written_out_reference(extra):
@@ -196,6 +211,7 @@ def test_model_equals_the_written_out_reference(extra):
         dict(gate_dims=4),
         dict(exclusive_attention=True, n_head=4, paired_head_layers=[0]),
         dict(parallel_from=1),
+        dict(gate_dims=4, dense_layers=[2, 3], dense_sources=[0, 1]),
     ],
 )
 def test_causal_and_chunked_decoding_equals_the_full_forward(extra):
@@ -360,6 +376,11 @@ def test_config_errors_name_the_key():
         (dict(parallel_from=4), "parallel_from"),
         (dict(parallel_from=-1), "parallel_from"),
         (dict(residual_scale_init=0.0), "residual_scale_init"),
+        (dict(gate_dims=4, dense_layers=[2]), "dense_layers and model.dense_sources go together"),
+        (dict(dense_layers=[2], dense_sources=[0]), "gate_dims > 0"),
+        (dict(gate_dims=4, dense_layers=[1], dense_sources=[1]), "before the first"),
+        (dict(gate_dims=4, dense_layers=[3], dense_sources=[2, 0]), "ascending"),
+        (dict(gate_dims=4, dense_layers=[4], dense_sources=[0]), "n_layer = 4"),
         (dict(mlp_free_layers=[4]), "mlp_free_layers: 4 is not an attention layer"),
         (dict(mlp_free_layers=[1], mixing=MixingConfig(["attention", "none"])), "mlp_free"),
     ):

@@ -35,7 +35,7 @@ Each part is plain code below, on in every speed-run model:
 - **embedding norm** and a **bf16 residual stream** under bf16 autocast (autocast alone keeps it
   fp32: the embedding output is fp32 and fp32 + bf16 stays fp32).
 
-Nine parts are off in the model's defaults, so that stored configs keep their models;
+Ten parts are off in the model's defaults, so that stored configs keep their models;
 ``experiment=speedrun_bench`` turns on the three that measured better there (docs/speedrun.md):
 
 - **paired-head attention** (``paired_head_layers``): in those layers heads 2h and 2h+1 form one
@@ -81,6 +81,12 @@ Nine parts are off in the model's defaults, so that stored configs keep their mo
   at s. Unrolled, x = sum_i (prod_{j>i} a_j) y_i + ..., so block i's output y_i reaches the head
   scaled by s^(L-1-i) at the start: s > 1 weights the early blocks' writes more, s < 1 decays
   them (modded-nanogpt started a at 1.1 in November 2025).
+- **dynamic dense connections** (``dense_layers``, ``dense_sources``; needs ``gate_dims`` = k):
+  the input of each listed block t also takes a per-token mix of earlier streams h_s (s = 0:
+  x0; s > 0: the stream after s blocks), x <- x + sum_s (c_ts + w_ts . n) h_s with n the first
+  k dims of x RMS-normalised, after the skips and the bigram table. c and w start at zero (the
+  plain model). A single-way, linear form of MUDD (Xiao et al. 2025, arXiv:2502.12170), which
+  modded-nanogpt put on its last two blocks in April 2026.
 - **window extension for evaluation** (``eval_window_factor`` = s > 1): in eval mode every window
   is s times the training one, each layer's RoPE is stretched past its trained window
   (``Rotary.stretched``, YaRN) and the softmax scale is multiplied by (0.1 ln s + 1)^2.
@@ -132,6 +138,8 @@ class SpeedrunConfig(GPTConfig):
     prefix_loss_weight: float = 0.0  # training loss += w CE(logits, prefix token of the target)
     parallel_from: int = 0  # first block of two residual lanes (parallel residuals); 0 = none
     residual_scale_init: float = 1.0  # every block's a in x <- a x + b x0, at init
+    dense_layers: list[int] = field(default_factory=list)  # blocks taking earlier streams
+    dense_sources: list[int] = field(default_factory=list)  # 0 = x0, s = stream after s blocks
 
     mixers = ("attention", "none")
 
@@ -182,6 +190,26 @@ class SpeedrunConfig(GPTConfig):
         if not self.residual_scale_init > 0:
             raise MuonGPTError(
                 f"model.residual_scale_init must be > 0, got {self.residual_scale_init}"
+            )
+        if bool(self.dense_layers) != bool(self.dense_sources) or (
+            self.dense_layers and not self.gate_dims
+        ):
+            raise MuonGPTError(
+                "model.dense_layers and model.dense_sources go together, and need "
+                f"model.gate_dims > 0 (got {list(self.dense_layers)}, {list(self.dense_sources)}, "
+                f"gate_dims {self.gate_dims})"
+            )
+        if self.dense_layers and (
+            min(self.dense_sources) < 0
+            or max(self.dense_sources) >= min(self.dense_layers)
+            or max(self.dense_layers) >= self.n_layer
+            or len(set(self.dense_layers)) < len(self.dense_layers)
+            or list(self.dense_sources) != sorted(set(self.dense_sources))
+        ):
+            raise MuonGPTError(
+                "model.dense_sources must be ascending streams before the first of "
+                f"model.dense_layers (distinct blocks < n_layer = {self.n_layer}), got sources "
+                f"{list(self.dense_sources)} for layers {list(self.dense_layers)}"
             )
         if not 0 <= self.parallel_from < self.n_layer:
             raise MuonGPTError(
@@ -443,6 +471,9 @@ class SpeedrunGPT(GPT):
         self.skip_weights = nn.Parameter(torch.ones(c.n_layer // 2))
         gates = c.n_layer // 2 * c.gate_dims
         self.skip_gates = nn.Parameter(torch.zeros(gates)) if c.gate_dims else None
+        mixes = len(c.dense_layers) * len(c.dense_sources)  # one weight per (layer, source)
+        self.dense_bias = nn.Parameter(torch.zeros(mixes)) if mixes else None
+        self.dense_weights = nn.Parameter(torch.zeros(mixes * c.gate_dims)) if mixes else None
         prefix = weights = None
         if c.prefix_loss_weight:  # each token's prefix token, -1 where it has none
             prefix = torch.full((c.padded_vocab_size,), -1, dtype=torch.long)
@@ -534,6 +565,13 @@ class SpeedrunGPT(GPT):
         rows = bigram_rows(idx, self.config.bigram_rows, prev, self.config.bos_token)
         return self.bigram_embed(rows).to(dtype)
 
+    def dense_mix(self, t: int, x: Tensor, streams: list[Tensor]) -> Tensor:
+        """sum_s (c_ts + w_ts . rmsnorm(x[..., :k])) h_s for the t-th dense layer: (B, T, D)."""
+        k, n = self.config.gate_dims, len(streams)
+        w = self.dense_weights[t * n * k : (t + 1) * n * k].view(n, k).to(x.dtype)
+        mix = rms_norm(x[..., :k]) @ w.t() + self.dense_bias[t * n : (t + 1) * n].to(x.dtype)
+        return sum(mix[..., s, None] * h for s, h in enumerate(streams))
+
     # ---------------------------------------------------------------- forward
     def forward(
         self, idx: Tensor, targets: Tensor | None = None, caches: DecodeState | None = None
@@ -550,6 +588,7 @@ class SpeedrunGPT(GPT):
         window = self.decode_window() if caches is not None else 0
         n_skip = len(self.skip_weights)
         skips, early, lane = [], None, None
+        streams = [x0] if 0 in c.dense_sources else []  # the dense connections' sources
         for i, block in enumerate(self.blocks):
             if self.backout_lambda is not None and i == c.backout_after:
                 early = x
@@ -566,6 +605,9 @@ class SpeedrunGPT(GPT):
             if bigram is not None:
                 x = x + self.bigram_lambdas[i] * bigram
                 lane = None if lane is None else lane + self.bigram_lambdas[i] * bigram
+            if i in c.dense_layers:
+                dense = self.dense_mix(c.dense_layers.index(i), x, streams)
+                x, lane = x + dense, None if lane is None else lane + dense
             v = c.value_embed_of_layer(i)
             x, lane = block(
                 x,
@@ -578,6 +620,8 @@ class SpeedrunGPT(GPT):
             )
             if i < n_skip:
                 skips.append(x)
+            if i + 1 in c.dense_sources:
+                streams.append(x)
         if lane is not None:
             x = (x + lane) / 2
         if early is not None:
