@@ -65,6 +65,7 @@ def manual_forward(model: SpeedrunGPT, idx: torch.Tensor) -> torch.Tensor:
     rows = torch.where((prev < 0) | (idx == BOS), c.bigram_rows - 1, rows)
     bigram = model.bigram_embed(rows)
     n, skips, early, lane = c.n_layer // 2, [], None, None
+    outputs = {}  # every block's output, for explicit skip pairs
     streams = {0: x}  # the dense connections' sources: s = the stream after s blocks
     longest = max(c.window_pattern)
     for i, block in enumerate(model.blocks):
@@ -73,9 +74,14 @@ def manual_forward(model: SpeedrunGPT, idx: torch.Tensor) -> torch.Tensor:
         if c.parallel_from and i == c.parallel_from:
             lane = x  # the second residual lane, read by the MLPs from here on
         g = c.gate_dims
-        if i >= c.n_layer - n:
-            j = i - (c.n_layer - n)
-            skip = model.skip_weights[j] * skips.pop()
+        j = source = None
+        if c.skip_pairs is None and i >= c.n_layer - n:  # U-net: last in, first out
+            j, source = i - (c.n_layer - n), skips.pop()
+        for m, (a_, b_) in enumerate(c.skip_pairs or []):
+            if b_ == i:
+                j, source = m, outputs[a_]
+        if j is not None:
+            skip = model.skip_weights[j] * source
             if g:  # 2 sigmoid(w . x[:g] / rms(x[:g]))
                 head = x[..., :g]
                 head = head / head.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
@@ -163,7 +169,7 @@ def manual_forward(model: SpeedrunGPT, idx: torch.Tensor) -> torch.Tensor:
                 x, lane = x + lw[2] * out, lane + lw[3] * out
         if i < n:
             skips.append(x)
-        streams[i + 1] = x
+        outputs[i] = streams[i + 1] = x
     if lane is not None:
         x = (x + lane) / 2
     x = x - model.backout_lambda * early
@@ -188,6 +194,9 @@ def manual_forward(model: SpeedrunGPT, idx: torch.Tensor) -> torch.Tensor:
         dict(n_layer=6, value_embeds=2, backout_after=4, parallel_from=3, mlp_free_layers=[4]),
         dict(parallel_from=2, mixing=MixingConfig(pattern=["attention", "attention", "none"])),
         dict(gate_dims=5, dense_layers=[3], dense_sources=[0, 2]),
+        dict(skip_pairs=[[1, 3]], gate_dims=3),
+        dict(skip_pairs=[], gate_dims=3),  # no skips
+        dict(skip_pairs=[[0, 2], [0, 3]], parallel_from=1),
         dict(gate_dims=5, dense_layers=[2, 3], dense_sources=[1], parallel_from=1),
     ],
 )
@@ -212,6 +221,7 @@ def test_model_equals_the_written_out_reference(extra):
         dict(exclusive_attention=True, n_head=4, paired_head_layers=[0]),
         dict(parallel_from=1),
         dict(gate_dims=4, dense_layers=[2, 3], dense_sources=[0, 1]),
+        dict(skip_pairs=[[0, 3]], gate_dims=4),
     ],
 )
 def test_causal_and_chunked_decoding_equals_the_full_forward(extra):
@@ -376,6 +386,9 @@ def test_config_errors_name_the_key():
         (dict(parallel_from=4), "parallel_from"),
         (dict(parallel_from=-1), "parallel_from"),
         (dict(residual_scale_init=0.0), "residual_scale_init"),
+        (dict(skip_pairs=[[2, 2]]), "skip_pairs"),
+        (dict(skip_pairs=[[0, 4]]), "skip_pairs"),
+        (dict(skip_pairs=[[0, 3], [1, 3]]), "one per target block"),
         (dict(gate_dims=4, dense_layers=[2]), "dense_layers and model.dense_sources go together"),
         (dict(dense_layers=[2], dense_sources=[0]), "gate_dims > 0"),
         (dict(gate_dims=4, dense_layers=[1], dense_sources=[1]), "before the first"),

@@ -18,7 +18,8 @@ Each part is plain code below, on in every speed-run model:
 - **value embeddings** (``value_embeds`` = n tables): table i is mixed into the attention values of
   layer i and of layer L - n + i (a, b learned, start at 0.5).
 - **U-net skips**: the first L/2 blocks' outputs are added back, last in first out, to the inputs
-  of the last L/2 blocks, each with a learned weight (starts at 1).
+  of the last L/2 blocks, each with a learned weight (starts at 1); ``skip_pairs`` lists other
+  (from, to) pairs instead, e.g. ``[[4, 7]]`` alone (modded-nanogpt, November 2025), or none.
 - **x0 mixing**: every block first mixes in the embedding output (a = 1, b = 0 at start).
 - **bigram table** (``bigram_rows``): a hashed (previous, current) token table; a token with no
   predecessor (a row's first token, a document's first token) reads a reserved row.
@@ -138,6 +139,7 @@ class SpeedrunConfig(GPTConfig):
     prefix_loss_weight: float = 0.0  # training loss += w CE(logits, prefix token of the target)
     parallel_from: int = 0  # first block of two residual lanes (parallel residuals); 0 = none
     residual_scale_init: float = 1.0  # every block's a in x <- a x + b x0, at init
+    skip_pairs: list[list[int]] | None = None  # [from, to] blocks; None = the U-net's L/2 pairs
     dense_layers: list[int] = field(default_factory=list)  # blocks taking earlier streams
     dense_sources: list[int] = field(default_factory=list)  # 0 = x0, s = stream after s blocks
 
@@ -187,6 +189,14 @@ class SpeedrunConfig(GPTConfig):
                     f"(layers 0..{self.n_layer - 1}, pattern {list(self.mixing.pattern)}); a block "
                     "needs attention or an MLP"
                 )
+        targets = [pair[1] for pair in self.skips()]
+        if any(
+            len(pair) != 2 or not 0 <= pair[0] < pair[1] < self.n_layer for pair in self.skips()
+        ) or len(set(targets)) < len(targets):
+            raise MuonGPTError(
+                "model.skip_pairs must be [from, to] block pairs with from < to < n_layer = "
+                f"{self.n_layer}, one per target block, got {self.skip_pairs}"
+            )
         if not self.residual_scale_init > 0:
             raise MuonGPTError(
                 f"model.residual_scale_init must be > 0, got {self.residual_scale_init}"
@@ -250,6 +260,14 @@ class SpeedrunConfig(GPTConfig):
     @property
     def masks_documents(self) -> bool:  # always: documents and windows are in every mask
         return True
+
+    def skips(self) -> list[tuple[int, int]]:
+        """The (from, to) block pairs of the skips: block ``from``'s output joins block ``to``'s
+        input; by default the U-net's, (L/2 - 1 - j, L - L/2 + j) for j < L/2."""
+        if self.skip_pairs is not None:
+            return [tuple(pair) for pair in self.skip_pairs]
+        n = self.n_layer // 2
+        return [(n - 1 - j, self.n_layer - n + j) for j in range(n)]
 
     def window_of_layer(self, i: int) -> float:
         return float(self.window_pattern[i % len(self.window_pattern)])
@@ -468,9 +486,9 @@ class SpeedrunGPT(GPT):
         self.bigram_embed = nn.Embedding(c.bigram_rows, c.n_embd) if c.bigram_rows else None
         self.bigram_lambdas = nn.Parameter(torch.full((c.n_layer,), 0.1)) if c.bigram_rows else None
         self.backout_lambda = nn.Parameter(torch.tensor(0.5)) if c.backout_after else None
-        self.skip_weights = nn.Parameter(torch.ones(c.n_layer // 2))
-        gates = c.n_layer // 2 * c.gate_dims
-        self.skip_gates = nn.Parameter(torch.zeros(gates)) if c.gate_dims else None
+        self.skip_weights = nn.Parameter(torch.ones(len(c.skips()))) if c.skips() else None
+        gates = len(c.skips()) * c.gate_dims
+        self.skip_gates = nn.Parameter(torch.zeros(gates)) if gates else None
         mixes = len(c.dense_layers) * len(c.dense_sources)  # one weight per (layer, source)
         self.dense_bias = nn.Parameter(torch.zeros(mixes)) if mixes else None
         self.dense_weights = nn.Parameter(torch.zeros(mixes * c.gate_dims)) if mixes else None
@@ -586,17 +604,19 @@ class SpeedrunGPT(GPT):
         bigram = self.bigrams(idx, caches, x.dtype) if self.bigram_embed is not None else None
         masks = self.masks(idx) if caches is None else {}
         window = self.decode_window() if caches is not None else 0
-        n_skip = len(self.skip_weights)
-        skips, early, lane = [], None, None
+        pairs = c.skips()
+        skip_into = {to: j for j, (_, to) in enumerate(pairs)}  # target block -> its pair
+        skip_from, kept = {source for source, _ in pairs}, {}
+        early, lane = None, None
         streams = [x0] if 0 in c.dense_sources else []  # the dense connections' sources
         for i, block in enumerate(self.blocks):
             if self.backout_lambda is not None and i == c.backout_after:
                 early = x
             if i == c.parallel_from > 0:  # parallel residuals: a second lane from here on
                 lane = x
-            if i >= c.n_layer - n_skip:  # U-net: the second half takes the first half's outputs
-                j = i - (c.n_layer - n_skip)
-                skip = self.skip_weights[j] * skips.pop()
+            if i in skip_into:  # an earlier block's output (U-net: first half to second half)
+                j = skip_into[i]
+                skip = self.skip_weights[j] * kept[pairs[j][0]]
                 if self.skip_gates is not None:
                     k = c.gate_dims
                     w = self.skip_gates[j * k : (j + 1) * k]
@@ -618,8 +638,8 @@ class SpeedrunGPT(GPT):
                 window=window and c.layer_window(i, window),
                 lane=lane,
             )
-            if i < n_skip:
-                skips.append(x)
+            if i in skip_from:
+                kept[i] = x
             if i + 1 in c.dense_sources:
                 streams.append(x)
         if lane is not None:
