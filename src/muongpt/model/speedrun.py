@@ -189,9 +189,10 @@ class SpeedrunConfig(GPTConfig):
                     f"(layers 0..{self.n_layer - 1}, pattern {list(self.mixing.pattern)}); a block "
                     "needs attention or an MLP"
                 )
-        targets = [pair[1] for pair in self.skips()]
+        pairs = self.skips()
+        targets = [pair[1] for pair in pairs]
         if any(
-            len(pair) != 2 or not 0 <= pair[0] < pair[1] < self.n_layer for pair in self.skips()
+            len(pair) != 2 or not 0 <= pair[0] < pair[1] < self.n_layer for pair in pairs
         ) or len(set(targets)) < len(targets):
             raise MuonGPTError(
                 "model.skip_pairs must be [from, to] block pairs with from < to < n_layer = "
@@ -486,8 +487,9 @@ class SpeedrunGPT(GPT):
         self.bigram_embed = nn.Embedding(c.bigram_rows, c.n_embd) if c.bigram_rows else None
         self.bigram_lambdas = nn.Parameter(torch.full((c.n_layer,), 0.1)) if c.bigram_rows else None
         self.backout_lambda = nn.Parameter(torch.tensor(0.5)) if c.backout_after else None
-        self.skip_weights = nn.Parameter(torch.ones(len(c.skips()))) if c.skips() else None
-        gates = len(c.skips()) * c.gate_dims
+        n_skips = len(c.skips())
+        self.skip_weights = nn.Parameter(torch.ones(n_skips)) if n_skips else None
+        gates = n_skips * c.gate_dims
         self.skip_gates = nn.Parameter(torch.zeros(gates)) if gates else None
         mixes = len(c.dense_layers) * len(c.dense_sources)  # one weight per (layer, source)
         self.dense_bias = nn.Parameter(torch.zeros(mixes)) if mixes else None

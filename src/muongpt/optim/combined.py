@@ -429,7 +429,7 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
     return CombinedOptimizer(optimizers, header=header, every=every, tie=tie)
 
 
-def refuse_single_process_options(combined: CombinedOptimizer, form: str) -> None:
+def refuse_delayed_steps(combined: CombinedOptimizer, form: str) -> None:
     """The sharded forms reduce and apply every step's gradients: no delayed groups."""
     if combined.every:
         raise OptimizerError(

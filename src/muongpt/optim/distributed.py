@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from muongpt.optim.combined import (
     CombinedOptimizer,
     adamw_state_of_scaled_rows,
-    refuse_single_process_options,
+    refuse_delayed_steps,
 )
 from muongpt.optim.config import OptimizerError
 from muongpt.optim.muon import (
@@ -856,7 +856,7 @@ def distribute(
     """The sharded counterpart of a single-process ``CombinedOptimizer`` (same groups, same hyper-
     parameters): Muon -> DistributedMuon, AdamW -> ZeRO2AdamW, a type in ``SHARDED_FORMS`` (SOAP)
     -> its sharded form, others replicated."""
-    refuse_single_process_options(combined, "sharded")
+    refuse_delayed_steps(combined, "sharded")
     comm = Comm(group)
     optimizers, buckets = [], []
     for opt in combined.optimizers:

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from muongpt.optim.combined import CombinedOptimizer, refuse_single_process_options
+from muongpt.optim.combined import CombinedOptimizer, refuse_delayed_steps
 from muongpt.optim.config import OptimizerError
 from muongpt.optim.muon import (
     Muon,
@@ -172,7 +172,7 @@ def fsdp_optimizer(combined: CombinedOptimizer) -> CombinedOptimizer:
     """The FSDP counterpart of a ``CombinedOptimizer`` built on a ``fully_shard``-ed model (same
     groups and hyperparameters): Muon -> FSDPMuon, AdamW on the DTensors (foreach; torch's fused
     AdamW is not used on DTensors); anything else is refused."""
-    refuse_single_process_options(combined, "FSDP")
+    refuse_delayed_steps(combined, "FSDP")
     optimizers = []
     for opt in combined.optimizers:
         groups = [dict(g) for g in opt.param_groups]
