@@ -187,8 +187,9 @@ def _upgrade_v01_model(old: dict, mixing: dict) -> tuple[dict, list[str]]:
         cap = old.get("softcap_value", 15.0) if old.get("logit_softcap") == "tanh" else 0.0
         return {"name": "gpt", **common, "logit_softcap": cap}, converters
     speedrun = all(old.get(k) == v for k, v in V01_SPEEDRUN_PARTS.items())
+    # 0.1's multi-token weights decayed from step 0 (training.mtp_decay): not today's schedule
     removed = [k for k in ("smear", "attn_gate") if old.get(k)] + (
-        ["mtp_weights"] if old.get("mtp_weights") else []
+        ["mtp_weights with training.mtp_decay"] if old.get("mtp_weights") else []
     )
     if not speedrun or removed:
         off = sorted(k for k, v in V01_SPEEDRUN_PARTS.items() if old.get(k) != v)

@@ -36,7 +36,7 @@ Each part is plain code below, on in every speed-run model:
 - **embedding norm** and a **bf16 residual stream** under bf16 autocast (autocast alone keeps it
   fp32: the embedding output is fp32 and fp32 + bf16 stays fp32).
 
-Ten parts are off in the model's defaults, so that stored configs keep their models;
+Eleven parts are off in the model's defaults, so that stored configs keep their models;
 ``experiment=speedrun_bench`` turns on the three that measured better there (docs/speedrun.md):
 
 - **paired-head attention** (``paired_head_layers``): in those layers heads 2h and 2h+1 form one
@@ -72,6 +72,13 @@ Ten parts are off in the model's defaults, so that stored configs keep their mod
   proper prefix of the target's (" hello" -> " hell"; ``data.tokenizer.prefix_tokens``): loss =
   CE(target) + w CE(prefix), over the positions with a target (a target with no prefix token
   adds nothing). Evaluation scores the next token alone (modded-nanogpt, July 2026).
+- **multi-token prediction** (``mtp_weights`` = [w_2, w_3, ...]): in training the same logits
+  also predict t+2, t+3, ...: loss = CE(t+1) + sum_k w_k(step) CE(t+k), over the positions with
+  a next token; a target past the row's end or in the next document adds nothing. The trainer
+  fades the weights out farthest first (``train.schedule.multi_token_weights``: with two, t+3
+  over the first third of the run, t+2 over the second, the last third next-token only).
+  Evaluation scores the next token alone (modded-nanogpt, late 2025, with the tied
+  embedding and head untied at 2/3 of the run).
 - **parallel residuals** (``parallel_from`` = p > 0): from block p on the stream is two lanes,
   x and u (both the stream at p at first); attention reads x, the MLP reads u, and each adds its
   output y to both lanes with its own weights: x <- x + w_0 y, u <- u + w_1 y (attention),
@@ -137,6 +144,7 @@ class SpeedrunConfig(GPTConfig):
     mlp_free_layers: list[int] = field(default_factory=list)  # blocks without an MLP
     tie_embed_head: bool = False  # token embedding = lm_head while training.untie_embed_head_frac
     prefix_loss_weight: float = 0.0  # training loss += w CE(logits, prefix token of the target)
+    mtp_weights: list[float] = field(default_factory=list)  # of targets t+2, ... (then faded)
     parallel_from: int = 0  # first block of two residual lanes (parallel residuals); 0 = none
     residual_scale_init: float = 1.0  # every block's a in x <- a x + b x0, at init
     skip_pairs: list[list[int]] | None = None  # [from, to] blocks; None = the U-net's L/2 pairs
@@ -238,6 +246,10 @@ class SpeedrunConfig(GPTConfig):
                 f"model.prefix_loss_weight must be >= 0, and > 0 only with the GPT-2 vocabulary "
                 f"({GPT2_VOCAB_SIZE} tokens); got {self.prefix_loss_weight} with "
                 f"{self.vocab_size} tokens"
+            )
+        if any(not 0 <= w < math.inf for w in self.mtp_weights):
+            raise MuonGPTError(
+                f"model.mtp_weights must be finite and >= 0, got {list(self.mtp_weights)}"
             )
         if not 0 <= self.gate_dims <= self.n_embd:
             raise MuonGPTError(
@@ -494,13 +506,16 @@ class SpeedrunGPT(GPT):
         mixes = len(c.dense_layers) * len(c.dense_sources)  # one weight per (layer, source)
         self.dense_bias = nn.Parameter(torch.zeros(mixes)) if mixes else None
         self.dense_weights = nn.Parameter(torch.zeros(mixes * c.gate_dims)) if mixes else None
-        prefix = weights = None
+        prefix = None
         if c.prefix_loss_weight:  # each token's prefix token, -1 where it has none
             prefix = torch.full((c.padded_vocab_size,), -1, dtype=torch.long)
             prefix[: c.vocab_size] = torch.from_numpy(prefix_tokens())
-            weights = torch.tensor([1.0, c.prefix_loss_weight])
         self.register_buffer("prefix_of", prefix, persistent=False)
-        self.register_buffer("prefix_weights", weights, persistent=False)
+        # the training loss's weight of each target column (a buffer: a schedule does not
+        # recompile): next token, prefix token, then t+2, t+3, ...
+        weights = [1.0] + [c.prefix_loss_weight] * bool(prefix is not None) + list(c.mtp_weights)
+        weights = torch.tensor(weights) if len(weights) > 1 else None
+        self.register_buffer("target_weights", weights, persistent=False)
         # the current window in tokens: a buffer, so that a window schedule does not recompile
         window = torch.tensor(c.attn_window or UNBOUNDED_WINDOW, dtype=torch.int32)
         self.register_buffer("current_window", window, persistent=False)
@@ -517,6 +532,30 @@ class SpeedrunGPT(GPT):
         scale = w.float().pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12).reciprocal()
         w.mul_(scale.to(w.dtype))
         return scale
+
+    def set_mtp_weights(self, weights: list[float]) -> None:
+        """Loss weights of the extra targets t+2, t+3, ... from now on (as many as configured)."""
+        k = len(self.config.mtp_weights)
+        if len(weights) != k:
+            raise MuonGPTError(f"expected {k} multi-token loss weights, got {list(weights)}")
+        if k:
+            self.target_weights[-k:] = torch.tensor(weights, dtype=self.target_weights.dtype)
+
+    def training_targets(self, targets: Tensor) -> Tensor:
+        """(B, T) next-token targets -> (B, T, K) target columns of the training loss: the next
+        token; its prefix token (``prefix_loss_weight``); t+2, t+3, ... (``mtp_weights``), -1
+        (ignored) past the row's end or the token's document: an end-of-text among the targets
+        before t+k hides t+k (the end-of-text itself is still predicted)."""
+        c = self.config
+        columns = [targets]
+        if self.prefix_of is not None:
+            columns.append(torch.where(targets >= 0, self.prefix_of[targets.clamp(min=0)], -1))
+        crossed = torch.zeros_like(targets, dtype=torch.bool)
+        for k in range(1, len(c.mtp_weights) + 1):
+            crossed = crossed | F.pad(targets[:, k - 1 :] == c.bos_token, (0, k - 1))
+            ahead = F.pad(targets[:, k:], (0, k), value=-1)
+            columns.append(ahead.masked_fill(crossed, -1))
+        return torch.stack(columns, -1)
 
     def make_cap(self) -> SoftCap:
         return SoftCap("sigmoid", *self.config.sigmoid_cap)
@@ -648,7 +687,6 @@ class SpeedrunGPT(GPT):
             x = (x + lane) / 2
         if early is not None:
             x = x - self.backout_lambda * early
-        if targets is not None and self.training and self.prefix_of is not None:
-            prefix = torch.where(targets >= 0, self.prefix_of[targets.clamp(min=0)], -1)
-            return self.lm_head(x, torch.stack([targets, prefix], -1), self.prefix_weights)
+        if targets is not None and self.training and self.target_weights is not None:
+            return self.lm_head(x, self.training_targets(targets), self.target_weights)
         return self.lm_head(x, targets)

@@ -2,8 +2,8 @@
 
 ``Schedule.at(step)`` gives the settings of one optimizer step: the lr multiplier (warmup, flat,
 linear cooldown), Muon's momentum (warmed up), the attention window (grown over the run), the
-number of micro-steps (the batch ramp) and whether a tied embedding and head are still one
-weight. The trainer applies them once per step; the pure
+number of micro-steps (the batch ramp), whether a tied embedding and head are still one
+weight and the multi-token loss weights. The trainer applies them once per step; the pure
 functions below are the math of each.
 """
 
@@ -84,6 +84,19 @@ def batch_rows(step: int, start: int, full: int, ramp_steps: int, unit: int = 1)
     return max(int(rows) // unit * unit, unit)
 
 
+def multi_token_weights(step: int, total_steps: int, weights: list[float]) -> list[float]:
+    """Loss weights of the extra targets t+2, t+3, ... at ``step``, faded out farthest first.
+
+    With K extra targets the run is cut into K + 1 equal parts: target t+1+k keeps
+    ``weights[k-1]`` until part K - k, falls linearly to 0 across it and stays 0; the last part
+    trains on the next token alone (K = 2: t+3 fades over the first third, t+2 over the second).
+    Looking further ahead helps while the model learns coarse statistics; the model then has
+    a part of the run to spend its capacity on the next token alone."""
+    parts = len(weights) + 1
+    frac = min(max(step, 0) / max(total_steps, 1), 1.0)
+    return [w * min(max(parts - k - frac * parts, 0.0), 1.0) for k, w in enumerate(weights, 1)]
+
+
 def phase_steps(steps: int, frac: float, total_steps: int, what: str) -> int:
     """A warmup/cooldown length: ``steps`` when > 0, else the fraction ``frac`` of the run
     (rounded), so that ``training.max_steps=N`` alone rescales an experiment's schedule."""
@@ -101,6 +114,7 @@ class StepSettings:
     attn_window: int | None  # tokens; None when the window does not change
     micro_steps: int  # forward/backward passes of this step (rank-local)
     embed_head_tied: bool | None = None  # None when the model ties nothing
+    mtp_weights: list[float] | None = None  # of targets t+2, t+3, ...; None: next token only
 
 
 class Schedule:
@@ -108,7 +122,8 @@ class Schedule:
 
     ``window_end``: the model's final attention window (``attn_window``), ``window_block``: the
     tile the window rounds to; ``unit``: sequences per micro-step over all ranks; ``tied``: the
-    model ties its embedding and head (``untie_step`` is then the first step they train apart)."""
+    model ties its embedding and head (``untie_step`` is then the first step they train apart);
+    ``mtp_weights``: the model's multi-token loss weights at the start (``multi_token_weights``)."""
 
     def __init__(
         self,
@@ -118,6 +133,7 @@ class Schedule:
         window_end: int = 0,
         window_block: int = 1,
         tied: bool = False,
+        mtp_weights: list[float] | None = None,
     ):
         t = training
         self.total = t.max_steps
@@ -163,6 +179,7 @@ class Schedule:
                 f"training.untie_embed_head_frac must be in (0, 1], got {t.untie_embed_head_frac}"
             )
         self.untie_step = round(t.untie_embed_head_frac * t.max_steps) if tied else None
+        self.mtp_weights = list(mtp_weights or [])
 
     def at(self, step: int) -> StepSettings:
         lr = lr_multiplier(step, self.total, self.warmup, self.cooldown, self.final_lr_frac)
@@ -174,4 +191,5 @@ class Schedule:
         start, full, ramp, unit = self.batch
         micro = batch_rows(step, start, full, ramp, unit) // unit
         tied = None if self.untie_step is None else step < self.untie_step
-        return StepSettings(lr, momentum, window, micro, tied)
+        mtp = multi_token_weights(step, self.total, self.mtp_weights) if self.mtp_weights else None
+        return StepSettings(lr, momentum, window, micro, tied, mtp)
