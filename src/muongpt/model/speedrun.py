@@ -538,8 +538,8 @@ class SpeedrunGPT(GPT):
         k = len(self.config.mtp_weights)
         if len(weights) != k:
             raise MuonGPTError(f"expected {k} multi-token loss weights, got {list(weights)}")
-        if k:
-            self.target_weights[-k:] = torch.tensor(weights, dtype=self.target_weights.dtype)
+        for column, w in zip(self.target_weights[-k:] if k else [], weights):
+            column.fill_(w)  # a kernel each, not a host-to-device copy (which would sync)
 
     def training_targets(self, targets: Tensor) -> Tensor:
         """(B, T) next-token targets -> (B, T, K) target columns of the training loss: the next
