@@ -3,6 +3,10 @@
 # training + final validation with extra Hydra overrides; JSON results and logs are packed into
 # $OUT/speed.tar.gz after every run (a call cut off at its limit still returns what finished).
 #   RUNS="name1|overrides...;name2|overrides..." bash benchmarks/speed_runs.sh
+# A run named name@ARCHIVE runs an earlier version: ARCHIVE is a carried tarball of that commit's
+# src and benchmarks (git archive -o .devold/v955c48c.tar.gz 955c48c src benchmarks), so a change
+# of code is timed beside the unchanged previous version on the same GPU:
+#   RUNS="old_s2@.devold/v955c48c.tar.gz|training.seed=2;new_s2|training.seed=2"
 # SAVE_COMPILE_CACHE=1 also packs the compile cache into $OUT/compile_cache.tar.xz at the end (for
 # the next call to carry as .devcache/compile_cache.tar.xz; see benchmarks/device_setup.sh).
 set -uo pipefail
@@ -17,10 +21,15 @@ fi
 COMMON="experiment=speedrun_bench $D training.export_safetensors=false"
 IFS=';' read -ra LIST <<< "${RUNS:-default|}"
 for item in "${LIST[@]}"; do
-  name=${item%%|*}; extra=${item#*|}
-  echo "=== $name: $extra"
+  name=${item%%|*}; extra=${item#*|}; root=$PWD
+  if [[ $name == *@* ]]; then  # an earlier version, unpacked once beside this one
+    archive=${name#*@}; name=${name%%@*}; root=/tmp/versions/$(basename "$archive" .tar.gz)
+    [ -d "$root" ] || { mkdir -p "$root" && tar -xzf "$archive" -C "$root"; } || exit 1
+  fi
+  echo "=== $name: $extra (code: $root)"
   # shellcheck disable=SC2086
-  timeout "${RUN_TIMEOUT:-400}" python3 benchmarks/speedrun.py --name "$name" --out "$R/$name.json" \
+  PYTHONPATH=/tmp/site:$root/src timeout "${RUN_TIMEOUT:-400}" python3 \
+    "$root/benchmarks/speedrun.py" --name "$name" --out "$R/$name.json" \
     $COMMON $extra > "$R/$name.log" 2>&1
   grep -E "val loss|compile warm-up|RESULT|Error|error" "$R/$name.log" | tail -n 14
   pack
@@ -29,7 +38,7 @@ echo "=== summary"
 for f in "$R"/*.json; do python3 -c "
 import json,sys; r=json.load(open('$f'))
 if 'name' not in r: sys.exit()  # e.g. a bench report written beside the runs
-print(f\"{r['name']:<28} val {r['val_loss']:.4f}  {r['train_seconds']:6.1f} s  {r['ms_per_step']:6.1f} ms/step  {r['tokens_per_s']:>9,.0f} tok/s  MFU {100*r['mfu']:.1f}%  peak {r['peak_mem_gib']:.1f} GiB\")"; done
+print(f\"{r['name']:<28} val {r['val_loss']:.4f}  {r['train_seconds']:6.1f} s  {r['ms_per_step']:6.1f} ms/step  {r['tokens_per_s']:>9,.0f} tok/s  MFU {100*(r['mfu'] or 0):.1f}%  peak {r['peak_mem_gib'] or 0:.1f} GiB\")"; done
 if [ "${SAVE_COMPILE_CACHE:-0}" = 1 ]; then
   rm -rf "$R"  # all of it is in speed.tar.gz: fewer files to bring back
   tar -cf - -C /tmp/compile_cache . | xz -T0 -6 > "$OUT/compile_cache.tar.xz"
