@@ -565,3 +565,20 @@ def test_the_trainer_fades_the_multi_token_weights_by_step(tmp_path):
     assert used == [pytest.approx(w) for w in want]
     assert used[0] == [1.0, 0.5, 0.25] and used[-1] == [1.0, 0.0, 0.0]
     trainer.close()
+
+
+def test_a_run_without_checkpoints_writes_none_even_when_stopped(tmp_path):
+    """training.save_checkpoints=false: neither the periodic, the final nor the on-signal
+    checkpoint is written, and the run still trains, evaluates and reports."""
+    trainer = make_trainer(tmp_path, "training.save_checkpoints=false")
+    summary = trainer.run()
+    assert summary["steps"] == MAX_STEPS and summary["checkpoint"] is None
+    assert math.isfinite(summary["final_val_loss"])
+    (tmp_path / "b").mkdir()
+    stopped = make_trainer(tmp_path / "b", "training.save_checkpoints=false")
+    stopped.train_step()
+    stopped.preemption.signum = signal.SIGTERM  # as the handler sets it
+    assert stopped.interrupted()["checkpoint"] is None
+    written = [p for p in tmp_path.rglob("*") if p.suffix in (".pt", ".safetensors", ".dcp")]
+    assert written == []
+    trainer.close(), stopped.close()

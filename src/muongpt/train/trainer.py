@@ -422,6 +422,8 @@ class Trainer:
         wall time have passed since the last one (decided at log steps, by rank 0's clock, so
         that every rank takes part in the same save)."""
         t = self.cfg.training
+        if not t.save_checkpoints:
+            return False
         if t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0:
             return True
         if t.checkpoint_minutes <= 0 or self.step % max(t.log_every, 1):
@@ -510,6 +512,8 @@ class Trainer:
         return path
 
     def save_final(self) -> Path | None:
+        if not self.cfg.training.save_checkpoints:
+            return None
         path = self.save_checkpoint()
         weights = fsdp.full_model_state(self.model) if self.fsdp else None  # a collective
         if not self.ctx.is_main:
@@ -530,17 +534,24 @@ class Trainer:
 
     def interrupted(self) -> dict:
         """After a SIGTERM/SIGINT: save this step and say how to continue."""
-        path = self.save_checkpoint()
-        self.log(
-            f"stopped by {self.preemption.name} after step {self.step}: checkpoint {path}; "
-            f"continue with training.resume=auto hydra.run.dir={self.run_dir}"
-        )
+        path = None
+        if self.cfg.training.save_checkpoints:
+            path = self.save_checkpoint()
+            self.log(
+                f"stopped by {self.preemption.name} after step {self.step}: checkpoint {path}; "
+                f"continue with training.resume=auto hydra.run.dir={self.run_dir}"
+            )
+        else:
+            self.log(
+                f"stopped by {self.preemption.name} after step {self.step}; nothing saved "
+                "(training.save_checkpoints=false)"
+            )
         return {
             "steps": self.step,
             "tokens": self.tokens_seen,
             "train_seconds": round(self.train_seconds, 2),
             "interrupted": self.preemption.name,
-            "checkpoint": str(path),
+            "checkpoint": str(path) if path else None,
         }
 
     def sample(self) -> str:
