@@ -9,3 +9,11 @@ python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(),
 export TORCHINDUCTOR_CACHE_DIR=/tmp/compile_cache/inductor TRITON_CACHE_DIR=/tmp/compile_cache/triton
 mkdir -p /tmp/compile_cache
 if [ -f .devcache/compile_cache.tar.xz ]; then tar -xJf .devcache/compile_cache.tar.xz -C /tmp/compile_cache; fi
+# The code of a run named name@ARCHIVE: a carried git archive of an earlier commit (its src and
+# benchmarks/speedrun.py), unpacked once under /tmp/versions; a plain name runs this checkout.
+code_root() {
+  [[ $1 == *@* ]] || { echo "$PWD"; return; }
+  local root=/tmp/versions/$(basename "${1#*@}" .tar.gz)
+  [ -d "$root" ] || { mkdir -p "$root" && tar -xzf "${1#*@}" -C "$root"; } || return 1
+  echo "$root"
+}

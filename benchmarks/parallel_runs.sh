@@ -2,6 +2,7 @@
 # Independent single-GPU jobs spread over the GPUs of one machine (one device call): ablations of
 # speedrun_bench run side by side, one per GPU, each GPU working through its own queue.
 #   JOBS="name|kind|args;..." bash benchmarks/parallel_runs.sh
+# A run named name@ARCHIVE trains with an earlier commit's code, as in speed_runs.sh.
 # kind: run   = benchmarks/speedrun.py experiment=speedrun_bench + args (full training + val loss)
 #       bench = muongpt bench experiment=speedrun_bench + args
 #       test  = pytest args
@@ -12,12 +13,19 @@ source benchmarks/device_setup.sh
 R=$OUT/par; mkdir -p "$R"
 NGPU=$(nvidia-smi -L | wc -l)
 IFS=';' read -ra LIST <<< "${JOBS:?set JOBS}"
+for item in "${LIST[@]}"; do code_root "${item%%|*}" > /dev/null || exit 1; done  # unpack once
+for ((g = 0; g < NGPU; g++)); do  # one inductor cache per GPU, each seeded from the carried one
+  mkdir -p /tmp/inductor_$g && cp -r "$TORCHINDUCTOR_CACHE_DIR/." /tmp/inductor_$g/ 2>/dev/null
+done
 run_job() {  # gpu name kind args
-  local gpu=$1 name=$2 kind=$3 args=$4 log="$R/$2.log"
+  local gpu=$1 name=${2%%@*} kind=$3 args=$4 root
+  local log="$R/$name.log"
+  root=$(code_root "$2") || return 1
   export CUDA_VISIBLE_DEVICES=$gpu TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$gpu
   # shellcheck disable=SC2086
   case $kind in
-    run) timeout "${RUN_TIMEOUT:-560}" python3 benchmarks/speedrun.py --name "$name" --out "$R/$name.json" \
+    run) PYTHONPATH=/tmp/site:$root/src timeout "${RUN_TIMEOUT:-560}" python3 \
+           "$root/benchmarks/speedrun.py" --name "$name" --out "$R/$name.json" \
            experiment=speedrun_bench $D training.export_safetensors=false $args > "$log" 2>&1 ;;
     bench) timeout "${RUN_TIMEOUT:-560}" python3 -m muongpt.cli.main bench experiment=speedrun_bench $D \
            bench.out="$R/$name.json" $args > "$log" 2>&1 ;;

@@ -21,11 +21,8 @@ fi
 COMMON="experiment=speedrun_bench $D training.export_safetensors=false"
 IFS=';' read -ra LIST <<< "${RUNS:-default|}"
 for item in "${LIST[@]}"; do
-  name=${item%%|*}; extra=${item#*|}; root=$PWD
-  if [[ $name == *@* ]]; then  # an earlier version, unpacked once beside this one
-    archive=${name#*@}; name=${name%%@*}; root=/tmp/versions/$(basename "$archive" .tar.gz)
-    [ -d "$root" ] || { mkdir -p "$root" && tar -xzf "$archive" -C "$root"; } || exit 1
-  fi
+  name=${item%%|*}; extra=${item#*|}
+  root=$(code_root "$name") || exit 1; name=${name%%@*}
   echo "=== $name: $extra (code: $root)"
   # shellcheck disable=SC2086
   PYTHONPATH=/tmp/site:$root/src timeout "${RUN_TIMEOUT:-400}" python3 \
