@@ -14,6 +14,8 @@ if [ -f .devcache/compile_cache.tar.xz ]; then tar -xJf .devcache/compile_cache.
 code_root() {
   [[ $1 == *@* ]] || { echo "$PWD"; return; }
   local root=/tmp/versions/$(basename "${1#*@}" .tar.gz)
-  [ -d "$root" ] || { mkdir -p "$root" && tar -xzf "${1#*@}" -C "$root"; } || return 1
+  [ -d "$root" ] && { echo "$root"; return; }
+  rm -rf "$root.part" && mkdir -p "$root.part" && tar -xzf "${1#*@}" -C "$root.part" &&
+    mv "$root.part" "$root" || { rm -rf "$root.part"; return 1; }  # whole, or not there
   echo "$root"
 }
