@@ -72,7 +72,7 @@ class TrainingConfig:
     resume: str = "none"  # none | auto (newest in the run dir) | a checkpoint file or run dir
     export_safetensors: bool = True  # model.safetensors (weights only) beside the final checkpoint
     # false: nothing is written, not even at the end or on a signal (sweeps and benchmarks whose
-    # weights are not wanted: d12's state is 5.5 GB); such a run cannot be resumed
+    # weights are not wanted: the speed-run d12's state is 4.9 GB); such a run cannot be resumed
     save_checkpoints: bool = True
     # Non-finite losses: 0 stops at the first (no per-step sync); N > 0 skips up to N steps
     # (their update is not applied), at the cost of one device->host sync per step.
