@@ -15,7 +15,9 @@ R=$OUT/speed; mkdir -p "$R"
 pack() { tar -czf "$OUT/speed.tar.gz" -C "$OUT" speed; }
 if [ -n "${PRETEST:-}" ]; then
   echo "=== pytest $PRETEST"
-  timeout 240 python3 -m pytest -q -x --tb=short -p no:cacheprovider $PRETEST > "$R/pretest.log" 2>&1
+  # eval: PRETEST's own quotes group a -k expression ("-k 'a or b'")
+  eval "timeout 240 python3 -m pytest -q -x --tb=short -p no:cacheprovider $PRETEST" \
+    > "$R/pretest.log" 2>&1
   grep -vE "DEBUG|warn|Warning|^ *$" "$R/pretest.log" | tail -n 40
 fi
 COMMON="experiment=speedrun_bench $D training.export_safetensors=false"
