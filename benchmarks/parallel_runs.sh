@@ -29,8 +29,8 @@ run_job() {  # gpu name kind args
            experiment=speedrun_bench $D training.export_safetensors=false $args > "$log" 2>&1 ;;
     bench) timeout "${RUN_TIMEOUT:-560}" python3 -m muongpt.cli.main bench experiment=speedrun_bench $D \
            bench.out="$R/$name.json" $args > "$log" 2>&1 ;;
-    test) timeout "${RUN_TIMEOUT:-560}" python3 -m pytest -q --tb=short -p no:cacheprovider \
-           $args > "$log" 2>&1 ;;
+    test) eval "timeout ${RUN_TIMEOUT:-560} python3 -m pytest -q --tb=short -p no:cacheprovider \
+           $args" > "$log" 2>&1 ;;  # eval: quotes in args group a -k expression
   esac
   echo "[gpu $gpu] $name done (exit $?)"
 }
