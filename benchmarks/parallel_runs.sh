@@ -51,7 +51,7 @@ for f in "$R"/*.log; do
   grep -vE "DEBUG|Warning|warn\(|^ *$" "$f" | grep -E "val loss|RESULT|Error|error|passed|failed|tok/s|ms/step|INTERRUPTED" | tail -n 8
 done
 echo "=== summary"
-for f in "$R"/*.json; do python3 - "$f" <<'EOF'
+for f in "$R"/*.json; do [ -e "$f" ] || continue; python3 - "$f" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 if "val_loss" in r:

@@ -34,7 +34,7 @@ for item in "${LIST[@]}"; do
   pack
 done
 echo "=== summary"
-for f in "$R"/*.json; do python3 -c "
+for f in "$R"/*.json; do [ -e "$f" ] || continue; python3 -c "
 import json,sys; r=json.load(open('$f'))
 if 'name' not in r: sys.exit()  # e.g. a bench report written beside the runs
 print(f\"{r['name']:<28} val {r['val_loss']:.4f}  {r['train_seconds']:6.1f} s  {r['ms_per_step']:6.1f} ms/step  {r['tokens_per_s']:>9,.0f} tok/s  MFU {100*(r['mfu'] or 0):.1f}%  peak {r['peak_mem_gib'] or 0:.1f} GiB\")"; done
