@@ -1,5 +1,5 @@
-"""The device-call scripts of benchmarks/: valid bash, and runs of earlier code (name@ARCHIVE)
-unpacked where the run expects them."""
+"""The device-call scripts of benchmarks/: valid bash, runs of earlier code (name@ARCHIVE)
+unpacked where the run expects them, and speedrun.py's JSON on the CPU."""
 
 import shutil
 import subprocess
@@ -47,3 +47,32 @@ def test_a_run_of_earlier_code_gets_its_unpacked_archive(tmp_path):
     with pytest.raises(subprocess.CalledProcessError):
         code_root(f"x@missing_{stamp}.tar.gz", tmp_path)
     assert not list(Path("/tmp/versions").glob(f"missing_{stamp}*"))  # nothing half unpacked
+
+
+def test_speedrun_script_writes_the_fields_the_summaries_read(tmp_path):
+    """benchmarks/speedrun.py end to end on the CPU (a tiny speed-run model, three steps): the
+    JSON the device scripts' summaries read, and the run's checkpoint left unwritten."""
+    import json
+    import math
+    import sys
+
+    out = tmp_path / "r.json"
+    tiny = [
+        "model=speedrun", "model.n_layer=4", "model.n_head=2", "model.n_embd=64",
+        "model.value_embeds=1", "model.backout_after=2", "model.bigram_rows=1000",
+        "data=shakespeare", "training.device=cpu", "training.compile=false",
+        "training.max_steps=3", "training.seq_len=128", "training.batch_size=2",
+        "training.micro_batch_size=2", "training.eval_tokens=256", "training.eval_every=3",
+        "training.progress_bar=false", "model.mtp_weights=[0.5]",
+    ]  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "speedrun.py"), "--name", "tiny", "--out", str(out), *tiny],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    r = json.loads(out.read_text())
+    assert r["name"] == "tiny" and r["steps"] == 3 and r["device"] == "cpu"
+    assert math.isfinite(r["val_loss"]) and r["train_seconds"] > 0 and r["tokens_per_s"] > 0
+    assert r["mfu"] is None and r["peak_mem_gib"] is None  # no GPU: no peak to divide by
+    assert [step for step, _ in r["train_loss_curve"]][-1] == 3
+    assert "RESULT tiny: val" in run.stdout
+    assert "checkpoint:" not in run.stdout + run.stderr  # training.save_checkpoints=false
