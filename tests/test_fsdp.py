@@ -121,6 +121,21 @@ SPEEDRUN = ["model=speedrun", "model.backout_after=2", "model.value_embeds=1"]
 
 
 @pytest.mark.slow
+def test_torchrun_fsdp_without_checkpoints_still_samples(tmp_path):
+    """training.save_checkpoints=false under FSDP: nothing is written, and rank 0 still samples
+    from a whole copy of the weights (gathered by every rank, as when the final checkpoint is
+    saved), not from its shards alone."""
+    run_dir = tmp_path / "fsdp"
+    two = train(
+        *TINY, *SPEEDRUN, "training.parallel=fsdp", "training.save_checkpoints=false",
+        f"hydra.run.dir={run_dir}", cwd=tmp_path, nproc=2,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("--- sample ---") == 1 and "checkpoint:" not in two.stdout
+    assert not list(run_dir.glob("checkpoints/*"))
+
+
+@pytest.mark.slow
 def test_torchrun_fsdp_matches_one_process_and_resumes_on_one(tmp_path):
     from muongpt.generate import load_model
     from muongpt.train.checkpoint import load_checkpoint

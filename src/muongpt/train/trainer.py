@@ -512,16 +512,15 @@ class Trainer:
         return path
 
     def save_final(self) -> Path | None:
-        if not self.cfg.training.save_checkpoints:
-            return None
-        path = self.save_checkpoint()
+        t = self.cfg.training
+        path = self.save_checkpoint() if t.save_checkpoints else None
         weights = fsdp.full_model_state(self.model) if self.fsdp else None  # a collective
         if not self.ctx.is_main:
             return None
         if self.fsdp:  # rank 0 samples from a whole copy on the CPU
             self.sample_model = build_model(self.model_config)
             self.sample_model.load_state_dict(weights)
-        if self.cfg.training.export_safetensors:
+        if path is not None and t.export_safetensors:  # beside the final checkpoint
             meta = {
                 "step": self.step,
                 "tokens_seen": self.tokens_seen,
@@ -534,18 +533,13 @@ class Trainer:
 
     def interrupted(self) -> dict:
         """After a SIGTERM/SIGINT: save this step and say how to continue."""
-        path = None
-        if self.cfg.training.save_checkpoints:
-            path = self.save_checkpoint()
-            self.log(
-                f"stopped by {self.preemption.name} after step {self.step}: checkpoint {path}; "
-                f"continue with training.resume=auto hydra.run.dir={self.run_dir}"
-            )
-        else:
-            self.log(
-                f"stopped by {self.preemption.name} after step {self.step}; nothing saved "
-                "(training.save_checkpoints=false)"
-            )
+        path = self.save_checkpoint() if self.cfg.training.save_checkpoints else None
+        then = (
+            f"checkpoint {path}; continue with training.resume=auto hydra.run.dir={self.run_dir}"
+            if path
+            else "nothing saved (training.save_checkpoints=false)"
+        )
+        self.log(f"stopped by {self.preemption.name} after step {self.step}: {then}")
         return {
             "steps": self.step,
             "tokens": self.tokens_seen,
