@@ -538,8 +538,9 @@ class SpeedrunGPT(GPT):
         k = len(self.config.mtp_weights)
         if len(weights) != k:
             raise MuonGPTError(f"expected {k} multi-token loss weights, got {list(weights)}")
-        for column, w in zip(self.target_weights[-k:] if k else [], weights):
-            column.fill_(w)  # a kernel each, not a host-to-device copy (which would sync)
+        if k:  # the last k columns; a kernel each, not a host-to-device copy (which would sync)
+            for column, w in zip(self.target_weights[-k:], weights):
+                column.fill_(w)
 
     def training_targets(self, targets: Tensor) -> Tensor:
         """(B, T) next-token targets -> (B, T, K) target columns of the training loss: the next
