@@ -4,9 +4,9 @@
 # $OUT/speed.tar.gz after every run (a call cut off at its limit still returns what finished).
 #   RUNS="name1|overrides...;name2|overrides..." bash benchmarks/speed_runs.sh
 # A run named name@ARCHIVE runs an earlier version: ARCHIVE is a carried tarball of that commit's
-# src and benchmarks (git archive -o .devold/v955c48c.tar.gz 955c48c src benchmarks), so a change
+# code (git archive -o .devold/v00c0195.tar.gz 00c0195 src benchmarks/speedrun.py), so a change
 # of code is timed beside the unchanged previous version on the same GPU:
-#   RUNS="old_s2@.devold/v955c48c.tar.gz|training.seed=2;new_s2|training.seed=2"
+#   RUNS="old_s2@.devold/v00c0195.tar.gz|training.seed=2;new_s2|training.seed=2"
 # SAVE_COMPILE_CACHE=1 also packs the compile cache into $OUT/compile_cache.tar.xz at the end (for
 # the next call to carry as .devcache/compile_cache.tar.xz; see benchmarks/device_setup.sh).
 set -uo pipefail
