@@ -300,8 +300,13 @@ def test_aligned_without_any_document_start(stream):
     no_bos = stream[stream != EOT][:10_000]
     for epochs in (1, None):
         loader = TokenLoader([no_bos], 2, 64, align_to_bos=True, epochs=epochs)
-        with pytest.raises(LoaderError, match="no room for one BOS-aligned batch"):
+        with pytest.raises(LoaderError, match="no room for one BOS-aligned batch") as err:
             next(loader)
+        assert "needs 2 rows of 65 tokens" in str(err.value)
+        assert "10000 tokens hold 0 of them" in str(err.value)
+    few = np.concatenate([[EOT], no_bos[:100], [EOT], no_bos[100:150]])  # one row fits, not two
+    with pytest.raises(LoaderError, match="152 tokens hold 2 of them"):
+        next(TokenLoader([few], 2, 64, align_to_bos=True))
 
 
 def test_bad_shard_in_sources(tmp_path, shards):

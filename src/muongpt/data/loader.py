@@ -124,6 +124,12 @@ class TokenStream:
             done += take
             i += 1
 
+    def document_starts(self) -> int:
+        """How many end-of-text tokens the stream holds (``index_bos`` only)."""
+        for i in range(len(self.sources)):
+            self._tokens(i)  # opens and scans the source: its document starts are indexed
+        return sum(len(src.bos) for src in self.sources)
+
     def next_bos(self, pos: int) -> int | None:
         """Global offset of the first document start at or after ``pos`` (None if there is none)."""
         i = bisect.bisect_right(self.starts, pos) - 1
@@ -211,7 +217,12 @@ class _BatchMaker:
                 return None
             rows = self._row_starts(0)
         if rows is None:  # not one batch in a whole pass (only possible with align_to_bos)
-            raise LoaderError(f"{self.stream.describe()}: no room for one BOS-aligned batch")
+            raise LoaderError(
+                f"{self.stream.describe()}: no room for one BOS-aligned batch: data.align_to_bos "
+                f"needs {self.world_size * self.B} rows of {self.T + 1} tokens, each starting at an "
+                f"end-of-text token ({BOS_TOKEN}), and the data's {self.stream.num_tokens} tokens "
+                f"hold {self.stream.document_starts()} of them"
+            )
         starts, next_position = rows
         mine = starts[self.rank * self.B : (self.rank + 1) * self.B]
         batch = torch.empty((2, self.B, self.T), dtype=torch.int64, pin_memory=self.pin)
