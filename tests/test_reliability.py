@@ -338,6 +338,14 @@ def test_a_full_disk_in_a_training_run_is_one_line_on_stderr(tmp_path):
     ckpt.load_resumable(ckpt.checkpoint_path(run_dir, 2))
 
 
+def test_an_error_under_the_progress_bar_is_a_line_of_its_own(tmp_path):
+    # tiny Shakespeare holds one end-of-text token: no room for BOS-aligned rows
+    proc = cli(tmp_path / "run", "training.progress_bar=true", "data.align_to_bos=true")
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # the bar is closed before the error is printed
+    assert last.startswith("error: ") and "no room for one BOS-aligned batch" in last, proc.stderr
+
+
 # ---------------------------------------------------------------- 5. checkpoint integrity
 def flip_a_tensor_byte(path: Path) -> None:
     """Change one byte inside a tensor record (not the zip structure): only the CRC can tell."""

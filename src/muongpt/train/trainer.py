@@ -350,47 +350,47 @@ class Trainer:
             val_loss = self.evaluate()
             self.write_metrics({**self._record(None, None), "val_loss": val_loss})
             self.log(f"step 0: val loss {val_loss:.4f}")
-        bar = tqdm(  # made after the step-0 evaluation: its time is not in the ETA
+        # made after the step-0 evaluation (its time is not in the ETA); closed on any exit, so an
+        # error's one line is not printed into the bar's
+        with tqdm(
             total=t.max_steps,
             initial=self.step,
             disable=not (t.progress_bar and self.ctx.is_main),
             unit="step",
             dynamic_ncols=True,
-        )
-        window_start, window_tokens = time.perf_counter(), 0
-        while self.step < t.max_steps:
-            step_start = time.perf_counter()
-            loss = self.train_step()
-            if self.device.type == "cuda" and self.clock_read_at(self.step):
-                torch.cuda.synchronize()  # the clock stops when the GPU has finished the step
-            self.train_seconds += time.perf_counter() - step_start
-            window_tokens += self.last_step_tokens
-            record = None
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
-                train_loss = float(all_reduce_mean(loss, self.ctx))
-                self.guard.check(self.step)  # a non-finite loss at any step so far stops here
-                tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                window_start, window_tokens = time.perf_counter(), 0
-                record = self._record(train_loss if math.isfinite(train_loss) else None, tok_s)
-                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-            if self.step % t.eval_every == 0 or self.step == t.max_steps:
-                self.guard.check(self.step)
-                val_loss = self.evaluate()
-                record = record or self._record(None, None)
-                record["val_loss"] = val_loss
-                self.log(f"step {self.step}: val loss {val_loss:.4f}")
-                window_start = time.perf_counter()  # evaluation time is not training throughput
-            if record is not None:
-                self.write_metrics(record)
-            last = self.step == t.max_steps  # the final checkpoint is saved after the loop
-            if not last and self.checkpoint_due():
-                self.save_checkpoint()
-                window_start = time.perf_counter()  # saving is not training throughput
-            bar.update(1)
-            if not last and self.preemption.should_stop(self.ctx, self.step, t.log_every):
-                bar.close()
-                return self.interrupted()
-        bar.close()
+        ) as bar:
+            window_start, window_tokens = time.perf_counter(), 0
+            while self.step < t.max_steps:
+                step_start = time.perf_counter()
+                loss = self.train_step()
+                if self.device.type == "cuda" and self.clock_read_at(self.step):
+                    torch.cuda.synchronize()  # the clock stops when the GPU has finished the step
+                self.train_seconds += time.perf_counter() - step_start
+                window_tokens += self.last_step_tokens
+                record = None
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    train_loss = float(all_reduce_mean(loss, self.ctx))
+                    self.guard.check(self.step)  # a non-finite loss at any step so far stops here
+                    tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                    window_start, window_tokens = time.perf_counter(), 0
+                    record = self._record(train_loss if math.isfinite(train_loss) else None, tok_s)
+                    bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                    self.guard.check(self.step)
+                    val_loss = self.evaluate()
+                    record = record or self._record(None, None)
+                    record["val_loss"] = val_loss
+                    self.log(f"step {self.step}: val loss {val_loss:.4f}")
+                    window_start = time.perf_counter()  # evaluation time is not training throughput
+                if record is not None:
+                    self.write_metrics(record)
+                last = self.step == t.max_steps  # the final checkpoint is saved after the loop
+                if not last and self.checkpoint_due():
+                    self.save_checkpoint()
+                    window_start = time.perf_counter()  # saving is not training throughput
+                bar.update(1)
+                if not last and self.preemption.should_stop(self.ctx, self.step, t.log_every):
+                    return self.interrupted()
         if math.isnan(val_loss):  # resumed from a checkpoint already at max_steps
             val_loss = self.evaluate()
         final = self.save_final()
