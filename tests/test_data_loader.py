@@ -309,6 +309,15 @@ def test_aligned_without_any_document_start(stream):
         next(TokenLoader([few], 2, 64, align_to_bos=True))
 
 
+def test_named_arrays_are_named_in_errors(stream):
+    with pytest.raises(LoaderError, match=r"^my corpus \(training split\): 100 tokens, shorter"):
+        TokenLoader([("my corpus (training split)", stream[:100])], 2, 64)
+    bad = stream[:1000].astype(np.int64)
+    bad[10] = 50300
+    with pytest.raises(LoaderError, match=r"^the val text: token id 50300 at position 10"):
+        next(TokenLoader([("the val text", bad)], 1, 64, vocab_size=50257, prefetch=False))
+
+
 def test_bad_shard_in_sources(tmp_path, shards):
     bad = tmp_path / "bad.bin"
     bad.write_bytes(shards[0].read_bytes()[:5000])  # header count no longer matches the size

@@ -343,7 +343,8 @@ def test_an_error_under_the_progress_bar_is_a_line_of_its_own(tmp_path):
     proc = cli(tmp_path / "run", "training.progress_bar=true", "data.align_to_bos=true")
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]  # the bar is closed before the error is printed
-    assert last.startswith("error: ") and "no room for one BOS-aligned batch" in last, proc.stderr
+    assert last.startswith("error: data.text_path "), proc.stderr
+    assert "(training split): no room for one BOS-aligned batch" in last, proc.stderr
 
 
 # ---------------------------------------------------------------- 5. checkpoint integrity

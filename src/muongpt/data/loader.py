@@ -1,7 +1,7 @@
 """The training loader: memory-mapped shards -> (inputs, targets) batches on the device.
 
-All sources (shard files, or in-memory token arrays) are read as ONE stream, concatenated in
-order. Every call to ``next()`` consumes one *global* batch of ``world_size * B * T`` tokens:
+All sources (shard files, or in-memory token arrays, bare or as ``(name, array)`` pairs whose
+name the errors use) are read as ONE stream, concatenated in order. Every call to ``next()`` consumes one *global* batch of ``world_size * B * T`` tokens:
 
     stream:  ... | rank 0: B*T tokens | rank 1: B*T tokens | ... | rank W-1: B*T | +1 | ...
                  ^ position                                                          ^ next position
@@ -162,13 +162,16 @@ def _make_source(s, index: int) -> _Source:
     if isinstance(s, (str, Path)):
         _, _, count = read_header(s)  # raises ShardError naming the file
         return _Source(name=str(s), num_tokens=count, path=Path(s))
+    name = f"array[{index}]"
+    if isinstance(s, tuple) and len(s) == 2 and isinstance(s[0], str):
+        name, s = s
     arr = np.asarray(s)
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
         raise LoaderError(
             f"source {index}: expected a shard path or a 1-D integer token array, "
             f"got {type(s).__name__} of shape {arr.shape} and dtype {arr.dtype}"
         )
-    return _Source(name=f"array[{index}]", num_tokens=len(arr), tokens=arr)
+    return _Source(name=name, num_tokens=len(arr), tokens=arr)
 
 
 @dataclass(frozen=True)

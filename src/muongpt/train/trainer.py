@@ -38,8 +38,9 @@ from muongpt.train.schedule import Schedule
 from muongpt.train.sinks import make_sinks
 
 
-def load_text_tokens(data: DictConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenize one text file (default: the shipped tiny Shakespeare); the tail is validation."""
+def load_text_tokens(data: DictConfig) -> tuple[tuple[str, np.ndarray], tuple[str, np.ndarray]]:
+    """Tokenize one text file (default: the shipped tiny Shakespeare); the tail is validation.
+    Returns (name, tokens) of each split, named as the loader's errors should name them."""
     from muongpt.assets import TINY_SHAKESPEARE
 
     path = Path(data.text_path) if data.text_path else TINY_SHAKESPEARE
@@ -52,7 +53,11 @@ def load_text_tokens(data: DictConfig) -> tuple[np.ndarray, np.ndarray]:
         raise MuonGPTError(f"data.text_path {path}: the file is empty, no text to train on")
     tokens = np.array([EOT_TOKEN] + encode(text), dtype=np.uint16)
     split = int(len(tokens) * (1.0 - data.val_fraction))
-    return tokens[:split], tokens[split:]
+    name = f"data.text_path {path}"
+    return (f"{name} (training split)", tokens[:split]), (
+        f"{name} (validation split)",
+        tokens[split:],
+    )
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
@@ -197,9 +202,9 @@ class Trainer:
     def _build_data(self):
         data, t = self.cfg.data, self.cfg.training
         if data.source == "text":
-            train_tokens, val_tokens = load_text_tokens(data)
-            train_sources, val_sources = [train_tokens], [val_tokens]
-            entropy = unigram_entropy(train_tokens)
+            train, val = load_text_tokens(data)
+            train_sources, val_sources = [train], [val]
+            entropy = unigram_entropy(train[1])
         elif data.source == "shards":
             if not data.train_files or not data.val_files:
                 raise MuonGPTError("data.train_files and data.val_files must be set for shard data")
@@ -209,26 +214,16 @@ class Trainer:
             entropy = unigram_entropy(open_shard(train_sources[0])) if self.ctx.is_main else None
         else:
             raise MuonGPTError(f"data.source must be 'text' or 'shards', got {data.source!r}")
-        try:
-            loader = TokenLoader(
-                train_sources,
-                t.micro_batch_size,
-                t.seq_len,
-                rank=self.ctx.rank,
-                world_size=self.ctx.world_size,
-                device=self.device,
-                align_to_bos=data.align_to_bos,
-                vocab_size=self.model_config.vocab_size,
-            )
-        except MuonGPTError as e:
-            if data.source != "text":
-                raise
-            # the loader knows the text's tokens as "array[0]"; name the file instead
-            from muongpt.assets import TINY_SHAKESPEARE
-
-            why = str(e).split(": ", 1)[-1] if str(e).startswith("array[") else str(e)
-            name = data.text_path or TINY_SHAKESPEARE
-            raise MuonGPTError(f"data.text_path {name}: training split of {why}") from None
+        loader = TokenLoader(
+            train_sources,
+            t.micro_batch_size,
+            t.seq_len,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            device=self.device,
+            align_to_bos=data.align_to_bos,
+            vocab_size=self.model_config.vocab_size,
+        )
         return loader, val_sources, entropy
 
     def autocast(self):
