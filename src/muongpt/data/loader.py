@@ -1,7 +1,8 @@
 """The training loader: memory-mapped shards -> (inputs, targets) batches on the device.
 
 All sources (shard files, or in-memory token arrays, bare or as ``(name, array)`` pairs whose
-name the errors use) are read as ONE stream, concatenated in order. Every call to ``next()`` consumes one *global* batch of ``world_size * B * T`` tokens:
+name the errors use) are read as ONE stream, concatenated in order. Every call to ``next()``
+consumes one *global* batch of ``world_size * B * T`` tokens:
 
     stream:  ... | rank 0: B*T tokens | rank 1: B*T tokens | ... | rank W-1: B*T | +1 | ...
                  ^ position                                                          ^ next position

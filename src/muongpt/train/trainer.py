@@ -54,10 +54,8 @@ def load_text_tokens(data: DictConfig) -> tuple[tuple[str, np.ndarray], tuple[st
     tokens = np.array([EOT_TOKEN] + encode(text), dtype=np.uint16)
     split = int(len(tokens) * (1.0 - data.val_fraction))
     name = f"data.text_path {path}"
-    return (f"{name} (training split)", tokens[:split]), (
-        f"{name} (validation split)",
-        tokens[split:],
-    )
+    train = (f"{name} (training split)", tokens[:split])
+    return train, (f"{name} (validation split)", tokens[split:])
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
