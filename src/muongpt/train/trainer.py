@@ -483,8 +483,11 @@ class Trainer:
         """Load what training.resume names (none | auto | a file | a run directory), if anything."""
         return resilience.resume_trainer(self, resume)
 
-    def save_checkpoint(self) -> Path:
-        """Save the full training state of this step (main rank); keep the newest K files."""
+    def save_checkpoint(self) -> Path | None:
+        """Save the full training state of this step (main rank); keep the newest K files. None
+        with ``training.save_checkpoints=false``: nothing is written."""
+        if not self.cfg.training.save_checkpoints:
+            return None
         self.guard.check(self.step)  # never save a state that a non-finite loss has touched
         path = ckpt.checkpoint_path(self.run_dir, self.step)
         if self.fsdp:
@@ -506,7 +509,7 @@ class Trainer:
 
     def save_final(self) -> Path | None:
         t = self.cfg.training
-        path = self.save_checkpoint() if t.save_checkpoints else None
+        path = self.save_checkpoint()
         weights = fsdp.full_model_state(self.model) if self.fsdp else None  # a collective
         if not self.ctx.is_main:
             return None
@@ -526,7 +529,7 @@ class Trainer:
 
     def interrupted(self) -> dict:
         """After a SIGTERM/SIGINT: save this step and say how to continue."""
-        path = self.save_checkpoint() if self.cfg.training.save_checkpoints else None
+        path = self.save_checkpoint()
         then = (
             f"checkpoint {path}; continue with training.resume=auto hydra.run.dir={self.run_dir}"
             if path
