@@ -63,7 +63,7 @@ def test_speedrun_script_writes_the_fields_the_summaries_read(tmp_path):
         "data=shakespeare", "training.device=cpu", "training.compile=false",
         "training.max_steps=3", "training.seq_len=128", "training.batch_size=2",
         "training.micro_batch_size=2", "training.eval_tokens=256", "training.eval_every=3",
-        "training.progress_bar=false", "model.mtp_weights=[0.5]",
+        "training.progress_bar=false",
     ]  # fmt: skip
     run = subprocess.run(
         [sys.executable, str(BENCH / "speedrun.py"), "--name", "tiny", "--out", str(out), *tiny],

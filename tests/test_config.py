@@ -163,6 +163,18 @@ def test_stored_configs_without_a_changed_default_keep_the_value_they_trained_wi
     assert v01["model"]["mixing"]["pom_conv"] == 0
 
 
+def test_stored_configs_with_an_option_removed_since_load_when_it_was_off():
+    """model.mtp_weights (removed 2026-12-05): a stored speed-run config with it off ([]) builds
+    today's model; with it on, the model cannot be built, and the error says so."""
+    new = composed("experiment=speedrun_bench")
+    stored = json.loads(json.dumps(new))
+    stored["model"]["mtp_weights"] = []
+    assert upgrade_config(stored) == new
+    stored["model"]["mtp_weights"] = [0.5, 0.25]
+    with pytest.raises(MuonGPTError, match="sets model.mtp_weights, an option removed"):
+        upgrade_config(stored)
+
+
 def test_removed_options_and_unknown_layouts_are_one_line_errors():
     with pytest.raises(MuonGPTError, match="removed options on: \\['smear'\\]"):
         upgrade_config(V01_CONFIGS["smear"])

@@ -545,28 +545,6 @@ def test_the_clock_is_synchronised_at_every_step_that_reads_it(tmp_path):
     trainer.close()
 
 
-def test_the_trainer_fades_the_multi_token_weights_by_step(tmp_path):
-    """model.mtp_weights: each step trains with the schedule's weights of that step (the
-    model's loss buffer), and a step's loss is the weighted sum the model computes with them."""
-    from muongpt.train.schedule import multi_token_weights
-
-    trainer = make_trainer(tmp_path, *TIED_SPEEDRUN[:4], "model.mtp_weights=[0.5,0.25]")
-    used = []
-    forward = trainer.forward
-
-    def spy(inputs, targets):
-        used.append(trainer.model.target_weights.tolist())
-        return forward(inputs, targets)
-
-    trainer.forward = spy
-    for _ in range(MAX_STEPS):
-        trainer.train_step()
-    want = [[1.0, *multi_token_weights(s, MAX_STEPS, [0.5, 0.25])] for s in range(MAX_STEPS)]
-    assert used == [pytest.approx(w) for w in want]
-    assert used[0] == [1.0, 0.5, 0.25] and used[-1] == [1.0, 0.0, 0.0]
-    trainer.close()
-
-
 def test_a_run_without_checkpoints_writes_none_even_when_stopped(tmp_path):
     """training.save_checkpoints=false: neither the periodic, the final nor the on-signal
     checkpoint is written, and the run still trains, evaluates and reports."""

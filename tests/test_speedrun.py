@@ -396,8 +396,6 @@ def test_config_errors_name_the_key():
         (dict(gate_dims=4, dense_layers=[4], dense_sources=[0]), "n_layer = 4"),
         (dict(mlp_free_layers=[4]), "mlp_free_layers: 4 is not an attention layer"),
         (dict(mlp_free_layers=[1], mixing=MixingConfig(["attention", "none"])), "mlp_free"),
-        (dict(mtp_weights=[0.5, -0.1]), "mtp_weights must be finite and >= 0"),
-        (dict(mtp_weights=[float("nan")]), "mtp_weights"),
     ):
         with pytest.raises(MuonGPTError, match=match):
             config(**bad)
@@ -861,95 +859,15 @@ def test_prefix_loss_adds_the_weighted_prefix_cross_entropy_in_training_only():
         config(prefix_loss_weight=0.3)  # a 300-token vocabulary
 
 
-def test_multi_token_targets_shift_and_stop_at_row_and_document_ends():
-    model = SpeedrunGPT(config(mtp_weights=[0.5, 0.25]))
-    targets = torch.tensor([[5, 6, 9, 10, 8, 3]])
-    want = [[5, 6, 9], [6, 9, 10], [9, 10, 8], [10, 8, 3], [8, 3, -1], [3, -1, -1]]
-    assert model.training_targets(targets).tolist() == [want]
-    # a document starts at the end-of-text BOS: the BOS is still a target at every offset, what
-    # follows it is not; an ignored target (-1) is ignored in its column only
-    targets = torch.tensor([[5, 6, BOS, 10, 8, -1, 9]])
-    want = [[5, 6, BOS], [6, BOS, -1], [BOS, -1, -1], [10, 8, -1], [8, -1, 9], [-1, 9, -1]]
-    assert model.training_targets(targets).tolist() == [want + [[9, -1, -1]]]
-
-
-def test_multi_token_loss_adds_the_weighted_shifted_cross_entropies_in_training_only():
-    """loss = CE(t+1) + sum_k w_k CE(t+k) over the same (padded, capped) logits, averaged over
-    the positions with a next token; the weights follow set_mtp_weights; evaluation is the plain
-    next-token CE; with the prefix token as well, its column sits between."""
-    from muongpt.data.tokenizer import prefix_tokens
-
-    V = 50257
-    model = speedrun(vocab_size=V, bos_token=50256, bigram_rows=0, mtp_weights=[0.5, 0.25])
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, V - 1, (2, 16), generator=g)
-    targets = torch.randint(0, V - 1, (2, 16), generator=g)
-    targets[0, 9] = 50256  # a document ends: t+2 and t+3 hidden across it
-    targets[1, 3] = -1  # ignored
-    seen = {}
-    model.lm_head.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
-    head = model.lm_head
-
-    def ce(column: torch.Tensor) -> torch.Tensor:
-        logits = head.cap(head.project(rms_norm(seen["x"])).float()).view(-1, head.out_features)
-        return F.cross_entropy(logits, column.reshape(-1), ignore_index=-1, reduction="sum")
-
-    def ahead(k: int) -> torch.Tensor:  # t+1+k, by hand: not across the row or the document
-        col = torch.full_like(targets, -1)
-        for b in range(2):
-            for t in range(16 - k):
-                if 50256 not in targets[b, t : t + k].tolist():
-                    col[b, t] = targets[b, t + k]
-        return col
-
-    n = (targets >= 0).sum()
-    for w2, w3 in ((0.5, 0.25), (0.3, 0.0), (0.0, 0.0)):
-        model.set_mtp_weights([w2, w3])
-        loss = model(idx, targets)
-        want = (ce(targets) + w2 * ce(ahead(1)) + w3 * ce(ahead(2))) / n
-        torch.testing.assert_close(loss, want)
-    # the FP8 loss head's CPU path (no fp8 there) takes the same columns and weights
-    model.set_mtp_weights([0.5, 0.25])
-    converted = apply_converters(copy.deepcopy(model), KernelsConfig(["fp8_head_loss"]))
-    torch.testing.assert_close(converted(idx, targets), model(idx, targets))
-    model.eval()
-    torch.testing.assert_close(model(idx, targets), ce(targets) / n)
-    with pytest.raises(MuonGPTError, match="expected 2 multi-token loss weights"):
-        model.set_mtp_weights([0.5])
-    # with the prefix token: columns next, prefix, t+2
-    both = speedrun(vocab_size=V, bos_token=50256, prefix_loss_weight=0.3, mtp_weights=[0.5])
-    head = both.lm_head  # read by ce()
-    head.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
-    prefix = torch.from_numpy(prefix_tokens())[targets.clamp(min=0)]
-    prefix = torch.where(targets >= 0, prefix, -1)
-    assert both.target_weights.tolist() == pytest.approx([1.0, 0.3, 0.5])
-    loss = both(idx, targets)
-    torch.testing.assert_close(loss, (ce(targets) + 0.3 * ce(prefix) + 0.5 * ce(ahead(1))) / n)
-
-
-def test_multi_token_weights_fade_farthest_first():
-    from muongpt.train.schedule import multi_token_weights
-
-    w = [0.5, 0.25]
-    assert multi_token_weights(0, 300, w) == [0.5, 0.25]
-    assert multi_token_weights(50, 300, w) == pytest.approx([0.5, 0.125])  # t+3 fading
-    assert multi_token_weights(100, 300, w) == pytest.approx([0.5, 0.0])
-    assert multi_token_weights(150, 300, w) == pytest.approx([0.25, 0.0])  # t+2 fading
-    assert multi_token_weights(200, 300, w) == [0.0, 0.0]
-    assert multi_token_weights(299, 300, w) == [0.0, 0.0]
-    assert multi_token_weights(30, 100, [1.0]) == pytest.approx([0.4])  # one: over the first half
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize(
-    "extra", [dict(prefix_loss_weight=0.3), dict(mtp_weights=[0.5, 0.25])], ids=["prefix", "mtp"]
-)
-def test_extra_targets_on_the_fused_fp8_head_match_the_unfused_fp8_head_on_cuda(extra):
-    """With fp8_head_loss the targets per position (the prefix token, or t+2 and t+3) go to the
-    fused kernel: the loss and the gradients match the unfused FP8 head's (test_fp8_loss's
-    bounds: the unfused path rounds the logit gradient twice)."""
+def test_prefix_targets_on_the_fused_fp8_head_match_the_unfused_fp8_head_on_cuda():
+    """With fp8_head_loss the two targets per position (the next token and its prefix token) go
+    to the fused kernel: the loss and the gradients match the unfused FP8 head's
+    (test_fp8_loss's bounds: the unfused path rounds the logit gradient twice)."""
     V = 50257
-    model = speedrun(vocab_size=V, bos_token=50256, bigram_rows=0, n_embd=128, **extra)
+    model = speedrun(
+        vocab_size=V, bos_token=50256, bigram_rows=0, n_embd=128, prefix_loss_weight=0.3
+    )
     fused = apply_converters(copy.deepcopy(model), KernelsConfig(["fp8_head_loss"])).cuda()
     unfused = apply_converters(model, KernelsConfig(["fp8_head"])).cuda()
     g = torch.Generator().manual_seed(0)

@@ -221,7 +221,7 @@ def upgrade_config(stored: dict) -> dict:
     if not isinstance(stored, dict) or not isinstance(stored.get("model"), dict):
         raise MuonGPTError("stored config has no model section: not a muongpt config")
     if "name" in stored["model"]:  # the current layout (format 2, muongpt 0.2)
-        return _with_former_defaults(stored)
+        return _with_former_defaults(_without_removed_options(stored))
     if "gpt" not in stored["model"] or "mixing_layer" not in stored:
         raise MuonGPTError("stored config is of an unknown format (neither muongpt 0.1 nor 0.2)")
     config = {k: v for k, v in stored.items() if k not in ("model", "mixing_layer")}
@@ -246,6 +246,23 @@ def upgrade_config(stored: dict) -> dict:
 # trained with the value here (pom_conv: 0 until 2026-12-04). Without PoM layers they change
 # nothing, and stay absent (a resume lists them, does not refuse them).
 FORMER_MIXING_DEFAULTS = {"pom_conv": 0}
+
+
+# Options of the current layout removed since (docs/speedrun.md, "Removed options"), with the
+# value that meant off: a stored config with that value loads without the key; any other value
+# names a model this version cannot build.
+REMOVED_MODEL_OPTIONS = {"mtp_weights": []}  # removed 2026-12-05
+
+
+def _without_removed_options(config: dict) -> dict:
+    model = dict(config["model"])
+    for key, off in REMOVED_MODEL_OPTIONS.items():
+        if key in model and model.pop(key) != off:
+            raise MuonGPTError(
+                f"stored config sets model.{key}, an option removed from this version of muongpt "
+                "(docs/speedrun.md, 'Removed options'): its model cannot be built"
+            )
+    return {**config, "model": model}
 
 
 def _with_former_defaults(config: dict) -> dict:

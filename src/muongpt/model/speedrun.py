@@ -72,13 +72,6 @@ Eleven parts are off in the model's defaults, so that stored configs keep their 
   proper prefix of the target's (" hello" -> " hell"; ``data.tokenizer.prefix_tokens``): loss =
   CE(target) + w CE(prefix), over the positions with a target (a target with no prefix token
   adds nothing). Evaluation scores the next token alone (modded-nanogpt, July 2026).
-- **multi-token prediction** (``mtp_weights`` = [w_2, w_3, ...]): in training the same logits
-  also predict t+2, t+3, ...: loss = CE(t+1) + sum_k w_k(step) CE(t+k), over the positions with
-  a next token; a target past the row's end or in the next document adds nothing. The trainer
-  fades the weights out farthest first (``train.schedule.multi_token_weights``: with two, t+3
-  over the first third of the run, t+2 over the second, the last third next-token only).
-  Evaluation scores the next token alone (modded-nanogpt, late 2025, with the tied
-  embedding and head untied at 2/3 of the run).
 - **parallel residuals** (``parallel_from`` = p > 0): from block p on the stream is two lanes,
   x and u (both the stream at p at first); attention reads x, the MLP reads u, and each adds its
   output y to both lanes with its own weights: x <- x + w_0 y, u <- u + w_1 y (attention),
@@ -144,7 +137,6 @@ class SpeedrunConfig(GPTConfig):
     mlp_free_layers: list[int] = field(default_factory=list)  # blocks without an MLP
     tie_embed_head: bool = False  # token embedding = lm_head while training.untie_embed_head_frac
     prefix_loss_weight: float = 0.0  # training loss += w CE(logits, prefix token of the target)
-    mtp_weights: list[float] = field(default_factory=list)  # of targets t+2, ... (then faded)
     parallel_from: int = 0  # first block of two residual lanes (parallel residuals); 0 = none
     residual_scale_init: float = 1.0  # every block's a in x <- a x + b x0, at init
     skip_pairs: list[list[int]] | None = None  # [from, to] blocks; None = the U-net's L/2 pairs
@@ -246,10 +238,6 @@ class SpeedrunConfig(GPTConfig):
                 f"model.prefix_loss_weight must be >= 0, and > 0 only with the GPT-2 vocabulary "
                 f"({GPT2_VOCAB_SIZE} tokens); got {self.prefix_loss_weight} with "
                 f"{self.vocab_size} tokens"
-            )
-        if any(not 0 <= w < math.inf for w in self.mtp_weights):
-            raise MuonGPTError(
-                f"model.mtp_weights must be finite and >= 0, got {list(self.mtp_weights)}"
             )
         if not 0 <= self.gate_dims <= self.n_embd:
             raise MuonGPTError(
@@ -511,10 +499,8 @@ class SpeedrunGPT(GPT):
             prefix = torch.full((c.padded_vocab_size,), -1, dtype=torch.long)
             prefix[: c.vocab_size] = torch.from_numpy(prefix_tokens())
         self.register_buffer("prefix_of", prefix, persistent=False)
-        # the training loss's weight of each target column (a buffer: a schedule does not
-        # recompile): next token, prefix token, then t+2, t+3, ...
-        weights = [1.0] + [c.prefix_loss_weight] * bool(prefix is not None) + list(c.mtp_weights)
-        weights = torch.tensor(weights) if len(weights) > 1 else None
+        # the training loss's weight of each target column: next token, prefix token
+        weights = torch.tensor([1.0, c.prefix_loss_weight]) if prefix is not None else None
         self.register_buffer("target_weights", weights, persistent=False)
         # the current window in tokens: a buffer, so that a window schedule does not recompile
         window = torch.tensor(c.attn_window or UNBOUNDED_WINDOW, dtype=torch.int32)
@@ -533,30 +519,11 @@ class SpeedrunGPT(GPT):
         w.mul_(scale.to(w.dtype))
         return scale
 
-    def set_mtp_weights(self, weights: list[float]) -> None:
-        """Loss weights of the extra targets t+2, t+3, ... from now on (as many as configured)."""
-        k = len(self.config.mtp_weights)
-        if len(weights) != k:
-            raise MuonGPTError(f"expected {k} multi-token loss weights, got {list(weights)}")
-        if k:  # the last k columns; a kernel each, not a host-to-device copy (which would sync)
-            for column, w in zip(self.target_weights[-k:], weights):
-                column.fill_(w)
-
     def training_targets(self, targets: Tensor) -> Tensor:
-        """(B, T) next-token targets -> (B, T, K) target columns of the training loss: the next
-        token; its prefix token (``prefix_loss_weight``); t+2, t+3, ... (``mtp_weights``), -1
-        (ignored) past the row's end or the token's document: an end-of-text among the targets
-        before t+k hides t+k (the end-of-text itself is still predicted)."""
-        c = self.config
-        columns = [targets]
-        if self.prefix_of is not None:
-            columns.append(torch.where(targets >= 0, self.prefix_of[targets.clamp(min=0)], -1))
-        crossed = torch.zeros_like(targets, dtype=torch.bool)
-        for k in range(1, len(c.mtp_weights) + 1):
-            crossed = crossed | F.pad(targets[:, k - 1 :] == c.bos_token, (0, k - 1))
-            ahead = F.pad(targets[:, k:], (0, k), value=-1)
-            columns.append(ahead.masked_fill(crossed, -1))
-        return torch.stack(columns, -1)
+        """(B, T) next-token targets -> (B, T, 2) target columns of the training loss: the next
+        token and its prefix token (``prefix_loss_weight``), -1 (ignored) where it has none."""
+        prefix = torch.where(targets >= 0, self.prefix_of[targets.clamp(min=0)], -1)
+        return torch.stack([targets, prefix], -1)
 
     def make_cap(self) -> SoftCap:
         return SoftCap("sigmoid", *self.config.sigmoid_cap)

@@ -84,19 +84,6 @@ def batch_rows(step: int, start: int, full: int, ramp_steps: int, unit: int = 1)
     return max(int(rows) // unit * unit, unit)
 
 
-def multi_token_weights(step: int, total_steps: int, weights: list[float]) -> list[float]:
-    """Loss weights of the extra targets t+2, t+3, ... at ``step``, faded out farthest first.
-
-    With K extra targets the run is cut into K + 1 equal parts: target t+1+k keeps
-    ``weights[k-1]`` until part K - k, falls linearly to 0 across it and stays 0; the last part
-    trains on the next token alone (K = 2: t+3 fades over the first third, t+2 over the second).
-    Looking further ahead helps while the model learns coarse statistics; the model then has
-    a part of the run to spend its capacity on the next token alone."""
-    parts = len(weights) + 1
-    frac = min(max(step, 0) / max(total_steps, 1), 1.0)
-    return [w * min(max(parts - k - frac * parts, 0.0), 1.0) for k, w in enumerate(weights, 1)]
-
-
 def phase_steps(steps: int, frac: float, total_steps: int, what: str) -> int:
     """A warmup/cooldown length: ``steps`` when > 0, else the fraction ``frac`` of the run
     (rounded), so that ``training.max_steps=N`` alone rescales an experiment's schedule."""
@@ -114,7 +101,6 @@ class StepSettings:
     attn_window: int | None  # tokens; None when the window does not change
     micro_steps: int  # forward/backward passes of this step (rank-local)
     embed_head_tied: bool | None = None  # None when the model ties nothing
-    mtp_weights: list[float] | None = None  # of targets t+2, t+3, ...; None: next token only
 
 
 class Schedule:
@@ -122,8 +108,7 @@ class Schedule:
 
     ``window_end``: the model's final attention window (``attn_window``), ``window_block``: the
     tile the window rounds to; ``unit``: sequences per micro-step over all ranks; ``tied``: the
-    model ties its embedding and head (``untie_step`` is then the first step they train apart);
-    ``mtp_weights``: the model's multi-token loss weights at the start (``multi_token_weights``)."""
+    model ties its embedding and head (``untie_step`` is then the first step they train apart)."""
 
     def __init__(
         self,
@@ -133,7 +118,6 @@ class Schedule:
         window_end: int = 0,
         window_block: int = 1,
         tied: bool = False,
-        mtp_weights: list[float] | None = None,
     ):
         t = training
         self.total = t.max_steps
@@ -179,7 +163,6 @@ class Schedule:
                 f"training.untie_embed_head_frac must be in (0, 1], got {t.untie_embed_head_frac}"
             )
         self.untie_step = round(t.untie_embed_head_frac * t.max_steps) if tied else None
-        self.mtp_weights = list(mtp_weights or [])
 
     def at(self, step: int) -> StepSettings:
         lr = lr_multiplier(step, self.total, self.warmup, self.cooldown, self.final_lr_frac)
@@ -191,5 +174,4 @@ class Schedule:
         start, full, ramp, unit = self.batch
         micro = batch_rows(step, start, full, ramp, unit) // unit
         tied = None if self.untie_step is None else step < self.untie_step
-        mtp = multi_token_weights(step, self.total, self.mtp_weights) if self.mtp_weights else None
-        return StepSettings(lr, momentum, window, micro, tied, mtp)
+        return StepSettings(lr, momentum, window, micro, tied)

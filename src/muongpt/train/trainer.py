@@ -172,7 +172,6 @@ class Trainer:
             window_end=getattr(self.model_config, "attn_window", 0),
             window_block=getattr(self.model, "window_block", 1),
             tied=self.model.tied_weights() is not None,
-            mtp_weights=getattr(self.model_config, "mtp_weights", None),
         )
         self.forward = (
             compile_model(self.model, t.compile_mode, t.inductor) if t.compile else self.model
@@ -269,8 +268,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
     def apply_schedule(self) -> int:
-        """Set the coming step's lr, momentum, attention window, tie and multi-token loss
-        weights; returns its micro-steps."""
+        """Set the coming step's lr, momentum, attention window and tie; returns its
+        micro-steps."""
         settings = self.schedule.at(self.step)
         self.optimizer.apply_schedule(settings.lr_scale, settings.momentum)
         if settings.attn_window is not None:
@@ -279,8 +278,6 @@ class Trainer:
             if self.step == self.schedule.untie_step:  # the first step apart
                 self.optimizer.untie(self.model.untie_weights())
             self.optimizer.tied = settings.embed_head_tied
-        if settings.mtp_weights is not None:
-            self.model.set_mtp_weights(settings.mtp_weights)
         return settings.micro_steps
 
     def train_step(self) -> torch.Tensor:
