@@ -133,8 +133,7 @@ def test_configs_stored_by_version_0_1_upgrade_to_the_same_run(name, overrides):
     code) describe the same model, kernels, optimizer and schedule as today's experiment."""
     old, new = upgrade_config(V01_CONFIGS[name]), composed(*overrides)
     assert built_model(old["model"]) == built_model(new["model"])
-    # keys added since 0.1 (embed_head_every, flex_mask_in_graph) are absent there and read as
-    # their defaults
+    # keys added since 0.1 (embed_head_every) are absent there and read as their defaults
     assert KernelsConfig(**old["kernels"]) == KernelsConfig(**new["kernels"])
     assert as_optimizer_config(old["optimizer"]) == as_optimizer_config(new["optimizer"])
     schedule = ("max_steps", "final_lr_frac", "attn_window_start", "seq_len", "batch_size")

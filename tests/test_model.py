@@ -245,6 +245,6 @@ def test_flex_attention_converter_takes_a_document_masked_gpt_only():
     from muongpt.model.masks import flex_or_dense_mask
 
     model = apply_converters(tiny(doc_mask=True), KernelsConfig(converters=["flex_attention"]))
-    assert model.mask_builder.func is flex_or_dense_mask
+    assert model.mask_builder is flex_or_dense_mask
     with pytest.raises(MuonGPTError, match="document-masked"):
         apply_converters(tiny(), KernelsConfig(converters=["flex_attention"]))

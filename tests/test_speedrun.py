@@ -408,12 +408,8 @@ def test_flex_converter_needs_the_speedrun_model():
         apply_converters(
             GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2)), KernelsConfig(["flex_attention"])
         )
-    for in_graph in (False, True):
-        cfg = KernelsConfig(["flex_attention"], flex_mask_in_graph=in_graph)
-        model = apply_converters(SpeedrunGPT(config()), cfg)
-        # dense on CPU, block masks on GPU
-        assert model.mask_builder.func is flex_or_dense_mask
-        assert model.mask_builder.keywords == {"in_graph": in_graph}
+    model = apply_converters(SpeedrunGPT(config()), KernelsConfig(["flex_attention"]))
+    assert model.mask_builder is flex_or_dense_mask  # dense on CPU, block masks on GPU
 
 
 def dense_reference_mask(docs: torch.Tensor, window: int) -> torch.Tensor:
@@ -533,37 +529,20 @@ def test_block_mask_traced_into_a_graph_equals_the_eager_one():
             assert torch.equal(got, want)
 
 
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_model_with_block_masks_traced_in_is_one_graph_with_the_dense_loss():
-    """The speed-run model (long and short windows) with the block-mask builder traced into the
-    graph: dynamo captures the whole forward as one graph (the eager builder breaks it) and the
-    logits equal the dense-mask model's (a window 128 tokens longer moves them by 0.02).
-    CPU, no_grad: FlexAttention's unfused reference path."""
-    from muongpt.model.masks import document_block_mask, eager_document_block_mask
-
-    cfg = dict(vocab_size=512, n_layer=2, n_head=2, n_embd=64, attn_window=256)
-    model = speedrun(**cfg, window_pattern=[1.0, 0.5], value_embeds=1, backout_after=1).eval()
-    idx = documents(2, 512, [(0, 0), (0, 100), (0, 300), (1, 0), (1, 200)])
-    breaks = {}
-    with torch.no_grad():
-        dense = model(idx)
-        for builder in (document_block_mask, eager_document_block_mask):
-            model.mask_builder = builder
-            torch.compiler.reset()
-            breaks[builder] = torch._dynamo.explain(model)(idx).graph_break_count
-        model.mask_builder = document_block_mask
-        torch.compiler.reset()
-        traced = torch.compile(model, fullgraph=True, backend="aot_eager")(idx)
-    assert breaks[document_block_mask] == 0 and breaks[eager_document_block_mask] > 0
-    torch.testing.assert_close(traced, dense, rtol=1e-4, atol=1e-4)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("window", [512, 256, 0])
-def test_flex_kernel_with_the_block_mask_matches_dense_sdpa_on_cuda(window):
+@pytest.mark.parametrize(
+    "traced",
+    [False, pytest.param(True, marks=pytest.mark.xfail(strict=True, reason="torch 2.11, CUDA"))],
+    ids=["eager_build", "traced_build"],
+)
+def test_flex_kernel_with_the_block_mask_matches_dense_sdpa_on_cuda(window, traced):
     """The compiled FlexAttention kernel with the hand-built mask: output and q/k/v gradients
     equal dense-mask SDPA (fp32), on documents that straddle 128-token blocks; the mask built
-    eagerly, eagerly inside a compiled function (the model's default), and traced into it."""
+    eagerly, and inside a compiled function: eagerly there (the model's way) or traced into the
+    graph, which gave wrong attention on an H200 with torch 2.11 (2026-12-05; relative errors
+    0.4 in the output, 30 in the gradients): why the model builds it eagerly. Strict, so a torch
+    that computes it right shows."""
     from torch.nn.attention.flex_attention import flex_attention
 
     from muongpt.model.masks import (
@@ -584,38 +563,33 @@ def test_flex_kernel_with_the_block_mask_matches_dense_sdpa_on_cuda(window):
     out = torch.compile(flex_attention)(q, k, v, block_mask=document_block_mask(docs, w))
     got = [out, *torch.autograd.grad(out, (q, k, v), go)]
 
-    for builder in (eager_document_block_mask, document_block_mask):  # the model's two ways
+    builder = document_block_mask if traced else eager_document_block_mask
 
-        def attend(q, k, v, docs, w, builder=builder):
-            return flex_attention(q, k, v, block_mask=builder(docs, w))
+    def attend(q, k, v, docs, w):
+        return flex_attention(q, k, v, block_mask=builder(docs, w))
 
-        torch.compiler.reset()
-        out_compiled = torch.compile(attend, dynamic=False)(q, k, v, docs, w)
-        got += [out_compiled, *torch.autograd.grad(out_compiled, (q, k, v), go)]
+    torch.compiler.reset()
+    out_compiled = torch.compile(attend, dynamic=False)(q, k, v, docs, w)
+    got += [out_compiled, *torch.autograd.grad(out_compiled, (q, k, v), go)]
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=document_dense_mask(docs, w))
-    want = [ref, *torch.autograd.grad(ref, (q, k, v), go)] * 3
+    want = [ref, *torch.autograd.grad(ref, (q, k, v), go)] * 2
     errors = [relative_error(a, b) for a, b in zip(got, want, strict=True)]
-    assert max(errors) < 1e-3, (
-        f"relative errors out, dq, dk, dv (eager, compiled, in-graph): {errors}"
-    )
+    assert max(errors) < 1e-3, f"relative errors out, dq, dk, dv (eager, compiled): {errors}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("in_graph", [False, True], ids=["eager_mask", "mask_in_graph"])
 @pytest.mark.parametrize(
     "window_pattern,paired", [([1.0], []), ([1.0, 0.5], []), ([1.0, 0.5], [1])]
 )
-def test_compiled_flex_model_on_cuda_matches_dense_sdpa(window_pattern, paired, in_graph):
+def test_compiled_flex_model_on_cuda_matches_dense_sdpa(window_pattern, paired):
     """The GPU path end to end: the compiled speed-run model with the flex_attention converter
-    (documents, a window changed without recompiling, the key offset traced, the block masks
-    built eagerly or in the graph) gives the loss and gradients of the same model on dense-mask
-    SDPA, in training and under no_grad."""
+    (documents, a window changed without recompiling, the key offset traced) gives the loss and
+    gradients of the same model on dense-mask SDPA, in training and under no_grad."""
     cfg = dict(vocab_size=512, n_layer=2, n_head=2, n_embd=128, attn_window=512)
     cfg.update(window_pattern=window_pattern, value_embeds=1, backout_after=1)
     cfg.update(paired_head_layers=paired)  # a paired layer's mask covers 2 x 1024 positions
     flex = speedrun(**cfg)
-    kernels = KernelsConfig(["flex_attention"], flex_mask_in_graph=in_graph)
-    flex = apply_converters(flex, kernels).cuda()
+    flex = apply_converters(flex, KernelsConfig(["flex_attention"])).cuda()
     builder = flex.mask_builder
     idx = documents(2, 1024, [(0, 0), (0, 100), (0, 300), (0, 700), (1, 0), (1, 640)]).cuda()
     torch.compiler.reset()
@@ -642,9 +616,6 @@ def test_compiled_flex_model_on_cuda_matches_dense_sdpa(window_pattern, paired, 
         assert max(errors.values()) < 5e-2, f"window {window}: {errors}"
         with torch.no_grad():
             assert relative_error(compiled(idx, idx.roll(-1, 1)), ref) < 1e-3
-    if in_graph:  # the point of building the masks in the graph: one graph, no break
-        explained = torch._dynamo.explain(flex)(idx, idx.roll(-1, 1))
-        assert explained.graph_break_count == 0, explained.break_reasons
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -8,7 +8,6 @@ checkpoints, optimizer groups and parameter names do not change. Chosen by name 
 
 - ``flex_attention``: document/window masks as FlexAttention block masks (GPU) instead of dense
   SDPA masks; for ``model=speedrun``. On CPU (no FlexAttention backward) the dense form stays.
-  ``kernels.flex_mask_in_graph=true`` builds them inside the compiled graph, not eagerly.
 - ``fp8_head``: the lm_head matmul in fp8 (e4m3 forward, e5m2 gradients, fp8 weight gradient).
 - ``fp8_head_loss``: ``fp8_head`` whose training forward fuses matmul, soft-cap, loss and the
   logit gradient into one op (``kernels/fp8_loss.py``).
@@ -32,21 +31,16 @@ from muongpt.model.gpt import GPT
 class KernelsConfig:
     converters: list[str] = field(default_factory=list)  # names below, applied in order
     fp8_scales: list[float] = field(default_factory=lambda: [2.0, 32.0, 2.0**29])  # x, W, grad
-    # flex_attention: build the block masks inside the compiled graph (no graph break) instead of
-    # eagerly between two graphs
-    flex_mask_in_graph: bool = False
 
 
 def flex_attention(model: GPT, cfg: KernelsConfig) -> None:
-    from functools import partial
-
     from muongpt.model.masks import flex_or_dense_mask
 
     if not hasattr(model, "mask_builder"):
         raise MuonGPTError(
             "kernels.converters: flex_attention needs a document-masked model (model=speedrun, or model.doc_mask=true)"
         )
-    model.mask_builder = partial(flex_or_dense_mask, in_graph=cfg.flex_mask_in_graph)
+    model.mask_builder = flex_or_dense_mask
 
 
 def fp8_head(model: GPT, cfg: KernelsConfig) -> None:

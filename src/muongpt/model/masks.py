@@ -38,11 +38,11 @@ def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
     return counts[..., 0][:, None].contiguous(), indices[:, None].contiguous()
 
 
-# Built eagerly by default even inside a compiled model (one graph break; O((T/128)^2) small
-# ops): in torch 2.11's inductor on an H100, BlockMask.from_kv_blocks' stable argsort gave wrong
-# block lists and a scatter failed to compile; ``_ordered`` needs neither, so
-# ``flex_or_dense_mask(..., in_graph=True)`` builds the mask inside the graph. The BlockMask's
-# tensors enter flex_attention as with create_block_mask.
+# Built eagerly even inside a compiled model (one graph break; O((T/128)^2) small ops): in torch
+# 2.11's inductor on CUDA, BlockMask.from_kv_blocks' stable argsort gave wrong block lists and a
+# scatter failed to compile (H100, 2026-11-22), and this builder traced into the graph gave wrong
+# attention (H200, 2026-12-05), though its CPU trace is exact. The BlockMask's tensors enter
+# flex_attention as with create_block_mask.
 def document_block_mask(docs: Tensor, window: Tensor | int | None = None):
     """FlexAttention BlockMask: query q sees key k iff k <= q, same document, q - k < window.
 
@@ -109,9 +109,9 @@ def document_dense_mask(docs: Tensor, window: Tensor | int | None = None) -> Ten
 eager_document_block_mask = torch.compiler.disable(document_block_mask)
 
 
-def flex_or_dense_mask(docs: Tensor, window: Tensor | int | None = None, in_graph: bool = False):
-    """A BlockMask on GPU, built eagerly (a graph break in a compiled model) or, ``in_graph``,
-    traced into the graph; on CPU, which has no FlexAttention backward, the dense form."""
+def flex_or_dense_mask(docs: Tensor, window: Tensor | int | None = None):
+    """A BlockMask on GPU, built eagerly (a graph break in a compiled model); on CPU, which has
+    no FlexAttention backward, the dense form."""
     if docs.device.type == "cpu":
         return document_dense_mask(docs, window)
-    return (document_block_mask if in_graph else eager_document_block_mask)(docs, window)
+    return eager_document_block_mask(docs, window)
