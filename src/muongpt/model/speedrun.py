@@ -36,7 +36,7 @@ Each part is plain code below, on in every speed-run model:
 - **embedding norm** and a **bf16 residual stream** under bf16 autocast (autocast alone keeps it
   fp32: the embedding output is fp32 and fp32 + bf16 stays fp32).
 
-Eleven parts are off in the model's defaults, so that stored configs keep their models;
+Ten parts are off in the model's defaults, so that stored configs keep their models;
 ``experiment=speedrun_bench`` turns on the three that measured better there (docs/speedrun.md):
 
 - **paired-head attention** (``paired_head_layers``): in those layers heads 2h and 2h+1 form one
