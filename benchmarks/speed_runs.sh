@@ -7,8 +7,9 @@
 # code (git archive -o .devold/v00c0195.tar.gz 00c0195 src benchmarks/speedrun.py), so a change
 # of code is timed beside the unchanged previous version on the same GPU:
 #   RUNS="old_s2@.devold/v00c0195.tar.gz|training.seed=2;new_s2|training.seed=2"
-# SAVE_COMPILE_CACHE=1 also packs the compile cache into $OUT/compile_cache.tar.xz at the end (for
-# the next call to carry as .devcache/compile_cache.tar.xz; see benchmarks/device_setup.sh).
+# SAVE_COMPILE_CACHE=1 also packs the compile cache into $OUT/compile_cache.tar.xz.00, .01, ... at
+# the end, 15 MB pieces (a file over 16 MiB does not come back), for the next call to carry in
+# .devcache (see benchmarks/device_setup.sh).
 set -uo pipefail
 source benchmarks/device_setup.sh
 R=$OUT/speed; mkdir -p "$R"
@@ -40,6 +41,6 @@ if 'name' not in r: sys.exit()  # e.g. a bench report written beside the runs
 print(f\"{r['name']:<28} val {r['val_loss']:.4f}  {r['train_seconds']:6.1f} s  {r['ms_per_step']:6.1f} ms/step  {r['tokens_per_s']:>9,.0f} tok/s  MFU {100*(r['mfu'] or 0):.1f}%  peak {r['peak_mem_gib'] or 0:.1f} GiB\")"; done
 if [ "${SAVE_COMPILE_CACHE:-0}" = 1 ]; then
   rm -rf "$R"  # all of it is in speed.tar.gz: fewer files to bring back
-  tar -cf - -C /tmp/compile_cache . | xz -T0 -6 > "$OUT/compile_cache.tar.xz"
-  echo "compile cache: $(du -sh /tmp/compile_cache | cut -f1) -> $(du -h "$OUT/compile_cache.tar.xz" | cut -f1)"
+  tar -cf - -C /tmp/compile_cache . | xz -T0 -6 | split -b 15M -d - "$OUT/compile_cache.tar.xz."
+  echo "compile cache: $(du -sh /tmp/compile_cache | cut -f1) -> $(cat "$OUT"/compile_cache.tar.xz.* | wc -c) bytes"
 fi
