@@ -551,9 +551,10 @@ def test_flex_kernel_with_the_block_mask_matches_dense_sdpa_on_cuda(window, trac
     """The compiled FlexAttention kernel with the hand-built mask: output and q/k/v gradients
     equal dense-mask SDPA (fp32), on documents that straddle 128-token blocks; the mask built
     eagerly, and inside a compiled function: eagerly there (the model's way) or traced into the
-    graph, which gave wrong attention on an H200 with torch 2.11 (2026-12-05; relative errors
-    0.4 in the output, 30 in the gradients): why the model builds it eagerly. Strict, so a torch
-    that computes it right shows."""
+    graph, which gave wrong attention on an H200 with torch 2.11 (2026-12-05, window 512, the
+    first case run: relative errors 0.4 in the output, 30 in the gradients; the other windows were
+    not reached): why the model builds it eagerly. Strict, so a torch, or a window, that computes
+    it right shows."""
     from torch.nn.attention.flex_attention import flex_attention
 
     from muongpt.model.masks import (
