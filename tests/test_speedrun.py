@@ -517,8 +517,8 @@ def test_block_lists_are_each_rows_true_blocks_first_then_the_rest():
 def test_block_mask_traced_into_a_graph_equals_the_eager_one(device):
     """The mask built inside a compiled function (inductor, one graph) has the eager build's
     block counts and lists, for a window given as a tensor and for a new window value. On CUDA
-    this tells whether the wrong attention of the traced build (the strict expected failure
-    below) comes from the block lists or from the kernel that reads them."""
+    (passed on an H200, torch 2.11, 2026-12-05) it places the wrong attention of the traced
+    build (the strict expected failure below) in the kernel that reads the lists, not in them."""
     from muongpt.model.masks import document_block_mask
 
     T = 1000
@@ -551,10 +551,10 @@ def test_flex_kernel_with_the_block_mask_matches_dense_sdpa_on_cuda(window, trac
     """The compiled FlexAttention kernel with the hand-built mask: output and q/k/v gradients
     equal dense-mask SDPA (fp32), on documents that straddle 128-token blocks; the mask built
     eagerly, and inside a compiled function: eagerly there (the model's way) or traced into the
-    graph, which gave wrong attention on an H200 with torch 2.11 (2026-12-05, window 512, the
-    first case run: relative errors 0.4 in the output, 30 in the gradients; the other windows were
-    not reached): why the model builds it eagerly. Strict, so a torch, or a window, that computes
-    it right shows."""
+    graph, which gives wrong attention on an H200 with torch 2.11 at every window here
+    (2026-12-05; at 512 relative errors 0.4 in the output, 30 in the gradients) although the
+    traced block lists equal the eager ones there (the test above): why the model builds it
+    eagerly. Strict, so a torch that computes it right shows."""
     from torch.nn.attention.flex_attention import flex_attention
 
     from muongpt.model.masks import (
