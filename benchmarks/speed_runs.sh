@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Single-GPU speed runs (one device call): each RUN line is one full speedrun_bench
 # training + final validation with extra Hydra overrides; JSON results and logs are packed into
-# $OUT/speed.tar.gz after every run (a call cut off at its limit still returns what finished).
+# $OUT/speed.tar.gz after every run (a call cut off at its limit still returns what finished),
+# and each JSON is also copied to $OUT (the logs stay in the archive: few files come back).
 #   RUNS="name1|overrides...;name2|overrides..." bash benchmarks/speed_runs.sh
 # A run named name@ARCHIVE runs an earlier version: ARCHIVE is a carried tarball of that commit's
 # code (git archive -o .devold/v00c0195.tar.gz 00c0195 src benchmarks/speedrun.py), so a change
@@ -12,14 +13,15 @@
 # .devcache (see benchmarks/device_setup.sh).
 set -uo pipefail
 source benchmarks/device_setup.sh
-R=$OUT/speed; mkdir -p "$R"
-pack() { tar -czf "$OUT/speed.tar.gz" -C "$OUT" speed; }
+R=/tmp/speed_runs/speed; rm -rf "$R"; mkdir -p "$R"
+pack() { tar -czf "$OUT/speed.tar.gz" -C "${R%/*}" speed; cp "$R"/*.json "$OUT"/ 2>/dev/null; }
 if [ -n "${PRETEST:-}" ]; then
   echo "=== pytest $PRETEST"
   # eval: PRETEST's own quotes group a -k expression ("-k 'a or b'")
   eval "timeout 240 python3 -m pytest -q -x --tb=short -p no:cacheprovider $PRETEST" \
     > "$R/pretest.log" 2>&1
   grep -vE "DEBUG|warn|Warning|^ *$" "$R/pretest.log" | tail -n 40
+  pack
 fi
 COMMON="experiment=speedrun_bench $D training.export_safetensors=false"
 IFS=';' read -ra LIST <<< "${RUNS:-default|}"
@@ -40,7 +42,7 @@ import json,sys; r=json.load(open('$f'))
 if 'name' not in r: sys.exit()  # e.g. a bench report written beside the runs
 print(f\"{r['name']:<28} val {r['val_loss']:.4f}  {r['train_seconds']:6.1f} s  {r['ms_per_step']:6.1f} ms/step  {r['tokens_per_s']:>9,.0f} tok/s  MFU {100*(r['mfu'] or 0):.1f}%  peak {r['peak_mem_gib'] or 0:.1f} GiB\")"; done
 if [ "${SAVE_COMPILE_CACHE:-0}" = 1 ]; then
-  rm -rf "$R"  # all of it is in speed.tar.gz: fewer files to bring back
+  rm -f "$OUT"/*.json  # all of them are in speed.tar.gz: room for the cache's pieces
   tar -cf - -C /tmp/compile_cache . | xz -T0 -6 | split -b 15M -d - "$OUT/compile_cache.tar.xz."
   echo "compile cache: $(du -sh /tmp/compile_cache | cut -f1) -> $(cat "$OUT"/compile_cache.tar.xz.* | wc -c) bytes"
 fi
