@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -172,6 +173,32 @@ def test_stored_configs_with_an_option_removed_since_load_when_it_was_off():
     stored["model"]["mtp_weights"] = [0.5, 0.25]
     with pytest.raises(MuonGPTError, match="sets model.mtp_weights, an option removed"):
         upgrade_config(stored)
+
+
+def test_a_sharded_checkpoint_reads_its_stored_config_as_upgraded(tmp_path):
+    """A .dcp checkpoint whose stored config has a removed option off (model.mtp_weights: [],
+    as speed-run configs stored while the option existed have) is read into the single-process
+    layout: its model is built from the upgraded config, as a resume or a sample builds it."""
+    from muongpt.optim import build_optimizer
+    from muongpt.train.checkpoint import load_checkpoint
+    from muongpt.train.fsdp import save_sharded, sharded_state
+
+    cfg = composed(
+        "model=speedrun",
+        "model/size=tiny",
+        "model.bigram_rows=0",
+        "model.backout_after=2",
+        "model.value_embeds=1",
+    )
+    model = build_model(model_config(cfg["model"]))
+    optimizer = build_optimizer(model, cfg["optimizer"])
+    stored = {**cfg, "model": {**cfg["model"], "mtp_weights": []}}
+    state = {**sharded_state(model, optimizer.optimizers), "config": stored, "step": 3}
+    path = save_sharded(tmp_path / "step_000003.dcp", state, is_main=True)
+    loaded = load_checkpoint(path)
+    assert loaded["config"] == stored and loaded["step"] == 3
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded["model"][name], value)
 
 
 def test_removed_options_and_unknown_layouts_are_one_line_errors():

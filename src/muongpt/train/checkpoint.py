@@ -241,14 +241,14 @@ def read_trainer_state(path: Path) -> dict:
 
 def consolidate(path: Path) -> dict:
     """A .dcp checkpoint as the single-process checkpoint dict (whole tensors, on the CPU)."""
-    from muongpt.config import model_config
+    from muongpt.config import model_config, upgrade_config
     from muongpt.model import build_model
     from muongpt.optim import build_optimizer
     from muongpt.train.fsdp import load_sharded
 
     state = read_trainer_state(path)
     del state["sharded"]  # what it returns is a whole, single-process state
-    cfg = state["config"]
+    cfg = upgrade_config(state["config"])  # a config of an older version: today's layout
     model = build_model(model_config(cfg["model"]))
     optimizer = build_optimizer(model, cfg["optimizer"])
     load_sharded(path, model, optimizer.optimizers)
