@@ -40,9 +40,9 @@ def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
 
 # Built eagerly even inside a compiled model (one graph break; O((T/128)^2) small ops): in torch
 # 2.11's inductor on CUDA, BlockMask.from_kv_blocks' stable argsort gave wrong block lists and a
-# scatter failed to compile (H100, 2026-11-22), and this builder traced into the graph gave wrong
-# attention (H200, 2026-12-05), though its CPU trace is exact. The BlockMask's tensors enter
-# flex_attention as with create_block_mask.
+# scatter failed to compile (H100, 2026-11-22), and with this builder traced into the graph the
+# flex kernel gave wrong attention (H200, 2026-12-05) although the traced lists were exact, on
+# CUDA as on the CPU. The BlockMask's tensors enter flex_attention as with create_block_mask.
 def document_block_mask(docs: Tensor, window: Tensor | int | None = None):
     """FlexAttention BlockMask: query q sees key k iff k <= q, same document, q - k < window.
 
