@@ -506,6 +506,69 @@ def test_batch_ramp_trains_small_batches_first_and_counts_their_tokens(tmp_path)
         make_trainer(tmp_path, "training.micro_batch_size=1", "training.batch_size_start=1")
 
 
+def test_row_length_schedule_reads_the_stream_once_resumes_exactly_and_warms_up_each_length(
+    tmp_path,
+):
+    """training.seq_len_schedule=[16, 32]: steps 0-5 train on rows of 16 tokens, steps 6-11 on
+    rows of 32; together they read the training stream from its start without a gap or a repeat
+    (the batches made ahead at 16 are dropped at the switch), tokens_seen counts them, a resume
+    inside the first part trains on exactly as the uninterrupted run, and the compile warm-up
+    runs one step at each length and then undoes all of it."""
+    from muongpt.train.schedule import row_length
+    from muongpt.train.trainer import compile_warmup
+
+    # n lengths over S steps: step s in slice floor(s n / S); none: seq_len throughout
+    assert [row_length(s, 10, [1, 2, 3], 9) for s in range(10)] == [1] * 4 + [2] * 3 + [3] * 3
+    assert row_length(5, 10, [], 9) == 9
+    rows = "training.seq_len_schedule=[16,32]"
+
+    def recording(trainer):
+        seen, forward = [], trainer.forward
+
+        def record(inputs, targets):
+            seen.append(inputs.clone())
+            return forward(inputs, targets)
+
+        trainer.forward = record
+        return seen
+
+    (tmp_path / "a").mkdir()
+    whole = make_trainer(tmp_path / "a", rows)
+    fed = recording(whole)
+    tokens = []
+    for step in range(MAX_STEPS):
+        if step == 4:
+            whole.save_checkpoint()
+        whole.train_step()
+        tokens.append(whole.last_step_tokens)
+    assert [x.shape[1] for x in fed] == [16] * 6 + [32] * 6
+    assert tokens == [64] * 6 + [128] * 6 and whole.tokens_seen == sum(tokens)
+    stream = torch.empty(sum(tokens), dtype=torch.int64)
+    whole.train_loader.stream.read_into(0, stream.numpy())
+    assert torch.equal(torch.cat([x.reshape(-1) for x in fed]), stream)
+
+    (tmp_path / "b").mkdir()
+    path = ckpt.checkpoint_path(tmp_path / "a" / "run", 4)
+    resumed = make_trainer(tmp_path / "b", rows, f"training.resume={path}")
+    for _ in range(MAX_STEPS - 4):
+        resumed.train_step()
+    assert_same_tree(resumed.model.state_dict(), whole.model.state_dict(), "model")
+    assert resumed.tokens_seen == whole.tokens_seen
+
+    (tmp_path / "c").mkdir()
+    warmed = make_trainer(tmp_path / "c", rows)
+    warm = recording(warmed)
+    compile_warmup(warmed, 1)
+    assert [x.shape[1] for x in warm] == [16, 32] and warmed.step == 0
+    for _ in range(MAX_STEPS):
+        warmed.train_step()
+    assert_same_tree(warmed.model.state_dict(), whole.model.state_dict(), "model")
+    assert torch.equal(torch.cat([x.reshape(-1) for x in warm[2:]]), stream)
+    whole.close(), resumed.close(), warmed.close()
+    with pytest.raises(MuonGPTError, match=r"seq_len_schedule must list row lengths >= 1"):
+        make_trainer(tmp_path / "c", "training.seq_len_schedule=[16,0]")
+
+
 def test_checkpoint_minutes_saves_at_log_steps_once_the_time_has_passed(tmp_path):
     """training.checkpoint_minutes: a crash loses at most that much; with a tiny interval every
     log step saves, with 0 only the step-count checkpoints remain."""

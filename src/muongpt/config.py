@@ -51,7 +51,9 @@ class TrainingConfig:
     parallel: str = "replicate"
     # torch._inductor options for the compiled model, e.g. {coordinate_descent_tuning: true}
     inductor: dict[str, Any] = field(default_factory=dict)
-    seq_len: int = 1024
+    seq_len: int = 1024  # tokens per row (evaluation rows always; training rows unless below)
+    # training rows of these lengths, each over an equal slice of the run ([]: seq_len throughout)
+    seq_len_schedule: list[int] = field(default_factory=list)
     batch_size: int = 8  # sequences per optimizer step, over all ranks
     micro_batch_size: int = 8  # sequences per forward pass on one rank
     max_steps: int = 1000

@@ -22,8 +22,9 @@ lookups); d = n_embd; C_l the attention context of layer l: T = seq_len, or its 
 (``model.attn_window`` x its ``window_pattern`` fraction) where shorter; MLP-only layers have none.
 Where attention is document-masked, T becomes each token's document (its part in the row), averaged
 over the tokens of a few of the run's training batches (at 64K-token rows of the bench pack the row
-overcounts attention 13-fold). A window schedule (``training.attn_window_start``) and a batch ramp
-(``training.batch_size_start``) are switched off: steps run at the full window and batch. (With
+overcounts attention 13-fold). A window schedule (``training.attn_window_start``), a batch ramp
+(``training.batch_size_start``) and a row-length schedule (``training.seq_len_schedule``) are
+switched off: steps run at the full window, batch and row. (With
 full causal attention on every layer, and no document mask, this is PaLM's 6N + 12 L T d.) MFU =
 FLOPs/token * tokens/s / peak, the peak being the GPU's dense bf16 FLOP/s (``peak_flops``:
 H100/H200 SXM 989e12, H100 PCIe 756e12, A100 312e12) or ``MUONGPT_PEAK_FLOPS`` where set; on CPU,
@@ -216,6 +217,7 @@ def run_bench(opts: dict, overrides: list[str]) -> dict:
     # steps of a schedule that grows it.
     cfg.training.attn_window_start = 0
     cfg.training.batch_size_start = 0  # time full batches, as tokens/s counts them
+    cfg.training.seq_len_schedule = []  # ... of full rows, as the FLOP count assumes
     need = opts["warmup"] + opts["steps"] + opts["split"]
     if cfg.training.max_steps < need:  # the lr schedule must cover every benchmarked step
         cfg.training.max_steps = need

@@ -10,6 +10,8 @@ consumes one *global* batch of ``world_size * B * T`` tokens:
 and rank r keeps only its own slice (plus one token, for the shifted targets). Because the
 position is a single global token offset, a state saved at an optimizer-step boundary resumes
 exactly on any world size whose global batch is the same (2 ranks x B == 1 rank x 2 steps of B).
+``set_seq_len`` changes T between batches (a row-length schedule): the next batch starts where
+the last one taken ended, so the state needs nothing more.
 
 Epochs: a pass ends when the next global batch does not fit in what is left of the stream (the
 partial tail is dropped, the next pass restarts at token 0). ``epochs=None`` loops forever.
@@ -312,33 +314,45 @@ class TokenLoader:
         prefetch: bool = True,
         vocab_size: int | None = None,
     ):
-        if micro_batch_size < 1 or seq_len < 1:
-            raise LoaderError(
-                f"micro_batch_size ({micro_batch_size}) and seq_len ({seq_len}) must be >= 1"
-            )
+        if micro_batch_size < 1:
+            raise LoaderError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise LoaderError(f"rank {rank} is not in [0, world_size={world_size})")
         if epochs is not None and epochs < 1:
             raise LoaderError(f"epochs must be >= 1 or None (forever), got {epochs}")
-        self.B, self.T = micro_batch_size, seq_len
+        self.B = micro_batch_size
         self.rank, self.world_size = rank, world_size
         self.align_to_bos, self.epochs, self.prefetch = align_to_bos, epochs, prefetch
         self.device = torch.device(device)
-        self.tokens_per_batch = world_size * micro_batch_size * seq_len
         self.stream = TokenStream(sources, vocab_size=vocab_size, index_bos=align_to_bos)
-        need = self.tokens_per_batch + 1
+        self._cursor = _Cursor(0, 0, 0)  # what the consumer has taken: the resumable state
+        self._prefetcher: _Prefetcher | None = None
+        self.T = 0
+        self.set_seq_len(seq_len)
+
+    def set_seq_len(self, seq_len: int) -> None:
+        """Rows of ``seq_len`` tokens from the next batch on (a row-length schedule). Batches
+        made ahead at the old length are dropped: the next one starts at the consumer's cursor,
+        so the stream is read without a gap or a repeat."""
+        if seq_len == self.T:
+            return
+        if seq_len < 1:
+            raise LoaderError(f"seq_len must be >= 1, got {seq_len}")
+        need = self.world_size * self.B * seq_len + 1
         if self.stream.num_tokens < need:
             raise LoaderError(
                 f"{self.stream.describe()}: {self.stream.num_tokens} tokens, shorter than one "
-                f"global batch of {need} (world_size {world_size} x batch {micro_batch_size} x "
+                f"global batch of {need} (world_size {self.world_size} x batch {self.B} x "
                 f"seq_len {seq_len} + 1)"
             )
+        self.close()
+        self.T = seq_len
+        self.tokens_per_batch = need - 1
         pin = self.device.type == "cuda" and torch.cuda.is_available()
         self._maker = _BatchMaker(
-            self.stream, self.B, self.T, rank, world_size, align_to_bos, epochs, pin
-        )
-        self._cursor = _Cursor(0, 0, 0)  # what the consumer has taken: the resumable state
-        self._prefetcher: _Prefetcher | None = None
+            self.stream, self.B, seq_len, self.rank, self.world_size, self.align_to_bos,
+            self.epochs, pin,
+        )  # fmt: skip
 
     @property
     def batches_per_epoch(self) -> int | None:

@@ -2,9 +2,9 @@
 
 ``Schedule.at(step)`` gives the settings of one optimizer step: the lr multiplier (warmup, flat,
 linear cooldown), Muon's momentum (warmed up), the attention window (grown over the run), the
-number of micro-steps (the batch ramp), whether a tied embedding and head are still one
-weight and the multi-token loss weights. The trainer applies them once per step; the pure
-functions below are the math of each.
+number of micro-steps (the batch ramp), the training rows' length (the row-length schedule) and
+whether a tied embedding and head are still one weight. The trainer applies them once per step;
+the pure functions below are the math of each.
 """
 
 from __future__ import annotations
@@ -84,6 +84,17 @@ def batch_rows(step: int, start: int, full: int, ramp_steps: int, unit: int = 1)
     return max(int(rows) // unit * unit, unit)
 
 
+def row_length(step: int, total_steps: int, lengths, default: int) -> int:
+    """Tokens per training row at optimizer step ``step``: ``lengths[i]`` in the i-th of
+    ``n = len(lengths)`` equal slices of the run (the steps s of S with ⌊s·n/S⌋ = i), ``default``
+    when ``lengths`` is empty. Shorter rows early give more updates per token while the gradient
+    noise is small next to the gradient (the critical batch grows in training), as the batch ramp
+    does in whole rows; this goes below one row per step."""
+    if not lengths:
+        return default
+    return lengths[min(max(step, 0) * len(lengths) // total_steps, len(lengths) - 1)]
+
+
 def phase_steps(steps: int, frac: float, total_steps: int, what: str) -> int:
     """A warmup/cooldown length: ``steps`` when > 0, else the fraction ``frac`` of the run
     (rounded), so that ``training.max_steps=N`` alone rescales an experiment's schedule."""
@@ -100,6 +111,7 @@ class StepSettings:
     momentum: float | None  # Muon's momentum; None when the optimizer has none
     attn_window: int | None  # tokens; None when the window does not change
     micro_steps: int  # forward/backward passes of this step (rank-local)
+    seq_len: int  # tokens per training row
     embed_head_tied: bool | None = None  # None when the model ties nothing
 
 
@@ -158,6 +170,11 @@ class Schedule:
             )
         if t.batch_size_start and t.batch_ramp_steps < 1:
             raise MuonGPTError("training.batch_size_start needs training.batch_ramp_steps >= 1")
+        self.seq_lens = (list(t.seq_len_schedule), t.seq_len)
+        if any(n < 1 for n in t.seq_len_schedule):
+            raise MuonGPTError(
+                f"training.seq_len_schedule must list row lengths >= 1, got {list(t.seq_len_schedule)}"
+            )
         if not 0 < t.untie_embed_head_frac <= 1:
             raise MuonGPTError(
                 f"training.untie_embed_head_frac must be in (0, 1], got {t.untie_embed_head_frac}"
@@ -173,5 +190,13 @@ class Schedule:
             window = attention_window(step, self.total, start, end, block=block)
         start, full, ramp, unit = self.batch
         micro = batch_rows(step, start, full, ramp, unit) // unit
+        seq_len = row_length(step, self.total, *self.seq_lens)
         tied = None if self.untie_step is None else step < self.untie_step
-        return StepSettings(lr, momentum, window, micro, tied)
+        return StepSettings(lr, momentum, window, micro, seq_len, tied)
+
+    def row_length_starts(self) -> dict[int, int]:
+        """{row length: the first step that trains on it}, in order of first use."""
+        starts: dict[int, int] = {}
+        for step in range(self.total):
+            starts.setdefault(row_length(step, self.total, *self.seq_lens), step)
+        return starts

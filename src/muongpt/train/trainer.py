@@ -119,18 +119,20 @@ def inductor_options(options) -> dict:
     return options
 
 
-def compile_model(model: GPT, mode: str, options=None):
+def compile_model(model: GPT, mode: str, options=None, dynamic: bool | None = None):
     """The callable the trainer runs: ``torch.compile`` of the whole model (one forward and one
     backward graph: gradients all appear at the end of backward), or of each block and the head
     on their own (``blocks``: a block's gradients are final, and the sharded optimizers start
-    reducing them, while the blocks before it still run backward)."""
+    reducing them, while the blocks before it still run backward). ``dynamic``: as
+    ``torch.compile``'s."""
     options = inductor_options(options or {}) or None
     if mode == "model":
-        return torch.compile(model, options=options)
+        return torch.compile(model, options=options, dynamic=dynamic)
     if mode == "blocks":
         for block in model.blocks:
-            block.compile(options=options)
-        model.lm_head.compile(options=options)  # logits, soft-cap and loss fused, as in "model"
+            block.compile(options=options, dynamic=dynamic)
+        # logits, soft-cap and loss fused, as in "model"
+        model.lm_head.compile(options=options, dynamic=dynamic)
         return model
     raise MuonGPTError(f"training.compile_mode must be one of {COMPILE_MODES}, got {mode!r}")
 
@@ -173,14 +175,19 @@ class Trainer:
             window_block=getattr(self.model, "window_block", 1),
             tied=self.model.tied_weights() is not None,
         )
+        # several row lengths: one static graph each (after a first change of shape, dynamo's
+        # automatic dynamic shapes would trace one graph of symbolic length instead)
+        dynamic = False if len(self.schedule.row_length_starts()) > 1 else None
         self.forward = (
-            compile_model(self.model, t.compile_mode, t.inductor) if t.compile else self.model
+            compile_model(self.model, t.compile_mode, t.inductor, dynamic)
+            if t.compile
+            else self.model
         )
         self.use_bf16 = t.autocast_bf16 and self.device.type == "cuda"
 
         self.train_loader, self.val_sources, self.entropy = self._build_data()
         self.step, self.tokens_seen, self.train_seconds = 0, 0, 0.0
-        self.last_step_tokens = 0  # tokens of the latest step (fewer during a batch ramp)
+        self.last_step_tokens = 0  # tokens of the latest step (fewer in a batch or row ramp)
         self.metrics_file = self.run_dir / "metrics.jsonl"
         self.sinks = (
             make_sinks(
@@ -268,10 +275,11 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
     def apply_schedule(self) -> int:
-        """Set the coming step's lr, momentum, attention window and tie; returns its
+        """Set the coming step's lr, momentum, attention window, row length and tie; returns its
         micro-steps."""
         settings = self.schedule.at(self.step)
         self.optimizer.apply_schedule(settings.lr_scale, settings.momentum)
+        self.train_loader.set_seq_len(settings.seq_len)
         if settings.attn_window is not None:
             self.model.set_attn_window(settings.attn_window)
         if settings.embed_head_tied is not None:
@@ -300,7 +308,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.last_step_tokens = accum * self.tokens_per_step // self.grad_accum
+        self.last_step_tokens = accum * self.train_loader.tokens_per_batch
         self.tokens_seen += self.last_step_tokens
         return mean_loss
 
@@ -330,6 +338,11 @@ class Trainer:
             + (
                 f"; ramped from {t.batch_size_start} sequences over {t.batch_ramp_steps} steps"
                 if t.batch_size_start
+                else ""
+            )
+            + (
+                f"; training rows of {list(t.seq_len_schedule)} tokens over equal parts of the run"
+                if t.seq_len_schedule
                 else ""
             )
         )
@@ -571,11 +584,13 @@ class Trainer:
 
 # ---------------------------------------------------------------- compile warm-up (speed runs)
 def compile_warmup(trainer: Trainer, steps: int) -> float:
-    """Run ``steps`` training steps, then undo them; returns their wall seconds.
+    """Run ``steps`` training steps, then one at the first step of each later row length
+    (``training.seq_len_schedule``), then undo them all; returns their wall seconds.
 
-    The first steps of a compiled model compile (and autotune) its kernels. Running them before
-    the timed run and then restoring the initial weights, optimizer state and data position keeps
-    compilation out of ``train_seconds`` without changing what the run computes.
+    The first steps of a compiled model compile (and autotune) its kernels, and each new row
+    length compiles its own graph. Running them before the timed run and then restoring the
+    initial weights, optimizer state and data position keeps compilation out of
+    ``train_seconds`` without changing what the run computes.
     """
     import copy
 
@@ -584,6 +599,9 @@ def compile_warmup(trainer: Trainer, steps: int) -> float:
     optim_state = copy.deepcopy(trainer.optimizer.state_dict())
     loader_state = trainer.train_loader.state_dict()
     for _ in range(steps):
+        trainer.train_step()
+    for first_step in list(trainer.schedule.row_length_starts().values())[1:]:
+        trainer.step = first_step
         trainer.train_step()
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
