@@ -8,9 +8,13 @@ python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(),
 # kernels of earlier calls instead of compiling again (benchmarks/speed_runs.sh SAVE_COMPILE_CACHE=1).
 export TORCHINDUCTOR_CACHE_DIR=/tmp/compile_cache/inductor TRITON_CACHE_DIR=/tmp/compile_cache/triton
 mkdir -p /tmp/compile_cache
-# (one archive, or the pieces SAVE_COMPILE_CACHE=1 writes: compile_cache.tar.xz.00, .01, ...)
-if compgen -G ".devcache/compile_cache.tar.xz*" > /dev/null; then
-  cat .devcache/compile_cache.tar.xz* | tar -xJf - -C /tmp/compile_cache
+# One archive, and/or the pieces SAVE_COMPILE_CACHE=1 writes (compile_cache.tar.xz.00, .01, ...),
+# each unpacked on its own (an archive and pieces concatenated would unpack the first only).
+if [ -f .devcache/compile_cache.tar.xz ]; then
+  tar -xJf .devcache/compile_cache.tar.xz -C /tmp/compile_cache
+fi
+if compgen -G ".devcache/compile_cache.tar.xz.[0-9]*" > /dev/null; then
+  cat .devcache/compile_cache.tar.xz.[0-9]* | tar -xJf - -C /tmp/compile_cache
 fi
 # The code of a run named name@ARCHIVE: a carried git archive of an earlier commit (its src and
 # benchmarks/speedrun.py), unpacked once under /tmp/versions; a plain name runs this checkout.
