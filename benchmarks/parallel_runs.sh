@@ -6,11 +6,17 @@
 # kind: run   = benchmarks/speedrun.py experiment=speedrun_bench + args (full training + val loss)
 #       bench = muongpt bench experiment=speedrun_bench + args
 #       test  = pytest args
-# Job i goes to GPU i mod NGPU. JSON results and logs are packed into $OUT/par.tar.gz as jobs end.
+# Job i goes to GPU i mod NGPU. JSON results and logs are packed into $OUT/par.tar.gz as jobs end
+# (a call cut off at its limit still returns what finished), and each JSON is also copied to
+# $OUT (the logs stay in the archive: few files come back).
 # Timings of jobs that share a machine are indicative only; losses are not affected.
 set -uo pipefail
 source benchmarks/device_setup.sh
-R=$OUT/par; mkdir -p "$R"
+R=/tmp/parallel_runs/par; rm -rf "$R"; mkdir -p "$R"
+pack() {  # $1: a name of its own per writer; the mv swaps the archive in whole
+  tar -czf "$OUT/.par.$1.tar.gz" -C "${R%/*}" par && mv -f "$OUT/.par.$1.tar.gz" "$OUT/par.tar.gz"
+  cp "$R"/*.json "$OUT"/ 2>/dev/null
+}
 NGPU=$(nvidia-smi -L | wc -l)
 IFS=';' read -ra LIST <<< "${JOBS:?set JOBS}"
 for item in "${LIST[@]}"; do code_root "${item%%|*}" > /dev/null || exit 1; done  # unpack once
@@ -39,12 +45,12 @@ for ((g = 0; g < NGPU; g++)); do
     for ((i = g; i < ${#LIST[@]}; i += NGPU)); do
       IFS='|' read -r name kind args <<< "${LIST[$i]}"
       run_job "$g" "$name" "$kind" "$args"
-      tar -czf "$OUT/par.tar.gz" -C "$OUT" par 2>/dev/null
+      pack "$g"
     done
   ) &
 done
 wait
-tar -czf "$OUT/par.tar.gz" -C "$OUT" par
+pack all
 echo "=== logs (tails)"
 for f in "$R"/*.log; do
   echo "--- $(basename "$f")"
