@@ -569,6 +569,27 @@ def test_row_length_schedule_reads_the_stream_once_resumes_exactly_and_warms_up_
         make_trainer(tmp_path / "c", "training.seq_len_schedule=[16,0]")
 
 
+def test_each_row_length_compiles_its_own_static_graph_in_the_warm_up(tmp_path):
+    """Three row lengths give three compiled graphs (with dynamo's automatic dynamic shapes the
+    second length would trace one graph of symbolic length that also serves the third), all
+    compiled by the warm-up: the training steps after it compile nothing."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from muongpt.train.trainer import compile_warmup
+
+    torch._dynamo.reset()
+    counters.clear()
+    rows = "training.seq_len_schedule=[16,32,48]"
+    trainer = make_trainer(tmp_path, "training.compile=true", rows)
+    compile_warmup(trainer, 1)
+    assert counters["stats"]["unique_graphs"] == 3
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(MAX_STEPS):
+            trainer.train_step()
+    trainer.close()
+
+
 def test_checkpoint_minutes_saves_at_log_steps_once_the_time_has_passed(tmp_path):
     """training.checkpoint_minutes: a crash loses at most that much; with a tiny interval every
     log step saves, with 0 only the step-count checkpoints remain."""
