@@ -113,3 +113,40 @@ def test_flops_per_token_counts_documents_where_attention_masks_them():
         matmuls + 12 * 32 * 2 * mean_span
     )
     assert bench.flops_per_token(unmasked, 48, rows) == matmuls + 12 * 32 * 2 * 48
+
+
+@pytest.mark.slow
+def test_a_small_bench_on_the_cpu_times_full_steps_and_splits_them(tmp_path, capsys, monkeypatch):
+    """The whole command on a narrowed tiny model: two micro-steps per step, the batch ramp and
+    the row-length schedule switched off (full batches of full rows, as tokens/s counts them),
+    and the synchronised split of a step into its three segments."""
+    import json
+
+    from muongpt.train.trainer import Trainer
+
+    step_tokens, train_step = [], Trainer.train_step
+
+    def counted(self):
+        loss = train_step(self)
+        step_tokens.append(self.last_step_tokens)
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", counted)
+    out = tmp_path / "bench.json"
+    small = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "training.seq_len=32"]
+    batch = ["training.batch_size=4", "training.micro_batch_size=2"]
+    schedules = [
+        "training.batch_size_start=2",
+        "training.batch_ramp_steps=10",
+        "training.seq_len_schedule=[16,32]",
+    ]
+    argv = ["experiment=tiny", "training.device=cpu", *small, *batch, *schedules]
+    rc, stdout, err = run([*argv, "bench.steps=2", "bench.warmup=1", "bench.split=2",
+                           f"bench.out={out}"], capsys)  # fmt: skip
+    assert rc == 0, err
+    report = json.loads(out.read_text())
+    assert report["tokens_per_step"] == 4 * 32 and report["grad_accum"] == 2
+    assert step_tokens == [4 * 32] * 3  # warm-up and timed steps
+    assert set(report["split_ms"]) == {"data", "forward_backward", "optimizer"}
+    assert all(ms > 0 for ms in report["split_ms"].values())
+    assert "split (synced)" in stdout

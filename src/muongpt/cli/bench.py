@@ -180,12 +180,10 @@ def _sync(device) -> None:
 
 def split_step(trainer) -> dict[str, float]:
     """One training step with a synchronisation around each segment: seconds per segment."""
-    import torch
-
     t, dev = trainer.cfg.training, trainer.device
-    trainer.apply_schedules()
+    accum = trainer.apply_schedule()
     data_s = fb_s = 0.0
-    for _ in range(trainer.grad_accum):
+    for micro in range(accum):
         _sync(dev)
         t0 = time.perf_counter()
         inputs, targets = next(trainer.train_loader)
@@ -193,13 +191,15 @@ def split_step(trainer) -> dict[str, float]:
         t1 = time.perf_counter()
         with trainer.autocast():
             loss = trainer.forward(inputs, targets)
-        (loss / trainer.grad_accum).backward()
+        if micro == accum - 1:  # as Trainer.train_step: sharded optimizers reduce in backward
+            trainer.optimizer.reduce_during_next_backward()
+        (loss / accum).backward()
         _sync(dev)
         data_s += t1 - t0
         fb_s += time.perf_counter() - t1
     t2 = time.perf_counter()
     if t.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), t.grad_clip)
+        trainer.optimizer.clip_grad_norm_(t.grad_clip)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     _sync(dev)
