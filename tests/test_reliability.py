@@ -494,17 +494,21 @@ def gradients_of_one_step(run_dir: Path, *overrides: str) -> tuple[dict, torch.T
     """The gradients the optimizer would apply at step 1 (the update itself is skipped)."""
     trainer = make_trainer(run_dir, "training.batch_size=8", *overrides)
     grads, rows = {}, []
-    loader_next = trainer.train_loader.__next__
+    loader = trainer.train_loader
 
-    def next_batch():
-        inputs, targets = loader_next()
-        rows.append(inputs)
-        return inputs, targets
+    class Recording:  # the trainer's loader, keeping the rows it hands out
+        def __next__(self):
+            inputs, targets = next(loader)
+            rows.append(inputs)
+            return inputs, targets
+
+        def __getattr__(self, name):
+            return getattr(loader, name)
 
     def capture():
         grads.update({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
 
-    trainer.train_loader = type("Loader", (), {"__next__": lambda self: next_batch()})()
+    trainer.train_loader = Recording()
     trainer.optimizer.step = capture
     trainer.train_step()
     trainer.close()
