@@ -569,6 +569,29 @@ def test_row_length_schedule_reads_the_stream_once_resumes_exactly_and_warms_up_
         make_trainer(tmp_path / "c", "training.seq_len_schedule=[16,0]")
 
 
+def test_lr_follows_each_steps_tokens_to_a_power(tmp_path):
+    """training.lr_token_power=p: every lr times (this step's tokens / a full step's)^p, where a
+    batch ramp (2 then 4 rows) and a row schedule (16 then 32 tokens) make steps smaller."""
+    from muongpt.train.schedule import Schedule
+
+    smaller = [
+        "training.micro_batch_size=2",
+        "training.batch_size_start=2",
+        "training.batch_ramp_steps=2",
+        "training.seq_len_schedule=[16,32]",
+    ]
+    plain, scaled = (
+        compose(tmp_path, *smaller),
+        compose(tmp_path, *smaller, "training.lr_token_power=0.5"),
+    )
+    base = Schedule(plain.training, plain.optimizer, unit=2)
+    schedule = Schedule(scaled.training, scaled.optimizer, unit=2)
+    ratios = [schedule.at(s).lr_scale / base.at(s).lr_scale for s in range(MAX_STEPS)]
+    # steps 0-1: 2 of 4 rows, of 16 of 32 tokens; steps 2-5: 4 rows of 16; then full steps
+    expected = [0.25**0.5] * 2 + [0.5**0.5] * 4 + [1.0] * 6
+    assert ratios == pytest.approx(expected, rel=1e-12)
+
+
 def test_each_row_length_compiles_its_own_static_graph_in_the_warm_up(tmp_path):
     """Three row lengths give three compiled graphs (with dynamo's automatic dynamic shapes the
     second length would trace one graph of symbolic length that also serves the third), all

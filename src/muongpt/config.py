@@ -92,6 +92,9 @@ class TrainingConfig:
     )
     batch_size_start: int = 0  # sequences per step at step 0, grown to batch_size (0: fixed)
     batch_ramp_steps: int = 0  # ... linearly over this many steps
+    # every lr times (this step's tokens / batch_size x seq_len)^p under a batch ramp or a row
+    # schedule (modded-nanogpt raised its lr by (batch ratio)^0.5 to ^0.6 as its batch grew)
+    lr_token_power: float = 0.0
     # model.tie_embed_head: the share of the run for which embedding and head stay one weight
     untie_embed_head_frac: float = 1.0  # 1: tied throughout
 

@@ -1,7 +1,7 @@
 """Everything that depends on the step, computed in one place.
 
 ``Schedule.at(step)`` gives the settings of one optimizer step: the lr multiplier (warmup, flat,
-linear cooldown), Muon's momentum (warmed up), the attention window (grown over the run), the
+linear cooldown; optionally scaled with the step's tokens), Muon's momentum (warmed up), the attention window (grown over the run), the
 number of micro-steps (the batch ramp), the training rows' length (the row-length schedule) and
 whether a tied embedding and head are still one weight. The trainer applies them once per step;
 the pure functions below are the math of each.
@@ -142,6 +142,7 @@ class Schedule:
             )
         self.final_lr_frac = t.final_lr_frac
         lr_multiplier(0, self.total, self.warmup, self.cooldown, self.final_lr_frac)  # checks
+        self.lr_token_power = t.lr_token_power
         self.momentum = None
         if getattr(optimizer, "name", None) == "muon":
             self.momentum = (
@@ -191,6 +192,9 @@ class Schedule:
         start, full, ramp, unit = self.batch
         micro = batch_rows(step, start, full, ramp, unit) // unit
         seq_len = row_length(step, self.total, *self.seq_lens)
+        if self.lr_token_power:  # lr ∝ tokens^p: smaller steps of a ramp or row schedule
+            tokens = micro * unit * seq_len / (full * self.seq_lens[1])
+            lr *= tokens**self.lr_token_power
         tied = None if self.untie_step is None else step < self.untie_step
         return StepSettings(lr, momentum, window, micro, seq_len, tied)
 
