@@ -1,10 +1,10 @@
 """Everything that depends on the step, computed in one place.
 
 ``Schedule.at(step)`` gives the settings of one optimizer step: the lr multiplier (warmup, flat,
-linear cooldown; optionally scaled with the step's tokens), Muon's momentum (warmed up), the attention window (grown over the run), the
-number of micro-steps (the batch ramp), the training rows' length (the row-length schedule) and
-whether a tied embedding and head are still one weight. The trainer applies them once per step;
-the pure functions below are the math of each.
+linear cooldown; optionally scaled with the step's tokens), Muon's momentum (warmed up), the
+attention window (grown over the run), the number of micro-steps (the batch ramp), the training
+rows' length (the row-length schedule) and whether a tied embedding and head are still one
+weight. The trainer applies them once per step; the pure functions below are the math of each.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ class Schedule:
             )
         if t.batch_size_start and t.batch_ramp_steps < 1:
             raise MuonGPTError("training.batch_size_start needs training.batch_ramp_steps >= 1")
-        self.seq_lens = (list(t.seq_len_schedule), t.seq_len)
+        self.row_lengths, self.seq_len = list(t.seq_len_schedule), t.seq_len
         if any(n < 1 for n in t.seq_len_schedule):
             raise MuonGPTError(
                 f"training.seq_len_schedule must list row lengths >= 1, got {list(t.seq_len_schedule)}"
@@ -191,9 +191,9 @@ class Schedule:
             window = attention_window(step, self.total, start, end, block=block)
         start, full, ramp, unit = self.batch
         micro = batch_rows(step, start, full, ramp, unit) // unit
-        seq_len = row_length(step, self.total, *self.seq_lens)
+        seq_len = row_length(step, self.total, self.row_lengths, self.seq_len)
         if self.lr_token_power:  # lr ∝ tokens^p: smaller steps of a ramp or row schedule
-            tokens = micro * unit * seq_len / (full * self.seq_lens[1])
+            tokens = micro * unit * seq_len / (full * self.seq_len)
             lr *= tokens**self.lr_token_power
         tied = None if self.untie_step is None else step < self.untie_step
         return StepSettings(lr, momentum, window, micro, seq_len, tied)
@@ -202,5 +202,5 @@ class Schedule:
         """{row length: the first step that trains on it}, in order of first use."""
         starts: dict[int, int] = {}
         for step in range(self.total):
-            starts.setdefault(row_length(step, self.total, *self.seq_lens), step)
+            starts.setdefault(row_length(step, self.total, self.row_lengths, self.seq_len), step)
         return starts
