@@ -592,25 +592,46 @@ def test_lr_follows_each_steps_tokens_to_a_power(tmp_path):
     assert ratios == pytest.approx(expected, rel=1e-12)
 
 
-def test_each_row_length_compiles_its_own_static_graph_in_the_warm_up(tmp_path):
-    """Three row lengths give three compiled graphs (with dynamo's automatic dynamic shapes the
-    second length would trace one graph of symbolic length that also serves the third), all
-    compiled by the warm-up: the training steps after it compile nothing."""
+@pytest.mark.parametrize("lengths", ["[16,24,48]", "[16]"])
+def test_each_row_length_compiles_its_own_static_graph_in_the_warm_up(tmp_path, lengths):
+    """Training rows of other lengths than evaluation's (seq_len 32) compile one static graph
+    per length, none of symbolic length (dynamo's automatic dynamic shapes would trace one at
+    the first change of shape, the evaluation's included), and all the training graphs in the
+    warm-up: the training steps after it and after an evaluation compile nothing."""
+    import logging
+
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     from muongpt.train.trainer import compile_warmup
 
+    symbols = []
+
+    class Symbols(logging.Handler):
+        def emit(self, record):
+            if "create_symbol" in record.getMessage():
+                symbols.append(record.getMessage())
+
+    shapes_log, handler = logging.getLogger("torch.fx.experimental.symbolic_shapes"), Symbols()
     torch._dynamo.reset()
     counters.clear()
-    rows = "training.seq_len_schedule=[16,32,48]"
-    trainer = make_trainer(tmp_path, "training.compile=true", rows)
-    compile_warmup(trainer, 1)
-    assert counters["stats"]["unique_graphs"] == 3
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for _ in range(MAX_STEPS):
-            trainer.train_step()
-    trainer.close()
+    torch._logging.set_logs(dynamic=logging.INFO)
+    shapes_log.addHandler(handler)
+    try:
+        trainer = make_trainer(
+            tmp_path, "training.compile=true", f"training.seq_len_schedule={lengths}"
+        )
+        compile_warmup(trainer, 1)
+        assert counters["stats"]["unique_graphs"] == lengths.count(",") + 1
+        trainer.evaluate()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(MAX_STEPS):
+                trainer.train_step()
+        trainer.close()
+    finally:
+        shapes_log.removeHandler(handler)
+        torch._logging.set_logs()
+    assert symbols == []
 
 
 def test_checkpoint_minutes_saves_at_log_steps_once_the_time_has_passed(tmp_path):

@@ -175,9 +175,10 @@ class Trainer:
             window_block=getattr(self.model, "window_block", 1),
             tied=self.model.tied_weights() is not None,
         )
-        # several row lengths: one static graph each (after a first change of shape, dynamo's
-        # automatic dynamic shapes would trace one graph of symbolic length instead)
-        dynamic = False if len(self.schedule.row_length_starts()) > 1 else None
+        # rows of several lengths (training's and evaluation's): one static graph each (after a
+        # first change of shape, dynamo's automatic dynamic shapes would trace a symbolic one)
+        lengths = {*self.schedule.row_length_starts(), t.seq_len}
+        dynamic = False if len(lengths) > 1 else None
         self.forward = (
             compile_model(self.model, t.compile_mode, t.inductor, dynamic)
             if t.compile
