@@ -16,6 +16,15 @@ fi
 if compgen -G ".devcache/compile_cache.tar.xz.[0-9]*" > /dev/null; then
   cat .devcache/compile_cache.tar.xz.[0-9]* | tar -xJf - -C /tmp/compile_cache
 fi
+# A call's results: the work folder $1 (/tmp/.../NAME) packed whole into $OUT/NAME.tar.gz (written
+# under a name of its own per writer, $2, then renamed: parallel writers never leave half an
+# archive), its JSONs copied beside it (few files come back; the logs stay in the archive).
+pack_results() {
+  local name tmp
+  name=$(basename "$1") && tmp="$OUT/.$name.${2:-0}.tar.gz"
+  tar -czf "$tmp" -C "$(dirname "$1")" "$name" && mv -f "$tmp" "$OUT/$name.tar.gz"
+  cp "$1"/*.json "$OUT"/ 2>/dev/null
+}
 # The code of a run named name@ARCHIVE: a carried git archive of an earlier commit (its src and
 # benchmarks/speedrun.py), unpacked once under /tmp/versions; a plain name runs this checkout.
 code_root() {

@@ -13,10 +13,6 @@
 set -uo pipefail
 source benchmarks/device_setup.sh
 R=/tmp/parallel_runs/par; rm -rf "$R"; mkdir -p "$R"
-pack() {  # $1: a name of its own per writer; the mv swaps the archive in whole
-  tar -czf "$OUT/.par.$1.tar.gz" -C "${R%/*}" par && mv -f "$OUT/.par.$1.tar.gz" "$OUT/par.tar.gz"
-  cp "$R"/*.json "$OUT"/ 2>/dev/null
-}
 NGPU=$(nvidia-smi -L | wc -l)
 IFS=';' read -ra LIST <<< "${JOBS:?set JOBS}"
 for item in "${LIST[@]}"; do code_root "${item%%|*}" > /dev/null || exit 1; done  # unpack once
@@ -45,12 +41,12 @@ for ((g = 0; g < NGPU; g++)); do
     for ((i = g; i < ${#LIST[@]}; i += NGPU)); do
       IFS='|' read -r name kind args <<< "${LIST[$i]}"
       run_job "$g" "$name" "$kind" "$args"
-      pack "$g"
+      pack_results "$R" "$g"  # one writer per GPU
     done
   ) &
 done
 wait
-pack all
+pack_results "$R" all
 echo "=== logs (tails)"
 for f in "$R"/*.log; do
   echo "--- $(basename "$f")"

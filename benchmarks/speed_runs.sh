@@ -14,14 +14,13 @@
 set -uo pipefail
 source benchmarks/device_setup.sh
 R=/tmp/speed_runs/speed; rm -rf "$R"; mkdir -p "$R"
-pack() { tar -czf "$OUT/speed.tar.gz" -C "${R%/*}" speed; cp "$R"/*.json "$OUT"/ 2>/dev/null; }
 if [ -n "${PRETEST:-}" ]; then
   echo "=== pytest $PRETEST"
   # eval: PRETEST's own quotes group a -k expression ("-k 'a or b'")
   eval "timeout 240 python3 -m pytest -q -x --tb=short -p no:cacheprovider $PRETEST" \
     > "$R/pretest.log" 2>&1
   grep -vE "DEBUG|warn|Warning|^ *$" "$R/pretest.log" | tail -n 40
-  pack
+  pack_results "$R"
 fi
 COMMON="experiment=speedrun_bench $D training.export_safetensors=false"
 IFS=';' read -ra LIST <<< "${RUNS:-default|}"
@@ -34,7 +33,7 @@ for item in "${LIST[@]}"; do
     "$root/benchmarks/speedrun.py" --name "$name" --out "$R/$name.json" \
     $COMMON $extra > "$R/$name.log" 2>&1
   grep -E "val loss|compile warm-up|RESULT|Error|error" "$R/$name.log" | tail -n 14
-  pack
+  pack_results "$R"
 done
 echo "=== summary"
 for f in "$R"/*.json; do [ -e "$f" ] || continue; python3 -c "
