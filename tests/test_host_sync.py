@@ -1,0 +1,115 @@
+"""A training step between clock reads makes no device->host synchronisation.
+
+On a GPU the host queues a step's kernels while the device still runs the previous step's: one
+value read back from the device (``.item()``, ``bool(t)``, ``nonzero``, a boolean index) in the
+step empties that queue and leaves the GPU idle while the host catches up. The trainer reads the
+loss only at log steps (``Trainer.clock_read_at``). These tests run the speed-run model's step on
+the CPU under a dispatch mode that records every operator that would wait for the device.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import muongpt
+from muongpt.model.masks import document_block_mask
+from muongpt.model.speedrun import documents
+from test_resume import make_trainer
+
+PACKAGE = str(Path(muongpt.__file__).parent)
+# operators whose result the host must wait for (a scalar read back, a data-dependent shape)
+SYNCING = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "_unique2"}
+
+# the speed-run parts of experiment=speedrun_bench, small, with a row-length schedule, a batch
+# ramp and the lr scaled with the step's tokens
+SPEEDRUN_STEP = [
+    "model=speedrun",
+    "model.n_layer=4",
+    "model.value_embeds=1",
+    "model.bigram_rows=64",
+    "model.backout_after=2",
+    "model.gate_dims=4",
+    "model.mlp_free_layers=[0]",
+    "model.tie_embed_head=true",
+    "model.mixing.pattern=[attention,attention,none,attention]",
+    "optimizer.normuon=true",
+    "training.log_every=100",
+    "training.eval_every=100",
+    "training.max_steps=12",
+    "training.attn_window_start=8",
+    "training.seq_len_schedule=[16,32]",
+    "training.micro_batch_size=2",
+    "training.batch_size_start=2",
+    "training.batch_ramp_steps=4",
+    "training.lr_token_power=0.5",
+]
+
+
+class HostReads(TorchDispatchMode):
+    """Records the syncing operators called, with the innermost muongpt frame that called them.
+    ``ignore``: tensors whose reads are not device syncs (optimizer step counts, CPU-resident on a
+    GPU as well, for torch's non-capturable optimizers)."""
+
+    def __init__(self, ignore=()):
+        super().__init__()
+        self.ignore = {t.data_ptr() for t in ignore}
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if name in SYNCING and not all(t.data_ptr() in self.ignore for t in tensors):
+            frames = [f for f in traceback.extract_stack() if f.filename.startswith(PACKAGE)]
+            where = f"{frames[-1].filename[len(PACKAGE) :]}:{frames[-1].lineno}" if frames else "?"
+            self.reads.append(f"{func.__name__} from {where}")
+        return func(*args, **(kwargs or {}))
+
+
+def step_counts(optimizer) -> list[torch.Tensor]:
+    return [
+        s["step"]
+        for opt in optimizer.optimizers
+        for s in opt.state.values()
+        if isinstance(s.get("step"), torch.Tensor)
+    ]
+
+
+def test_speedrun_training_steps_read_nothing_back_from_the_device(tmp_path):
+    """Steps 3-8 (no log, evaluation or checkpoint step among them; the batch ramp, the window
+    schedule and the change of row length inside) call no syncing operator; with
+    ``training.max_bad_steps=1`` the non-finite guard reads the loss at every step (one
+    ``_local_scalar_dense`` per step), which shows the recorder sees a read."""
+    trainer = make_trainer(tmp_path, *SPEEDRUN_STEP, "training.checkpoint_every=0")
+    for _ in range(2):  # the optimizers' states exist from the first step
+        trainer.train_step()
+    with HostReads(ignore=step_counts(trainer.optimizer)) as recorder:
+        for _ in range(6):
+            assert not trainer.clock_read_at(trainer.step + 1)
+            trainer.train_step()
+    assert trainer.train_loader.T == 32  # the row length changed inside
+    assert recorder.reads == []
+    trainer.close()
+
+    (tmp_path / "guarded").mkdir()
+    guarded = make_trainer(tmp_path / "guarded", *SPEEDRUN_STEP, "training.max_bad_steps=1")
+    for _ in range(2):
+        guarded.train_step()
+    with HostReads(ignore=step_counts(guarded.optimizer)) as recorder:
+        for _ in range(3):
+            guarded.train_step()
+    assert len(recorder.reads) == 3 and all("resilience.py" in r for r in recorder.reads)
+    guarded.close()
+
+
+def test_the_flex_block_mask_is_built_without_reading_the_device():
+    """The FlexAttention mask (built eagerly in the compiled model, on the GPU) of a batch with
+    several documents and a window held in a tensor: no syncing operator."""
+    idx = torch.randint(0, 50_000, (2, 1024), generator=torch.Generator().manual_seed(0))
+    idx[:, ::300] = 50256
+    with HostReads() as recorder:
+        mask = document_block_mask(documents(idx, 50256), torch.tensor(256, dtype=torch.int32))
+    assert recorder.reads == [] and mask.kv_num_blocks.shape == (2, 1, 8)
