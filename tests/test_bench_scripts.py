@@ -1,5 +1,6 @@
 """The device-call scripts of benchmarks/: valid bash, runs of earlier code (name@ARCHIVE)
-unpacked where the run expects them, and speedrun.py's JSON on the CPU."""
+unpacked where the run expects them, speedrun.py's JSON on the CPU, profile_step.py's idle
+report."""
 
 import shutil
 import subprocess
@@ -76,3 +77,28 @@ def test_speedrun_script_writes_the_fields_the_summaries_read(tmp_path):
     assert [step for step, _ in r["train_loss_curve"]][-1] == 3
     assert "RESULT tiny: val" in run.stdout
     assert "checkpoint:" not in run.stdout + run.stderr  # training.save_checkpoints=false
+
+
+def test_profile_idle_report_counts_overlapping_gpu_events_once(tmp_path):
+    """profile_step.py's idle report: busy is the union of the GPU events (two overlapping
+    kernels count once), idle the rest of the span, gaps listed largest first."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("profile_step", BENCH / "profile_step.py")
+    profile_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_step)
+    events = [  # microseconds: [0, 10] and [5, 20] overlap, then gaps of 10 and 25
+        {"cat": "kernel", "name": "a", "ts": 0, "dur": 10},
+        {"cat": "kernel", "name": "b", "ts": 5, "dur": 15},
+        {"cat": "gpu_memcpy", "name": "copy", "ts": 30, "dur": 10},
+        {"cat": "kernel", "name": "c", "ts": 65, "dur": 5},
+        {"cat": "cpu_op", "name": "host", "ts": 0, "dur": 100},
+    ]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    text, busy_ms = profile_step.idle_report(trace)
+    assert busy_ms == pytest.approx(0.035)
+    assert text.splitlines()[0].startswith("GPU span 0.1 ms, busy 0.0 ms (50.0%), idle 0.0 ms in 2")
+    gaps = [line.split()[0] for line in text.splitlines()[2:]]
+    assert gaps == ["25", "10"]
