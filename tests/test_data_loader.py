@@ -227,6 +227,55 @@ def test_world_size_change_resumes_at_the_same_global_position(shards, align):
         assert torch.equal(next(loader)[0], steps[r][k][0])
 
 
+@pytest.mark.parametrize("align", [False, True])
+def test_a_change_of_row_length_continues_the_stream_on_every_rank(shards, stream, align):
+    """A row-length schedule on two ranks: 4 batches of rows of 64, 3 of 128 (after the prefetch
+    thread made batches ahead at 64), 2 of 32. Each global batch equals one rank's batch of
+    2 x B rows at the same lengths, a state taken after the change resumes with the very next
+    batch, and without alignment the rows tile the stream with no gap or repeat."""
+    B, lengths = 2, [64] * 4 + [128] * 3 + [32] * 2
+
+    def batches(loaders, state=None, start=0):
+        if state is not None:
+            for loader in loaders:
+                loader.set_seq_len(lengths[start])
+                loader.load_state_dict(state)
+        out = []
+        for T in lengths[start:]:
+            time.sleep(0.01)  # let the prefetch threads run ahead of the consumer
+            for loader in loaders:
+                loader.set_seq_len(T)
+                assert loader.tokens_per_batch == len(loaders) * loader.B * T  # the global batch
+            out.append([next(loader) for loader in loaders])
+        return out
+
+    def loaders(W, b):
+        return [
+            TokenLoader(shards, b, 64, rank=r, world_size=W, epochs=1, align_to_bos=align)
+            for r in range(W)
+        ]
+
+    two = batches(loaders(2, B))
+    one = batches(loaders(1, 2 * B))
+    for parts, [(x1, y1)] in zip(two, one, strict=True):
+        assert torch.equal(torch.cat([x for x, _ in parts]), x1)
+        assert torch.equal(torch.cat([y for _, y in parts]), y1)
+    if not align:
+        rows = torch.cat([x.reshape(-1) for parts in two for x, _ in parts])
+        assert np.array_equal(rows.numpy(), stream[: len(rows)])
+        assert len(rows) == 2 * B * sum(lengths)
+    midway = loaders(2, B)  # through the change to 128, then a state and a resume
+    for T in lengths[:5]:
+        for loader in midway:
+            loader.set_seq_len(T)
+            next(loader)
+    state = roundtrip(midway[0].state_dict())
+    resumed = batches(loaders(2, B), state, start=5)
+    for got, want in zip(resumed, two[5:], strict=True):
+        for (x, y), (rx, ry) in zip(got, want, strict=True):
+            assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
 def test_sources_as_folder_glob_and_arrays(shards, stream):
     B, T = 8, 64
     ref = take(TokenLoader(shards, B, T), 5)
