@@ -559,15 +559,20 @@ def test_torchrun_matches_one_process_and_resumes_across_world_sizes(tmp_path):
 @pytest.mark.slow
 def test_torchrun_trains_a_tied_embedding_and_head_as_one_process_does(tmp_path):
     """model.tie_embed_head untied at step 4 of 8, on two ranks and on one: the same losses and
-    weights (the sharded AdamW folds the table's rows into the head's while tied)."""
+    weights (the sharded AdamW folds the table's rows into the head's while tied); with rows of
+    16 tokens for steps 0-3 and 32 after (``training.seq_len_schedule``) on both."""
     runs = {}
+    rows = "training.seq_len_schedule=[16,32]"
     for nproc in (2, 1):
         run_dir = tmp_path / f"ranks{nproc}"
-        proc = train(*TINY, *TIED_SPEEDRUN, f"hydra.run.dir={run_dir}", cwd=tmp_path, nproc=nproc)
+        proc = train(
+            *TINY, *TIED_SPEEDRUN, rows, f"hydra.run.dir={run_dir}", cwd=tmp_path, nproc=nproc
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[nproc] = run_dir
     assert_same_training(metrics(runs[2]), metrics(runs[1]), range(9))
     assert_same_weights(checkpoint(runs[2], 8), checkpoint(runs[1], 8))
+    assert [metrics(runs[2])[s]["tokens"] for s in (4, 8)] == [4 * 4 * 16, 4 * 4 * (16 + 32)]
     weights = checkpoint(runs[2], 4)["model"]  # still tied at the step-4 checkpoint
     assert torch.equal(weights["embed.weight"], weights["lm_head.weight"])
 
