@@ -567,6 +567,11 @@ def test_row_length_schedule_reads_the_stream_once_resumes_exactly_and_warms_up_
     whole.close(), resumed.close(), warmed.close()
     with pytest.raises(MuonGPTError, match=r"seq_len_schedule must list row lengths >= 1"):
         make_trainer(tmp_path / "c", "training.seq_len_schedule=[16,0]")
+    too_many = f"training.seq_len_schedule=[{','.join(['16'] * (MAX_STEPS + 1))}]"
+    (tmp_path / "d").mkdir(), (tmp_path / "e").mkdir()
+    with pytest.raises(MuonGPTError, match=r"lists 13 row lengths, more than training.max_steps"):
+        make_trainer(tmp_path / "d", too_many)
+    make_trainer(tmp_path / "e", too_many.replace("16,", "", 1)).close()  # one step each: fine
 
 
 def test_lr_follows_each_steps_tokens_to_a_power(tmp_path):

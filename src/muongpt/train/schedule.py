@@ -176,6 +176,11 @@ class Schedule:
             raise MuonGPTError(
                 f"training.seq_len_schedule must list row lengths >= 1, got {list(t.seq_len_schedule)}"
             )
+        if len(t.seq_len_schedule) > t.max_steps:  # a part without a step: a length never used
+            raise MuonGPTError(
+                f"training.seq_len_schedule lists {len(t.seq_len_schedule)} row lengths, more "
+                f"than training.max_steps ({t.max_steps}): each needs at least one step"
+            )
         if not 0 < t.untie_embed_head_frac <= 1:
             raise MuonGPTError(
                 f"training.untie_embed_head_frac must be in (0, 1], got {t.untie_embed_head_frac}"
