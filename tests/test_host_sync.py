@@ -1,7 +1,7 @@
 """A training step between clock reads makes no device->host synchronisation.
 
 On a GPU the host queues a step's kernels while the device still runs the previous step's: one
-value read back from the device (``.item()``, ``bool(t)``, ``nonzero``, a boolean index) in the
+value read back from the device (``.item()``, ``bool(t)``, ``nonzero``, a boolean mask) in the
 step empties that queue and leaves the GPU idle while the host catches up. The trainer reads the
 loss only at log steps (``Trainer.clock_read_at``). These tests run the speed-run model's step on
 the CPU under a dispatch mode that records every operator that would wait for the device.
@@ -21,7 +21,8 @@ from muongpt.model.speedrun import documents
 from test_resume import make_trainer
 
 PACKAGE = str(Path(muongpt.__file__).parent)
-# operators whose result the host must wait for (a scalar read back, a data-dependent shape)
+# operators whose result the host must wait for (a scalar read back, a data-dependent shape);
+# boolean-mask indexing and repeat_interleave by a tensor too (``HostReads.syncs``)
 SYNCING = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "_unique2"}
 
 # the speed-run parts of experiment=speedrun_bench, small, with a row-length schedule, a batch
@@ -60,13 +61,24 @@ class HostReads(TorchDispatchMode):
         self.reads: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if name in SYNCING and not all(t.data_ptr() in self.ignore for t in tensors):
+        kwargs = kwargs or {}
+        if self.syncs(func, args, kwargs):
             frames = [f for f in traceback.extract_stack() if f.filename.startswith(PACKAGE)]
             where = f"{frames[-1].filename[len(PACKAGE) :]}:{frames[-1].lineno}" if frames else "?"
             self.reads.append(f"{func.__name__} from {where}")
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
+
+    def syncs(self, func, args, kwargs) -> bool:
+        name = func.__name__.split(".")[0]
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if name in SYNCING:
+            return not all(t.data_ptr() in self.ignore for t in tensors)
+        if name in ("index", "index_put", "index_put_"):  # a boolean mask: its count of Trues
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            return any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in indices)
+        if func is torch.ops.aten.repeat_interleave.Tensor:  # the output's size is the sum
+            return kwargs.get("output_size") is None
+        return False
 
 
 def step_counts(optimizer) -> list[torch.Tensor]:
@@ -113,3 +125,25 @@ def test_the_flex_block_mask_is_built_without_reading_the_device():
     with HostReads() as recorder:
         mask = document_block_mask(documents(idx, 50256), torch.tensor(256, dtype=torch.int32))
     assert recorder.reads == [] and mask.kv_num_blocks.shape == (2, 1, 8)
+
+
+def test_the_recorder_sees_each_kind_of_read():
+    """Reads that wait for the device are recorded (a scalar, a boolean mask, a count of
+    nonzeros, a tensor of repeats); reads of known size are not."""
+    x = torch.randn(6)
+    reads = {
+        "item": lambda: x.sum().item(),
+        "bool": lambda: bool(x[0] > 0),
+        "mask": lambda: x[x > 0],
+        "masked write": lambda: x.clone().index_put_((x > 0,), torch.tensor(0.0)),
+        "nonzero": lambda: torch.nonzero(x),
+        "repeats": lambda: torch.repeat_interleave(x, torch.full((6,), 2)),
+    }
+    for what, read in reads.items():
+        with HostReads() as recorder:
+            read()
+        assert len(recorder.reads) == 1, what
+    with HostReads() as recorder:
+        x[torch.tensor([0, 2])], x.repeat_interleave(2), torch.where(x > 0, x, 0)
+        torch.repeat_interleave(x, torch.full((6,), 2), output_size=12)
+    assert recorder.reads == []
