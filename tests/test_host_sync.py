@@ -16,6 +16,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import muongpt
+from kernel_marks import needs_interpreter
+from muongpt.kernels import muon_pointwise, newton_schulz, relu2_mlp
 from muongpt.model.masks import document_block_mask
 from muongpt.model.speedrun import documents
 from test_resume import make_trainer
@@ -147,3 +149,30 @@ def test_the_recorder_sees_each_kind_of_read():
         x[torch.tensor([0, 2])], x.repeat_interleave(2), torch.where(x > 0, x, 0)
         torch.repeat_interleave(x, torch.full((6,), 2), output_size=12)
     assert recorder.reads == []
+
+
+@needs_interpreter
+def test_the_triton_kernels_launch_without_reading_the_device():
+    """The launch code of Muon's kernels (the symmetric products, the momentum and update
+    passes) and of the fused ReLU² MLP, run under Triton's interpreter on CPU tensors: no
+    syncing operator (a grid sized from a tensor's values would be one)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 32, 48, generator=g).to(torch.bfloat16)
+    grads = [torch.randn(32, 48, generator=g) for _ in range(2)]
+    bufs = [torch.zeros(32, 48) for _ in range(2)]
+    weights = [torch.randn(32, 48, generator=g) for _ in range(2)]
+    x, w1 = torch.randn(64, 32, generator=g), torch.randn(128, 32, generator=g)
+    small = relu2_mlp.GemmConfig(32, 64, 32, 4, 2, 4)  # few interpreted programs
+    stack = torch.empty(2, 32, 48, dtype=torch.bfloat16)
+    with HostReads() as recorder:
+        a = newton_schulz.symmetric_gram(y)
+        b = newton_schulz.symmetric_gram(a, a, alpha=0.5, beta=1.0)
+        newton_schulz.poly_times(b, y, 2.0, product="triton")
+        muon_pointwise.momentum_into_stack(grads, bufs, stack, 2, 0.9, True)
+        muon_pointwise.apply_stack(weights, stack, False, 0.1, 0.0, False, 1.0)
+        for kernel in relu2_mlp.KERNELS:
+            post = relu2_mlp.fc_relu2_kernel(x, w1, small, kernel)
+            relu2_mlp.grad_pre_kernel(x, w1.T.contiguous(), post, small, kernel)
+    assert recorder.reads == []
+    # the kernels ran, not their PyTorch forms
+    assert newton_schulz.kernel_usable(y) and muon_pointwise.kernel_usable(stack, grads, bufs)
