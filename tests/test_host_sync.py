@@ -12,6 +12,7 @@ from __future__ import annotations
 import traceback
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -176,3 +177,33 @@ def test_the_triton_kernels_launch_without_reading_the_device():
     assert recorder.reads == []
     # the kernels ran, not their PyTorch forms
     assert newton_schulz.kernel_usable(y) and muon_pointwise.kernel_usable(stack, grads, bufs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_speedrun_steps_on_cuda_never_synchronize(tmp_path):
+    """On a GPU, with the speed run's converters and compilation: after two steps (compilation),
+    three steps under ``torch.cuda.set_sync_debug_mode("error")``, which raises at any call that
+    waits for the device (a scalar read, a blocking copy, a stream synchronization)."""
+    cuda = {
+        "model.n_embd": "128",
+        "model.attn_window": "256",
+        "training.device": "cuda",
+        "training.compile": "true",
+        "training.seq_len": "256",
+        "training.seq_len_schedule": "[128,256]",
+        "training.attn_window_start": "128",
+        "training.checkpoint_every": "0",
+        "kernels.converters": "[flex_attention,fp8_head_loss,fused_mlp]",
+    }
+    kept = [o for o in SPEEDRUN_STEP if o.split("=")[0] not in cuda]
+    trainer = make_trainer(tmp_path, *kept, *(f"{k}={v}" for k, v in cuda.items()))
+    for _ in range(2):
+        trainer.train_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [trainer.train_step() for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert trainer.step == 5 and bool(torch.isfinite(torch.stack(losses)).all())
+    trainer.close()
