@@ -204,8 +204,11 @@ class Schedule:
         return StepSettings(lr, momentum, window, micro, seq_len, tied)
 
     def row_length_starts(self) -> dict[int, int]:
-        """{row length: the first step that trains on it}, in order of first use."""
-        starts: dict[int, int] = {}
-        for step in range(self.total):
-            starts.setdefault(row_length(step, self.total, self.row_lengths, self.seq_len), step)
+        """{row length: the first step that trains on it}, in order of first use: slice i of
+        ``row_length``'s n starts at step ⌈i·S/n⌉."""
+        if not self.row_lengths:
+            return {self.seq_len: 0}
+        n, starts = len(self.row_lengths), {}
+        for i, length in enumerate(self.row_lengths):
+            starts.setdefault(length, -(-i * self.total // n))
         return starts
