@@ -126,8 +126,8 @@ def test_a_small_bench_on_the_cpu_times_full_steps_and_splits_them(tmp_path, cap
 
     step_tokens, train_step = [], Trainer.train_step
 
-    def counted(self):
-        loss = train_step(self)
+    def counted(self, *args):
+        loss = train_step(self, *args)
         step_tokens.append(self.last_step_tokens)
         return loss
 
@@ -146,7 +146,7 @@ def test_a_small_bench_on_the_cpu_times_full_steps_and_splits_them(tmp_path, cap
     assert rc == 0, err
     report = json.loads(out.read_text())
     assert report["tokens_per_step"] == 4 * 32 and report["grad_accum"] == 2
-    assert step_tokens == [4 * 32] * 3  # warm-up and timed steps
+    assert step_tokens == [4 * 32] * 5  # warm-up, timed and split steps
     assert set(report["split_ms"]) == {"data", "forward_backward", "optimizer"}
     assert all(ms > 0 for ms in report["split_ms"].values())
     assert "split (synced)" in stdout

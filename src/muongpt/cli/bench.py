@@ -179,32 +179,13 @@ def _sync(device) -> None:
 
 
 def split_step(trainer) -> dict[str, float]:
-    """One training step with a synchronisation around each segment: seconds per segment."""
-    t, dev = trainer.cfg.training, trainer.device
-    accum = trainer.apply_schedule()
-    data_s = fb_s = 0.0
-    for micro in range(accum):
-        _sync(dev)
-        t0 = time.perf_counter()
-        inputs, targets = next(trainer.train_loader)
-        _sync(dev)
-        t1 = time.perf_counter()
-        with trainer.autocast():
-            loss = trainer.forward(inputs, targets)
-        if micro == accum - 1:  # as Trainer.train_step: sharded optimizers reduce in backward
-            trainer.optimizer.reduce_during_next_backward()
-        (loss / accum).backward()
-        _sync(dev)
-        data_s += t1 - t0
-        fb_s += time.perf_counter() - t1
-    t2 = time.perf_counter()
-    if t.grad_clip > 0:
-        trainer.optimizer.clip_grad_norm_(t.grad_clip)
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    _sync(dev)
-    trainer.step += 1
-    return {"data": data_s, "forward_backward": fb_s, "optimizer": time.perf_counter() - t2}
+    """One training step with a synchronisation around each part: seconds of data,
+    forward_backward and optimizer (``Trainer.train_step``'s own parts)."""
+    from muongpt.train.trainer import StepClock
+
+    clock = StepClock(trainer.device)
+    trainer.train_step(clock)
+    return clock.seconds
 
 
 def run_bench(opts: dict, overrides: list[str]) -> dict:

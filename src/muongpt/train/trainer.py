@@ -289,25 +289,34 @@ class Trainer:
             self.optimizer.tied = settings.embed_head_tied
         return settings.micro_steps
 
-    def train_step(self) -> torch.Tensor:
-        """One optimizer step over its micro-batches; returns the mean loss (on device)."""
+    def train_step(self, clock: StepClock | None = None) -> torch.Tensor:
+        """One optimizer step over its micro-batches; returns the mean loss (on device).
+        ``clock``: the seconds of its parts (``muongpt bench``'s split; synchronises)."""
         t = self.cfg.training
         accum = self.apply_schedule()
         loss_sum = torch.zeros((), device=self.device)
+        if clock is not None:
+            clock.start()
         for micro in range(accum):
             inputs, targets = next(self.train_loader)
+            if clock is not None:
+                clock.lap("data")
             with self.autocast():
                 loss = self.forward(inputs, targets)
             if micro == accum - 1:  # sharded optimizers reduce grads during backward
                 self.optimizer.reduce_during_next_backward()
             (loss / accum).backward()
             loss_sum += loss.detach().float()
+            if clock is not None:
+                clock.lap("forward_backward")
         mean_loss = loss_sum / accum
         if self.guard.observe(mean_loss, self.step + 1):  # False: a non-finite step to skip
             if t.grad_clip > 0:
                 self.optimizer.clip_grad_norm_(t.grad_clip)  # of the mean grad over ranks
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if clock is not None:
+            clock.lap("optimizer")
         self.step += 1
         self.last_step_tokens = accum * self.train_loader.tokens_per_batch
         self.tokens_seen += self.last_step_tokens
@@ -581,6 +590,27 @@ class Trainer:
         self.preemption.restore()
         resilience.release_run_dir(self)
         shutdown(self.ctx)
+
+
+class StepClock:
+    """Seconds per part of a training step ({part: seconds}, summed over micro-steps): each
+    lap waits for the device, so a part's kernels are timed in it, not in the next."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds, self._last = device, {}, 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self._last = self._now()
+
+    def lap(self, part: str) -> None:
+        now = self._now()
+        self.seconds[part] = self.seconds.get(part, 0.0) + now - self._last
+        self._last = now
 
 
 # ---------------------------------------------------------------- compile warm-up (speed runs)
