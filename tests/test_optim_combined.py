@@ -292,7 +292,8 @@ def test_the_builder_reads_every_field_of_each_schema(name):
             return object.__getattribute__(self, key)
 
     build_optimizer(TinyModel(), Recording())
-    schedule = {"momentum_start", "momentum_warmup_steps"}  # the trainer's schedule reads these
+    # the trainer's schedule reads these
+    schedule = {"momentum_start", "momentum_warmup_steps", "momentum_cooldown_steps"}
     assert read | schedule >= {f.name for f in dataclasses.fields(schema)}
 
 
@@ -347,6 +348,12 @@ def test_lr_multiplier_and_momentum_schedules():
     assert muon_momentum(150, 0.85, 0.95, 300) == pytest.approx(0.90)
     assert muon_momentum(10_000, 0.85, 0.95, 300) == 0.95
     assert muon_momentum(3, 0.85, 0.95, 0) == 0.95
+    # cooled down over the last 4 of 12 steps, back towards 0.85 at step 12
+    cooled = [muon_momentum(s, 0.85, 0.95, 0, 4, 12) for s in range(12)]
+    assert cooled == pytest.approx([0.95] * 9 + [0.925, 0.90, 0.875])
+    # a warm-up still rising at the cooldown: the lower of the two ramps
+    rising = [muon_momentum(s, 0.85, 0.95, 20, 4, 12) for s in range(12)]
+    assert rising == pytest.approx([0.85 + 0.005 * s for s in range(11)] + [0.875])
     with pytest.raises(MuonGPTError, match="exceed"):
         lr_multiplier(0, 10, 6, 6)
     with pytest.raises(MuonGPTError, match="final_lr_frac"):

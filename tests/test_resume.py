@@ -597,6 +597,26 @@ def test_lr_follows_each_steps_tokens_to_a_power(tmp_path):
     assert ratios == pytest.approx(expected, rel=1e-12)
 
 
+def test_muon_momentum_cools_down_over_the_last_steps(tmp_path):
+    """optimizer.momentum_cooldown_steps=4: the trainer gives Muon momentum 0.95 until the last
+    four steps, then 0.925, 0.90, 0.875 (towards momentum_start at the end); AdamW is untouched.
+    More steps than the run is a one-line error."""
+    trainer = make_trainer(
+        tmp_path, "optimizer.momentum_warmup_steps=0", "optimizer.momentum_cooldown_steps=4"
+    )
+    used = []
+    for _ in range(MAX_STEPS):
+        trainer.train_step()
+        used.append({g["momentum"] for g in trainer.optimizer.param_groups if "momentum" in g})
+    trainer.close()
+    assert [m.pop() for m in used if len(m) == 1] == pytest.approx(
+        [0.95] * (MAX_STEPS - 3) + [0.925, 0.90, 0.875]
+    )
+    (tmp_path / "long").mkdir()
+    with pytest.raises(MuonGPTError, match=r"momentum_cooldown_steps must be in \[0, training"):
+        make_trainer(tmp_path / "long", f"optimizer.momentum_cooldown_steps={MAX_STEPS + 1}")
+
+
 @pytest.mark.parametrize("lengths", ["[16,24,48]", "[16]"])
 def test_each_row_length_compiles_its_own_static_graph_in_the_warm_up(tmp_path, lengths):
     """Training rows of other lengths than evaluation's (seq_len 32) compile one static graph

@@ -300,10 +300,9 @@ def validate_config(cfg: OptimizerConfig) -> None:
         check_unit(cfg.momentum, "optimizer.momentum")
         check_unit(cfg.momentum_start, "optimizer.momentum_start")
         check_unit(cfg.normuon_beta2, "optimizer.normuon_beta2")
-        if cfg.momentum_warmup_steps < 0:
-            raise OptimizerError(
-                f"optimizer.momentum_warmup_steps must be >= 0, got {cfg.momentum_warmup_steps}"
-            )
+        for key in ("momentum_warmup_steps", "momentum_cooldown_steps"):
+            if getattr(cfg, key) < 0:
+                raise OptimizerError(f"optimizer.{key} must be >= 0, got {getattr(cfg, key)}")
 
 
 def _group(name: str, pairs: list, lr: float, **options) -> dict[str, Any]:

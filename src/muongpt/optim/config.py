@@ -48,6 +48,7 @@ class MuonConfig(HybridConfig):
     momentum: float = 0.95
     momentum_start: float = 0.85  # warmed up linearly to `momentum` ...
     momentum_warmup_steps: int = 300  # ... over this many steps
+    momentum_cooldown_steps: int = 0  # the last this many steps go back down to momentum_start
     nesterov: bool = True
     ns_steps: int = 5
     ns_coefficients: str = "polar_express"  # classic | polar_express

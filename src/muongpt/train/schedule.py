@@ -1,10 +1,11 @@
 """Everything that depends on the step, computed in one place.
 
 ``Schedule.at(step)`` gives the settings of one optimizer step: the lr multiplier (warmup, flat,
-linear cooldown; optionally scaled with the step's tokens), Muon's momentum (warmed up), the
-attention window (grown over the run), the number of micro-steps (the batch ramp), the training
-rows' length (the row-length schedule) and whether a tied embedding and head are still one
-weight. The trainer applies them once per step; the pure functions below are the math of each.
+linear cooldown; optionally scaled with the step's tokens), Muon's momentum (warmed up, and
+optionally cooled down at the end), the attention window (grown over the run), the number of
+micro-steps (the batch ramp), the training rows' length (the row-length schedule) and whether a
+tied embedding and head are still one weight. The trainer applies them once per step; the pure
+functions below are the math of each.
 """
 
 from __future__ import annotations
@@ -49,13 +50,25 @@ def lr_multiplier(
 
 
 def muon_momentum(
-    step: int, start: float = 0.85, end: float = 0.95, warmup_steps: int = 300
+    step: int,
+    start: float = 0.85,
+    end: float = 0.95,
+    warmup_steps: int = 300,
+    cooldown_steps: int = 0,
+    total_steps: int = 0,
 ) -> float:
-    """Momentum warmed up linearly from ``start`` to ``end`` over ``warmup_steps`` steps."""
-    if warmup_steps <= 0:
-        return end
-    frac = min(max(step, 0) / warmup_steps, 1.0)
-    return (1.0 - frac) * start + frac * end
+    """Momentum warmed up linearly from ``start`` to ``end`` over ``warmup_steps`` steps and,
+    over the last ``cooldown_steps`` of ``total_steps``, cooled linearly back towards ``start``
+    (reached at step == total_steps); where the two ramps overlap, the lower one holds. Less
+    momentum at the end of the run averages the last, small-lr updates over fewer gradients."""
+    frac = 1.0 if warmup_steps <= 0 else min(max(step, 0) / warmup_steps, 1.0)
+    momentum = (1.0 - frac) * start + frac * end
+    if cooldown_steps > 0 and step > total_steps - cooldown_steps:
+        left = (
+            max(total_steps - step, 0) / cooldown_steps
+        )  # 1 where the cooldown starts, 0 at the end
+        momentum = min(momentum, start + left * (end - start))
+    return momentum
 
 
 def attention_window(step: int, total_steps: int, start: int, end: int, block: int = 128) -> int:
@@ -145,10 +158,18 @@ class Schedule:
         self.lr_token_power = t.lr_token_power
         self.momentum = None
         if getattr(optimizer, "name", None) == "muon":
+            cooldown = optimizer.momentum_cooldown_steps
+            if not 0 <= cooldown <= t.max_steps:
+                raise MuonGPTError(
+                    f"optimizer.momentum_cooldown_steps must be in [0, training.max_steps = "
+                    f"{t.max_steps}], got {cooldown}"
+                )
             self.momentum = (
                 optimizer.momentum_start,
                 optimizer.momentum,
                 optimizer.momentum_warmup_steps,
+                cooldown,
+                t.max_steps,
             )
         self.window = None
         if t.attn_window_start:
