@@ -181,9 +181,13 @@ def test_the_triton_kernels_launch_without_reading_the_device():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_speedrun_steps_on_cuda_never_synchronize(tmp_path):
-    """On a GPU, with the speed run's converters and compilation: after two steps (compilation),
-    three steps under ``torch.cuda.set_sync_debug_mode("error")``, which raises at any call that
-    waits for the device (a scalar read, a blocking copy, a stream synchronization)."""
+    """On a GPU, with the speed run's converters and compilation: after the compile warm-up (as
+    the speed run does it: every row length compiled, then undone) and four steps, three steps
+    across the change of row length under ``torch.cuda.set_sync_debug_mode("error")``, which
+    raises at any call that waits for the device (a scalar read, a blocking copy, a stream
+    synchronization)."""
+    from muongpt.train.trainer import compile_warmup
+
     cuda = {
         "model.n_embd": "128",
         "model.attn_window": "256",
@@ -197,7 +201,8 @@ def test_compiled_speedrun_steps_on_cuda_never_synchronize(tmp_path):
     }
     kept = [o for o in SPEEDRUN_STEP if o.split("=")[0] not in cuda]
     trainer = make_trainer(tmp_path, *kept, *(f"{k}={v}" for k, v in cuda.items()))
-    for _ in range(2):
+    compile_warmup(trainer, 2)
+    for _ in range(4):  # the batch ramp's steps; row length 128 until step 6
         trainer.train_step()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -205,5 +210,6 @@ def test_compiled_speedrun_steps_on_cuda_never_synchronize(tmp_path):
         losses = [trainer.train_step() for _ in range(3)]
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert trainer.step == 5 and bool(torch.isfinite(torch.stack(losses)).all())
+    assert trainer.step == 7 and trainer.train_loader.T == 256
+    assert bool(torch.isfinite(torch.stack(losses)).all())
     trainer.close()
