@@ -114,6 +114,16 @@ def test_unwritable_run_folder_is_one_line(run_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "r.json").read_text())["n"] == 3  # the result is not lost
 
 
+def test_an_unwritable_out_path_is_refused_before_the_evaluation(run_dir, tmp_path, capsys):
+    run, data = run_dir
+    (tmp_path / "file").write_text("")
+    argv = [str(run), "--task", "hellaswag", "--data", str(data), "--no-progress"]
+    assert eval_cli.main([*argv, "--out", str(tmp_path / "file" / "r.json")]) == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "--out" in err and "is a file, not a folder" in err
+    assert "accuracy" not in out and runlog.read_evals(run) == []  # nothing was evaluated
+
+
 def test_report_and_plot_show_the_evaluations(run_dir, tmp_path, capsys):
     run, data = run_dir
     evaluate(run / "checkpoints" / "step_000003.pt", data)

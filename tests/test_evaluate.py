@@ -10,6 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from muongpt import MuonGPTError
 from muongpt.cli import evaluate as eval_cli
 from muongpt.config import CONF_DIR, model_config, register_configs
 from muongpt.data.shards import write_shard
@@ -189,6 +190,33 @@ def test_bad_inputs(checkpoint, tmp_path, capsys):
 
     argv = [str(checkpoint), "--data", str(text_file), "--seq-len", "0"]
     assert_clear_error(evaluate(argv, capsys), "--seq-len")
+
+    # an output path under a file: refused before the evaluation (no table printed)
+    argv = [str(checkpoint), "--data", str(text_file), "--json", str(text_file / "r.json")]
+    result = evaluate(argv, capsys)
+    assert_clear_error(result, "--json", "ok.txt is a file, not a folder")
+    assert "bits/byte" not in result[1]
+
+
+def test_output_files_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """write_text (reports, summaries, --json / --out files) writes a temporary file and renames
+    it: a write that fails part-way leaves the previous file as it was, and nothing beside it."""
+    from pathlib import Path
+
+    from muongpt.cli import write_text
+
+    path = write_text(tmp_path / "report.json", '{"loss": 1.0}\n', "--json")
+    real = Path.write_text
+
+    def torn(self, text, *args, **kwargs):  # half the text, then the disk fails
+        real(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(Path, "write_text", torn)
+    with pytest.raises(MuonGPTError, match=r"--json: cannot write .*report.json"):
+        write_text(path, '{"loss": 2.0, "more": "text"}\n', "--json")
+    assert path.read_text() == '{"loss": 1.0}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
 
 
 def test_progress_bar_counts_batches_and_a_run_folder_is_accepted(

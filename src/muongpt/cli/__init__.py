@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from muongpt import MuonGPTError
+from muongpt import MuonGPTError, atomic_write
 
 
 def report_errors(command: Callable[[], object]) -> int:
@@ -67,11 +67,12 @@ def probe_dir(path: str | Path, what: str) -> None:
 
 
 def write_text(path: str | Path, text: str, what: str) -> Path:
-    """Write a text file (its folder made first); failure is one line naming the path."""
+    """Write a text file (its folder made first) atomically: a failure part-way leaves the file
+    as it was, and a reader never sees it half-written; failure is one line naming the path."""
     path = Path(path)
     make_dirs(path.parent, what)
     try:
-        path.write_text(text, encoding="utf-8")
+        atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     except OSError as e:
         raise MuonGPTError(
             f"{what}: cannot write {path} ({e.strerror or type(e).__name__})"

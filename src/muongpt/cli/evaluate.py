@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from muongpt import MuonGPTError
-from muongpt.cli import report_errors
+from muongpt.cli import probe_dir, report_errors, write_text
 
 
 @dataclass
@@ -224,6 +224,8 @@ def run(args: argparse.Namespace) -> dict:
     for f in files:
         if not f.is_file():
             raise MuonGPTError(f"--data: file not found: {f}")
+    if args.json and args.json != "-":  # before the evaluation: a bad path should not cost it
+        probe_dir(Path(args.json).absolute().parent, "--json")
     from muongpt.cli.sample import model_file
 
     device = resolve_device(args.device)
@@ -247,7 +249,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.json == "-":
         print(json.dumps(report, indent=2))
     elif args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_text(args.json, json.dumps(report, indent=2) + "\n", "--json")
     return report
 
 

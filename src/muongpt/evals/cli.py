@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from muongpt import MuonGPTError
-from muongpt.cli import report_errors, write_text
+from muongpt.cli import probe_dir, report_errors, write_text
 
 TASKS = ("hellaswag",)
 
@@ -76,6 +76,8 @@ def run_harness(args: argparse.Namespace) -> dict:
     if not tasks:
         raise MuonGPTError("--harness: give one or more task names, comma-separated")
     checkpoint = model_file(args.checkpoint)
+    out = Path(args.out) if args.out else checkpoint.with_name(f"harness_{'_'.join(tasks)}.json")
+    probe_dir(out.absolute().parent, "--out")  # before the evaluation, which can take hours
     lm = model_class(
         checkpoint=checkpoint,
         window=args.seq_len,
@@ -94,8 +96,7 @@ def run_harness(args: argparse.Namespace) -> dict:
     except (KeyError, ValueError) as e:  # unknown task names, tasks that need more
         raise MuonGPTError(f"--harness {args.harness}: {str(e).strip().splitlines()[0]}") from None
     result = {"harness": tasks, "checkpoint": str(checkpoint), **output["results"]}
-    out = Path(args.out) if args.out else checkpoint.with_name(f"harness_{'_'.join(tasks)}.json")
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_text(out, json.dumps(result, indent=2, default=str) + "\n", "--out")
     found = {}
     for task, metrics in output["results"].items():
         shown = {  # "acc,none" -> acc; "alias" and the stderr entries are not figures
@@ -135,6 +136,8 @@ def run(args: argparse.Namespace) -> dict:
         if value is not None and value < 1:
             raise MuonGPTError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     checkpoint = model_file(args.checkpoint)  # a run folder: its newest checkpoint
+    if args.out:
+        probe_dir(Path(args.out).absolute().parent, "--out")
     if args.data is None:
         data = hellaswag.download_validation(cache_dir() / "hellaswag_val.jsonl")
     else:
