@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from muongpt import atomic_write
 from muongpt.cli.bench import (
     MFU_FORMULA,
     compose_config,
@@ -134,8 +135,9 @@ def main() -> int:
         ],
     }
     result["mfu"] = fpt * tok_s / result["peak_flops"] if result["peak_flops"] else None
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    # whole or absent: the device scripts copy every JSON while other runs may still write theirs
+    text = json.dumps(result, indent=1) + "\n"
+    atomic_write(args.out, lambda tmp: tmp.write_text(text))
     print(
         f"RESULT {result['name']}: val {result['val_loss']:.4f}  train {secs:.1f} s  "
         f"{result['ms_per_step']:.1f} ms/step  {tok_s:,.0f} tok/s  MFU "
