@@ -191,12 +191,6 @@ def test_bad_inputs(checkpoint, tmp_path, capsys):
     argv = [str(checkpoint), "--data", str(text_file), "--seq-len", "0"]
     assert_clear_error(evaluate(argv, capsys), "--seq-len")
 
-    # an output path under a file: refused before the evaluation (no table printed)
-    argv = [str(checkpoint), "--data", str(text_file), "--json", str(text_file / "r.json")]
-    result = evaluate(argv, capsys)
-    assert_clear_error(result, "--json", "ok.txt is a file, not a folder")
-    assert "bits/byte" not in result[1]
-
 
 def test_output_files_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     """write_text (reports, summaries, --json / --out files) writes a temporary file and renames

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from muongpt import MuonGPTError
-from muongpt.cli import report_errors
+from muongpt.cli import probe_dir, report_errors
 
 _SCAN_CHUNK = 1 << 24  # tokens per numpy pass for min/max
 
@@ -24,6 +24,7 @@ def _fineweb(args: argparse.Namespace) -> int:
     from muongpt.data.fineweb import download_fineweb, get_repo
 
     out = args.out or f"data/{get_repo(args.repo).repo_id.split('/')[-1].removesuffix('-gpt2')}"
+    probe_dir(out, "--out")
     paths, skipped = download_fineweb(
         out,
         repo=args.repo,
@@ -39,6 +40,7 @@ def _fineweb(args: argparse.Namespace) -> int:
 def _tokenize(args: argparse.Namespace) -> int:
     from muongpt.data.corpus import tokenize_corpus
 
+    probe_dir(args.out, "--out")
     summary = tokenize_corpus(
         args.inputs,
         args.out,

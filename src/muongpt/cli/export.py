@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from muongpt.cli import report_errors
+from muongpt.cli import probe_dir, report_errors
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -38,10 +39,13 @@ def run(args: argparse.Namespace) -> None:
     if args.format == "safetensors":
         from muongpt.train.checkpoint import export_checkpoint
 
+        if args.out:
+            probe_dir(Path(args.out).absolute().parent, "OUT")
         print(f"weights: {export_checkpoint(args.checkpoint, args.out)}")
         return
     from muongpt.export.hf import export_hf
 
+    probe_dir(Path(args.out_dir).absolute().parent, "OUT_DIR")
     out, gap = export_hf(args.checkpoint, args.out_dir, force=args.force, verify=not args.no_verify)
     checked = (
         f"; transformers' logits match muongpt's (max gap {gap:.1e})" if gap is not None else ""
