@@ -104,6 +104,8 @@ def test_size_override_changes_the_model(size, n_layer, n_embd):
         (["training.batch_size=0"], "batch_size"),
         (["training.batch_size=6", "training.micro_batch_size=4"], "multiple of micro_batch_size"),
         (["data=bench", "data.train_files=/nonexistent/*.bin"], "no shard files match"),
+        (["data.train_files=x/*.bin"], "data.train_files is not read with data.source=text"),
+        (["data=bench", "data.text_path=a.txt"], "data.text_path is not read with data.source="),
         (["training.attn_window_start=64"], "attn_window_start needs a model with an attention"),
         (["model=speedrun"], "model.backout_after must be in [0, n_layer = 4)"),
         (["training.cooldown_frac=1.5"], "training.cooldown_frac must be in [0, 1]"),

@@ -206,6 +206,14 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def _build_data(self):
         data, t = self.cfg.data, self.cfg.training
+        # a key the chosen source does not read is a mistake, not something to ignore silently
+        unread = {"text": ["train_files", "val_files"], "shards": ["text_path"]}
+        for key in unread.get(data.source, []):
+            if data[key]:
+                raise MuonGPTError(
+                    f"data.{key} is not read with data.source={data.source} (data={data.name}); "
+                    "shards come from data=fineweb or data=bench, text from data=shakespeare"
+                )
         if data.source == "text":
             train, val = load_text_tokens(data)
             train_sources, val_sources = [train], [val]
