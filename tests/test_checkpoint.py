@@ -172,23 +172,28 @@ def test_config_differences_split_model_from_other_settings(tmp_path):
     requested["model"]["rope_base"] = 500.0  # a setting added since: listed, not refused
     requested["model"]["mixing"]["pattern"] = ["pom"]
     requested["training"].update(max_steps=200, resume="auto")
-    arch, other = resilience.config_differences(saved, requested)
+    del requested["training"]["lr"]  # a setting removed since: listed as a change
+    arch, other, added = resilience.config_differences(saved, requested)
     assert arch == [
         "model.mixing.pattern (checkpoint ['attention'], requested ['pom'])",
         "model.n_layer (checkpoint 4, requested 6)",
     ]
     assert other == [
         "kernels.converters (checkpoint [], requested ['fp8_head'])",
-        "model.rope_base (checkpoint '<absent>', requested 500.0)",
+        "training.lr (checkpoint 1.0, requested '<absent>')",
         "training.max_steps (checkpoint 100, requested 200)",
     ]
+    assert added == ["model.rope_base = 500.0"]
     with pytest.raises(resilience.ConfigMismatchError, match="model.n_layer"):
         resilience.check_resume_config(saved, requested, tmp_path / "x.pt", log=print)
     logged = []
     requested["model"]["n_layer"] = 4
     requested["model"]["mixing"]["pattern"] = ["attention"]
     resilience.check_resume_config(saved, requested, tmp_path / "x.pt", log=logged.append)
-    assert logged == [f"resuming with changed settings: {'; '.join(other)}"]
+    assert logged == [
+        f"resuming with changed settings: {'; '.join(other)}",
+        "settings newer than the checkpoint, used as requested: model.rope_base = 500.0",
+    ]
 
 
 def test_truncate_metrics_drops_later_records_and_a_torn_line(tmp_path):

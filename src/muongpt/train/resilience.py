@@ -355,35 +355,35 @@ def flatten(config: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_differences(saved: dict, requested: dict) -> tuple[list[str], list[str]]:
-    """(architecture differences, other differences) as 'key (checkpoint X, requested Y)'."""
+def config_differences(saved: dict, requested: dict) -> tuple[list[str], list[str], list[str]]:
+    """(architecture differences, other differences, settings the checkpoint does not have):
+    the first two as 'key (checkpoint X, requested Y)', the last as 'key = Y'."""
     a, b = flatten(saved), flatten(requested)
-    absent = "<absent>"
-    arch, other = [], []
+    arch, other, added = [], [], []
     for key in sorted(set(a) | set(b)):
-        old, new = a.get(key, absent), b.get(key, absent)
-        if old == new or key in IGNORED_ON_RESUME:
+        if key in IGNORED_ON_RESUME or (key in a and key in b and a[key] == b[key]):
             continue
-        line = f"{key} (checkpoint {old!r}, requested {new!r})"
+        if key not in a:  # a setting added since the checkpoint: listed, not refused
+            added.append(f"{key} = {b[key]!r}")
+            continue
+        line = f"{key} (checkpoint {a[key]!r}, requested {b.get(key, '<absent>')!r})"
         if key in NO_EFFECT_ON_RESUME:
             line += f" {NO_EFFECT_ON_RESUME[key]}"
-        # A key on one side only (a setting added since the checkpoint) is listed, not refused.
-        is_arch = (
-            key.startswith("model.") and key not in NOT_ARCHITECTURE and absent not in (old, new)
-        )
+        is_arch = key.startswith("model.") and key not in NOT_ARCHITECTURE and key in b
         (arch if is_arch else other).append(line)
-    return arch, other
+    return arch, other, added
 
 
 def check_resume_config(
     saved: dict, requested: dict, source: Path, log: Callable[[str], None] = print
 ) -> None:
-    """A different model is an error; other changed settings are listed, then used."""
+    """A different model is an error; other changed settings are listed, then used; settings
+    newer than the checkpoint are listed apart (at their defaults they keep its behaviour)."""
     from muongpt.config import upgrade_config
 
     if isinstance(saved.get("model"), dict):  # a model section of an older layout: today's
         saved = upgrade_config(saved)
-    arch, other = config_differences(saved, requested)
+    arch, other, added = config_differences(saved, requested)
     if arch:
         raise ConfigMismatchError(
             f"{source} holds a different model than requested: {'; '.join(arch)}; request the "
@@ -391,6 +391,8 @@ def check_resume_config(
         )
     if other:
         log(f"resuming with changed settings: {'; '.join(other)}")
+    if added:
+        log(f"settings newer than the checkpoint, used as requested: {'; '.join(added)}")
 
 
 def truncate_metrics(path: str | Path, step: int) -> int:
