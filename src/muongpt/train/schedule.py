@@ -64,9 +64,8 @@ def muon_momentum(
     frac = 1.0 if warmup_steps <= 0 else min(max(step, 0) / warmup_steps, 1.0)
     momentum = (1.0 - frac) * start + frac * end
     if cooldown_steps > 0 and step > total_steps - cooldown_steps:
-        left = (
-            max(total_steps - step, 0) / cooldown_steps
-        )  # 1 where the cooldown starts, 0 at the end
+        # 1 where the cooldown starts, 0 at the end of the run
+        left = max(total_steps - step, 0) / cooldown_steps
         momentum = min(momentum, start + left * (end - start))
     return momentum
 
