@@ -66,6 +66,16 @@ def probe_dir(path: str | Path, what: str) -> None:
                 break
 
 
+def probe_file(path: str | Path, what: str) -> Path:
+    """Check, before any work, that file ``path`` can be written: not a folder, in a folder that
+    exists or can be made and written (``probe_dir``). Returns the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise MuonGPTError(f"{what}: {path} is a folder; give a file name")
+    probe_dir(path.absolute().parent, what)
+    return path
+
+
 def write_text(path: str | Path, text: str, what: str) -> Path:
     """Write a text file (its folder made first) atomically: a failure part-way leaves the file
     as it was, and a reader never sees it half-written; failure is one line naming the path."""

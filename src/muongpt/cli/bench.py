@@ -40,10 +40,9 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from muongpt import MuonGPTError
-from muongpt.cli import probe_dir, write_text
+from muongpt.cli import probe_file, write_text
 
 # Dense bf16 tensor-core FLOP/s by device name (first match wins; sparsity not counted).
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
@@ -318,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts, overrides = parse_args(argv)
         if opts["out"]:  # before the benchmark: an unwritable path should not cost a run
-            probe_dir(Path(opts["out"]).absolute().parent, "bench.out")
+            probe_file(opts["out"], "bench.out")
         report = run_bench(opts, overrides)
         if opts["out"]:
             write_text(opts["out"], json.dumps(report, indent=2) + "\n", "bench.out")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from muongpt import MuonGPTError
-from muongpt.cli import probe_dir, report_errors, write_text
+from muongpt.cli import probe_file, report_errors, write_text
 
 
 @dataclass
@@ -225,7 +225,7 @@ def run(args: argparse.Namespace) -> dict:
         if not f.is_file():
             raise MuonGPTError(f"--data: file not found: {f}")
     if args.json and args.json != "-":  # before the evaluation: a bad path should not cost it
-        probe_dir(Path(args.json).absolute().parent, "--json")
+        probe_file(args.json, "--json")
     from muongpt.cli.sample import model_file
 
     device = resolve_device(args.device)

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from muongpt.cli import probe_dir, report_errors
+from muongpt.cli import probe_dir, probe_file, report_errors
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> None:
         from muongpt.train.checkpoint import export_checkpoint
 
         if args.out:
-            probe_dir(Path(args.out).absolute().parent, "OUT")
+            probe_file(args.out, "OUT")
         print(f"weights: {export_checkpoint(args.checkpoint, args.out)}")
         return
     from muongpt.export.hf import export_hf

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from muongpt import MuonGPTError
-from muongpt.cli import make_dirs, report_errors, write_text
+from muongpt.cli import make_dirs, probe_file, report_errors, write_text
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -439,6 +439,11 @@ def save_figure(fig, out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> str:
+    if args.out:  # a name without a suffix is a PNG (as matplotlib saves it): say that name
+        out = Path(args.out)
+        args.out = str(probe_file(out.with_suffix(out.suffix or ".png"), "--out"))
+    if args.table:
+        probe_file(args.table, "--table")
     paths = find_runs(args.runs)
     runs = [load_run(p) for p in paths]
     common = label_runs(runs)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from muongpt import MuonGPTError
-from muongpt.cli import report_errors, write_text
+from muongpt.cli import probe_file, report_errors, write_text
 
 SUMMARY = "summary.json"
 REPORT = "report.md"
@@ -328,6 +328,8 @@ def run(args: argparse.Namespace) -> None:
     from muongpt.cli.plot import find_runs
 
     run_dirs = find_runs(args.runs)
+    if args.table:
+        probe_file(args.table, "--table")
     for d in run_dirs:
         print(f"report: {write_report(d)}", file=sys.stderr)
     if len(run_dirs) > 1 or args.table:

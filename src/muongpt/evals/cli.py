@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from muongpt import MuonGPTError
-from muongpt.cli import probe_dir, report_errors, write_text
+from muongpt.cli import probe_file, report_errors, write_text
 
 TASKS = ("hellaswag",)
 
@@ -77,7 +77,7 @@ def run_harness(args: argparse.Namespace) -> dict:
         raise MuonGPTError("--harness: give one or more task names, comma-separated")
     checkpoint = model_file(args.checkpoint)
     out = Path(args.out) if args.out else checkpoint.with_name(f"harness_{'_'.join(tasks)}.json")
-    probe_dir(out.absolute().parent, "--out")  # before the evaluation, which can take hours
+    probe_file(out, "--out")  # before the evaluation, which can take hours
     lm = model_class(
         checkpoint=checkpoint,
         window=args.seq_len,
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> dict:
             raise MuonGPTError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     checkpoint = model_file(args.checkpoint)  # a run folder: its newest checkpoint
     if args.out:
-        probe_dir(Path(args.out).absolute().parent, "--out")
+        probe_file(args.out, "--out")
     if args.data is None:
         data = hellaswag.download_validation(cache_dir() / "hellaswag_val.jsonl")
     else:
