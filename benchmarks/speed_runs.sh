@@ -4,6 +4,8 @@
 # $OUT/speed.tar.gz after every run (a call cut off at its limit still returns what finished),
 # and each JSON is also copied to $OUT (the logs stay in the archive: few files come back).
 #   RUNS="name1|overrides...;name2|overrides..." bash benchmarks/speed_runs.sh
+# Every run's config is checked first (benchmarks/check_runs.py, run it here before a call too);
+# a run refused at start-up is dropped with its error.
 # A run named name@ARCHIVE runs an earlier version: ARCHIVE is a carried tarball of that commit's
 # code (git archive -o .devold/v00c0195.tar.gz 00c0195 src benchmarks/speedrun.py), so a change
 # of code is timed beside the unchanged previous version on the same GPU:
@@ -23,7 +25,16 @@ if [ -n "${PRETEST:-}" ]; then
   pack_results "$R"
 fi
 COMMON="experiment=speedrun_bench $D training.export_safetensors=false"
-IFS=';' read -ra LIST <<< "${RUNS:-default|}"
+RUNS=${RUNS:-default|}
+# runs whose config is refused at start-up are dropped here, in seconds, with their error (the
+# check builds on the CPU's paths; if the checker itself fails, every run goes ahead)
+if checked=$(CUDA_VISIBLE_DEVICES="" PYTHONPATH=/tmp/site:$PWD/src python3 \
+  benchmarks/check_runs.py --filter --runs "$RUNS" 2> >(grep -v "^fp8:" >&2)); then
+  RUNS=$checked
+else
+  echo "=== the run check failed (above): every run goes ahead unchecked"
+fi
+IFS=';' read -ra LIST <<< "$RUNS"
 for item in "${LIST[@]}"; do
   name=${item%%|*}; extra=${item#*|}
   root=$(code_root "$name") || exit 1; name=${name%%@*}

@@ -4,6 +4,7 @@ report."""
 
 import shutil
 import subprocess
+import sys
 import tarfile
 import uuid
 from pathlib import Path
@@ -102,3 +103,37 @@ def test_profile_idle_report_counts_overlapping_gpu_events_once(tmp_path):
     assert text.splitlines()[0].startswith("GPU span 0.1 ms, busy 0.0 ms (50.0%), idle 0.0 ms in 2")
     gaps = [line.split()[0] for line in text.splitlines()[2:]]
     assert gaps == ["25", "10"]
+
+
+def test_check_runs_drops_the_runs_a_trainer_would_refuse():
+    """benchmarks/check_runs.py builds each run's model, optimizer and schedule (meta device)
+    and names the runs refused at start-up; --filter keeps the others (and runs of earlier code,
+    which this code cannot judge) in speed_runs.sh's RUNS format."""
+    one_row = (
+        "training.batch_size=1 training.micro_batch_size=1 optimizer.momentum_warmup_steps=600"
+    )
+    runs = (
+        f"r370|training.seed=3 {one_row} training.max_steps=370 optimizer.momentum_cooldown_steps=8;"
+        "every2|optimizer.embed_head_every=2;"  # refused with the tied head
+        "long_cd|optimizer.momentum_cooldown_steps=226;"  # more than the run's 225 steps
+        "typo|training.max_step=3;"
+        "old@.devold/v0.tar.gz|training.seed=2"
+    )
+    script = [sys.executable, str(BENCH / "check_runs.py"), "--runs", runs]
+    checked = subprocess.run(script, capture_output=True, text=True)
+    assert checked.returncode == 1, checked.stderr
+    lines = checked.stdout.splitlines()
+    # 0.85 + 0.1 * 369/600 = 0.9115 from the warm-up, then the cooldown's 0.85 + 0.1/8 at step 369
+    assert lines[0] == (
+        "ok   r370: 370 steps, last step lr x0.106, momentum 0.8625, rows of 65536; "
+        "4 parameter groups"
+    )
+    assert lines[1].startswith("FAIL every2: optimizer.embed_head_every > 1 with a tied")
+    assert lines[2].startswith("FAIL long_cd: optimizer.momentum_cooldown_steps must be in")
+    assert lines[3].startswith("FAIL typo: unknown key training.max_step")
+    assert lines[4] == "skip old@.devold/v0.tar.gz: earlier code, not checked"
+    kept = subprocess.run([*script, "--filter"], capture_output=True, text=True, check=True)
+    assert kept.stdout.strip() == (
+        f"r370|training.seed=3 {one_row} training.max_steps=370 optimizer.momentum_cooldown_steps=8;"
+        "old@.devold/v0.tar.gz|training.seed=2"
+    )

@@ -1,0 +1,103 @@
+"""Check a device call's runs on this machine first: each RUNS entry's overrides are composed with
+the experiment and its model (on the meta device: no memory), converters, optimizer and step
+schedule built, as the trainer does before training, so that no device time goes to a config
+that is refused at start-up. Data files are not read.
+
+    RUNS="name1|overrides...;name2|overrides..." python benchmarks/check_runs.py
+    RUNS=... python benchmarks/check_runs.py --filter   # print the RUNS string of the good ones
+
+One line per run (ok, with its last step's lr factor, momentum and row length; or FAIL and the
+one-line error); exit 1 when any run fails (with --filter: 0, and only the good runs printed on
+stdout, the report on stderr). A run of earlier code (name@ARCHIVE) is kept unchecked: this
+code may refuse what that code accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from omegaconf import OmegaConf
+
+from muongpt import MuonGPTError
+from muongpt.cli.bench import compose_config
+from muongpt.config import model_config
+from muongpt.kernels.converters import KernelsConfig, apply_converters
+from muongpt.model import build_model
+from muongpt.optim.combined import build_optimizer
+from muongpt.train.schedule import Schedule
+from muongpt.train.trainer import check_batch_config
+
+
+def parse_runs(runs: str) -> list[tuple[str, list[str]]]:
+    """speed_runs.sh's RUNS format: 'name|overrides' entries separated by ';'."""
+    out = []
+    for item in filter(str.strip, runs.split(";")):
+        name, _, extra = item.partition("|")
+        out.append((name.strip(), extra.split()))
+    return out
+
+
+def check_run(overrides: list[str]) -> str:
+    """Build what the trainer builds before its first step; the last step's settings, or raise."""
+    cfg = compose_config(overrides)
+    t = cfg.training
+    check_batch_config(t, 1)
+    with torch.device("meta"):
+        model = build_model(model_config(cfg.model))
+    apply_converters(model, KernelsConfig(**OmegaConf.to_container(cfg.kernels)))
+    optimizer = build_optimizer(model, cfg.optimizer)
+    schedule = Schedule(
+        t,
+        cfg.optimizer,
+        unit=t.micro_batch_size,
+        window_end=getattr(model.config, "attn_window", 0),
+        window_block=getattr(model, "window_block", 1),
+        tied=model.tied_weights() is not None,
+    )
+    schedule.row_length_starts()
+    last = schedule.at(t.max_steps - 1)
+    momentum = "-" if last.momentum is None else f"{last.momentum:.4f}"
+    groups = len([g for opt in optimizer.optimizers for g in opt.param_groups])
+    return (
+        f"{t.max_steps} steps, last step lr x{last.lr_scale:.3f}, momentum {momentum}, "
+        f"rows of {last.seq_len}; {groups} parameter groups"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", default=os.environ.get("RUNS", ""), help="default: $RUNS")
+    ap.add_argument("--base", default="experiment=speedrun_bench", help="overrides of every run")
+    ap.add_argument("--filter", action="store_true", help="print the good runs' RUNS string")
+    args = ap.parse_args()
+    runs = parse_runs(args.runs)
+    if not runs:
+        print("error: no runs: set RUNS='name|overrides;...' or --runs", file=sys.stderr)
+        return 2
+    report = sys.stderr if args.filter else sys.stdout
+    good = []
+    for name, extra in runs:
+        if "@" in name:
+            print(f"skip {name}: earlier code, not checked", file=report)
+            good.append(f"{name}|{' '.join(extra)}")
+            continue
+        try:
+            line = f"ok   {name}: {check_run([*args.base.split(), *extra])}"
+            good.append(f"{name}|{' '.join(extra)}")
+        except (MuonGPTError, ValueError) as e:  # what the trainer would stop on
+            line = f"FAIL {name}: {str(e).splitlines()[0]}"
+        except Exception as e:  # a fault of this check, not of the run: keep the run
+            line = f"skip {name}: not checked ({type(e).__name__}: {str(e).splitlines()[0]})"
+            good.append(f"{name}|{' '.join(extra)}")
+        print(line, file=report)
+    if args.filter:
+        print(";".join(good))
+        return 0
+    return 0 if len(good) == len(runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
