@@ -82,6 +82,16 @@ def test_a_file_name_that_is_a_folder_is_one_line_before_the_work(
     assert not (run_dir / "report.md").exists()  # report refused before writing any
 
 
+def test_an_export_folder_that_is_a_file_is_one_line(checkpoint, tmp_path, capsys):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    assert main_cli.main(["export", "hf", str(checkpoint), str(blocked), "--force"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {blocked} is a file, not a folder; choose another OUT_DIR\n"
+    )
+    assert blocked.read_text() == "not a folder"
+
+
 def test_a_plot_named_without_a_suffix_is_a_png_and_says_so(run_dir, tmp_path, capsys):
     (tmp_path / "loss").mkdir()  # a folder of that name is no obstacle: the file is loss.png
     assert main_cli.main(["plot", str(run_dir), "--out", str(tmp_path / "loss")]) == 0

@@ -338,9 +338,11 @@ def export_hf(
     with ``force`` and only when it holds an earlier muongpt export."""
     from muongpt.generate import load_model
 
-    require_transformers()
     source, out = Path(checkpoint), Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise MuonGPTError(f"{out} is a file, not a folder; choose another OUT_DIR")
+    require_transformers()
+    if out.is_dir() and any(out.iterdir()):
         if not force:
             raise MuonGPTError(
                 f"{out} exists and is not empty; choose another OUT_DIR or pass --force"
