@@ -299,6 +299,8 @@ def check_hybrid_training(rank: int, world_size: int) -> None:
         cfg = {"name": name}
         if name == "adamw":
             cfg.update(lr=0.003)  # an AdamW-sized matrix lr (the dataclass defaults are Muon's)
+        if name == "muon":  # a side group with its own betas and decay: the sharded AdamW's too
+            cfg.update(adamw_overrides={"head": {"betas": [0.5, 0.9], "weight_decay": 0.1}})
         opt = distribute(build_optimizer(model, cfg), model)
         with single_process():
             ref = build_optimizer(ref_model, cfg)

@@ -186,6 +186,55 @@ def test_adamw_lr_scaling_schedule_and_summary():
         assert f"{len(g['params'])} tensors" in line and f"{n_params:,} params" in line
 
 
+@pytest.mark.parametrize("name", ["muon", "soap", "adamw"])
+def test_adamw_overrides_give_a_side_group_its_own_betas_eps_and_decay(name):
+    """optimizer.adamw_overrides: the head trains with betas (0.5, 0.95) and weight decay 0.1 and
+    the scalars with eps 1e-6, each equal over three steps to a plain torch AdamW with those
+    settings; every other side group keeps the shared ones (and no decay)."""
+    overrides = {"head": {"betas": [0.5, 0.95], "weight_decay": 0.1}, "scalar": {"eps": 1e-6}}
+    model = TinyModel()
+    opt = build_optimizer(model, config(name, adamw_overrides=overrides))
+    shared_betas = (0.9, 0.95) if name == "adamw" else (0.8, 0.95)
+    shared_eps = 1e-8 if name == "adamw" else 1e-10
+    plain = copy.deepcopy(model)
+    params = dict(plain.named_parameters())
+    references = []
+    for group in opt.param_groups:
+        if group["name"] == "matrix":
+            continue
+        expected = {
+            "betas": shared_betas, "eps": shared_eps, "weight_decay": 0.0,
+            **{k: tuple(v) if k == "betas" else v for k, v in overrides.get(group["name"], {}).items()},
+        }  # fmt: skip
+        assert {k: group[k] for k in expected} == expected, group["name"]
+        names = group["param_names"]
+        references.append(
+            (names, torch.optim.AdamW([params[n] for n in names], lr=group["lr"], **expected))
+        )
+    summary = {line.split()[1]: line for line in opt.summary().splitlines()[1:-1]}
+    assert summary["head"].endswith("betas (0.5, 0.95)  wd 0.1")
+    assert summary["scalar"].endswith("eps 1e-06") and summary["embed"].endswith(
+        f"lr {opt.param_groups[1]['base_lr']:.4g}"
+    )
+    trained = dict(model.named_parameters())
+    matrices = next(g["param_names"] for g in opt.param_groups if g["name"] == "matrix")
+    for s in range(3):
+        model(*batch(s)).backward()
+        plain(*batch(s)).backward()
+        opt.step()
+        for _, ref in references:
+            ref.step()
+        opt.zero_grad(set_to_none=True)
+        plain.zero_grad(set_to_none=True)
+        with torch.no_grad():  # the hidden matrices as trained, so both forwards stay equal
+            for n in matrices:
+                params[n].copy_(trained[n])
+    for names, _ in references:
+        for n in names:
+            torch.testing.assert_close(trained[n], params[n], rtol=0, atol=0, msg=n)
+    assert not torch.equal(trained["lm_head.weight"], TinyModel().lm_head.weight)
+
+
 @pytest.mark.parametrize("n_embd, n_layer", [(32, 2), (64, 2), (32, 8)])
 def test_adamw_matrix_lr_scales_as_one_over_width_and_sqrt_depth(n_embd, n_layer):
     """AdamW's hidden-matrix lr: cfg.lr * (768 / n_embd) * sqrt(12 / n_layer), the rule fitted in
@@ -277,6 +326,14 @@ def test_dictconfig_and_hydra_override():
     opt = build_optimizer(TinyModel(), cfg.optimizer)
     soap = opt.optimizers[0]
     assert isinstance(soap, SOAP) and soap.param_groups[0]["lr"] == 0.003
+    # a side group's AdamW options from the command line (a dict field: keys added with +)
+    overrides = ["+optimizer.adamw_overrides.head.betas=[0.5,0.95]"]
+    overrides.append("+optimizer.adamw_overrides.head.weight_decay=0.1")
+    with hydra.initialize_config_dir(config_dir=str(LEAD_CONF_DIR), version_base=None):
+        cfg = hydra.compose("config", overrides=overrides)
+    groups = build_optimizer(TinyModel(), cfg.optimizer).param_groups
+    head = next(g for g in groups if g["name"] == "head")
+    assert head["betas"] == (0.5, 0.95) and head["weight_decay"] == 0.1
 
 
 @pytest.mark.parametrize("name", ["muon", "soap", "adamw"])
@@ -312,6 +369,11 @@ def test_bad_config_and_model():
         ({"adam_betas": [0.9, 1.0]}, r"optimizer.adam_betas\[1\]"),
         ({"momentum": 1.0}, "optimizer.momentum"),
         ({"scale_mode": "big"}, "scale_mode"),
+        ({"adamw_overrides": {"matrix": {"eps": 1e-8}}}, "adamw_overrides.matrix: unknown group"),
+        ({"adamw_overrides": {"head": {"beta1": 0.9}}}, r"unknown option\(s\) beta1"),
+        ({"adamw_overrides": {"head": {"betas": [0.9]}}}, "head.betas must be two numbers"),
+        ({"adamw_overrides": {"head": {"weight_decay": -1}}}, "head.weight_decay must be >= 0"),
+        ({"adamw_overrides": {"embed": {"eps": "x"}}}, "embed.eps must be a number, got 'x'"),
     ]
     for overrides, message in cases:
         with pytest.raises(MuonGPTError, match=message):

@@ -33,6 +33,7 @@ from muongpt.optim.config import (
     MuonConfig,
     OptimizerConfig,
     OptimizerError,
+    adamw_overrides,
     check_betas,
     check_lr,
     check_nonnegative,
@@ -238,13 +239,25 @@ class CombinedOptimizer:
                 total_params += n_params
                 lines.append(
                     f"  {type(opt).__name__:<6} {group.get('name', '?'):<7} {n_tensors:>5} tensors "
-                    f"{n_params:>13,} params  lr {group['base_lr']:.4g}"
+                    f"{n_params:>13,} params  lr {group['base_lr']:.4g}{_options(opt, group)}"
                 )
         lines.append(f"  {'total':<14} {total_tensors:>5} tensors {total_params:>13,} params")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
         return f"CombinedOptimizer({', '.join(type(o).__name__ for o in self.optimizers)})"
+
+
+def _options(opt: torch.optim.Optimizer, group: dict) -> str:
+    """A group's betas and eps where they differ from its optimizer's shared ones; its decay."""
+    shown = []
+    if "betas" in group and tuple(group["betas"]) != tuple(opt.defaults.get("betas", ())):
+        shown.append(f"betas {tuple(group['betas'])}")
+    if "eps" in group and group["eps"] != opt.defaults.get("eps"):
+        shown.append(f"eps {group['eps']:g}")
+    if group.get("weight_decay"):
+        shown.append(f"wd {group['weight_decay']:g}")
+    return "".join(f"  {text}" for text in shown)
 
 
 def as_optimizer_config(cfg: Any) -> OptimizerConfig:
@@ -289,6 +302,7 @@ def validate_config(cfg: OptimizerConfig) -> None:
         check_nonnegative(cfg.eps, "optimizer.eps")
     for key in ("embed_lr", "head_lr", "scalar_lr"):
         check_lr(getattr(cfg, key), f"optimizer.{key}")
+    adamw_overrides(cfg.adamw_overrides)
     if not isinstance(cfg.embed_head_every, int) or cfg.embed_head_every < 1:
         raise OptimizerError(
             f"optimizer.embed_head_every must be an integer >= 1, got {cfg.embed_head_every!r}"
@@ -337,6 +351,12 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
 
     optimizers: list[torch.optim.Optimizer] = []
     side_lrs = {"embed": cfg.embed_lr, "head": cfg.head_lr, "scalar": cfg.scalar_lr}
+    overrides = adamw_overrides(cfg.adamw_overrides)  # per side group, over the shared options
+
+    def adamw_options(name: str) -> dict:  # decay on the matrices only, unless a group asks
+        decay = cfg.weight_decay if name == "matrix" else 0.0
+        return {"weight_decay": decay, **overrides.get(name, {})}
+
     matrix_scale = adamw_matrix_scale(n_embd, model.config.n_layer)
     if cfg.name == "adamw":
         # The same side groups as the hybrids, so a comparison differs only in the matrix optimizer.
@@ -345,12 +365,7 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
             **{name: lr * adam_scale for name, lr in side_lrs.items()},
         }
         groups = [
-            _group(
-                name,
-                routed[name],
-                lrs[name],
-                weight_decay=cfg.weight_decay if name == "matrix" else 0.0,
-            )
+            _group(name, routed[name], lrs[name], **adamw_options(name))
             for name in GROUP_NAMES
             if routed[name]
         ]
@@ -397,7 +412,7 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
                 )
             )
         groups = [
-            _group(name, routed[name], lr * adam_scale, weight_decay=0.0)
+            _group(name, routed[name], lr * adam_scale, **adamw_options(name))
             for name, lr in side_lrs.items()
             if routed[name]
         ]

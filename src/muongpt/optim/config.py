@@ -7,11 +7,15 @@ its defaults live (the optimizers' own keyword defaults read them from here).
   0.95 warmed up from 0.85 over 300 steps, AdamW embed 0.6 / head 0.008 / scalars 0.04.
 - ``soap`` (``SOAPConfig``): SOAP for the hidden matrices, the same AdamW groups.
 - ``adamw`` (``AdamWConfig``): AdamW everywhere (``betas``, ``eps`` for every group).
+
+Every choice takes ``adamw_overrides``: AdamW's betas, eps or weight decay for one side group
+(embed, head or scalar) in place of the shared values.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from muongpt import MuonGPTError
 
@@ -30,6 +34,9 @@ class SideGroupsConfig:
     # the embedding tables and lm_head take an AdamW step every this many steps, on the mean of
     # those steps' gradients (accumulated in .grad: the big tables' update costs 1/N as often)
     embed_head_every: int = 1
+    # AdamW options of single side groups over the shared ones (betas, eps; weight decay 0), e.g.
+    # {head: {betas: [0.5, 0.95], weight_decay: 0.1}}; keys embed | head | scalar
+    adamw_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -108,21 +115,56 @@ def check_lr(value: float, what: str) -> float:
     return float(value)
 
 
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise OptimizerError(f"{what} must be a number, got {value!r}")
+    return float(value)
+
+
 def check_unit(value: float, what: str) -> float:
     """A decay rate (beta, momentum) in [0, 1)."""
-    if not 0.0 <= value < 1.0:
+    if not 0.0 <= _number(value, what) < 1.0:
         raise OptimizerError(f"{what} must be in [0, 1), got {value}")
     return float(value)
 
 
 def check_betas(betas, what: str) -> tuple[float, float]:
-    betas = tuple(betas)
+    betas = tuple(betas) if isinstance(betas, list | tuple) else (betas,)
     if len(betas) != 2:
         raise OptimizerError(f"{what} must be two numbers, got {list(betas)}")
     return check_unit(betas[0], f"{what}[0]"), check_unit(betas[1], f"{what}[1]")
 
 
 def check_nonnegative(value: float, what: str) -> float:
-    if not value >= 0:
+    if not _number(value, what) >= 0:
         raise OptimizerError(f"{what} must be >= 0, got {value}")
     return float(value)
+
+
+SIDE_GROUPS = ("embed", "head", "scalar")
+ADAMW_OPTIONS = ("betas", "eps", "weight_decay")
+
+
+def adamw_overrides(overrides) -> dict[str, dict[str, Any]]:
+    """``optimizer.adamw_overrides`` checked: {side group: {AdamW option: value}}, with betas
+    as a tuple, each value in its range; anything else is a one-line error naming it."""
+    checked = {}
+    for group, options in dict(overrides or {}).items():
+        what = f"optimizer.adamw_overrides.{group}"
+        if group not in SIDE_GROUPS:
+            raise OptimizerError(
+                f"{what}: unknown group (the side groups: {', '.join(SIDE_GROUPS)})"
+            )
+        if not isinstance(options, dict) or not options:
+            raise OptimizerError(f"{what} must map AdamW options to values, got {options!r}")
+        unknown = sorted(set(options) - set(ADAMW_OPTIONS))
+        if unknown:
+            raise OptimizerError(
+                f"{what}: unknown option(s) {', '.join(unknown)} (known: {', '.join(ADAMW_OPTIONS)})"
+            )
+        checked[group] = {
+            key: check_betas(value, f"{what}.betas") if key == "betas"
+            else check_nonnegative(value, f"{what}.{key}")
+            for key, value in options.items()
+        }  # fmt: skip
+    return checked
