@@ -235,3 +235,24 @@ def test_fsdp_unsupported_settings_are_one_line_errors():
 
     with pytest.raises(MuonGPTError, match="supports optimizer=muon and optimizer=adamw, not SOAP"):
         fsdp_optimizer(build_optimizer(tiny_gpt(), {"name": "soap"}))
+
+
+def test_fsdp_adamw_runs_foreach_whatever_its_groups_were_built_with():
+    """On CUDA the one-process AdamW is fused and every param group records fused=True, which
+    AdamW's step reads per group: the FSDP form drops those records, so its groups run foreach
+    (on the DTensors) and keep their own options (a head with its own betas and decay)."""
+    from muongpt.optim import build_optimizer
+    from muongpt.optim.fsdp import fsdp_optimizer
+    from test_distributed import tiny_gpt
+
+    overrides = {"head": {"betas": [0.5, 0.9], "weight_decay": 0.1}}
+    combined = build_optimizer(tiny_gpt(), {"name": "muon", "adamw_overrides": overrides})
+    adamw = combined.optimizers[1]
+    for group in adamw.param_groups:  # as torch.optim.AdamW(..., fused=True) leaves them
+        group.update(fused=True, foreach=None)
+    converted = fsdp_optimizer(combined).optimizers[1]
+    assert converted.defaults["fused"] is None and converted.defaults["foreach"] is True
+    for group in converted.param_groups:
+        assert not group["fused"] and group["foreach"] is True, group["name"]
+    head = next(g for g in converted.param_groups if g["name"] == "head")
+    assert head["betas"] == (0.5, 0.9) and head["weight_decay"] == 0.1

@@ -182,6 +182,10 @@ def fsdp_optimizer(combined: CombinedOptimizer) -> CombinedOptimizer:
             accepted = inspect.signature(torch.optim.AdamW).parameters  # defaults has more keys
             defaults = {k: v for k, v in opt.defaults.items() if k in accepted}
             defaults.update(fused=None, foreach=True)
+            # each group carries the implementation it was built with (fused on CUDA), and
+            # AdamW's step reads the group's: drop them so that the defaults above hold
+            for group in groups:
+                group.pop("fused", None), group.pop("foreach", None)
             optimizers.append(torch.optim.AdamW(groups, **defaults))
         else:
             raise OptimizerError(
