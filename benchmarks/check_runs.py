@@ -5,6 +5,7 @@ that is refused at start-up. Data files are not read.
 
     RUNS="name1|overrides...;name2|overrides..." python benchmarks/check_runs.py
     RUNS=... python benchmarks/check_runs.py --filter   # print the RUNS string of the good ones
+    python benchmarks/check_runs.py --jobs "$JOBS"      # parallel_runs.sh's list: its run jobs
 
 One line per run (ok, with its last step's lr factor, momentum and row length; or FAIL and the
 one-line error); exit 1 when any run fails (with --filter: 0, and only the good runs printed on
@@ -31,12 +32,18 @@ from muongpt.train.schedule import Schedule
 from muongpt.train.trainer import check_batch_config
 
 
-def parse_runs(runs: str) -> list[tuple[str, list[str]]]:
-    """speed_runs.sh's RUNS format: 'name|overrides' entries separated by ';'."""
+def parse_runs(text: str, jobs: bool = False) -> list[tuple[str, str, list[str] | None]]:
+    """(name, the entry as given, the overrides to check, or None with nothing to check) of
+    each ';'-separated entry: speed_runs.sh's 'name|overrides', or with ``jobs``
+    parallel_runs.sh's 'name|kind|args', whose kind ``run`` is a speed run (bench and test jobs
+    are kept unchecked)."""
     out = []
-    for item in filter(str.strip, runs.split(";")):
-        name, _, extra = item.partition("|")
-        out.append((name.strip(), extra.split()))
+    for entry in (e.strip() for e in text.split(";")):
+        if not entry:
+            continue
+        name, _, rest = entry.partition("|")
+        kind, _, args = rest.partition("|") if jobs else ("run", "", rest)
+        out.append((name.strip(), entry, args.split() if kind.strip() == "run" else None))
     return out
 
 
@@ -70,33 +77,34 @@ def check_run(overrides: list[str]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default=os.environ.get("RUNS", ""), help="default: $RUNS")
+    ap.add_argument("--jobs", default="", help="parallel_runs.sh's JOBS instead of RUNS")
     ap.add_argument("--base", default="experiment=speedrun_bench", help="overrides of every run")
-    ap.add_argument("--filter", action="store_true", help="print the good runs' RUNS string")
+    ap.add_argument("--filter", action="store_true", help="print the good entries' string")
     args = ap.parse_args()
-    runs = parse_runs(args.runs)
-    if not runs:
-        print("error: no runs: set RUNS='name|overrides;...' or --runs", file=sys.stderr)
+    entries = parse_runs(args.jobs, jobs=True) if args.jobs else parse_runs(args.runs)
+    if not entries:
+        print("error: no runs: set RUNS='name|overrides;...', --runs or --jobs", file=sys.stderr)
         return 2
     report = sys.stderr if args.filter else sys.stdout
-    good = []
-    for name, extra in runs:
-        if "@" in name:
-            print(f"skip {name}: earlier code, not checked", file=report)
-            good.append(f"{name}|{' '.join(extra)}")
-            continue
-        try:
-            line = f"ok   {name}: {check_run([*args.base.split(), *extra])}"
-            good.append(f"{name}|{' '.join(extra)}")
-        except (MuonGPTError, ValueError) as e:  # what the trainer would stop on
-            line = f"FAIL {name}: {str(e).splitlines()[0]}"
-        except Exception as e:  # a fault of this check, not of the run: keep the run
-            line = f"skip {name}: not checked ({type(e).__name__}: {str(e).splitlines()[0]})"
-            good.append(f"{name}|{' '.join(extra)}")
+    kept, failed = [], 0
+    for name, entry, overrides in entries:
+        if overrides is None or "@" in name:
+            why = "earlier code" if "@" in name else "not a speed run"
+            line = f"skip {name}: {why}, not checked"
+        else:
+            try:
+                line = f"ok   {name}: {check_run([*args.base.split(), *overrides])}"
+            except (MuonGPTError, ValueError) as e:  # what the trainer would stop on
+                line, failed = f"FAIL {name}: {str(e).splitlines()[0]}", failed + 1
+            except Exception as e:  # a fault of this check, not of the run: keep the run
+                line = f"skip {name}: not checked ({type(e).__name__}: {str(e).splitlines()[0]})"
+        if not line.startswith("FAIL"):
+            kept.append(entry)
         print(line, file=report)
     if args.filter:
-        print(";".join(good))
+        print(";".join(kept))
         return 0
-    return 0 if len(good) == len(runs) else 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

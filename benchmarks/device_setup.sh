@@ -35,3 +35,16 @@ code_root() {
     mv "$root.part" "$root" || { rm -rf "$root.part"; return 1; }  # whole, or not there
   echo "$root"
 }
+# A RUNS (--runs) or JOBS (--jobs) list without the runs the trainer would refuse at start-up
+# (benchmarks/check_runs.py, on the CPU's paths; each dropped run's error goes to stderr). If
+# the checker itself fails, the list comes back whole: every run goes ahead unchecked.
+checked_runs() {
+  local checked
+  if checked=$(CUDA_VISIBLE_DEVICES="" python3 benchmarks/check_runs.py --filter "$1" "$2" \
+    2> >(grep -v "^fp8:" >&2)); then
+    echo "$checked"
+  else
+    echo "the run check failed (above): every run goes ahead unchecked" >&2
+    echo "$2"
+  fi
+}

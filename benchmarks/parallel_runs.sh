@@ -6,7 +6,8 @@
 # kind: run   = benchmarks/speedrun.py experiment=speedrun_bench + args (full training + val loss)
 #       bench = muongpt bench experiment=speedrun_bench + args
 #       test  = pytest args
-# Job i goes to GPU i mod NGPU. JSON results and logs are packed into $OUT/par.tar.gz as jobs end
+# Job i goes to GPU i mod NGPU; run jobs whose config the trainer would refuse are dropped first
+# (benchmarks/check_runs.py). JSON results and logs are packed into $OUT/par.tar.gz as jobs end
 # (a call cut off at its limit still returns what finished), and each JSON is also copied to
 # $OUT (the logs stay in the archive: few files come back).
 # Timings of jobs that share a machine are indicative only; losses are not affected.
@@ -14,7 +15,9 @@ set -uo pipefail
 source benchmarks/device_setup.sh
 R=/tmp/parallel_runs/par; rm -rf "$R"; mkdir -p "$R"
 NGPU=$(nvidia-smi -L | wc -l)
-IFS=';' read -ra LIST <<< "${JOBS:?set JOBS}"
+: "${JOBS:?set JOBS}"
+JOBS=$(checked_runs --jobs "$JOBS")  # run jobs with refused configs dropped, in seconds
+IFS=';' read -ra LIST <<< "$JOBS"
 for item in "${LIST[@]}"; do code_root "${item%%|*}" > /dev/null || exit 1; done  # unpack once
 for ((g = 0; g < NGPU; g++)); do  # one inductor cache per GPU, each seeded from the carried one
   mkdir -p /tmp/inductor_$g && cp -r "$TORCHINDUCTOR_CACHE_DIR/." /tmp/inductor_$g/ 2>/dev/null

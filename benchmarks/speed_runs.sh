@@ -25,15 +25,7 @@ if [ -n "${PRETEST:-}" ]; then
   pack_results "$R"
 fi
 COMMON="experiment=speedrun_bench $D training.export_safetensors=false"
-RUNS=${RUNS:-default|}
-# runs whose config is refused at start-up are dropped here, in seconds, with their error (the
-# check builds on the CPU's paths; if the checker itself fails, every run goes ahead)
-if checked=$(CUDA_VISIBLE_DEVICES="" PYTHONPATH=/tmp/site:$PWD/src python3 \
-  benchmarks/check_runs.py --filter --runs "$RUNS" 2> >(grep -v "^fp8:" >&2)); then
-  RUNS=$checked
-else
-  echo "=== the run check failed (above): every run goes ahead unchecked"
-fi
+RUNS=$(checked_runs --runs "${RUNS:-default|}")  # refused configs dropped, in seconds
 IFS=';' read -ra LIST <<< "$RUNS"
 for item in "${LIST[@]}"; do
   name=${item%%|*}; extra=${item#*|}

@@ -2,6 +2,7 @@
 unpacked where the run expects them, speedrun.py's JSON on the CPU, profile_step.py's idle
 report."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -137,3 +138,30 @@ def test_check_runs_drops_the_runs_a_trainer_would_refuse():
         f"r370|training.seed=3 {one_row} training.max_steps=370 optimizer.momentum_cooldown_steps=8;"
         "old@.devold/v0.tar.gz|training.seed=2"
     )
+
+
+def checked_runs(flag: str, runs: str, cwd: Path) -> subprocess.CompletedProcess:
+    """device_setup.sh's checked_runs, sourced alone, with this interpreter as python3."""
+    text = (BENCH / "device_setup.sh").read_text()
+    function = text[text.index("checked_runs() {") :]
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "PYTHONPATH": str(BENCH.parent / "src"),
+    }
+    return subprocess.run(
+        ["bash", "-c", f'{function}\nchecked_runs "$1" "$2"', "_", flag, runs],
+        cwd=cwd, env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+
+
+def test_device_calls_drop_refused_runs_and_keep_all_when_the_check_fails(tmp_path):
+    runs = "a|training.seed=2;every2|optimizer.embed_head_every=2"
+    kept = checked_runs("--runs", runs, cwd=BENCH.parent)
+    assert kept.stdout.strip() == "a|training.seed=2"
+    assert "FAIL every2: optimizer.embed_head_every > 1 with a tied" in kept.stderr
+    jobs = "a|run|training.seed=2;b|bench|bench.steps=3;every2|run|optimizer.embed_head_every=2"
+    kept = checked_runs("--jobs", jobs, cwd=BENCH.parent)
+    assert kept.stdout.strip() == "a|run|training.seed=2;b|bench|bench.steps=3"
+    broken = checked_runs("--runs", runs, cwd=tmp_path)  # no benchmarks/check_runs.py here
+    assert broken.stdout.strip() == runs and "every run goes ahead unchecked" in broken.stderr
