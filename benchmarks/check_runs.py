@@ -56,14 +56,7 @@ def check_run(overrides: list[str]) -> str:
         model = build_model(model_config(cfg.model))
     apply_converters(model, KernelsConfig(**OmegaConf.to_container(cfg.kernels)))
     optimizer = build_optimizer(model, cfg.optimizer)
-    schedule = Schedule(
-        t,
-        cfg.optimizer,
-        unit=t.micro_batch_size,
-        window_end=getattr(model.config, "attn_window", 0),
-        window_block=getattr(model, "window_block", 1),
-        tied=model.tied_weights() is not None,
-    )
+    schedule = Schedule.of_model(cfg, model)
     schedule.row_length_starts()
     last = schedule.at(t.max_steps - 1)
     momentum = "-" if last.momentum is None else f"{last.momentum:.4f}"

@@ -207,6 +207,20 @@ class Schedule:
             )
         self.untie_step = round(t.untie_embed_head_frac * t.max_steps) if tied else None
 
+    @classmethod
+    def of_model(cls, cfg, model, world_size: int = 1) -> Schedule:
+        """The schedule of a run's config (``training``, ``optimizer``) for its built model: the
+        attention window's end and tile, and whether it ties its embedding and head."""
+        t = cfg.training
+        return cls(
+            t,
+            cfg.optimizer,
+            unit=t.micro_batch_size * world_size,
+            window_end=getattr(model.config, "attn_window", 0),
+            window_block=getattr(model, "window_block", 1),
+            tied=model.tied_weights() is not None,
+        )
+
     def at(self, step: int) -> StepSettings:
         lr = lr_multiplier(step, self.total, self.warmup, self.cooldown, self.final_lr_frac)
         momentum = muon_momentum(step, *self.momentum) if self.momentum else None

@@ -167,14 +167,7 @@ class Trainer:
             self.optimizer = fsdp_optimizer(self.optimizer)
         elif self.ctx.world_size > 1:  # no DDP: the sharded optimizers reduce the gradients
             self.optimizer = distribute(self.optimizer, self.model)
-        self.schedule = Schedule(
-            t,
-            cfg.optimizer,
-            unit=t.micro_batch_size * self.ctx.world_size,
-            window_end=getattr(self.model_config, "attn_window", 0),
-            window_block=getattr(self.model, "window_block", 1),
-            tied=self.model.tied_weights() is not None,
-        )
+        self.schedule = Schedule.of_model(cfg, self.model, self.ctx.world_size)
         # rows of several lengths (training's and evaluation's): one static graph each (after a
         # first change of shape, dynamo's automatic dynamic shapes would trace a symbolic one)
         lengths = {*self.schedule.row_length_starts(), t.seq_len}
