@@ -30,6 +30,7 @@ from torch import nn
 from muongpt.optim.config import (
     OPTIMIZER_CONFIGS,
     OPTIMIZER_NAMES,
+    SIDE_GROUPS,
     MuonConfig,
     OptimizerConfig,
     OptimizerError,
@@ -51,7 +52,7 @@ def adamw_matrix_scale(n_embd: int, n_layer: int) -> float:
     return (n_embd / REFERENCE_WIDTH) ** -1 * (n_layer / REFERENCE_DEPTH) ** -0.5
 
 
-GROUP_NAMES = ("matrix", "embed", "head", "scalar")
+GROUP_NAMES = ("matrix", *SIDE_GROUPS)
 DELAYED_GROUPS = ("embed", "head")  # the groups ``embed_head_every`` steps less often
 
 
@@ -302,7 +303,6 @@ def validate_config(cfg: OptimizerConfig) -> None:
         check_nonnegative(cfg.eps, "optimizer.eps")
     for key in ("embed_lr", "head_lr", "scalar_lr"):
         check_lr(getattr(cfg, key), f"optimizer.{key}")
-    adamw_overrides(cfg.adamw_overrides)
     if not isinstance(cfg.embed_head_every, int) or cfg.embed_head_every < 1:
         raise OptimizerError(
             f"optimizer.embed_head_every must be an integer >= 1, got {cfg.embed_head_every!r}"
@@ -351,7 +351,8 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
 
     optimizers: list[torch.optim.Optimizer] = []
     side_lrs = {"embed": cfg.embed_lr, "head": cfg.head_lr, "scalar": cfg.scalar_lr}
-    overrides = adamw_overrides(cfg.adamw_overrides)  # per side group, over the shared options
+    # per side group, over the shared options (checked here: one-line errors)
+    overrides = adamw_overrides(cfg.adamw_overrides)
 
     def adamw_options(name: str) -> dict:  # decay on the matrices only, unless a group asks
         decay = cfg.weight_decay if name == "matrix" else 0.0
