@@ -2,8 +2,8 @@
 # Train on the GPUs of one machine with torchrun (default 4; NPROC=8 for eight).
 #
 #   scripts/run_4_gpus.sh                                       # experiment=speedrun_d12
-#   scripts/run_4_gpus.sh speedrun_bench data.train_files=PATH/train_*.bin \
-#       data.val_files=PATH/val_*.bin
+#   scripts/run_4_gpus.sh speedrun_bench training.batch_size=4 \
+#       data.train_files=PATH/train_*.bin data.val_files=PATH/val_*.bin   # a row per GPU
 #   NPROC=2 scripts/run_4_gpus.sh speedrun_d12 training.max_steps=100
 #
 # No DDP wrapper: Muon's hidden matrices are reduce-scattered and orthogonalized by the rank that
