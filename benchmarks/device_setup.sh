@@ -35,6 +35,12 @@ code_root() {
     mv "$root.part" "$root" || { rm -rf "$root.part"; return 1; }  # whole, or not there
   echo "$root"
 }
+# Whether one more run (RUN_ESTIMATE seconds, 100 unless set) fits in this device call
+# (CALL_LIMIT, 585) with RESERVE seconds (40) left to pack the results and the compile cache: a
+# run that the call's limit cuts off is lost with the time it took, and so is all packed after it.
+run_fits() {
+  (( SECONDS + ${RUN_ESTIMATE:-100} + ${RESERVE:-40} <= ${CALL_LIMIT:-585} ))
+}
 # A RUNS (--runs) or JOBS (--jobs) list without the runs the trainer would refuse at start-up
 # (benchmarks/check_runs.py, on the CPU's paths; each dropped run's error goes to stderr). If
 # the checker itself fails, the list comes back whole: every run goes ahead unchecked.

@@ -12,7 +12,10 @@
 #   RUNS="old_s2@.devold/v00c0195.tar.gz|training.seed=2;new_s2|training.seed=2"
 # SAVE_COMPILE_CACHE=1 also packs the compile cache into $OUT/compile_cache.tar.xz.00, .01, ... at
 # the end, 15 MB pieces (a file over 16 MiB does not come back), for the next call to carry in
-# .devcache (see benchmarks/device_setup.sh).
+# .devcache (see benchmarks/device_setup.sh); where the pieces and .devdata together pass the
+# carry limit (64 MiB), pack them again here: cat PIECES | xz -d | xz -9e -T0 > ARCHIVE.
+# A run that would not end before the call's limit (run_fits: CALL_LIMIT, RUN_ESTIMATE) is not
+# started, so the results and the cache are packed in time.
 set -uo pipefail
 source benchmarks/device_setup.sh
 R=/tmp/speed_runs/speed; rm -rf "$R"; mkdir -p "$R"
@@ -29,6 +32,9 @@ RUNS=$(checked_runs --runs "${RUNS:-default|}")  # refused configs dropped, in s
 IFS=';' read -ra LIST <<< "$RUNS"
 for item in "${LIST[@]}"; do
   name=${item%%|*}; extra=${item#*|}
+  if ! run_fits; then  # its time goes to packing what finished instead
+    echo "=== ${name%%@*}: not started, ${SECONDS} s into a call of ${CALL_LIMIT:-585} s"; continue
+  fi
   root=$(code_root "$name") || exit 1; name=${name%%@*}
   echo "=== $name: $extra (code: $root)"
   # shellcheck disable=SC2086
@@ -45,6 +51,8 @@ if 'name' not in r: sys.exit()  # e.g. a bench report written beside the runs
 print(f\"{r['name']:<28} val {r['val_loss']:.4f}  {r['train_seconds']:6.1f} s  {r['ms_per_step']:6.1f} ms/step  {r['tokens_per_s']:>9,.0f} tok/s  MFU {100*(r['mfu'] or 0):.1f}%  peak {r['peak_mem_gib'] or 0:.1f} GiB\")"; done
 if [ "${SAVE_COMPILE_CACHE:-0}" = 1 ]; then
   rm -f "$OUT"/*.json  # all of them are in speed.tar.gz: room for the cache's pieces
-  tar -cf - -C /tmp/compile_cache . | xz -T0 -6 | split -b 15M -d - "$OUT/compile_cache.tar.xz."
+  # the compilers' folders only; xz -6 keeps every core busy (-9 has fewer, larger blocks)
+  tar -cf - -C /tmp/compile_cache inductor triton | xz -T0 -6 |
+    split -b 15M -d - "$OUT/compile_cache.tar.xz."
   echo "compile cache: $(du -sh /tmp/compile_cache | cut -f1) -> $(cat "$OUT"/compile_cache.tar.xz.* | wc -c) bytes"
 fi

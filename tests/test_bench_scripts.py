@@ -161,3 +161,21 @@ def test_device_calls_drop_refused_runs_and_keep_all_when_the_check_fails(tmp_pa
     assert kept.stdout.strip() == "a|run|training.seed=2;b|bench|bench.steps=3"
     broken = checked_runs("--runs", runs, cwd=tmp_path)  # no benchmarks/check_runs.py here
     assert broken.stdout.strip() == runs and "every run goes ahead unchecked" in broken.stderr
+
+
+def test_a_device_call_starts_no_run_that_its_time_limit_would_cut_off():
+    """device_setup.sh's run_fits: a run starts only while SECONDS + RUN_ESTIMATE + RESERVE is
+    within CALL_LIMIT, so speed_runs.sh leaves time to pack what finished."""
+    text = (BENCH / "device_setup.sh").read_text()
+    function = text[text.index("run_fits() {") :].split("\n}\n")[0] + "\n}\n"
+
+    def fits(seconds: int, **env: str) -> bool:
+        script = f"{function}SECONDS={seconds}; run_fits"
+        unset = ("CALL_LIMIT", "RUN_ESTIMATE", "RESERVE")
+        env = {**{k: v for k, v in os.environ.items() if k not in unset}, **env}
+        return subprocess.run(["bash", "-c", script], env=env).returncode == 0
+
+    assert fits(0) and fits(445)  # 445 + 100 + 40 = 585
+    assert not fits(446)
+    assert fits(300, CALL_LIMIT="440") and not fits(301, CALL_LIMIT="440")
+    assert not fits(300, RUN_ESTIMATE="300") and fits(300, RUN_ESTIMATE="200", RESERVE="0")
