@@ -20,12 +20,18 @@ def test_scripts_parse(script):
     subprocess.run(["bash", "-n", str(BENCH / script)], check=True)
 
 
-def code_root(name: str, cwd: Path) -> str:
-    """device_setup.sh's code_root, sourced alone (the rest of the file needs a GPU machine)."""
+def device_function(name: str) -> str:
+    """One shell function of device_setup.sh, to run alone (the rest of the file needs a GPU
+    machine): its text from ``name() {`` to its closing brace."""
     text = (BENCH / "device_setup.sh").read_text()
-    function = text[text.index("code_root() {") :]
+    start = text.index(f"{name}() {{")
+    return text[start : text.index("\n}\n", start) + 3]
+
+
+def code_root(name: str, cwd: Path) -> str:
+    """device_setup.sh's code_root."""
     out = subprocess.run(
-        ["bash", "-c", f'{function}\ncode_root "$1"', "_", name],
+        ["bash", "-c", f'{device_function("code_root")}code_root "$1"', "_", name],
         cwd=cwd, capture_output=True, text=True, check=True,
     )  # fmt: skip
     return out.stdout.strip()
@@ -137,16 +143,14 @@ def test_check_runs_drops_the_runs_a_trainer_would_refuse():
 
 
 def checked_runs(flag: str, runs: str, cwd: Path) -> subprocess.CompletedProcess:
-    """device_setup.sh's checked_runs, sourced alone, with this interpreter as python3."""
-    text = (BENCH / "device_setup.sh").read_text()
-    function = text[text.index("checked_runs() {") :]
+    """device_setup.sh's checked_runs, with this interpreter as python3."""
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "PYTHONPATH": str(BENCH.parent / "src"),
     }
     return subprocess.run(
-        ["bash", "-c", f'{function}\nchecked_runs "$1" "$2"', "_", flag, runs],
+        ["bash", "-c", f'{device_function("checked_runs")}checked_runs "$1" "$2"', "_", flag, runs],
         cwd=cwd, env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
 
@@ -166,11 +170,9 @@ def test_device_calls_drop_refused_runs_and_keep_all_when_the_check_fails(tmp_pa
 def test_a_device_call_starts_no_run_that_its_time_limit_would_cut_off():
     """device_setup.sh's run_fits: a run starts only while SECONDS + RUN_ESTIMATE + RESERVE is
     within CALL_LIMIT, so speed_runs.sh leaves time to pack what finished."""
-    text = (BENCH / "device_setup.sh").read_text()
-    function = text[text.index("run_fits() {") :].split("\n}\n")[0] + "\n}\n"
 
     def fits(seconds: int, **env: str) -> bool:
-        script = f"{function}SECONDS={seconds}; run_fits"
+        script = f"{device_function('run_fits')}SECONDS={seconds}; run_fits"
         unset = ("CALL_LIMIT", "RUN_ESTIMATE", "RESERVE")
         env = {**{k: v for k, v in os.environ.items() if k not in unset}, **env}
         return subprocess.run(["bash", "-c", script], env=env).returncode == 0
