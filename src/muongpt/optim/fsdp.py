@@ -184,8 +184,7 @@ def fsdp_optimizer(combined: CombinedOptimizer) -> CombinedOptimizer:
             defaults.update(fused=None, foreach=True)
             # each group carries the implementation it was built with (fused on CUDA), and
             # AdamW's step reads the group's: drop them so that the defaults above hold
-            for group in groups:
-                group.pop("fused", None), group.pop("foreach", None)
+            groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in groups]
             optimizers.append(torch.optim.AdamW(groups, **defaults))
         else:
             raise OptimizerError(
