@@ -41,6 +41,13 @@ code_root() {
 run_fits() {
   (( SECONDS + ${RUN_ESTIMATE:-100} + ${RESERVE:-40} <= ${CALL_LIMIT:-585} ))
 }
+# Seconds a run may take: RUN_TIMEOUT (its default the first argument), but never past RESERVE
+# seconds before CALL_LIMIT, so a run that takes longer than RUN_ESTIMATE (a graph compiled
+# afresh) is stopped by its own timeout and what finished before it is still packed.
+run_limit() {
+  local left=$(( ${CALL_LIMIT:-585} - ${RESERVE:-40} - SECONDS ))
+  echo $(( left < ${RUN_TIMEOUT:-$1} ? left : ${RUN_TIMEOUT:-$1} ))
+}
 # A RUNS (--runs) or JOBS (--jobs) list without the runs the trainer would refuse at start-up
 # (benchmarks/check_runs.py, on the CPU's paths; each dropped run's error goes to stderr). If
 # the checker itself fails, the list comes back whole: every run goes ahead unchecked.

@@ -15,7 +15,8 @@
 # .devcache (see benchmarks/device_setup.sh); where the pieces and .devdata together pass the
 # carry limit (64 MiB), pack them again here: cat PIECES | xz -d | xz -9e -T0 > ARCHIVE.
 # A run that would not end before the call's limit (run_fits: CALL_LIMIT, RUN_ESTIMATE) is not
-# started, so the results and the cache are packed in time.
+# started, and one that runs longer than estimated is stopped RESERVE seconds before that limit
+# (run_limit), so the results and the cache are packed in time.
 set -uo pipefail
 source benchmarks/device_setup.sh
 R=/tmp/speed_runs/speed; rm -rf "$R"; mkdir -p "$R"
@@ -38,7 +39,7 @@ for item in "${LIST[@]}"; do
   root=$(code_root "$name") || exit 1; name=${name%%@*}
   echo "=== $name: $extra (code: $root)"
   # shellcheck disable=SC2086
-  PYTHONPATH=/tmp/site:$root/src timeout "${RUN_TIMEOUT:-400}" python3 \
+  PYTHONPATH=/tmp/site:$root/src timeout "$(run_limit 400)" python3 \
     "$root/benchmarks/speedrun.py" --name "$name" --out "$R/$name.json" \
     $COMMON $extra > "$R/$name.log" 2>&1
   grep -E "val loss|compile warm-up|RESULT|Error|error" "$R/$name.log" | tail -n 14

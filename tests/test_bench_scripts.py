@@ -181,3 +181,20 @@ def test_a_device_call_starts_no_run_that_its_time_limit_would_cut_off():
     assert not fits(446)
     assert fits(300, CALL_LIMIT="440") and not fits(301, CALL_LIMIT="440")
     assert not fits(300, RUN_ESTIMATE="300") and fits(300, RUN_ESTIMATE="200", RESERVE="0")
+
+
+def test_a_run_longer_than_estimated_is_stopped_before_the_call_limit():
+    """device_setup.sh's run_limit: a run's timeout is RUN_TIMEOUT (or the given default) but
+    ends RESERVE seconds before CALL_LIMIT, so the call still packs what finished."""
+
+    def limit(seconds: int, default: int = 400, **env: str) -> int:
+        script = f"{device_function('run_limit')}SECONDS={seconds}; run_limit {default}"
+        unset = ("CALL_LIMIT", "RESERVE", "RUN_TIMEOUT")
+        env = {**{k: v for k, v in os.environ.items() if k not in unset}, **env}
+        out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+        return int(out.stdout)
+
+    assert limit(0) == 400 and limit(145) == 400  # 585 - 40 - 145 = 400
+    assert limit(445) == 100 and limit(146) == 399
+    assert limit(0, RUN_TIMEOUT="330") == 330 and limit(300, RUN_TIMEOUT="330") == 245
+    assert limit(300, CALL_LIMIT="440", RESERVE="0") == 140
