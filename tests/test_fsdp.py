@@ -231,6 +231,10 @@ def test_fsdp_unsupported_settings_are_one_line_errors():
         with pytest.raises(MuonGPTError, match=message) as e:
             check_supported(t, world)
         assert "\n" not in str(e.value)
+    check_supported(settings(parallel="replicate"), 2, ["bf16_tables"])
+    with pytest.raises(MuonGPTError, match="bf16_tables is not supported with training.paral") as e:
+        check_supported(settings(), 2, ["flex_attention", "bf16_tables"])
+    assert "\n" not in str(e.value)
     from test_distributed import tiny_gpt
 
     with pytest.raises(MuonGPTError, match="supports optimizer=muon and optimizer=adamw, not SOAP"):

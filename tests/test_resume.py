@@ -379,6 +379,35 @@ def test_resume_at_the_untie_of_embedding_and_head_is_bit_identical(tmp_path):
         make_trainer(tmp_path / "c", *tie[:-1], "training.untie_embed_head_frac=0")
 
 
+def test_resume_with_bf16_tables_is_bit_identical(tmp_path):
+    """``kernels.converters=[bf16_tables]``: the checkpoint holds the bf16 tables and their bf16
+    AdamW state, and a run resumed from it trains on exactly as the uninterrupted run."""
+    bf16 = [
+        *TIED_SPEEDRUN[:2],
+        "model.bigram_rows=97",
+        TIED_SPEEDRUN[3],
+        "kernels.converters=[bf16_tables]",
+    ]
+    (tmp_path / "a").mkdir()
+    whole = make_trainer(tmp_path / "a", *bf16)
+    assert whole.model.bigram_embed.weight.dtype == torch.bfloat16
+    for _ in range(3):
+        whole.train_step()
+    whole.save_checkpoint()
+    for _ in range(3):
+        whole.train_step()
+    (tmp_path / "b").mkdir()
+    path = ckpt.checkpoint_path(tmp_path / "a" / "run", 3)
+    resumed = make_trainer(tmp_path / "b", *bf16, f"training.resume={path}")
+    assert resumed.step == 3
+    for _ in range(3):
+        resumed.train_step()
+    assert resumed.model.value_embeds[0].weight.dtype == torch.bfloat16
+    assert_same_tree(resumed.model.state_dict(), whole.model.state_dict(), "model")
+    whole.close()
+    resumed.close()
+
+
 def test_resume_refuses_a_checkpoint_of_another_model_shape(tmp_path):
     trainer = make_trainer(tmp_path)
     trainer.save_checkpoint()

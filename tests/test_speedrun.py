@@ -866,3 +866,75 @@ def test_prefix_targets_on_the_fused_fp8_head_match_the_unfused_fp8_head_on_cuda
     for name in ("lm_head.weight", "embed.weight"):
         a, b = fused.get_parameter(name).grad, unfused.get_parameter(name).grad
         assert relative_error(a, b) < 0.03, name
+
+
+def test_bf16_tables_round_the_lookup_tables_and_train_them_in_bf16():
+    """``bf16_tables`` stores the value-embedding and bigram tables in bf16, the same Parameter
+    objects: the model computes what the fp32 model with those tables rounded computes, the
+    tables' gradients are bf16 (the fp32 model's to bf16 precision), and AdamW moves them."""
+    from muongpt.optim.combined import build_optimizer
+
+    model = speedrun(seed=3)
+    reference = copy.deepcopy(model)
+    tables = [model.value_embeds[0].weight, model.bigram_embed.weight]
+    with torch.no_grad():
+        for w in (reference.value_embeds[0].weight, reference.bigram_embed.weight):
+            w.copy_(w.to(torch.bfloat16).float())
+    ids = {id(p) for p in model.parameters()}
+    apply_converters(model, KernelsConfig(["bf16_tables"]))
+    assert {id(p) for p in model.parameters()} == ids
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert [n for n, d in dtypes.items() if d == torch.bfloat16] == [
+        "value_embeds.0.weight",
+        "bigram_embed.weight",
+    ]
+    assert all(d in (torch.bfloat16, torch.float32) for d in dtypes.values())
+
+    idx = documents(2, 24, [(0, 9), (1, 0)])
+    targets = documents(2, 24, [(1, 3)], seed=1)
+    loss, ref_loss = model(idx, targets), reference(idx, targets)
+    assert torch.equal(loss, ref_loss)  # the same model with rounded tables
+    loss.backward()
+    ref_loss.backward()
+    for name in ("value_embeds.0.weight", "bigram_embed.weight"):
+        got, want = model.get_parameter(name).grad, reference.get_parameter(name).grad
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-5)
+
+    before = [t.detach().clone() for t in tables]
+    build_optimizer(model, {"name": "muon"}).step()
+    for t, old in zip(tables, before):
+        assert t.dtype == torch.bfloat16 and not torch.equal(t, old)
+
+
+def test_bf16_table_sums_its_gradient_in_fp32():
+    """A row looked up 10,000 times with gradient 0.001 each gets 10 (summed in bf16: 0.5)."""
+    from muongpt.kernels.bf16_tables import BF16Table
+
+    table = BF16Table(torch.nn.Embedding(10, 4))
+    idx = torch.zeros(10_000, dtype=torch.long)
+    idx[::7] = 3
+    (table(idx).float().sum() * 0.001).backward()
+    grad = table.weight.grad
+    assert grad.dtype == torch.bfloat16
+    assert torch.equal(grad[0], torch.full((4,), 8571 * 0.001).bfloat16())
+    assert torch.equal(grad[3], torch.full((4,), 1429 * 0.001).bfloat16())
+    assert not grad[[1, 2, 4, 5, 6, 7, 8, 9]].any()
+
+
+def test_bf16_tables_adamw_state_is_bf16_and_the_converter_needs_tables():
+    from muongpt.model.gpt import GPT, GPTConfig
+    from muongpt.optim.combined import build_optimizer
+
+    model = apply_converters(speedrun(), KernelsConfig(["bf16_tables"]))
+    idx = documents(1, 16, [(0, 4)])
+    model(idx, idx).backward()
+    opt = build_optimizer(model, {"name": "muon"})
+    opt.step()
+    table = model.bigram_embed.weight
+    adamw = next(o for o in opt.optimizers if table in o.state)
+    assert {v.dtype for v in adamw.state[table].values() if v.ndim > 0} == {torch.bfloat16}
+    with pytest.raises(MuonGPTError, match="bf16_tables needs value-embedding or bigram tables"):
+        apply_converters(
+            GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2)), KernelsConfig(["bf16_tables"])
+        )

@@ -113,13 +113,9 @@ def compose_config(overrides: list[str]):
 
 
 def matmul_params(model) -> int:
-    """Parameters that take part in a matmul: all of them but embedding tables and vectors."""
-    import torch.nn as nn
-
-    embeddings = {
-        id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
-    }
-    return sum(p.numel() for p in model.parameters() if p.ndim >= 2 and id(p) not in embeddings)
+    """Parameters that take part in a matmul: all of them but lookup tables and vectors."""
+    tables = {id(p) for p in model.lookup_tables()}
+    return sum(p.numel() for p in model.parameters() if p.ndim >= 2 and id(p) not in tables)
 
 
 def flops_per_token(model, seq_len: int, tokens=None) -> float:

@@ -14,6 +14,11 @@ checkpoints, optimizer groups and parameter names do not change. Chosen by name 
 - ``fused_mlp``: ReLU^2 inside the Triton GEMM epilogues of every MLP (``kernels/relu2_mlp.py``).
 - ``fused_pom``: every PoM mixer's pointwise middle (expansion, GELU, products, causal mean,
   gate) in Triton kernels, its matmuls in cuBLAS (``kernels/pom.py``).
+- ``bf16_tables``: the speed-run model's value-embedding and bigram tables stored in bf16 (the
+  dtype their lookups are used in under autocast), their gradients summed in fp32, so that their
+  gradients, AdamW state and step move half the bytes (309M parameters at d12, every step;
+  ``kernels/bf16_tables.py``). A storage dtype more than a kernel: it rounds the tables, so the
+  run is not the fp32 run bit for bit.
 
 Where the hardware lacks a kernel (CPU, older GPUs) each converted module runs its plain path.
 """
@@ -80,6 +85,22 @@ def fused_pom(model: GPT, cfg: KernelsConfig) -> None:
             block.mixer = FusedPoM(block.mixer)
 
 
+def bf16_tables(model: GPT, cfg: KernelsConfig) -> None:
+    from muongpt.kernels.bf16_tables import BF16Table
+
+    value_embeds = getattr(model, "value_embeds", None) or []
+    bigram = getattr(model, "bigram_embed", None)
+    if not value_embeds and bigram is None:
+        raise MuonGPTError(
+            "kernels.converters: bf16_tables needs value-embedding or bigram tables "
+            "(model=speedrun with model.value_embeds or model.bigram_rows > 0)"
+        )
+    for i, table in enumerate(value_embeds):
+        value_embeds[i] = BF16Table(table)
+    if bigram is not None:
+        model.bigram_embed = BF16Table(bigram)
+
+
 CONVERTERS: dict[str, Callable[[GPT, KernelsConfig], None]] = {
     "flex_attention": flex_attention,
     "fp8_head": fp8_head,
@@ -87,6 +108,7 @@ CONVERTERS: dict[str, Callable[[GPT, KernelsConfig], None]] = {
     "fp8_mlp": fp8_mlp,
     "fused_mlp": fused_mlp,
     "fused_pom": fused_pom,
+    "bf16_tables": bf16_tables,
 }
 
 

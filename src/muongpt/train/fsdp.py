@@ -35,8 +35,9 @@ TRAINER_FILE = "trainer.pt"  # the non-sharded part of a .dcp checkpoint
 SHARDED_KEYS = ("model", "optimizer")
 
 
-def check_supported(t, world_size: int) -> None:
-    """One-line errors for what ``training.parallel=fsdp`` does not support."""
+def check_supported(t, world_size: int, converters=()) -> None:
+    """One-line errors for what ``training.parallel=fsdp`` does not support (``converters``:
+    ``kernels.converters``)."""
     if t.parallel not in PARALLEL_MODES:
         raise MuonGPTError(f"training.parallel must be one of {PARALLEL_MODES}, got {t.parallel!r}")
     if t.parallel != "fsdp":
@@ -52,6 +53,11 @@ def check_supported(t, world_size: int) -> None:
         )
     if t.compile_warmup_steps > 0:
         raise MuonGPTError("training.compile_warmup_steps is not supported with parallel=fsdp")
+    if "bf16_tables" in converters:  # fully_shard flattens a unit's parameters in one dtype
+        raise MuonGPTError(
+            "kernels.converters: bf16_tables is not supported with training.parallel=fsdp "
+            "(the root unit would mix bf16 tables with fp32 parameters); use training.parallel=replicate"
+        )
 
 
 def shard_model(model: nn.Module, device: torch.device, bf16: bool) -> None:

@@ -156,8 +156,9 @@ class Trainer:
 
         self.model_config = model_config(cfg.model)
         self.model: GPT = build_model(self.model_config)
-        apply_converters(self.model, KernelsConfig(**OmegaConf.to_container(cfg.kernels)))
-        fsdp.check_supported(t, self.ctx.world_size)
+        kernels = KernelsConfig(**OmegaConf.to_container(cfg.kernels))
+        fsdp.check_supported(t, self.ctx.world_size, kernels.converters)
+        apply_converters(self.model, kernels)
         self.fsdp = t.parallel == "fsdp"
         if self.fsdp:  # before the optimizer: fully_shard replaces the parameters by DTensors
             fsdp.shard_model(self.model, self.device, bf16=t.autocast_bf16)  # built on the CPU:
