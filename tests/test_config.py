@@ -169,6 +169,21 @@ def test_stored_configs_without_a_changed_default_keep_the_value_they_trained_wi
     assert v01["model"]["mixing"]["pom_conv"] == 0
 
 
+def test_stored_data_val_fraction_of_the_former_default_reads_as_unset():
+    """data.val_fraction defaulted to 0.1 until 2026-12-05, also with shard data, which never
+    read it: a stored 0.1 is today's unset value (the text split is the same), so neither a
+    resume nor the shard check sees a setting that was never made."""
+    new = composed("experiment=speedrun_bench")
+    assert new["data"]["val_fraction"] is None
+    stored = json.loads(json.dumps(new))
+    stored["data"]["val_fraction"] = 0.1
+    assert upgrade_config(stored) == new
+    stored["data"]["val_fraction"] = 0.05  # set on purpose: kept, and refused with shards
+    assert upgrade_config(stored)["data"]["val_fraction"] == 0.05
+    for name in ("tiny", "speedrun_bench"):  # muongpt 0.1 wrote 0.1 with text and shards
+        assert upgrade_config(V01_CONFIGS[name])["data"]["val_fraction"] is None
+
+
 def test_stored_configs_with_an_option_removed_since_load_when_it_was_off():
     """model.mtp_weights (removed 2026-12-05): a stored speed-run config with it off ([]) builds
     today's model; with it on, the model cannot be built, and the error says so."""

@@ -106,6 +106,8 @@ def test_size_override_changes_the_model(size, n_layer, n_embd):
         (["data=bench", "data.train_files=/nonexistent/*.bin"], "no shard files match"),
         (["data.train_files=x/*.bin"], "data.train_files is not read with data.source=text"),
         (["data=bench", "data.text_path=a.txt"], "data.text_path is not read with data.source="),
+        (["data=bench", "data.val_fraction=0.05"], "data.val_fraction is not read with data.s"),
+        (["data.val_fraction=1.5"], "data.val_fraction must be in (0, 1), got 1.5"),
         (["training.attn_window_start=64"], "attn_window_start needs a model with an attention"),
         (["model=speedrun"], "model.backout_after must be in [0, n_layer = 4)"),
         (["training.cooldown_frac=1.5"], "training.cooldown_frac must be in [0, 1]"),

@@ -29,12 +29,15 @@ from muongpt.optim.config import OPTIMIZER_CONFIGS
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
+TEXT_VAL_FRACTION = 0.1  # data.source=text: the last tenth of the text is validation
+
+
 @dataclass
 class DataConfig:
     name: str = "shakespeare"
     source: str = "text"  # "text": one text file split into train/val; "shards": .bin files
     text_path: str = ""  # empty: the tiny-Shakespeare text shipped in the package
-    val_fraction: float = 0.1  # held-out tail of the text
+    val_fraction: float | None = None  # held-out tail of the text; None: TEXT_VAL_FRACTION
     train_files: str = ""  # glob, folder or file of .bin shards
     val_files: str = ""
     align_to_bos: bool = False
@@ -271,6 +274,10 @@ def _without_removed_options(config: dict) -> dict:
 
 
 def _with_former_defaults(config: dict) -> dict:
+    data = config.get("data")
+    # data.val_fraction was 0.1 by default until 2026-12-05, also where it was not read (shards)
+    if isinstance(data, dict) and data.get("val_fraction") == TEXT_VAL_FRACTION:
+        config = {**config, "data": {**data, "val_fraction": None}}
     mixing = config["model"].get("mixing")
     if not isinstance(mixing, dict) or "pom" not in mixing.get("pattern", []):
         return config

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from muongpt import MuonGPTError
-from muongpt.config import model_config
+from muongpt.config import TEXT_VAL_FRACTION, model_config
 from muongpt.data.loader import TokenLoader
 from muongpt.data.shards import open_shard, resolve_shards
 from muongpt.data.tokenizer import EOT_TOKEN, decode, encode
@@ -46,13 +46,14 @@ def load_text_tokens(data: DictConfig) -> tuple[tuple[str, np.ndarray], tuple[st
     path = Path(data.text_path) if data.text_path else TINY_SHAKESPEARE
     if not path.is_file():
         raise MuonGPTError(f"data.text_path: file not found: {path}")
-    if not 0.0 < data.val_fraction < 1.0:
-        raise MuonGPTError(f"data.val_fraction must be in (0, 1), got {data.val_fraction}")
+    val_fraction = TEXT_VAL_FRACTION if data.val_fraction is None else data.val_fraction
+    if not 0.0 < val_fraction < 1.0:
+        raise MuonGPTError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
     text = path.read_text(encoding="utf-8")
     if not text.strip():
         raise MuonGPTError(f"data.text_path {path}: the file is empty, no text to train on")
     tokens = np.array([EOT_TOKEN] + encode(text), dtype=np.uint16)
-    split = int(len(tokens) * (1.0 - data.val_fraction))
+    split = int(len(tokens) * (1.0 - val_fraction))
     name = f"data.text_path {path}"
     train = (f"{name} (training split)", tokens[:split])
     return train, (f"{name} (validation split)", tokens[split:])
@@ -201,9 +202,9 @@ class Trainer:
     def _build_data(self):
         data, t = self.cfg.data, self.cfg.training
         # a key the chosen source does not read is a mistake, not something to ignore silently
-        unread = {"text": ["train_files", "val_files"], "shards": ["text_path"]}
+        unread = {"text": ["train_files", "val_files"], "shards": ["text_path", "val_fraction"]}
         for key in unread.get(data.source, []):
-            if data[key]:
+            if data[key] not in ("", None):
                 raise MuonGPTError(
                     f"data.{key} is not read with data.source={data.source} (data={data.name}); "
                     "shards come from data=fineweb or data=bench, text from data=shakespeare"
