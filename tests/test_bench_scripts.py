@@ -167,15 +167,23 @@ def test_device_calls_drop_refused_runs_and_keep_all_when_the_check_fails(tmp_pa
     assert broken.stdout.strip() == runs and "every run goes ahead unchecked" in broken.stderr
 
 
+TIMING_VARIABLES = ("CALL_LIMIT", "RUN_ESTIMATE", "RESERVE", "RUN_TIMEOUT")
+
+
+def call_timing_function(call: str, seconds: int, **env: str) -> subprocess.CompletedProcess:
+    """``call`` (a device_setup.sh function and its arguments) run ``seconds`` into a device
+    call, with only the timing variables given in ``env`` set."""
+    script = f"{device_function(call.split()[0])}SECONDS={seconds}; {call}"
+    env = {**{k: v for k, v in os.environ.items() if k not in TIMING_VARIABLES}, **env}
+    return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+
+
 def test_a_device_call_starts_no_run_that_its_time_limit_would_cut_off():
     """device_setup.sh's run_fits: a run starts only while SECONDS + RUN_ESTIMATE + RESERVE is
     within CALL_LIMIT, so speed_runs.sh leaves time to pack what finished."""
 
     def fits(seconds: int, **env: str) -> bool:
-        script = f"{device_function('run_fits')}SECONDS={seconds}; run_fits"
-        unset = ("CALL_LIMIT", "RUN_ESTIMATE", "RESERVE")
-        env = {**{k: v for k, v in os.environ.items() if k not in unset}, **env}
-        return subprocess.run(["bash", "-c", script], env=env).returncode == 0
+        return call_timing_function("run_fits", seconds, **env).returncode == 0
 
     assert fits(0) and fits(445)  # 445 + 100 + 40 = 585
     assert not fits(446)
@@ -188,11 +196,7 @@ def test_a_run_longer_than_estimated_is_stopped_before_the_call_limit():
     ends RESERVE seconds before CALL_LIMIT, so the call still packs what finished."""
 
     def limit(seconds: int, default: int = 400, **env: str) -> int:
-        script = f"{device_function('run_limit')}SECONDS={seconds}; run_limit {default}"
-        unset = ("CALL_LIMIT", "RESERVE", "RUN_TIMEOUT")
-        env = {**{k: v for k, v in os.environ.items() if k not in unset}, **env}
-        out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
-        return int(out.stdout)
+        return int(call_timing_function(f"run_limit {default}", seconds, **env).stdout)
 
     assert limit(0) == 400 and limit(145) == 400  # 585 - 40 - 145 = 400
     assert limit(445) == 100 and limit(146) == 399
