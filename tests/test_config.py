@@ -107,8 +107,8 @@ def built_model(model: dict):
     [
         ("tiny", []),
         # 0.1's speed run had no input gates, an MLP in every layer and an untied head (all three
-        # on since 2026-12-04), two rows per step for 225 steps (one row, 370, since 2026-12-05)
-        # and AdamW betas (0.8, 0.95) ((0.65, 0.95) since 2026-12-05)
+        # on since 2026-12-04), two rows per step for 225 steps (one row since 2026-12-05), AdamW
+        # betas (0.8, 0.95) and fp32 lookup tables (since 2026-12-05: (0.65, 0.95) and bf16_tables)
         (
             "speedrun_bench",
             [
@@ -121,6 +121,7 @@ def built_model(model: dict):
                 "training.max_steps=225",
                 "optimizer.momentum_warmup_steps=300",
                 "optimizer.adam_betas=[0.8,0.95]",
+                "kernels.converters=[flex_attention,fp8_head_loss,fused_mlp]",
             ],
         ),
         # 0.1 had no PoM convolution, expansion 2 and one selection head (today's defaults: 4, 1, 4)

@@ -50,6 +50,7 @@ SPEEDRUN_STEP = [
     "training.batch_size_start=2",
     "training.batch_ramp_steps=4",
     "training.lr_token_power=0.5",
+    "kernels.converters=[bf16_tables]",
 ]
 
 
@@ -197,7 +198,7 @@ def test_compiled_speedrun_steps_on_cuda_never_synchronize(tmp_path):
         "training.seq_len_schedule": "[128,256]",
         "training.attn_window_start": "128",
         "training.checkpoint_every": "0",
-        "kernels.converters": "[flex_attention,fp8_head_loss,fused_mlp]",
+        "kernels.converters": "[flex_attention,fp8_head_loss,fused_mlp,bf16_tables]",
     }
     kept = [o for o in SPEEDRUN_STEP if o.split("=")[0] not in cuda]
     trainer = make_trainer(tmp_path, *kept, *(f"{k}={v}" for k, v in cuda.items()))
