@@ -117,9 +117,9 @@ def test_check_runs_drops_the_runs_a_trainer_would_refuse():
     and names the runs refused at start-up; --filter keeps the others (and runs of earlier code,
     which this code cannot judge) in speed_runs.sh's RUNS format."""
     runs = (
-        "r370|training.seed=3 optimizer.momentum_cooldown_steps=8;"
+        "r370|training.seed=3 training.max_steps=370 optimizer.momentum_cooldown_steps=8;"
         "every2|optimizer.embed_head_every=2;"  # refused with the tied head
-        "long_cd|optimizer.momentum_cooldown_steps=371;"  # more than the run's 370 steps
+        "long_cd|training.max_steps=370 optimizer.momentum_cooldown_steps=371;"  # more than 370
         "typo|training.max_step=3;"
         "old@.devold/v0.tar.gz|training.seed=2"
     )
@@ -138,7 +138,8 @@ def test_check_runs_drops_the_runs_a_trainer_would_refuse():
     assert lines[4] == "skip old@.devold/v0.tar.gz: earlier code, not checked"
     kept = subprocess.run([*script, "--filter"], capture_output=True, text=True, check=True)
     assert kept.stdout.strip() == (
-        "r370|training.seed=3 optimizer.momentum_cooldown_steps=8;old@.devold/v0.tar.gz|training.seed=2"
+        "r370|training.seed=3 training.max_steps=370 optimizer.momentum_cooldown_steps=8;"
+        "old@.devold/v0.tar.gz|training.seed=2"
     )
 
 
