@@ -5,8 +5,10 @@ python benchmarks/profile_step.py --out prof.txt [--trace trace.json] experiment
 
 The idle report merges every kernel / memcpy / memset interval of the profiled steps: busy is
 their union, idle the rest of the span. For the largest gaps it names the kernel that ended the
-gap and the Python function that launched it, and whether the launch came after the GPU ran dry
-(the host was the bottleneck) or before (the GPU waited on something else, e.g. a dependency).
+gap and the Python function (without stacks: the op) that launched it, and whether the launch
+came after the GPU ran dry (the host was the bottleneck; then also the host op the launching
+thread was in while the GPU waited) or before (the GPU waited on something else, e.g. a
+dependency).
 The phase table splits the GPU time per step by the Python frames around each launch (optimizer,
 backward, forward) and by kernel kind (attention, matmul, Triton-fused, copies); the kernel table
 gives each kernel's own GPU time per step (the op table after it nests, so a kernel launched
@@ -29,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 from muongpt.cli.bench import compose_config
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+HOST_CATEGORIES = ("cpu_op", "user_annotation", "python_function")
 PROFILED_STEPS = 2
 
 
@@ -47,6 +50,9 @@ def idle_report(trace_file: Path, top: int = 12) -> tuple[str, float]:
         if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
     }
     python = [e for e in events if e.get("cat") == "python_function" and e.get("dur", 0) > 0]
+    host_ops = [  # recorded with or without Python stacks
+        e for e in events if e.get("cat") in HOST_CATEGORIES and e.get("dur", 0) > 0
+    ]
     busy, gaps, end = 0.0, [], gpu[0]["ts"]
     for e in gpu:
         start, stop = e["ts"], e["ts"] + e["dur"]
@@ -60,22 +66,46 @@ def idle_report(trace_file: Path, top: int = 12) -> tuple[str, float]:
         f"idle {(span - busy) / 1e3:.1f} ms in {len(gaps)} gaps "
         f"({sum(g for g, _, _ in gaps if g > 20) / 1e3:.1f} ms in gaps > 20 us)"
     ]
-    lines.append(f"{'gap us':>8} {'launch':>8}  next kernel / launched from")
+    lines.append(f"{'gap us':>8} {'launch':>8}  next kernel <- launched from; [host op in the gap]")
     for gap, idle_from, e in sorted(gaps, key=lambda g: -g[0])[:top]:
         launch = launches.get(e.get("args", {}).get("correlation"))
-        where, late = "?", float("nan")
+        where, late, during = "?", float("nan"), ""
         if launch is not None:
             late = launch["ts"] - idle_from  # > 0: launched after the GPU ran dry
             around = [
-                p
-                for p in python
-                if p["tid"] == launch["tid"] and p["ts"] <= launch["ts"] <= p["ts"] + p["dur"]
+                p for p in python if p["tid"] == launch["tid"] and covers(p, launch["ts"])
             ]  # the launching thread's frames only (the loader's thread runs alongside)
             around = [p for p in around if not p["name"].startswith(("torch/", "<built-in"))]
             if around:
                 where = min(around, key=lambda p: p["dur"])["name"]
-        lines.append(f"{gap:8.0f} {late:8.0f}  {e['name'][:60]}  <- {where[:90]}")
+            else:  # no stacks: the innermost op around the launch
+                ops = [o for o in host_ops if o["tid"] == launch["tid"] and covers(o, launch["ts"])]
+                if ops:
+                    where = min(ops, key=lambda o: o["dur"])["name"]
+            if late > 0:
+                during = f"  [{host_op_during(host_ops, launch['tid'], idle_from, launch['ts'])}]"
+        lines.append(f"{gap:8.0f} {late:8.0f}  {e['name'][:60]}  <- {where[:70]}{during}")
     return "\n".join(lines) + "\n", busy / 1e3
+
+
+def covers(op: dict, ts: float) -> bool:
+    return op["ts"] <= ts <= op["ts"] + op["dur"]
+
+
+def host_op_during(host_ops: list[dict], tid, start: float, stop: float) -> str:
+    """What the launching thread ran while the GPU sat idle, from ``start`` (the GPU ran dry)
+    to ``stop`` (the next launch): the innermost of its ops that overlap at least half of that
+    window, else the op with the largest overlap; with the overlap in us."""
+
+    def overlap(o: dict) -> float:
+        return max(0.0, min(stop, o["ts"] + o["dur"]) - max(start, o["ts"]))
+
+    mine = [o for o in host_ops if o["tid"] == tid and overlap(o) > 0]
+    if not mine:
+        return "no host op"
+    most = [o for o in mine if overlap(o) >= 0.5 * (stop - start)]
+    op = min(most, key=lambda o: o["dur"]) if most else max(mine, key=overlap)
+    return f"{op['name'][:60]} {overlap(op):.0f} us"
 
 
 KINDS = (  # kernel name patterns, first match wins

@@ -2,6 +2,8 @@
 unpacked where the run expects them, speedrun.py's JSON on the CPU, profile_step.py's idle
 report."""
 
+import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -87,15 +89,17 @@ def test_speedrun_script_writes_the_fields_the_summaries_read(tmp_path):
     assert "checkpoint:" not in run.stdout + run.stderr  # training.save_checkpoints=false
 
 
-def test_profile_idle_report_counts_overlapping_gpu_events_once(tmp_path):
-    """profile_step.py's idle report: busy is the union of the GPU events (two overlapping
-    kernels count once), idle the rest of the span, gaps listed largest first."""
-    import importlib.util
-    import json
-
+def load_profile_step():
     spec = importlib.util.spec_from_file_location("profile_step", BENCH / "profile_step.py")
     profile_step = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(profile_step)
+    return profile_step
+
+
+def test_profile_idle_report_counts_overlapping_gpu_events_once(tmp_path):
+    """profile_step.py's idle report: busy is the union of the GPU events (two overlapping
+    kernels count once), idle the rest of the span, gaps listed largest first."""
+    profile_step = load_profile_step()
     events = [  # microseconds: [0, 10] and [5, 20] overlap, then gaps of 10 and 25
         {"cat": "kernel", "name": "a", "ts": 0, "dur": 10},
         {"cat": "kernel", "name": "b", "ts": 5, "dur": 15},
@@ -110,6 +114,32 @@ def test_profile_idle_report_counts_overlapping_gpu_events_once(tmp_path):
     assert text.splitlines()[0].startswith("GPU span 0.1 ms, busy 0.0 ms (50.0%), idle 0.0 ms in 2")
     gaps = [line.split()[0] for line in text.splitlines()[2:]]
     assert gaps == ["25", "10"]
+
+
+def test_profile_idle_report_names_the_host_op_that_kept_the_gpu_waiting(tmp_path):
+    """Without Python stacks: a gap whose next kernel was launched after the GPU ran dry names
+    the innermost op around the launch, and the host op the launching thread spent the gap in
+    (the innermost covering at least half of it), not the other thread's."""
+    profile_step = load_profile_step()
+    events = [  # the GPU is idle from 10 to 110 us; the kernel after the gap launched at 100
+        {"cat": "kernel", "name": "a", "ts": 0, "dur": 10},
+        {"cat": "kernel", "name": "b", "ts": 110, "dur": 10, "args": {"correlation": 7}},
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 100, "dur": 2, "tid": 1,
+         "args": {"correlation": 7}},
+        {"cat": "cpu_op", "name": "ProfilerStep", "ts": 0, "dur": 200, "tid": 1},
+        {"cat": "user_annotation", "name": "Optimizer.step#NorMuon.step", "ts": 5, "dur": 90,
+         "tid": 1},
+        {"cat": "cpu_op", "name": "aten::stack", "ts": 20, "dur": 30, "tid": 1},
+        {"cat": "cpu_op", "name": "Torch-Compiled Region: 0/0", "ts": 98, "dur": 50, "tid": 1},
+        {"cat": "cpu_op", "name": "aten::copy_", "ts": 10, "dur": 88, "tid": 2},  # loader thread
+    ]  # fmt: skip
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    text, _ = profile_step.idle_report(trace)
+    gap = text.splitlines()[2]
+    assert gap.split()[:2] == ["100", "90"]
+    assert "<- Torch-Compiled Region: 0/0" in gap
+    assert gap.endswith("[Optimizer.step#NorMuon.step 85 us]")
 
 
 def test_check_runs_drops_the_runs_a_trainer_would_refuse():
