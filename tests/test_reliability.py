@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -280,6 +281,45 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous(tmp_path, 
     assert ckpt.list_checkpoints(tmp_path) == [previous]
     assert sorted(p.name for p in previous.parent.iterdir()) == [previous.name]  # no temporary
     ckpt.load_checkpoint(previous)
+
+
+def test_a_full_disk_during_a_sharded_save_is_one_line_and_keeps_the_previous(
+    tmp_path, monkeypatch
+):
+    """FSDP's .dcp checkpoint: a full disk while torch.distributed.checkpoint writes (which
+    reports it as a CheckpointException, a BaseException holding each rank's error) or while the
+    trainer state is saved is one line naming the checkpoint; the earlier checkpoint of the same
+    step stays and no temporary folder is left."""
+    import torch.nn as nn
+
+    from muongpt.train.fsdp import save_sharded, sharded_state
+
+    model = nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = {**sharded_state(model, [optimizer]), "config": {}, "step": 2}
+    path = save_sharded(tmp_path / "step_000002.dcp", state, is_main=True)
+    before = sorted(p.name for p in path.iterdir())
+
+    real_save, calls, fail_at = torch.save, [], [0]
+
+    def fills_the_disk(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == fail_at[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    save_sharded(tmp_path / "count.dcp", state, is_main=True)  # how many saves one takes
+    shutil.rmtree(tmp_path / "count.dcp")
+    saves, calls[:] = len(calls), []
+    assert saves >= 2  # the checkpoint library's own, then the trainer state's
+    for fail_at[0] in (1, saves):
+        with pytest.raises(DiskFullError) as info:
+            save_sharded(path, state, is_main=True)
+        assert str(info.value) == f"{path}: no space left on device; free some space and rerun"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+        assert sorted(p.name for p in path.iterdir()) == before
+        calls.clear()
 
 
 def test_a_full_disk_for_metrics_is_one_line():

@@ -1,5 +1,7 @@
 """muongpt: GPT training at speedrun speed, as a configurable library."""
 
+from contextlib import contextmanager
+
 __version__ = "0.2.0"
 
 
@@ -15,12 +17,17 @@ def disk_full(error: BaseException, path) -> DiskFullError | None:
     """``error`` as a one-line DiskFullError naming ``path`` if it means "no space left", else None.
 
     Besides OSError(ENOSPC), torch.save reports a full disk as a RuntimeError from its zip writer
-    ("[enforce fail at inline_container.cc:...] . unexpected pos ..." or "file write failed").
+    ("[enforce fail at inline_container.cc:...] . unexpected pos ..." or "file write failed"), and
+    torch.distributed.checkpoint as a CheckpointException (a BaseException) holding each failed
+    rank's error.
     """
     import errno
 
     if isinstance(error, DiskFullError):
         return error
+    if type(error).__name__ == "CheckpointException":
+        ranks = getattr(error, "failures", {}).values()
+        return next((f for f in (disk_full(e, path) for e, _ in ranks) if f is not None), None)
     text = str(error)
     full = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or (
         isinstance(error, RuntimeError)
@@ -29,6 +36,19 @@ def disk_full(error: BaseException, path) -> DiskFullError | None:
     if not full:
         return None
     return DiskFullError(f"{path}: no space left on device; free some space and rerun")
+
+
+@contextmanager
+def full_disk_named(path):
+    """Around a write: "no space left" (as ``disk_full`` recognises it) leaves as one
+    DiskFullError naming ``path``; every other error passes through unchanged."""
+    try:
+        yield
+    except BaseException as e:  # torch.distributed.checkpoint's errors are BaseExceptions
+        full = disk_full(e, path)
+        if full is None:
+            raise
+        raise full from None
 
 
 def atomic_write(path, write):
@@ -41,19 +61,15 @@ def atomic_write(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except (OSError, RuntimeError) as e:
-        full = disk_full(e, path)
-        if full is None:
-            raise
-        raise full from None
+        with full_disk_named(path):
+            write(tmp)
+            fd = os.open(tmp, os.O_RDWR)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from muongpt import MuonGPTError, disk_full
+from muongpt import MuonGPTError, full_disk_named
 
 PARALLEL_MODES = ("replicate", "fsdp")
 TRAINER_FILE = "trainer.pt"  # the non-sharded part of a .dcp checkpoint
@@ -104,18 +104,14 @@ def save_sharded(path: Path, state: dict, is_main: bool) -> Path:
         dist.broadcast_object_list(pid, src=0)  # one temporary name, rank 0's, for every rank
     tmp = path.with_name(f".{path.name}.tmp-{pid[0]}")
     try:
-        dcp.save({k: state[k] for k in SHARDED_KEYS}, checkpoint_id=tmp)
-        if is_main:
-            rest = {k: v for k, v in state.items() if k not in SHARDED_KEYS}
-            torch.save({**rest, "sharded": True}, tmp / TRAINER_FILE)
-            if path.exists():  # an older run's checkpoint of the same step
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        full = disk_full(e, path)
-        if full is None:
-            raise
-        raise full from None
+        with full_disk_named(path):
+            dcp.save({k: state[k] for k in SHARDED_KEYS}, checkpoint_id=tmp)
+            if is_main:
+                rest = {k: v for k, v in state.items() if k not in SHARDED_KEYS}
+                torch.save({**rest, "sharded": True}, tmp / TRAINER_FILE)
+                if path.exists():  # an older run's checkpoint of the same step
+                    shutil.rmtree(path)
+                os.replace(tmp, path)
     finally:
         if dist.is_initialized():
             dist.barrier()  # the folder is complete before any rank goes on

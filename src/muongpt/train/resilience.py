@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from muongpt import MuonGPTError, atomic_write, disk_full
+from muongpt import MuonGPTError, atomic_write, full_disk_named
 from muongpt.train.distributed import DistContext, any_rank
 
 EXIT_INTERRUPTED = 75  # sysexits EX_TEMPFAIL: stopped by a signal, saved; rerun to resume
@@ -276,14 +276,8 @@ def append_metrics(path: str | Path, record: dict) -> None:
         k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
     }
     line = json.dumps(clean, allow_nan=False) + "\n"
-    try:
-        with open(path, "a") as f:
-            f.write(line)
-    except OSError as e:
-        full = disk_full(e, path)
-        if full is None:
-            raise
-        raise full from None
+    with full_disk_named(path), open(path, "a") as f:
+        f.write(line)
 
 
 # ---------------------------------------------------------------- preemption
