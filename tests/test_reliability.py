@@ -322,6 +322,31 @@ def test_a_full_disk_during_a_sharded_save_is_one_line_and_keeps_the_previous(
         calls.clear()
 
 
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_damaged_sharded_checkpoint_is_one_line(tmp_path, damage):
+    """A .dcp checkpoint whose shard file is cut short or gone: torch.distributed.checkpoint
+    raises a CheckpointException (a BaseException whose message is every rank's traceback);
+    loading it is one line naming the folder and the rank's error."""
+    import torch.nn as nn
+
+    from muongpt.train.fsdp import load_sharded, save_sharded, sharded_state
+
+    model = nn.Linear(64, 64)
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = {**sharded_state(model, [optimizer]), "config": {}, "step": 2}
+    path = save_sharded(tmp_path / "step_000002.dcp", state, is_main=True)
+    (shard,) = path.glob("*.distcp")
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:100])
+    else:
+        shard.unlink()
+    with pytest.raises(MuonGPTError) as info:
+        load_sharded(path, model, [optimizer])
+    message = str(info.value)
+    assert message.startswith(f"{path}: unreadable sharded checkpoint (")
+    assert "rank 0" in message and "\n" not in message
+
+
 def test_a_full_disk_for_metrics_is_one_line():
     # /dev/full: every write fails with ENOSPC, as on a full file system.
     with pytest.raises(DiskFullError, match="^/dev/full: no space left on device"):

@@ -130,10 +130,19 @@ def load_sharded(path: Path, model: nn.Module, optimizers: list) -> None:
         [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
         for opt in optimizers
     ]
+    from torch.distributed.checkpoint.api import CheckpointException
+
     state = sharded_state(model, optimizers)  # the layout to read into
     with warnings.catch_warnings():  # one process without a process group is intended here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path)
+        try:
+            dcp.load(state, checkpoint_id=path)
+        except CheckpointException as e:  # a BaseException, its message every rank's traceback
+            rank, (error, _) = next(iter(e.failures.items()))
+            raise MuonGPTError(
+                f"{path}: unreadable sharded checkpoint ({type(error).__name__} on rank {rank}: "
+                f"{str(error).splitlines()[0] if str(error) else 'no message'})"
+            ) from None
     set_state_dict(
         model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )
