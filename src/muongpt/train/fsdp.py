@@ -124,14 +124,13 @@ def load_sharded(path: Path, model: nn.Module, optimizers: list) -> None:
     """Read a .dcp checkpoint's model and optimizer state into ``model`` / ``optimizers`` (FSDP
     on any number of ranks, or one process); hyperparameters stay as configured now."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     hyper = [
         [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
         for opt in optimizers
     ]
-    from torch.distributed.checkpoint.api import CheckpointException
-
     state = sharded_state(model, optimizers)  # the layout to read into
     with warnings.catch_warnings():  # one process without a process group is intended here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
