@@ -586,6 +586,41 @@ def test_torchrun_trains_a_tied_embedding_and_head_as_one_process_does(tmp_path)
 
 
 @pytest.mark.slow
+def test_torchrun_trains_bf16_tables_as_one_process_does(tmp_path):
+    """``kernels.converters=[bf16_tables]`` (on in speedrun_bench) on two ranks and on one: the
+    bf16 tables' gradients are summed over ranks in bf16 and their sharded AdamW state is bf16,
+    yet losses and weights match the one-process run (two micro-steps) as the fp32 run's do,
+    and the gathered checkpoint holds bf16 tables and moments."""
+    runs = {}
+    parts = [
+        "model=speedrun",
+        "model.value_embeds=1",
+        "model.bigram_rows=64",
+        "model.backout_after=1",
+        "model.tie_embed_head=true",
+        "kernels.converters=[bf16_tables]",
+    ]
+    for nproc in (2, 1):
+        run_dir = tmp_path / f"ranks{nproc}"
+        proc = train(*TINY, *parts, f"hydra.run.dir={run_dir}", cwd=tmp_path, nproc=nproc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[nproc] = run_dir
+    assert_same_training(metrics(runs[2]), metrics(runs[1]), range(9))
+    final_two, final_one = checkpoint(runs[2], 8), checkpoint(runs[1], 8)
+    assert_same_weights(final_two, final_one)  # dtypes too
+    tables = ("value_embeds.0.weight", "bigram_embed.weight")
+    assert all(final_two["model"][name].dtype == torch.bfloat16 for name in tables)
+    moments = [
+        v
+        for opt in final_two["optimizer"]["optimizers"]
+        for state in opt["state"].values()
+        for k, v in state.items()
+        if k == "exp_avg"
+    ]
+    assert any(m.dtype == torch.bfloat16 for m in moments)
+
+
+@pytest.mark.slow
 def test_torchrun_bad_batch_stops_every_rank_with_one_message(tmp_path):
     proc = train(
         *TINY, "training.batch_size=3", "training.micro_batch_size=1", cwd=tmp_path, nproc=2
