@@ -519,6 +519,18 @@ def assert_same_weights(a: dict, b: dict) -> None:
         torch.testing.assert_close(value, b["model"][name], rtol=0, atol=1e-5, msg=name)
 
 
+def on_two_ranks_and_one(tmp_path: Path, *overrides: str) -> dict[int, Path]:
+    """The TINY run with ``overrides`` under torchrun on two ranks, then in one process: the
+    run directory of each, by the number of ranks."""
+    runs = {}
+    for nproc in (2, 1):
+        run_dir = tmp_path / f"ranks{nproc}"
+        proc = train(*TINY, *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path, nproc=nproc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[nproc] = run_dir
+    return runs
+
+
 @pytest.mark.slow
 def test_torchrun_matches_one_process_and_resumes_across_world_sizes(tmp_path):
     # Two ranks, no hydra.run.dir given: both must use the one directory rank 0 chose.
@@ -569,15 +581,7 @@ def test_torchrun_trains_a_tied_embedding_and_head_as_one_process_does(tmp_path)
     """model.tie_embed_head untied at step 4 of 8, on two ranks and on one: the same losses and
     weights (the sharded AdamW folds the table's rows into the head's while tied); with rows of
     16 tokens for steps 0-3 and 32 after (``training.seq_len_schedule``) on both."""
-    runs = {}
-    rows = "training.seq_len_schedule=[16,32]"
-    for nproc in (2, 1):
-        run_dir = tmp_path / f"ranks{nproc}"
-        proc = train(
-            *TINY, *TIED_SPEEDRUN, rows, f"hydra.run.dir={run_dir}", cwd=tmp_path, nproc=nproc
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[nproc] = run_dir
+    runs = on_two_ranks_and_one(tmp_path, *TIED_SPEEDRUN, "training.seq_len_schedule=[16,32]")
     assert_same_training(metrics(runs[2]), metrics(runs[1]), range(9))
     assert_same_weights(checkpoint(runs[2], 8), checkpoint(runs[1], 8))
     assert [metrics(runs[2])[s]["tokens"] for s in (4, 8)] == [4 * 4 * 16, 4 * 4 * (16 + 32)]
@@ -591,20 +595,15 @@ def test_torchrun_trains_bf16_tables_as_one_process_does(tmp_path):
     bf16 tables' gradients are summed over ranks in bf16 and their sharded AdamW state is bf16,
     yet losses and weights match the one-process run (two micro-steps) as the fp32 run's do,
     and the gathered checkpoint holds bf16 tables and moments."""
-    runs = {}
-    parts = [
+    runs = on_two_ranks_and_one(
+        tmp_path,
         "model=speedrun",
         "model.value_embeds=1",
         "model.bigram_rows=64",
         "model.backout_after=1",
         "model.tie_embed_head=true",
         "kernels.converters=[bf16_tables]",
-    ]
-    for nproc in (2, 1):
-        run_dir = tmp_path / f"ranks{nproc}"
-        proc = train(*TINY, *parts, f"hydra.run.dir={run_dir}", cwd=tmp_path, nproc=nproc)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[nproc] = run_dir
+    )
     assert_same_training(metrics(runs[2]), metrics(runs[1]), range(9))
     final_two, final_one = checkpoint(runs[2], 8), checkpoint(runs[1], 8)
     assert_same_weights(final_two, final_one)  # dtypes too

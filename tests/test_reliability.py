@@ -283,6 +283,16 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous(tmp_path, 
     ckpt.load_checkpoint(previous)
 
 
+def a_sharded_checkpoint(tmp_path: Path):
+    """(model, optimizer, state, path): a small model's .dcp checkpoint of step 2 in tmp_path."""
+    from muongpt.train.fsdp import save_sharded, sharded_state
+
+    model = torch.nn.Linear(64, 64)
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = {**sharded_state(model, [optimizer]), "config": {}, "step": 2}
+    return model, optimizer, state, save_sharded(tmp_path / "step_000002.dcp", state, True)
+
+
 def test_a_full_disk_during_a_sharded_save_is_one_line_and_keeps_the_previous(
     tmp_path, monkeypatch
 ):
@@ -290,14 +300,9 @@ def test_a_full_disk_during_a_sharded_save_is_one_line_and_keeps_the_previous(
     reports it as a CheckpointException, a BaseException holding each rank's error) or while the
     trainer state is saved is one line naming the checkpoint; the earlier checkpoint of the same
     step stays and no temporary folder is left."""
-    import torch.nn as nn
+    from muongpt.train.fsdp import save_sharded
 
-    from muongpt.train.fsdp import save_sharded, sharded_state
-
-    model = nn.Linear(4, 4)
-    optimizer = torch.optim.AdamW(model.parameters())
-    state = {**sharded_state(model, [optimizer]), "config": {}, "step": 2}
-    path = save_sharded(tmp_path / "step_000002.dcp", state, is_main=True)
+    _, _, state, path = a_sharded_checkpoint(tmp_path)
     before = sorted(p.name for p in path.iterdir())
 
     real_save, calls, fail_at = torch.save, [], [0]
@@ -327,14 +332,9 @@ def test_a_damaged_sharded_checkpoint_is_one_line(tmp_path, damage):
     """A .dcp checkpoint whose shard file is cut short or gone: torch.distributed.checkpoint
     raises a CheckpointException (a BaseException whose message is every rank's traceback);
     loading it is one line naming the folder and the rank's error."""
-    import torch.nn as nn
+    from muongpt.train.fsdp import load_sharded
 
-    from muongpt.train.fsdp import load_sharded, save_sharded, sharded_state
-
-    model = nn.Linear(64, 64)
-    optimizer = torch.optim.AdamW(model.parameters())
-    state = {**sharded_state(model, [optimizer]), "config": {}, "step": 2}
-    path = save_sharded(tmp_path / "step_000002.dcp", state, is_main=True)
+    model, optimizer, _, path = a_sharded_checkpoint(tmp_path)
     (shard,) = path.glob("*.distcp")
     if damage == "truncated":
         shard.write_bytes(shard.read_bytes()[:100])
