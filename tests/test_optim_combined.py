@@ -592,3 +592,35 @@ def test_tied_pair_is_refused_with_delayed_steps():
     model = TiedModel()
     with pytest.raises(MuonGPTError, match="embed_head_every > 1 with a tied embedding"):
         build_optimizer(model, config("muon", embed_head_every=2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_side_optimizers_on_their_own_cuda_stream_step_as_one_after_another():
+    """AdamW over the side groups runs on a second stream beside Muon: the same arithmetic,
+    ordered after the gradients and before anything the main stream does next. Each stream is
+    held up by a sleeping kernel, so a missing wait reads a gradient or a weight too early."""
+    torch.manual_seed(0)
+    model = TinyModel().cuda()
+    ref = copy.deepcopy(model)
+    opt = build_optimizer(model, config("muon", embed_head_every=2))
+    ref_opt = build_optimizer(ref, config("muon", embed_head_every=2))
+    ref_opt.side_stream = None  # one after another
+    assert opt.side_stream is not None
+    for s in range(5):
+        seen = []
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.apply_schedule(lr_multiplier(s, 20, 2, 5, 0.1), muon_momentum(s, 0.85, 0.95, 300))
+            m(*(t.cuda() for t in batch(s))).backward()
+            torch.cuda._sleep(50_000_000)  # the main stream's gradients land late
+            for p in m.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(0.5)
+            if o.side_stream is not None:
+                with torch.cuda.stream(o.side_stream):
+                    torch.cuda._sleep(50_000_000)  # and the side stream's updates
+            o.step()
+            seen.append([p.detach().clone() for p in m.parameters()])  # on the main stream
+            o.zero_grad(set_to_none=True)
+        for (n, _), a, b in zip(model.named_parameters(), *seen):
+            assert torch.equal(a, b), (s, n)
+    torch.cuda.synchronize()

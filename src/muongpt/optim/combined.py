@@ -9,7 +9,8 @@ The model declares its groups (``model.optimizer_groups()``: ``matrix``, ``embed
 against AdamW lr sweeps at d12, at d12 with 24 layers, at d12 1024 wide and at d24, checked at
 d36, see docs/optimizers.md; the side groups' rule keeps the lr where d12 put it under Muon, which
 transfers to d24). Each parameter lands in exactly one group
-(checked). AdamW is ``fused`` when every parameter is on CUDA. Each group remembers its
+(checked). AdamW is ``fused`` when every parameter is on CUDA, and there it steps on a second CUDA
+stream beside the matrix optimizer (disjoint parameters: the same result). Each group remembers its
 ``base_lr``; ``apply_schedule(lr_scale, momentum)`` sets lr = base_lr * lr_scale for every group
 and, where given, Muon's momentum (the trainer's schedule computes both). A model that ties two
 weights (``model.tied_weights()``: copy, master) has them trained as one while ``tied``: the
@@ -82,6 +83,10 @@ class CombinedOptimizer:
     ``state_dict`` carries them, so a resume between two of its steps is exact). A step that is
     skipped (``zero_grad`` without ``step``, e.g. a non-finite loss) drops them too."""
 
+    # on CUDA the optimizers after the first step on a second stream, beside the first (off
+    # where a subclass's step communicates: the sharded forms order their own collectives)
+    overlap_side_steps = True
+
     def __init__(
         self,
         optimizers: list[torch.optim.Optimizer],
@@ -100,6 +105,7 @@ class CombinedOptimizer:
         # gradients and the copy takes its values (the trainer's schedule sets ``tied``)
         self.tie = tie
         self.tied = tie is not None
+        self.side_stream = self._side_stream()
 
     def _fold_tied_grads(self) -> None:
         """While tied, the copy's gradient joins the master's: one weight's gradient."""
@@ -147,6 +153,22 @@ class CombinedOptimizer:
     def param_groups(self) -> list[dict[str, Any]]:
         return [g for opt in self.optimizers for g in opt.param_groups]
 
+    def _side_stream(self) -> torch.cuda.Stream | None:
+        """The CUDA stream the side optimizers step on, or None: the optimizers step one after
+        another (CPU, DTensors, a single optimizer)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        plain_cuda = all(p.is_cuda and type(p) is nn.Parameter for p in params)
+        if self.overlap_side_steps and plain_cuda and len(self.optimizers) > 1:
+            return torch.cuda.Stream(params[0].device)
+        return None
+
+    def _step_one(self, i: int, opt: torch.optim.Optimizer) -> None:
+        n = self.every.get(i, 1)
+        if n > 1:  # the mean of the accumulated gradients
+            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            torch._foreach_div_(grads, float(n))
+        opt.step()
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = run_closure(closure)
@@ -154,16 +176,21 @@ class CombinedOptimizer:
         self.steps += 1
         self._stepped = True
         holding = self._holding()
-        for i, opt in enumerate(self.optimizers):
-            if i in holding:
-                continue
-            n = self.every.get(i, 1)
-            if n > 1:  # the mean of the accumulated gradients
-                grads = [
-                    p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None
-                ]
-                torch._foreach_div_(grads, float(n))
-            opt.step()
+        due = [(i, opt) for i, opt in enumerate(self.optimizers) if i not in holding]
+        side = self.side_stream
+        if side is None or len(due) < 2:
+            for i, opt in due:
+                self._step_one(i, opt)
+        else:
+            # the side optimizers (AdamW over the tables, memory-bound) run beside the matrix
+            # optimizer (many small matmuls): disjoint parameters, so the same arithmetic
+            main = torch.cuda.current_stream(side.device)
+            side.wait_stream(main)  # the gradients are complete
+            with torch.cuda.stream(side):
+                for i, opt in due[1:]:
+                    self._step_one(i, opt)
+            self._step_one(*due[0])
+            main.wait_stream(side)  # later work, and frees of the gradients, come after both
         if self.tie and self.tied:
             self.tie[0].copy_(self.tie[1])
         return loss

@@ -715,6 +715,8 @@ class DistributedCombinedOptimizer(CombinedOptimizer):
     bucket is in. The all-gathers are waited for at the end.
     """
 
+    overlap_side_steps = False  # its own step orders the buckets and their collectives
+
     def __init__(
         self,
         optimizers: list,

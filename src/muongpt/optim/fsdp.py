@@ -203,6 +203,8 @@ class FSDPCombinedOptimizer(CombinedOptimizer):
     gradients averaged over ranks here, in one all-reduce before clipping or the step.
     """
 
+    overlap_side_steps = False  # Muon's step exchanges shards: one stream
+
     def __init__(self, optimizers, header: str = "", tie=None):
         super().__init__(optimizers, header, tie=tie)
         params = [p for g in self.param_groups for p in g["params"]]
