@@ -159,7 +159,7 @@ def test_check_runs_drops_the_runs_a_trainer_would_refuse():
     lines = checked.stdout.splitlines()
     # 0.85 + 0.1 * 369/600 = 0.9115 from the warm-up, then the cooldown's 0.85 + 0.1/8 at step 369
     assert lines[0] == (
-        "ok   r370: 370 steps, last step lr x0.106, momentum 0.8625, rows of 65536; "
+        "ok   r370: 370 steps, last step lr x0.105, momentum 0.8625, rows of 65536; "
         "4 parameter groups"
     )
     assert lines[1].startswith("FAIL every2: optimizer.embed_head_every > 1 with a tied")

@@ -108,8 +108,8 @@ def built_model(model: dict):
         ("tiny", []),
         # 0.1's speed run had no input gates, an MLP in every layer and an untied head (all three
         # on since 2026-12-04), two rows per step for 225 steps (one row since 2026-12-05), AdamW
-        # betas (0.8, 0.95) for every side group and fp32 lookup tables (since 2026-12-05: (0.65,
-        # 0.95), the head (0.5, 0.95), bf16_tables)
+        # betas (0.8, 0.95) for every side group, fp32 lookup tables and a cooldown over 40% of the
+        # run (since 2026-12-05: (0.65, 0.95), the head (0.5, 0.95), bf16_tables, half the run)
         (
             "speedrun_bench",
             [
@@ -124,6 +124,7 @@ def built_model(model: dict):
                 "optimizer.adam_betas=[0.8,0.95]",
                 "~optimizer.adamw_overrides.head",
                 "kernels.converters=[flex_attention,fp8_head_loss,fused_mlp]",
+                "training.cooldown_frac=0.4",
             ],
         ),
         # 0.1 had no PoM convolution, expansion 2 and one selection head (today's defaults: 4, 1, 4)
