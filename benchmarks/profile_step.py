@@ -187,6 +187,32 @@ def kernel_report(trace_file: Path, steps: int, top: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def host_launch_ms(step, steps: int = 3, hold_ms: float = 2000.0) -> tuple[float, bool]:
+    """The host's time (ms) to launch ``steps`` calls of ``step`` while the GPU is held by one
+    sleeping kernel, per call, and whether the GPU was still asleep when the last launch returned.
+    If it was, no launch waited for the GPU, so the time is the host's alone: less than the GPU's
+    time per step means the host keeps ahead of the GPU between synchronisations. If not, a
+    launch waited (a read of a device value, or the launch queue full) and the time is not the
+    host's alone."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    cycles_per_ms = 10_000_000 / start.elapsed_time(end)
+    awake = torch.cuda.Event()
+    torch.cuda._sleep(int(hold_ms * cycles_per_ms))
+    awake.record()  # done once the sleep is over
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    ms = 1e3 * (time.perf_counter() - t0) / steps
+    held = not awake.query()
+    torch.cuda.synchronize()
+    return ms, held
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -214,6 +240,7 @@ def main() -> int:
             trainer.train_step()
         torch.cuda.synchronize()
         ms = 1e3 * (time.perf_counter() - t0) / args.steps
+        host_ms, host_alone = host_launch_ms(trainer.train_step, steps=2)
         with profile(
             activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=not args.no_stack
         ) as prof:
@@ -233,6 +260,13 @@ def main() -> int:
         f"unprofiled step {ms:.1f} ms = GPU busy {busy:.1f} ms per profiled step "
         f"{ms - busy:+.1f} ms: about the idle of an unprofiled step (the profiler's own host "
         "cost opens gaps of its own)\n"
+        + (
+            f"host: {host_ms:.1f} ms to launch a step while the GPU sleeps, "
+            f"{ms - host_ms:+.1f} ms of lead per step over an unprofiled step\n"
+            if host_alone
+            else f"host: launching a step waited for the GPU (after {host_ms:.1f} ms): the "
+            "launch queue filled, or the step reads a device value\n"
+        )
     )
     with open(args.out, "w") as f:
         f.write(header + idle + table + "\n")

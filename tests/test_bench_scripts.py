@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -114,6 +115,28 @@ def test_profile_idle_report_counts_overlapping_gpu_events_once(tmp_path):
     assert text.splitlines()[0].startswith("GPU span 0.1 ms, busy 0.0 ms (50.0%), idle 0.0 ms in 2")
     gaps = [line.split()[0] for line in text.splitlines()[2:]]
     assert gaps == ["25", "10"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_launch_time_is_the_hosts_alone_while_the_gpu_sleeps():
+    """profile_step.py's host time: launches behind a sleeping kernel return at the host's pace;
+    a step that reads a device value waits for the sleep and is reported as not the host's."""
+    profile_step = load_profile_step()
+    x = torch.ones(1024, device="cuda")
+
+    def launches():
+        for _ in range(200):
+            x.mul_(1.0)
+
+    ms, alone = profile_step.host_launch_ms(launches, steps=2, hold_ms=1000)
+    assert alone and 0 < ms < 500
+
+    def reads():
+        launches()
+        x.sum().item()
+
+    ms, alone = profile_step.host_launch_ms(reads, steps=1, hold_ms=300)
+    assert not alone and ms > 250
 
 
 def test_profile_idle_report_names_the_host_op_that_kept_the_gpu_waiting(tmp_path):
