@@ -457,11 +457,17 @@ def test_a_file_that_is_no_checkpoint_says_so(tmp_path, content):
     assert message.startswith(f"{path}: not a muongpt checkpoint") and "Unsupported" not in message
 
 
-def test_long_messages_are_cut_at_a_word():
-    text = "abc1234 xy " * 30  # 160 falls inside a word
-    cut = ckpt.shorten(text)
+def test_an_error_inside_another_message_is_its_type_and_one_line_cut_at_a_word():
+    from muongpt import error_line
+
+    text = "\x1b[31mabc1234\x1b[0m xy " + "abc1234 xy " * 30 + "\nTraceback ...\nmore"
+    line = error_line(RuntimeError(text))  # 160 falls inside a word; colour codes, more lines
+    assert line.startswith("RuntimeError: abc1234 xy abc1234")
+    cut = line.removeprefix("RuntimeError: ")
     assert cut.endswith(" ...") and len(cut) <= 165
     assert set(cut.removesuffix(" ...").split()) == {"abc1234", "xy"}
+    assert error_line(EOFError()) == "EOFError"
+    assert error_line(KeyError("step")) == "KeyError: 'step'"
 
 
 # ---------------------------------------------------------------- 6. bad data and crafted exports

@@ -13,6 +13,19 @@ class DiskFullError(MuonGPTError):
     """A write failed because the file system is full."""
 
 
+def error_line(error: BaseException, limit: int = 160) -> str:
+    """``error`` told inside another one-line message: ``Type: the first line of its message``
+    (terminal colour codes removed), cut to about ``limit`` characters at a word boundary."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    first = text.splitlines()[0] if text else ""
+    if len(first) > limit:
+        cut = first[:limit].rsplit(" ", 1)[0] if " " in first[:limit] else first[:limit]
+        first = cut.rstrip(" ,;:") + " ..."
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
 def disk_full(error: BaseException, path) -> DiskFullError | None:
     """``error`` as a one-line DiskFullError naming ``path`` if it means "no space left", else None.
 

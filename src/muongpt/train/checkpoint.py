@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from muongpt import MuonGPTError, atomic_write
+from muongpt import MuonGPTError, atomic_write, error_line
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FORMAT = 1  # bumped when the layout of the saved dict changes
@@ -153,17 +153,7 @@ def _describe_load_error(e: Exception) -> str:
             f"refused: loading it would need arbitrary unpickling ({what}); muongpt loads only "
             "tensors and plain values (torch.load weights_only=True)"
         )
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    detail = f"{type(e).__name__}: {shorten(first)}" if first else type(e).__name__
-    return f"unreadable or truncated checkpoint ({detail})"
-
-
-def shorten(text: str, limit: int = 160) -> str:
-    """``text`` cut to about ``limit`` characters at a word boundary, marked with an ellipsis."""
-    if len(text) <= limit:
-        return text
-    cut = text[:limit].rsplit(" ", 1)[0] if " " in text[:limit] else text[:limit]
-    return cut.rstrip(" ,;:") + " ..."
+    return f"unreadable or truncated checkpoint ({error_line(e)})"
 
 
 def check_integrity(path: Path) -> None:
@@ -180,8 +170,9 @@ def check_integrity(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()  # reads every record and compares its CRC32
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        detail = shorten(str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({detail})") from None
+        raise CheckpointError(
+            f"{path}: unreadable or truncated checkpoint ({error_line(e)})"
+        ) from None
     if bad is not None:
         raise CheckpointError(
             f"{path}: damaged checkpoint (CRC32 mismatch in record {bad}); "

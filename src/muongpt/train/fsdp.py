@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from muongpt import MuonGPTError, full_disk_named
+from muongpt import MuonGPTError, error_line, full_disk_named
 
 PARALLEL_MODES = ("replicate", "fsdp")
 TRAINER_FILE = "trainer.pt"  # the non-sharded part of a .dcp checkpoint
@@ -139,8 +139,7 @@ def load_sharded(path: Path, model: nn.Module, optimizers: list) -> None:
         except CheckpointException as e:  # a BaseException, its message every rank's traceback
             rank, (error, _) = next(iter(e.failures.items()))
             raise MuonGPTError(
-                f"{path}: unreadable sharded checkpoint ({type(error).__name__} on rank {rank}: "
-                f"{str(error).splitlines()[0] if str(error) else 'no message'})"
+                f"{path}: unreadable sharded checkpoint (rank {rank}: {error_line(error)})"
             ) from None
     set_state_dict(
         model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizer"]

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from muongpt import MuonGPTError, atomic_write, full_disk_named
+from muongpt import MuonGPTError, atomic_write, error_line, full_disk_named
 from muongpt.train.distributed import DistContext, any_rank
 
 EXIT_INTERRUPTED = 75  # sysexits EX_TEMPFAIL: stopped by a signal, saved; rerun to resume
@@ -471,10 +471,7 @@ def _resume(trainer, resume: str, main: bool, ckpt) -> Path | None:
     try:
         trainer.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
-        first = ckpt.shorten(str(e).strip().splitlines()[0]) if str(e).strip() else ""
-        raise ckpt.CheckpointError(
-            f"{path}: cannot resume from it ({type(e).__name__}: {first})"
-        ) from None
+        raise ckpt.CheckpointError(f"{path}: cannot resume from it ({error_line(e)})") from None
     if main:
         ckpt.remove_stale_temporaries(trainer.run_dir)
         dropped = truncate_metrics(trainer.metrics_file, trainer.step)
