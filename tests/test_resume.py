@@ -419,6 +419,23 @@ def test_resume_refuses_a_checkpoint_of_another_model_shape(tmp_path):
     assert "model.n_embd (checkpoint 32, requested 64)" in message
 
 
+def test_a_checkpoint_whose_state_does_not_fit_the_model_is_one_line(tmp_path):
+    """Same config, but a weight of another shape in the file (edited, or written by other
+    code): the resume stops with one line naming the file and the loader's first line."""
+    trainer = make_trainer(tmp_path)
+    path = trainer.save_checkpoint()
+    trainer.close()
+    state = torch.load(path, weights_only=True)
+    name = next(iter(state["model"]))
+    state["model"][name] = torch.zeros(3, 5)
+    torch.save(state, path)
+    with pytest.raises(ckpt.CheckpointError) as info:
+        make_trainer(tmp_path, "training.resume=auto")
+    message = str(info.value)
+    assert message.startswith(f"{path}: cannot resume from it (RuntimeError: ")
+    assert "\n" not in message and len(message) < len(str(path)) + 220
+
+
 def test_second_signal_exits_at_once(monkeypatch):
     exits = []
 
