@@ -422,6 +422,25 @@ def test_lr_multiplier_and_momentum_schedules():
         lr_multiplier(0, 10, 0, 0, 1.5)
 
 
+def test_the_sqrt_cooldown_falls_as_one_minus_the_root_of_its_progress():
+    """f + (1 - f)(1 - sqrt(p)), p the share of the cooldown done: below the linear one inside
+    the cooldown, equal at both of its ends, and untouched before it."""
+    total, warmup, cooldown, final = 100, 10, 40, 0.1
+    for step in range(total + 1):
+        got = lr_multiplier(step, total, warmup, cooldown, final, "sqrt")
+        linear = lr_multiplier(step, total, warmup, cooldown, final)
+        if step <= total - cooldown:
+            assert got == linear
+            continue
+        done = (step - (total - cooldown)) / cooldown
+        assert got == pytest.approx(final + (1 - final) * (1 - done**0.5))
+        assert got < linear or step == total
+    # a quarter of the way into the cooldown: 1 - sqrt(1/4) = 0.5 (linear: 0.75)
+    assert lr_multiplier(70, total, warmup, cooldown, 0.0, "sqrt") == pytest.approx(0.5)
+    with pytest.raises(MuonGPTError, match="cooldown_shape must be one of"):
+        lr_multiplier(0, 10, 0, 0, 0.0, "cosine")
+
+
 @pytest.mark.parametrize("name", ["muon", "soap"])
 def test_loading_a_fresh_state_undoes_steps(name):
     """The trainer's compile warm-up: save the empty state, step, load it back, start over."""

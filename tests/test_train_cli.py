@@ -111,6 +111,7 @@ def test_size_override_changes_the_model(size, n_layer, n_embd):
         (["training.attn_window_start=64"], "attn_window_start needs a model with an attention"),
         (["model=speedrun"], "model.backout_after must be in [0, n_layer = 4)"),
         (["training.cooldown_frac=1.5"], "training.cooldown_frac must be in [0, 1]"),
+        (["training.cooldown_shape=cosine"], "training.cooldown_shape must be one of ['linear',"),
         (["kernels.converters=[fp8]"], "kernels.converters: unknown ['fp8']"),
         (["kernels.converters=[flex_attention]"], "flex_attention needs a document-masked model"),
         (["+training.max_step=10"], "unknown key training.max_step (did you mean max_steps"),

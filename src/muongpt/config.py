@@ -60,13 +60,14 @@ class TrainingConfig:
     batch_size: int = 8  # sequences per optimizer step, over all ranks
     micro_batch_size: int = 8  # sequences per forward pass on one rank
     max_steps: int = 1000
-    # lr warmup and linear cooldown (to final_lr_frac): in steps (when > 0), else as fractions
-    # of max_steps
+    # lr warmup and cooldown (to final_lr_frac): in steps (when > 0), else as fractions of
+    # max_steps
     warmup_steps: int = 0
     cooldown_steps: int = 0
     warmup_frac: float = 0.0
     cooldown_frac: float = 0.0
     final_lr_frac: float = 0.0
+    cooldown_shape: str = "linear"  # linear | sqrt (1 - sqrt of the cooldown's progress)
     grad_clip: float = 0.0  # 0 disables clipping
     eval_every: int = 100
     eval_tokens: int = 65536

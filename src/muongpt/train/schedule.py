@@ -1,7 +1,7 @@
 """Everything that depends on the step, computed in one place.
 
 ``Schedule.at(step)`` gives the settings of one optimizer step: the lr multiplier (warmup, flat,
-linear cooldown; optionally scaled with the step's tokens), Muon's momentum (warmed up, and
+cooldown; optionally scaled with the step's tokens), Muon's momentum (warmed up, and
 optionally cooled down at the end), the attention window (grown over the run), the number of
 micro-steps (the batch ramp), the training rows' length (the row-length schedule) and whether a
 tied embedding and head are still one weight. The trainer applies them once per step; the pure
@@ -10,9 +10,12 @@ functions below are the math of each.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from muongpt import MuonGPTError
+
+COOLDOWN_SHAPES = ("linear", "sqrt")
 
 
 def lr_multiplier(
@@ -21,12 +24,15 @@ def lr_multiplier(
     warmup_steps: int = 0,
     cooldown_steps: int = 0,
     final_lr_frac: float = 0.0,
+    cooldown_shape: str = "linear",
 ) -> float:
-    """Trapezoid: linear warmup, constant 1, linear cooldown to ``final_lr_frac``.
+    """Trapezoid: linear warmup, constant 1, cooldown to ``final_lr_frac``.
 
     Warmup gives (step + 1) / warmup_steps for step < warmup_steps (0 -> 1, never a wasted zero-lr
-    step); the last ``cooldown_steps`` steps go linearly from 1 down towards ``final_lr_frac``,
-    reached at step == total_steps.
+    step). Over the last ``cooldown_steps`` steps, with p the share of the cooldown done (0 where it
+    starts, 1 at step == total_steps), the multiplier is f + (1 - f) (1 - p) (``linear``) or
+    f + (1 - f) (1 - sqrt(p)) (``sqrt``: lower sooner, flatter at the end; Hägele et al. 2024,
+    arXiv:2405.18392), f = ``final_lr_frac``.
     """
     if total_steps < 1:
         raise MuonGPTError(f"total_steps must be >= 1, got {total_steps}")
@@ -41,11 +47,17 @@ def lr_multiplier(
         )
     if not 0.0 <= final_lr_frac <= 1.0:
         raise MuonGPTError(f"final_lr_frac must be in [0, 1], got {final_lr_frac}")
+    if cooldown_shape not in COOLDOWN_SHAPES:
+        raise MuonGPTError(
+            f"training.cooldown_shape must be one of {list(COOLDOWN_SHAPES)}, got {cooldown_shape!r}"
+        )
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if cooldown_steps == 0 or step < total_steps - cooldown_steps:
         return 1.0
     remaining = max(total_steps - step, 0) / cooldown_steps  # 1 at the start, 0 at the end
+    if cooldown_shape == "sqrt":
+        remaining = 1.0 - math.sqrt(1.0 - remaining)
     return final_lr_frac + (1.0 - final_lr_frac) * remaining
 
 
@@ -152,8 +164,8 @@ class Schedule:
                 f"warmup + cooldown ({self.warmup} + {self.cooldown} steps) exceed "
                 f"training.max_steps ({t.max_steps})"
             )
-        self.final_lr_frac = t.final_lr_frac
-        lr_multiplier(0, self.total, self.warmup, self.cooldown, self.final_lr_frac)  # checks
+        self.lr_shape = (self.total, self.warmup, self.cooldown, t.final_lr_frac, t.cooldown_shape)
+        lr_multiplier(0, *self.lr_shape)  # checks
         self.lr_token_power = t.lr_token_power
         self.momentum = None
         if getattr(optimizer, "name", None) == "muon":
@@ -222,7 +234,7 @@ class Schedule:
         )
 
     def at(self, step: int) -> StepSettings:
-        lr = lr_multiplier(step, self.total, self.warmup, self.cooldown, self.final_lr_frac)
+        lr = lr_multiplier(step, *self.lr_shape)
         momentum = muon_momentum(step, *self.momentum) if self.momentum else None
         window = None
         if self.window is not None:
