@@ -83,6 +83,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="muongpt-speedrun-") as run_dir:
         cfg.training.save_checkpoints = False  # its 4.9 GB state (d12) is not wanted here
         trainer = Trainer(cfg, run_dir)
+        build_seconds = time.perf_counter() - start
+        eval_seconds = [0.0]  # every evaluation: step 0's, the final one, any re-scoring
+        evaluate = trainer.evaluate
+
+        def timed_evaluate() -> float:
+            t0 = time.perf_counter()
+            loss = evaluate()
+            eval_seconds[0] += time.perf_counter() - t0
+            return loss
+
+        trainer.evaluate = timed_evaluate
         summary = trainer.run()
         metrics = [
             json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
@@ -121,6 +132,11 @@ def main() -> int:
         "val_loss_at_window": window_losses,
         "val_loss_at_eval_window_factor": factor_losses,
         "wall_seconds_total": time.perf_counter() - start,
+        # where the rest of the wall time went: the trainer's construction (model, optimizer,
+        # data), the compile warm-up, the evaluations (step 0's and the final one)
+        "build_seconds": round(build_seconds, 2),
+        "warmup_seconds": summary.get("warmup_seconds"),
+        "eval_seconds": round(eval_seconds[0], 2),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30
         if torch.cuda.is_available()
         else None,
@@ -142,6 +158,11 @@ def main() -> int:
         f"RESULT {result['name']}: val {result['val_loss']:.4f}  train {secs:.1f} s  "
         f"{result['ms_per_step']:.1f} ms/step  {tok_s:,.0f} tok/s  MFU "
         + (f"{100 * result['mfu']:.1f}%" if result["mfu"] else "n/a")
+    )
+    print(
+        f"wall {result['wall_seconds_total']:.1f} s: build {build_seconds:.1f} s, compile warm-up "
+        f"{summary.get('warmup_seconds', 0.0):.1f} s, evaluations {eval_seconds[0]:.1f} s, "
+        f"training {secs:.1f} s"
     )
     return 0
 

@@ -88,6 +88,11 @@ def test_speedrun_script_writes_the_fields_the_summaries_read(tmp_path):
     assert [step for step, _ in r["train_loss_curve"]][-1] == 3
     assert "RESULT tiny: val" in run.stdout
     assert "checkpoint:" not in run.stdout + run.stderr  # training.save_checkpoints=false
+    # the wall time's parts: no compile warm-up here, two evaluations (steps 0 and 3)
+    assert r["build_seconds"] > 0 and r["warmup_seconds"] == 0.0 and r["eval_seconds"] > 0
+    parts = r["build_seconds"] + r["eval_seconds"] + r["train_seconds"]
+    assert parts <= r["wall_seconds_total"] + 0.05
+    assert f"evaluations {r['eval_seconds']:.1f} s" in run.stdout
 
 
 def load_profile_step():

@@ -359,8 +359,9 @@ class Trainer:
                 else ""
             )
         )
+        warmup_seconds = 0.0
         if t.compile_warmup_steps > 0 and self.step == 0:
-            compile_warmup(self, t.compile_warmup_steps)
+            warmup_seconds = compile_warmup(self, t.compile_warmup_steps)
         val_loss = float("nan")
         if self.step == 0:  # the untrained baseline, so every run shows how far val loss fell
             val_loss = self.evaluate()
@@ -414,6 +415,7 @@ class Trainer:
             "steps": self.step,
             "tokens": self.tokens_seen,
             "train_seconds": round(self.train_seconds, 2),
+            "warmup_seconds": round(warmup_seconds, 2),  # compilation, outside train_seconds
             "final_val_loss": val_loss,
             "unigram_entropy": self.entropy,
             "checkpoint": str(final) if final else None,
