@@ -42,7 +42,7 @@ for item in "${LIST[@]}"; do
   PYTHONPATH=/tmp/site:$root/src timeout "$(run_limit 400)" python3 \
     "$root/benchmarks/speedrun.py" --name "$name" --out "$R/$name.json" \
     $COMMON $extra > "$R/$name.log" 2>&1
-  grep -E "val loss|compile warm-up|RESULT|Error|error" "$R/$name.log" | tail -n 14
+  grep -E "val loss|compile warm-up|RESULT|^wall |Error|error" "$R/$name.log" | tail -n 14
   pack_results "$R"
 done
 echo "=== summary"
