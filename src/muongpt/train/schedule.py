@@ -164,8 +164,9 @@ class Schedule:
                 f"warmup + cooldown ({self.warmup} + {self.cooldown} steps) exceed "
                 f"training.max_steps ({t.max_steps})"
             )
-        self.lr_shape = (self.total, self.warmup, self.cooldown, t.final_lr_frac, t.cooldown_shape)
-        lr_multiplier(0, *self.lr_shape)  # checks
+        # lr_multiplier's arguments after the step
+        self.lr_args = (self.total, self.warmup, self.cooldown, t.final_lr_frac, t.cooldown_shape)
+        lr_multiplier(0, *self.lr_args)  # checks
         self.lr_token_power = t.lr_token_power
         self.momentum = None
         if getattr(optimizer, "name", None) == "muon":
@@ -234,7 +235,7 @@ class Schedule:
         )
 
     def at(self, step: int) -> StepSettings:
-        lr = lr_multiplier(step, *self.lr_shape)
+        lr = lr_multiplier(step, *self.lr_args)
         momentum = muon_momentum(step, *self.momentum) if self.momentum else None
         window = None
         if self.window is not None:
