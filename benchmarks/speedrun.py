@@ -84,13 +84,14 @@ def main() -> int:
         cfg.training.save_checkpoints = False  # its 4.9 GB state (d12) is not wanted here
         trainer = Trainer(cfg, run_dir)
         build_seconds = time.perf_counter() - start
-        eval_seconds = [0.0]  # every evaluation: step 0's, the final one, any re-scoring
+        eval_seconds = 0.0  # every evaluation: step 0's, the final one, any re-scoring
         evaluate = trainer.evaluate
 
         def timed_evaluate() -> float:
+            nonlocal eval_seconds
             t0 = time.perf_counter()
             loss = evaluate()
-            eval_seconds[0] += time.perf_counter() - t0
+            eval_seconds += time.perf_counter() - t0
             return loss
 
         trainer.evaluate = timed_evaluate
@@ -136,7 +137,7 @@ def main() -> int:
         # data), the compile warm-up, the evaluations (step 0's and the final one)
         "build_seconds": round(build_seconds, 2),
         "warmup_seconds": summary.get("warmup_seconds"),
-        "eval_seconds": round(eval_seconds[0], 2),
+        "eval_seconds": round(eval_seconds, 2),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30
         if torch.cuda.is_available()
         else None,
@@ -161,7 +162,7 @@ def main() -> int:
     )
     print(
         f"wall {result['wall_seconds_total']:.1f} s: build {build_seconds:.1f} s, compile warm-up "
-        f"{summary.get('warmup_seconds', 0.0):.1f} s, evaluations {eval_seconds[0]:.1f} s, "
+        f"{result['warmup_seconds'] or 0.0:.1f} s, evaluations {eval_seconds:.1f} s, "
         f"training {secs:.1f} s"
     )
     return 0
