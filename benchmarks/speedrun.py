@@ -161,8 +161,9 @@ def main() -> int:
         + (f"{100 * result['mfu']:.1f}%" if result["mfu"] else "n/a")
     )
     print(
-        f"wall {result['wall_seconds_total']:.1f} s: build {build_seconds:.1f} s, compile warm-up "
-        f"{result['warmup_seconds'] or 0.0:.1f} s, evaluations {eval_seconds:.1f} s, "
+        f"wall {result['wall_seconds_total']:.1f} s: build {result['build_seconds']:.1f} s, "
+        f"compile warm-up {result['warmup_seconds'] or 0.0:.1f} s, "
+        f"evaluations {result['eval_seconds']:.1f} s, "
         f"training {secs:.1f} s"
     )
     return 0
