@@ -187,13 +187,14 @@ def kernel_report(trace_file: Path, steps: int, top: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def host_launch_ms(step, steps: int = 3, hold_ms: float = 2000.0) -> tuple[float, bool]:
+def host_launch_ms(step, steps: int = 1, hold_ms: float = 2000.0) -> tuple[float, bool, float]:
     """The host's time (ms) to launch ``steps`` calls of ``step`` while the GPU is held by one
-    sleeping kernel, per call, and whether the GPU was still asleep when the last launch returned.
-    If it was, no launch waited for the GPU, so the time is the host's alone: less than the GPU's
+    sleeping kernel, per call; whether the GPU was still asleep when the last launch returned;
+    and how long the sleep lasted on the GPU (ms, timed by events around it). If the GPU was
+    still asleep, no launch waited for it, so the time is the host's alone: less than the GPU's
     time per step means the host keeps ahead of the GPU between synchronisations. If not, a
-    launch waited (a read of a device value, or the launch queue full) and the time is not the
-    host's alone."""
+    launch waited (a read of a device value, or the launch queue full) or the sleep ended
+    sooner than asked; its measured length tells which."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
@@ -201,7 +202,8 @@ def host_launch_ms(step, steps: int = 3, hold_ms: float = 2000.0) -> tuple[float
     end.record()
     end.synchronize()
     cycles_per_ms = 10_000_000 / start.elapsed_time(end)
-    awake = torch.cuda.Event()
+    asleep, awake = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    asleep.record()
     torch.cuda._sleep(int(hold_ms * cycles_per_ms))
     awake.record()  # done once the sleep is over
     t0 = time.perf_counter()
@@ -210,7 +212,7 @@ def host_launch_ms(step, steps: int = 3, hold_ms: float = 2000.0) -> tuple[float
     ms = 1e3 * (time.perf_counter() - t0) / steps
     held = not awake.query()
     torch.cuda.synchronize()
-    return ms, held
+    return ms, held, asleep.elapsed_time(awake)
 
 
 def main() -> int:
@@ -240,7 +242,7 @@ def main() -> int:
             trainer.train_step()
         torch.cuda.synchronize()
         ms = 1e3 * (time.perf_counter() - t0) / args.steps
-        host_ms, host_alone = host_launch_ms(trainer.train_step, steps=2)
+        host_ms, host_alone, slept_ms = host_launch_ms(trainer.train_step)
         with profile(
             activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=not args.no_stack
         ) as prof:
@@ -264,8 +266,9 @@ def main() -> int:
             f"host: {host_ms:.1f} ms to launch a step while the GPU sleeps, "
             f"{ms - host_ms:+.1f} ms of lead per step over an unprofiled step\n"
             if host_alone
-            else f"host: launching a step waited for the GPU (after {host_ms:.1f} ms): the "
-            "launch queue filled, or the step reads a device value\n"
+            else f"host: launching a step took {host_ms:.1f} ms and the GPU's sleep was over by "
+            f"then ({slept_ms:.0f} ms on the GPU): a launch waited for it (the launch queue "
+            "filled, or the step reads a device value) or the sleep ended sooner than asked\n"
         )
     )
     with open(args.out, "w") as f:

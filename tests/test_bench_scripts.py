@@ -133,15 +133,16 @@ def test_host_launch_time_is_the_hosts_alone_while_the_gpu_sleeps():
         for _ in range(200):
             x.mul_(1.0)
 
-    ms, alone = profile_step.host_launch_ms(launches, steps=2, hold_ms=1000)
+    ms, alone, slept = profile_step.host_launch_ms(launches, steps=2, hold_ms=1000)
     assert alone and 0 < ms < 500
+    assert 800 < slept < 1200  # the sleep's own length, timed on the GPU
 
     def reads():
         launches()
         x.sum().item()
 
-    ms, alone = profile_step.host_launch_ms(reads, steps=1, hold_ms=300)
-    assert not alone and ms > 250
+    ms, alone, slept = profile_step.host_launch_ms(reads, steps=1, hold_ms=300)
+    assert not alone and ms > 250 and 250 < slept < 400
 
 
 def test_profile_idle_report_names_the_host_op_that_kept_the_gpu_waiting(tmp_path):
@@ -175,7 +176,8 @@ def test_check_runs_drops_the_runs_a_trainer_would_refuse():
     and names the runs refused at start-up; --filter keeps the others (and runs of earlier code,
     which this code cannot judge) in speed_runs.sh's RUNS format."""
     runs = (
-        "r370|training.seed=3 training.max_steps=370 optimizer.momentum_cooldown_steps=8;"
+        "r370|training.seed=3 training.max_steps=370 optimizer.momentum_cooldown_steps=8 "
+        "optimizer.momentum=0.95 optimizer.momentum_warmup_steps=600;"
         "every2|optimizer.embed_head_every=2;"  # refused with the tied head
         "long_cd|training.max_steps=370 optimizer.momentum_cooldown_steps=371;"  # more than 370
         "typo|training.max_step=3;"
@@ -196,7 +198,8 @@ def test_check_runs_drops_the_runs_a_trainer_would_refuse():
     assert lines[4] == "skip old@.devold/v0.tar.gz: earlier code, not checked"
     kept = subprocess.run([*script, "--filter"], capture_output=True, text=True, check=True)
     assert kept.stdout.strip() == (
-        "r370|training.seed=3 training.max_steps=370 optimizer.momentum_cooldown_steps=8;"
+        "r370|training.seed=3 training.max_steps=370 optimizer.momentum_cooldown_steps=8 "
+        "optimizer.momentum=0.95 optimizer.momentum_warmup_steps=600;"
         "old@.devold/v0.tar.gz|training.seed=2"
     )
 
