@@ -18,6 +18,8 @@ inside a custom op shows there only within the op's total).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import re
 import sys
@@ -187,6 +189,31 @@ def kernel_report(trace_file: Path, steps: int, top: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+@contextlib.contextmanager
+def gc_pauses():
+    """Python's cyclic garbage collections inside the block: yields a dict that holds, once the
+    block ends, the collections per generation and their total and longest pause (ms). A pause
+    stops the launching thread; a long one empties the GPU's queue (unprofiled idle the kernel
+    trace cannot explain)."""
+    report = {"collections": [0, 0, 0], "total_ms": 0.0, "max_ms": 0.0}
+    started = []
+
+    def timed(phase: str, info: dict) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            ms = 1e3 * (time.perf_counter() - started.pop())
+            report["collections"][info["generation"]] += 1
+            report["total_ms"] += ms
+            report["max_ms"] = max(report["max_ms"], ms)
+
+    gc.callbacks.append(timed)
+    try:
+        yield report
+    finally:
+        gc.callbacks.remove(timed)
+
+
 def host_launch_ms(step, steps: int = 1, hold_ms: float = 2000.0) -> tuple[float, bool, float]:
     """The host's time (ms) to launch ``steps`` calls of ``step`` while the GPU is held by one
     sleeping kernel, per call; whether the GPU was still asleep when the last launch returned;
@@ -237,11 +264,12 @@ def main() -> int:
             trainer.train_step()
         torch.cuda.synchronize()
         compile_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            trainer.train_step()
-        torch.cuda.synchronize()
-        ms = 1e3 * (time.perf_counter() - t0) / args.steps
+        with gc_pauses() as collected:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                trainer.train_step()
+            torch.cuda.synchronize()
+            ms = 1e3 * (time.perf_counter() - t0) / args.steps
         host_ms, host_alone, slept_ms = host_launch_ms(trainer.train_step)
         with profile(
             activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=not args.no_stack
@@ -262,6 +290,9 @@ def main() -> int:
         f"unprofiled step {ms:.1f} ms = GPU busy {busy:.1f} ms per profiled step "
         f"{ms - busy:+.1f} ms: about the idle of an unprofiled step (the profiler's own host "
         "cost opens gaps of its own)\n"
+        f"garbage collections in the {args.steps} unprofiled steps (generations 0 / 1 / 2): "
+        f"{' / '.join(map(str, collected['collections']))}, pauses {collected['total_ms']:.1f} "
+        f"ms in all, {collected['max_ms']:.1f} ms the longest\n"
         + (
             f"host: {host_ms:.1f} ms to launch a step while the GPU sleeps, "
             f"{ms - host_ms:+.1f} ms of lead per step over an unprofiled step\n"

@@ -2,6 +2,7 @@
 unpacked where the run expects them, speedrun.py's JSON on the CPU, profile_step.py's idle
 report."""
 
+import gc
 import importlib.util
 import json
 import os
@@ -143,6 +144,27 @@ def test_host_launch_time_is_the_hosts_alone_while_the_gpu_sleeps():
 
     ms, alone, slept = profile_step.host_launch_ms(reads, steps=1, hold_ms=300)
     assert not alone and ms > 250 and 250 < slept < 400
+
+
+def test_gc_pauses_counts_the_collections_inside_its_block_only():
+    """profile_step.py's garbage-collector report: collections made inside the block are
+    counted by generation with their pauses; none after it (its callback is removed)."""
+    profile_step = load_profile_step()
+
+    def cycles(n: int) -> None:
+        for _ in range(n):
+            a: list = []
+            a.append(a)  # a reference cycle: only the cyclic collector frees it
+
+    gc.collect()
+    with profile_step.gc_pauses() as report:
+        cycles(5000)
+        gc.collect()  # one full collection, generation 2
+    assert report["collections"][2] >= 1 and sum(report["collections"]) >= 2
+    assert 0 < report["max_ms"] <= report["total_ms"]
+    before = list(report["collections"])
+    gc.collect()
+    assert report["collections"] == before
 
 
 def test_profile_idle_report_names_the_host_op_that_kept_the_gpu_waiting(tmp_path):
