@@ -214,32 +214,28 @@ def gc_pauses():
         gc.callbacks.remove(timed)
 
 
-def host_launch_ms(step, steps: int = 1, hold_ms: float = 2000.0) -> tuple[float, bool, float]:
-    """The host's time (ms) to launch ``steps`` calls of ``step`` while the GPU is held by one
-    sleeping kernel, per call; whether the GPU was still asleep when the last launch returned;
-    and how long the sleep lasted on the GPU (ms, timed by events around it). If the GPU was
-    still asleep, no launch waited for it, so the time is the host's alone: less than the GPU's
-    time per step means the host keeps ahead of the GPU between synchronisations. If not, a
-    launch waited (a read of a device value, or the launch queue full) or the sleep ended
-    sooner than asked; its measured length tells which."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+def host_leads_ms(step, steps: int) -> tuple[float, list[float]]:
+    """Run ``steps`` calls of ``step`` from an idle GPU: the wall ms per step (synchronised at
+    the end) and the host's lead at each step's start, in ms.
+
+    The lead of step i is t_gpu(i) - t_host(i): t_host the host clock when it began launching
+    step i, t_gpu when the GPU reached an event recorded right then, placed on the host clock by
+    an event recorded on the idle GPU at the start. A lead near 0 means the GPU waited for the
+    host at that step's start; a lead that grows step by step means the host launches faster
+    than the GPU runs (until the launch queue is full, which bounds it)."""
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    host = []
     torch.cuda.synchronize()
-    start.record()
-    torch.cuda._sleep(10_000_000)
-    end.record()
-    end.synchronize()
-    cycles_per_ms = 10_000_000 / start.elapsed_time(end)
-    asleep, awake = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    asleep.record()
-    torch.cuda._sleep(int(hold_ms * cycles_per_ms))
-    awake.record()  # done once the sleep is over
     t0 = time.perf_counter()
-    for _ in range(steps):
+    marks[0].record()  # runs at once on the idle GPU: its time is t0 on both clocks
+    for i in range(steps):
+        host.append(time.perf_counter())
+        marks[i + 1].record()
         step()
-    ms = 1e3 * (time.perf_counter() - t0) / steps
-    held = not awake.query()
     torch.cuda.synchronize()
-    return ms, held, asleep.elapsed_time(awake)
+    ms = 1e3 * (time.perf_counter() - t0) / steps
+    leads = [marks[0].elapsed_time(marks[i + 1]) - 1e3 * (h - t0) for i, h in enumerate(host)]
+    return ms, leads
 
 
 def main() -> int:
@@ -265,12 +261,7 @@ def main() -> int:
         torch.cuda.synchronize()
         compile_s = time.perf_counter() - t0
         with gc_pauses() as collected:
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                trainer.train_step()
-            torch.cuda.synchronize()
-            ms = 1e3 * (time.perf_counter() - t0) / args.steps
-        host_ms, host_alone, slept_ms = host_launch_ms(trainer.train_step)
+            ms, leads = host_leads_ms(trainer.train_step, args.steps)
         with profile(
             activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=not args.no_stack
         ) as prof:
@@ -293,14 +284,9 @@ def main() -> int:
         f"garbage collections in the {args.steps} unprofiled steps (generations 0 / 1 / 2): "
         f"{' / '.join(map(str, collected['collections']))}, pauses {collected['total_ms']:.1f} "
         f"ms in all, {collected['max_ms']:.1f} ms the longest\n"
-        + (
-            f"host: {host_ms:.1f} ms to launch a step while the GPU sleeps, "
-            f"{ms - host_ms:+.1f} ms of lead per step over an unprofiled step\n"
-            if host_alone
-            else f"host: launching a step took {host_ms:.1f} ms and the GPU's sleep was over by "
-            f"then ({slept_ms:.0f} ms on the GPU): a launch waited for it (the launch queue "
-            "filled, or the step reads a device value) or the sleep ended sooner than asked\n"
-        )
+        f"host lead at each step's start (ms): {' '.join(f'{x:.1f}' for x in leads)}; the GPU "
+        f"waited for the host at {sum(x < 0.1 for x in leads[1:])} of {len(leads) - 1} step starts "
+        "after the first\n"
     )
     with open(args.out, "w") as f:
         f.write(header + idle + table + "\n")

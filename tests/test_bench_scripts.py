@@ -124,26 +124,27 @@ def test_profile_idle_report_counts_overlapping_gpu_events_once(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_host_launch_time_is_the_hosts_alone_while_the_gpu_sleeps():
-    """profile_step.py's host time: launches behind a sleeping kernel return at the host's pace;
-    a step that reads a device value waits for the sleep and is reported as not the host's."""
+def test_host_lead_grows_while_the_gpu_is_behind_and_stays_zero_when_a_step_waits():
+    """profile_step.py's host lead: steps that queue 20 ms of GPU sleep and return at once
+    leave the host about one step further ahead at each start; steps that read a device value
+    wait for the GPU, which then waits for the host at every start."""
     profile_step = load_profile_step()
-    x = torch.ones(1024, device="cuda")
+    x = torch.ones(1, device="cuda")
 
-    def launches():
-        for _ in range(200):
-            x.mul_(1.0)
+    def queued():
+        torch.cuda._sleep(40_000_000)  # tens of ms at any clock; launched in microseconds
 
-    ms, alone, slept = profile_step.host_launch_ms(launches, steps=2, hold_ms=1000)
-    assert alone and 0 < ms < 500
-    assert 800 < slept < 1200  # the sleep's own length, timed on the GPU
+    ms, leads = profile_step.host_leads_ms(queued, steps=5)
+    assert abs(leads[0]) < 1.0 and ms > 5
+    for i in range(1, 5):  # about i steps of GPU time ahead (the launches take microseconds)
+        assert abs(leads[i] - i * ms) < 0.2 * i * ms + 1.0, (i, leads, ms)
 
     def reads():
-        launches()
+        queued()
         x.sum().item()
 
-    ms, alone, slept = profile_step.host_launch_ms(reads, steps=1, hold_ms=300)
-    assert not alone and ms > 250 and 250 < slept < 400
+    ms, leads = profile_step.host_leads_ms(reads, steps=4)
+    assert all(abs(lead) < 1.0 for lead in leads), leads
 
 
 def test_gc_pauses_counts_the_collections_inside_its_block_only():
