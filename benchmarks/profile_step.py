@@ -51,10 +51,10 @@ def idle_report(trace_file: Path, top: int = 12) -> tuple[str, float]:
         for e in events
         if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
     }
-    python = [e for e in events if e.get("cat") == "python_function" and e.get("dur", 0) > 0]
     host_ops = [  # recorded with or without Python stacks
         e for e in events if e.get("cat") in HOST_CATEGORIES and e.get("dur", 0) > 0
     ]
+    python = [e for e in host_ops if e["cat"] == "python_function"]
     busy, gaps, end = 0.0, [], gpu[0]["ts"]
     for e in gpu:
         start, stop = e["ts"], e["ts"] + e["dur"]
