@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from muongpt.optim.adamw import KernelAdamW
 from muongpt.optim.config import (
     OPTIMIZER_CONFIGS,
     OPTIMIZER_NAMES,
@@ -357,12 +358,15 @@ def _group(name: str, pairs: list, lr: float, **options) -> dict[str, Any]:
     }
 
 
-def _adamw(groups: list[dict], betas, eps: float) -> torch.optim.AdamW:
+def _adamw(groups: list[dict], betas, eps: float, kernel: bool = False) -> torch.optim.AdamW:
+    """torch's AdamW, fused where every parameter is on CUDA; with ``kernel`` there, the AdamW
+    whose large tensors step in a Triton kernel (optim/adamw.py)."""
     params = [p for g in groups for p in g["params"]]
-    fused = True if all(p.is_cuda for p in params) else None
-    return torch.optim.AdamW(
-        groups, lr=groups[0]["lr"], betas=tuple(betas), eps=eps, weight_decay=0.0, fused=fused
-    )
+    on_cuda = all(p.is_cuda for p in params)
+    options = dict(lr=groups[0]["lr"], betas=tuple(betas), eps=eps, weight_decay=0.0)
+    if kernel and on_cuda:
+        return KernelAdamW(groups, **options)
+    return torch.optim.AdamW(groups, **options, fused=True if on_cuda else None)
 
 
 def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
@@ -397,7 +401,7 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
             for name in GROUP_NAMES
             if routed[name]
         ]
-        optimizers += _adamws(groups, cfg.betas, cfg.eps, cfg.embed_head_every)
+        optimizers += _adamws(groups, cfg.betas, cfg.eps, cfg)
     else:
         matrices = routed["matrix"]
         if matrices and cfg.name == "muon":
@@ -444,7 +448,7 @@ def build_optimizer(model: nn.Module, cfg: Any) -> CombinedOptimizer:
             for name, lr in side_lrs.items()
             if routed[name]
         ]
-        optimizers += _adamws(groups, cfg.adam_betas, cfg.adam_eps, cfg.embed_head_every)
+        optimizers += _adamws(groups, cfg.adam_betas, cfg.adam_eps, cfg)
 
     _check_partition(model, optimizers)
     every = {  # the AdamW of the embed and head groups, where they step less often
@@ -480,13 +484,13 @@ def refuse_delayed_steps(combined: CombinedOptimizer, form: str) -> None:
         )
 
 
-def _adamws(groups: list[dict], betas, eps: float, embed_head_every: int) -> list:
+def _adamws(groups: list[dict], betas, eps: float, cfg: Any) -> list:
     """AdamW over ``groups`` (none if empty); with ``embed_head_every`` > 1 the embed and head
     groups get an AdamW of their own, last, so that it can step less often."""
-    delayed = DELAYED_GROUPS if embed_head_every > 1 else ()
+    delayed = DELAYED_GROUPS if cfg.embed_head_every > 1 else ()
     kept = [g for g in groups if g["name"] not in delayed]
     tables = [g for g in groups if g["name"] in delayed]
-    return [_adamw(part, betas, eps) for part in (kept, tables) if part]
+    return [_adamw(part, betas, eps, cfg.adamw_kernel) for part in (kept, tables) if part]
 
 
 def _check_partition(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:

@@ -34,6 +34,9 @@ class SideGroupsConfig:
     # the embedding tables and lm_head take an AdamW step every this many steps, on the mean of
     # those steps' gradients (accumulated in .grad: the big tables' update costs 1/N as often)
     embed_head_every: int = 1
+    # AdamW's large tensors (>= 1M elements) stepped by the Triton kernel of kernels/adamw.py, one
+    # launch each, on CUDA (optim/adamw.py); off: torch's fused AdamW. Off until timed on a GPU
+    adamw_kernel: bool = False
     # AdamW options of single side groups over the shared ones (betas, eps; weight decay 0), e.g.
     # {head: {betas: [0.5, 0.95], weight_decay: 0.1}}; keys embed | head | scalar
     adamw_overrides: dict[str, Any] = field(default_factory=dict)
