@@ -16,6 +16,9 @@ with q, k, v, proj 768x768 (the model keeps q, k, v separate), mlp fc 3072x768 a
   44 attention matrices + 24 MLP ones, and NorMuon on)
 - torch.optim.Muon (torch >= 2.9; it loops over the matrices one by one) over the same matrices
 - torch.optim.AdamW fused, over every parameter
+- AdamW over the speed run's side tables (the fp32 tied embedding and head, three bf16
+  value-embedding tables, the bf16 bigram table: 348M parameters): torch's fused, and
+  ``KernelAdamW`` (one Triton kernel per tensor, ``optimizer.adamw_kernel``)
 - muongpt SOAP over the block matrices (refresh every 10 steps: median = a plain step,
   mean = amortised over refreshes, max = a refresh step): the default (bf16 matmuls on CUDA,
   Cholesky-QR refresh), with fp32 matmuls, with Householder QR, one-sided (only the smaller side
@@ -44,6 +47,7 @@ import torch
 from torch import nn
 
 from muongpt.optim import SOAP, Muon, MuonConfig, SOAPConfig, build_optimizer
+from muongpt.optim.adamw import KernelAdamW
 
 ns_module = sys.modules["muongpt.optim.newton_schulz"]  # the package exports the function by name
 
@@ -77,6 +81,18 @@ class ParamSet(nn.Module):
             "head": list(self.lm_head.named_parameters(prefix="lm_head")),
             "scalar": [],
         }
+
+
+def speedrun_tables(vocab: int, n_embd: int, bigram_rows: int, device) -> list[nn.Parameter]:
+    """The side groups' large tensors of ``experiment=speedrun_bench`` with ``bf16_tables``: the
+    tied embedding and head (fp32), three value-embedding tables and the bigram table (bf16),
+    with random gradients."""
+    shapes = [(vocab, n_embd, torch.float32)] + [(vocab, n_embd, torch.bfloat16)] * 3
+    shapes.append((bigram_rows, n_embd, torch.bfloat16))
+    tables = [nn.Parameter(torch.randn(r, c, device=device).to(dtype)) for r, c, dtype in shapes]
+    for t in tables:
+        t.grad = torch.randn_like(t)
+    return tables
 
 
 def state_bytes(optimizers) -> int:
@@ -223,6 +239,7 @@ def main() -> None:
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     everything = list(model.parameters())
+    tables = speedrun_tables(vocab, n_embd, bigram_rows=64 if args.small else 251520, device=device)
     matrices = model.block_matrices()
     mlp_only = {id(p) for p in model.blocks[7 % n_layer].mixer.parameters()}
     speedrun_matrices = [p for p in matrices if id(p) not in mlp_only]
@@ -283,6 +300,16 @@ def main() -> None:
             f"torch AdamW{' fused' if fused else ''} (all)",
             lambda: torch.optim.AdamW(everything, lr=3e-3, fused=fused or None),
             everything,
+        ),
+        (
+            f"torch AdamW{' fused' if fused else ''}, speedrun tables",
+            lambda: torch.optim.AdamW(tables, lr=3e-3, betas=(0.5, 0.95), fused=fused or None),
+            tables,
+        ),
+        (
+            "muongpt KernelAdamW, speedrun tables",
+            lambda: KernelAdamW(tables, lr=3e-3, betas=(0.5, 0.95)),
+            tables,
         ),
         ("muongpt SOAP", lambda: SOAP(matrices, lr=3e-3), matrices),
         (
