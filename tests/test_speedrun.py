@@ -540,26 +540,73 @@ def test_block_mask_traced_into_a_graph_equals_the_eager_one(device):
             assert torch.equal(got, want)
 
 
+def test_compiled_block_lists_equal_the_eager_ones_inside_a_compiled_model():
+    """``compiled_block_lists``: the lists from their own graph, called (as the model calls its
+    mask builder) from a graph-broken function inside a compiled one, equal the eager lists, for
+    windows given as tensors, a new value not recompiling either graph."""
+    from muongpt.model.masks import (
+        compiled_block_lists,
+        document_block_mask,
+        eager_compiled_lists_block_mask,
+    )
+
+    T = 1024
+    starts = torch.zeros(1, T, dtype=torch.bool)
+    starts[0, [0, 5, 127, 128, 129, 260, 700]] = True
+    docs = starts.cumsum(-1, dtype=torch.int32)
+
+    def tables(m):
+        return (m.kv_num_blocks, m.kv_indices, m.full_kv_num_blocks, m.full_kv_indices,
+                m.q_num_blocks, m.q_indices, m.full_q_num_blocks, m.full_q_indices)  # fmt: skip
+
+    torch.compiler.reset()
+    compiled_block_lists.cache_clear()
+    model_like = torch.compile(lambda d, w: tables(eager_compiled_lists_block_mask(d + 0, w)))
+    for i, window in enumerate((300, 1 << 30, 128)):
+        w = torch.tensor(window, dtype=torch.int32)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            got = model_like(docs, w)
+        for a, b in zip(got, tables(document_block_mask(docs, w)), strict=True):
+            assert torch.equal(a, b)
+    assert compiled_block_lists.cache_info().currsize == 1
+
+
+def test_compiled_block_lists_converter_needs_flex_attention_first():
+    from muongpt.model.masks import flex_or_dense_mask_compiled_lists
+
+    model = speedrun()
+    with pytest.raises(MuonGPTError, match="compiled_block_lists comes after flex_attention"):
+        apply_converters(model, KernelsConfig(converters=["compiled_block_lists"]))
+    apply_converters(model, KernelsConfig(converters=["flex_attention", "compiled_block_lists"]))
+    assert model.mask_builder is flex_or_dense_mask_compiled_lists
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("window", [512, 256, 0])
 @pytest.mark.parametrize(
-    "traced",
-    [False, pytest.param(True, marks=pytest.mark.xfail(strict=True, reason="torch 2.11, CUDA"))],
-    ids=["eager_build", "traced_build"],
+    "build",
+    [
+        "eager",
+        "compiled_lists",
+        pytest.param("traced", marks=pytest.mark.xfail(strict=True, reason="torch 2.11, CUDA")),
+    ],
+    ids=["eager_build", "compiled_lists", "traced_build"],
 )
-def test_flex_kernel_with_the_block_mask_matches_dense_sdpa_on_cuda(window, traced):
+def test_flex_kernel_with_the_block_mask_matches_dense_sdpa_on_cuda(window, build):
     """The compiled FlexAttention kernel with the hand-built mask: output and q/k/v gradients
     equal dense-mask SDPA (fp32), on documents that straddle 128-token blocks; the mask built
     eagerly, and inside a compiled function: eagerly there (the model's way) or traced into the
     graph, which gives wrong attention on an H200 with torch 2.11 at every window here
     (2026-12-05; at 512 relative errors 0.4 in the output, 30 in the gradients) although the
     traced block lists equal the eager ones there (the test above): why the model builds it
-    eagerly. Strict, so a torch that computes it right shows."""
+    eagerly, or with the lists from a graph of their own (``compiled_block_lists``). Strict, so a
+    torch that computes it right shows."""
     from torch.nn.attention.flex_attention import flex_attention
 
     from muongpt.model.masks import (
         document_block_mask,
         document_dense_mask,
+        eager_compiled_lists_block_mask,
         eager_document_block_mask,
     )
 
@@ -575,7 +622,11 @@ def test_flex_kernel_with_the_block_mask_matches_dense_sdpa_on_cuda(window, trac
     out = torch.compile(flex_attention)(q, k, v, block_mask=document_block_mask(docs, w))
     got = [out, *torch.autograd.grad(out, (q, k, v), go)]
 
-    builder = document_block_mask if traced else eager_document_block_mask
+    builder = {
+        "eager": eager_document_block_mask,
+        "compiled_lists": eager_compiled_lists_block_mask,
+        "traced": document_block_mask,
+    }[build]
 
     def attend(q, k, v, docs, w):
         return flex_attention(q, k, v, block_mask=builder(docs, w))

@@ -8,6 +8,8 @@ checkpoints, optimizer groups and parameter names do not change. Chosen by name 
 
 - ``flex_attention``: document/window masks as FlexAttention block masks (GPU) instead of dense
   SDPA masks; for ``model=speedrun``. On CPU (no FlexAttention backward) the dense form stays.
+- ``compiled_block_lists``: after ``flex_attention``, the block masks' lists computed by a graph
+  of their own (``model/masks.py``: about 60 small eager kernels per mask become a few fused ones).
 - ``fp8_head``: the lm_head matmul in fp8 (e4m3 forward, e5m2 gradients, fp8 weight gradient).
 - ``fp8_head_loss``: ``fp8_head`` whose training forward fuses matmul, soft-cap, loss and the
   logit gradient into one op (``kernels/fp8_loss.py``).
@@ -46,6 +48,16 @@ def flex_attention(model: GPT, cfg: KernelsConfig) -> None:
             "kernels.converters: flex_attention needs a document-masked model (model=speedrun, or model.doc_mask=true)"
         )
     model.mask_builder = flex_or_dense_mask
+
+
+def compiled_block_lists(model: GPT, cfg: KernelsConfig) -> None:
+    from muongpt.model.masks import flex_or_dense_mask, flex_or_dense_mask_compiled_lists
+
+    if getattr(model, "mask_builder", None) is not flex_or_dense_mask:
+        raise MuonGPTError(
+            "kernels.converters: compiled_block_lists comes after flex_attention in the list"
+        )
+    model.mask_builder = flex_or_dense_mask_compiled_lists
 
 
 def fp8_head(model: GPT, cfg: KernelsConfig) -> None:
@@ -103,6 +115,7 @@ def bf16_tables(model: GPT, cfg: KernelsConfig) -> None:
 
 CONVERTERS: dict[str, Callable[[GPT, KernelsConfig], None]] = {
     "flex_attention": flex_attention,
+    "compiled_block_lists": compiled_block_lists,
     "fp8_head": fp8_head,
     "fp8_head_loss": fp8_head_loss,
     "fp8_mlp": fp8_mlp,

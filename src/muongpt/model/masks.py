@@ -7,6 +7,8 @@ by hand at the level of 128 x 128 tiles (GPU; what the ``flex_attention`` conver
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -38,29 +40,13 @@ def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
     return counts[..., 0][:, None].contiguous(), indices[:, None].contiguous()
 
 
-# Built eagerly even inside a compiled model (one graph break; O((T/128)^2) small ops): in torch
-# 2.11's inductor on CUDA, BlockMask.from_kv_blocks' stable argsort gave wrong block lists and a
-# scatter failed to compile (H100, 2026-11-22), and with this builder traced into the graph the
-# flex kernel gave wrong attention (H200, 2026-12-05) although the traced lists were exact, on
-# CUDA as on the CPU. The BlockMask's tensors enter flex_attention as with create_block_mask.
-def document_block_mask(docs: Tensor, window: Tensor | int | None = None):
-    """FlexAttention BlockMask: query q sees key k iff k <= q, same document, q - k < window.
-
-    ``docs`` (B, T) holds each token's document number, non-decreasing along T (a running count of
-    document starts). The mask is built directly at block level: a 128 x 128 block is skipped
-    when no pair in it can attend, marked full when every pair can (no per-token mask evaluated),
-    and partial otherwise. This costs O((T/128)^2) small ops, with no T x T tensor and no inner
-    ``torch.compile`` (``create_block_mask`` compiles its own vmap). ``window`` may be a 0-dim
-    tensor: changing its value does not recompile the model.
-    """
-    from torch.nn.attention.flex_attention import BlockMask
-
+def block_lists(docs: Tensor, window: Tensor | int) -> tuple[Tensor, ...]:
+    """The BlockMask's block lists for ``docs`` (B, n * FLEX_BLOCK) and ``window``: (count,
+    indices) of the partial and of the full key blocks of each query block, then of the query
+    blocks of each key block. A 128 x 128 block is skipped when no pair in it can attend, full when
+    every pair can (no per-token mask evaluated), partial otherwise: O((T/128)^2) small ops."""
     B, T = docs.shape
-    n = -(-T // FLEX_BLOCK)
-    if n * FLEX_BLOCK != T:  # pad with the last document id; the kernel ignores positions >= T
-        docs = F.pad(docs, (0, n * FLEX_BLOCK - T), mode="replicate")
-    if window is None:
-        window = UNBOUNDED_WINDOW
+    n = T // FLEX_BLOCK
     blocks = docs.view(B, n, FLEX_BLOCK)
     first, last = blocks[..., 0], blocks[..., -1]  # smallest and largest document of each block
     i = torch.arange(n, device=docs.device)
@@ -73,21 +59,57 @@ def document_block_mask(docs: Tensor, window: Tensor | int | None = None):
     all_pairs = (gap > 0) & (gap + (FLEX_BLOCK - 1) < window)
     all_pairs = all_pairs[None] & (last[:, :, None] == first[:, None, :])
     partial = any_pair & ~all_pairs
-
-    def mask_mod(b, h, q, kv):
-        return (q >= kv) & (docs[b, q] == docs[b, kv]) & (q - kv < window)
-
     # kv blocks of each query block (forward, dq) and query blocks of each kv block (dk, dv),
     # both from the block tables: no from_kv_blocks, whose transposition sorts
-    return BlockMask(
-        (T, T),
+    return (
         *_ordered(partial),
         *_ordered(all_pairs),
         *_ordered(partial.mT),
         *_ordered(all_pairs.mT),
-        BLOCK_SIZE=(FLEX_BLOCK, FLEX_BLOCK),
-        mask_mod=mask_mod,
     )
+
+
+# Built eagerly even inside a compiled model (one graph break): in torch 2.11's inductor on CUDA,
+# BlockMask.from_kv_blocks' stable argsort gave wrong block lists and a scatter failed to compile
+# (H100, 2026-11-22), and with this builder traced into the model's graph the flex kernel gave
+# wrong attention (H200, 2026-12-05) although the traced lists were exact, on CUDA as on the CPU.
+# The BlockMask's tensors enter flex_attention as with create_block_mask.
+def document_block_mask(docs: Tensor, window: Tensor | int | None = None, lists=block_lists):
+    """FlexAttention BlockMask: query q sees key k iff k <= q, same document, q - k < window.
+
+    ``docs`` (B, T) holds each token's document number, non-decreasing along T (a running count of
+    document starts). The block lists come from ``lists`` (``block_lists``, or its compiled form),
+    with no T x T tensor and no inner ``create_block_mask`` (which compiles its own vmap).
+    ``window`` may be a 0-dim tensor: changing its value does not recompile the model.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    T = docs.size(1)
+    n = -(-T // FLEX_BLOCK)
+    if n * FLEX_BLOCK != T:  # pad with the last document id; the kernel ignores positions >= T
+        docs = F.pad(docs, (0, n * FLEX_BLOCK - T), mode="replicate")
+    if window is None:
+        window = UNBOUNDED_WINDOW
+
+    def mask_mod(b, h, q, kv):
+        return (q >= kv) & (docs[b, q] == docs[b, kv]) & (q - kv < window)
+
+    return BlockMask(
+        (T, T), *lists(docs, window), BLOCK_SIZE=(FLEX_BLOCK, FLEX_BLOCK), mask_mod=mask_mod
+    )
+
+
+@functools.cache
+def compiled_block_lists():
+    """``block_lists`` compiled as a graph of its own (about 60 small eager kernels per mask
+    become a few fused ones), its outputs materialized before the BlockMask is assembled, as the
+    eager lists are: the flex kernel never reads lists traced into its own graph."""
+    return torch.compile(block_lists, fullgraph=True, dynamic=False)
+
+
+def compiled_lists_block_mask(docs: Tensor, window: Tensor | int | None = None):
+    """``document_block_mask`` with the compiled block lists."""
+    return document_block_mask(docs, window, lists=compiled_block_lists())
 
 
 def document_dense_mask(docs: Tensor, window: Tensor | int | None = None) -> Tensor:
@@ -107,6 +129,7 @@ def document_dense_mask(docs: Tensor, window: Tensor | int | None = None) -> Ten
 
 
 eager_document_block_mask = torch.compiler.disable(document_block_mask)
+eager_compiled_lists_block_mask = torch.compiler.disable(compiled_lists_block_mask)
 
 
 def flex_or_dense_mask(docs: Tensor, window: Tensor | int | None = None):
@@ -115,3 +138,10 @@ def flex_or_dense_mask(docs: Tensor, window: Tensor | int | None = None):
     if docs.device.type == "cpu":
         return document_dense_mask(docs, window)
     return eager_document_block_mask(docs, window)
+
+
+def flex_or_dense_mask_compiled_lists(docs: Tensor, window: Tensor | int | None = None):
+    """``flex_or_dense_mask`` whose BlockMask takes the compiled block lists."""
+    if docs.device.type == "cpu":
+        return document_dense_mask(docs, window)
+    return eager_compiled_lists_block_mask(docs, window)
