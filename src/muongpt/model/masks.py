@@ -132,16 +132,17 @@ eager_document_block_mask = torch.compiler.disable(document_block_mask)
 eager_compiled_lists_block_mask = torch.compiler.disable(compiled_lists_block_mask)
 
 
-def flex_or_dense_mask(docs: Tensor, window: Tensor | int | None = None):
-    """A BlockMask on GPU, built eagerly (a graph break in a compiled model); on CPU, which has
-    no FlexAttention backward, the dense form."""
+def flex_or_dense_mask(
+    docs: Tensor, window: Tensor | int | None = None, block_mask=eager_document_block_mask
+):
+    """A BlockMask on GPU, built by ``block_mask`` (a graph break in a compiled model); on CPU,
+    which has no FlexAttention backward, the dense form."""
     if docs.device.type == "cpu":
         return document_dense_mask(docs, window)
-    return eager_document_block_mask(docs, window)
+    return block_mask(docs, window)
 
 
-def flex_or_dense_mask_compiled_lists(docs: Tensor, window: Tensor | int | None = None):
-    """``flex_or_dense_mask`` whose BlockMask takes the compiled block lists."""
-    if docs.device.type == "cpu":
-        return document_dense_mask(docs, window)
-    return eager_compiled_lists_block_mask(docs, window)
+# the builder of the compiled_block_lists converter
+flex_or_dense_mask_compiled_lists = functools.partial(
+    flex_or_dense_mask, block_mask=eager_compiled_lists_block_mask
+)
