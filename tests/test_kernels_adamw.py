@@ -86,6 +86,15 @@ def test_kernel_refuses_what_it_cannot_step():
     assert not kernel.kernel_usable(x, x.long(), x, x)
 
 
+def step_alike(pairs: list, optimizers, gen: torch.Generator) -> None:
+    """The same random gradient on both parameters of each pair, then a step of each optimizer."""
+    for a, b in pairs:
+        g = torch.randn(a.shape, generator=gen, device=gen.device).to(a.dtype)
+        a.grad, b.grad = g.clone(), g.clone()
+    for opt in optimizers:
+        opt.step()
+
+
 def model_params() -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     big = torch.randn(KERNEL_MIN_NUMEL + 5, generator=gen)
@@ -105,11 +114,7 @@ def test_kernel_adamw_steps_as_torch_fused_adamw_and_shares_its_state():
     assert optimizer_kind(opt) == optimizer_kind(ref) == "AdamW"
     gen = torch.Generator().manual_seed(2)
     for _ in range(4):
-        for a, b in zip(ours, theirs):
-            g = torch.randn(a.shape, generator=gen).to(a.dtype)
-            a.grad, b.grad = g.clone(), g.clone()
-        opt.step()
-        ref.step()
+        step_alike(list(zip(ours, theirs)), (opt, ref), gen)
     for a, b in zip(ours, theirs):
         close(a.detach(), b.detach(), a.dtype)
         assert float(opt.state[a]["step"]) == 4
@@ -117,11 +122,7 @@ def test_kernel_adamw_steps_as_torch_fused_adamw_and_shares_its_state():
     resumed = [torch.nn.Parameter(a.detach().clone()) for a in ours]
     again = torch.optim.AdamW(groups(resumed), **HYPER)
     again.load_state_dict(copy.deepcopy(opt.state_dict()))  # as from a file: no shared moments
-    for a, b in zip(ours, resumed):
-        g = torch.randn(a.shape, generator=gen).to(a.dtype)
-        a.grad, b.grad = g.clone(), g.clone()
-    opt.step()
-    again.step()
+    step_alike(list(zip(ours, resumed)), (opt, again), gen)
     for a, b in zip(ours, resumed):
         close(a.detach(), b.detach(), a.dtype)
 
@@ -147,10 +148,6 @@ def test_adamw_kernel_option_steps_the_speedrun_parameters_as_fused_adamw(monkey
     assert any(p.dtype == torch.bfloat16 for p in models[0].parameters())
     gen = torch.Generator(device="cuda").manual_seed(3)
     for _ in range(3):
-        for a, b in zip(models[0].parameters(), models[1].parameters()):
-            g = torch.randn(a.shape, generator=gen, device="cuda").to(a.dtype)
-            a.grad, b.grad = g.clone(), g.clone()
-        for opt in opts:
-            opt.step()
+        step_alike(list(zip(models[0].parameters(), models[1].parameters())), opts, gen)
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         close(a.detach(), b.detach(), a.dtype)
