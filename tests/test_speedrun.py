@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernel_marks import needs_interpreter
 from muongpt import MuonGPTError
 from muongpt.kernels.converters import KernelsConfig, apply_converters
 from muongpt.model.attention import Rotary, rms_norm
@@ -989,3 +990,98 @@ def test_bf16_tables_adamw_state_is_bf16_and_the_converter_needs_tables():
         apply_converters(
             GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2)), KernelsConfig(["bf16_tables"])
         )
+
+
+def integer_table_case(rows: int, D: int, seed: int = 0):
+    """Ids with a frequent one spanning several of the kernel's chunks, whole chunks of one id,
+    runs ending at chunk edges, the first and last rows, a count that is no multiple of a chunk;
+    integer gradients, whose fp32 sums are exact in any order."""
+    from muongpt.kernels.bf16_tables import CHUNK
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat(
+        [
+            torch.full((5 * CHUNK + 3,), 7),
+            torch.randint(0, rows, (7 * CHUNK,), generator=g),
+            torch.tensor([0, rows - 1] * 3),
+        ]
+    )
+    ids = ids[torch.randperm(ids.numel(), generator=g)]
+    edges = torch.tensor([3] * CHUNK + [4] * CHUNK + [5] * 2 * CHUNK + [6])  # aligned runs
+    ids = torch.cat([ids, edges]).view(1, -1)
+    grad = torch.randint(-4, 5, (*ids.shape, D), generator=g).to(torch.bfloat16)
+    return ids, grad
+
+
+@pytest.fixture
+def narrow_table_blocks(monkeypatch):
+    """16 columns per program: the interpreter runs a scan's combine once per element."""
+    monkeypatch.setattr("muongpt.kernels.bf16_tables.BLOCK_D", 16)
+
+
+@needs_interpreter
+def test_segmented_table_grad_equals_the_dense_sum(narrow_table_blocks):
+    """The touched-rows sum (sort, segmented scan per chunk, crossing runs through fp32 rows)
+    against the dense fp32 table rounded: bit for bit on integer gradients (exact sums in any
+    order), within one bf16 ulp on random ones (fp32 additions in another order)."""
+    from muongpt.kernels.bf16_tables import dense_table_grad, segmented_table_grad
+
+    rows, D = 50, 24  # two column blocks, the second partial
+    ids, grad = integer_table_case(rows, D)
+    assert torch.equal(segmented_table_grad(ids, grad, rows), dense_table_grad(ids, grad, rows))
+    g = torch.Generator().manual_seed(1)
+    noisy = torch.randn(grad.shape, generator=g)
+    got, want = segmented_table_grad(ids, noisy, rows), dense_table_grad(ids, noisy, rows)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-6)
+
+
+def table_loss(table, ids, grad):
+    """A loss whose gradient at the lookup's output is ``grad``."""
+    return (table(ids).float() * grad.float()).sum()
+
+
+@needs_interpreter
+def test_segmented_table_grads_converter_trains_the_tables_as_the_dense_sum(narrow_table_blocks):
+    """``segmented_table_grads`` after ``bf16_tables``: the speed-run model's loss and table
+    gradients are those of the dense sum (to one bf16 ulp); a compiled lookup runs the op in its
+    compiled backward with the same result; without ``bf16_tables`` first, a one-line error."""
+    from muongpt.kernels.bf16_tables import BF16Table
+
+    dense = apply_converters(speedrun(seed=3), KernelsConfig(["bf16_tables"]))
+    model = apply_converters(
+        speedrun(seed=3), KernelsConfig(["bf16_tables", "segmented_table_grads"])
+    )
+    assert model.bigram_embed.segmented and not dense.bigram_embed.segmented
+    idx = documents(2, 24, [(0, 9), (1, 0)])
+    targets = documents(2, 24, [(1, 3)], seed=1)
+    loss, want = model(idx, targets), dense(idx, targets)
+    assert torch.equal(loss, want)
+    loss.backward(), want.backward()
+    for name in ("value_embeds.0.weight", "bigram_embed.weight"):
+        got, ref = model.get_parameter(name).grad, dense.get_parameter(name).grad
+        torch.testing.assert_close(got.float(), ref.float(), rtol=2**-7, atol=1e-5)
+
+    ids, grad = integer_table_case(50, 16)
+    tables = [BF16Table(torch.nn.Embedding(50, 16)) for _ in range(2)]
+    tables[1].weight.data.copy_(tables[0].weight.data)
+    tables[1].segmented = True
+    for table, run in zip(tables, (table_loss, torch.compile(table_loss))):
+        run(table, ids, grad).backward()
+    assert torch.equal(tables[1].weight.grad, tables[0].weight.grad)
+    with pytest.raises(MuonGPTError, match="segmented_table_grads comes after bf16_tables"):
+        apply_converters(speedrun(), KernelsConfig(["segmented_table_grads"]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_segmented_table_grad_equals_the_dense_sum_on_cuda_at_the_speed_runs_size():
+    """The bigram table's shape (251,520 x 768) and a step's 65,536 ids (the frequent ones
+    spanning many chunks), integer gradients: bit for bit."""
+    from muongpt.kernels.bf16_tables import dense_table_grad, segmented_table_grad
+
+    g = torch.Generator().manual_seed(0)
+    rows, D = 251_520, 768
+    ids = torch.randint(0, rows, (65_536,), generator=g)
+    ids[::5] = 11  # a frequent id: 13,108 of them
+    ids = ids.view(1, -1).cuda()
+    grad = torch.randint(-4, 5, (1, 65_536, D), generator=g).to(torch.bfloat16).cuda()
+    assert torch.equal(segmented_table_grad(ids, grad, rows), dense_table_grad(ids, grad, rows))

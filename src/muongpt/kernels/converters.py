@@ -21,6 +21,9 @@ checkpoints, optimizer groups and parameter names do not change. Chosen by name 
   gradients, AdamW state and step move half the bytes (309M parameters at d12, every step;
   ``kernels/bf16_tables.py``). A storage dtype more than a kernel: it rounds the tables, so the
   run is not the fp32 run bit for bit.
+- ``segmented_table_grads``: after ``bf16_tables``, those tables' gradients summed over the
+  touched rows only (sorted ids, a segmented sum per chunk; ``kernels/bf16_tables.py``) instead
+  of in a dense fp32 table rounded whole.
 
 Where the hardware lacks a kernel (CPU, older GPUs) each converted module runs its plain path.
 """
@@ -113,6 +116,18 @@ def bf16_tables(model: GPT, cfg: KernelsConfig) -> None:
         model.bigram_embed = BF16Table(bigram)
 
 
+def segmented_table_grads(model: GPT, cfg: KernelsConfig) -> None:
+    from muongpt.kernels.bf16_tables import BF16Table
+
+    tables = [m for m in model.modules() if isinstance(m, BF16Table)]
+    if not tables:
+        raise MuonGPTError(
+            "kernels.converters: segmented_table_grads comes after bf16_tables in the list"
+        )
+    for table in tables:
+        table.segmented = True
+
+
 CONVERTERS: dict[str, Callable[[GPT, KernelsConfig], None]] = {
     "flex_attention": flex_attention,
     "compiled_block_lists": compiled_block_lists,
@@ -122,6 +137,7 @@ CONVERTERS: dict[str, Callable[[GPT, KernelsConfig], None]] = {
     "fused_mlp": fused_mlp,
     "fused_pom": fused_pom,
     "bf16_tables": bf16_tables,
+    "segmented_table_grads": segmented_table_grads,
 }
 
 
