@@ -71,8 +71,8 @@ if triton is not None:
 
     @triton.jit
     def _add_where_new(v1, start1, v2, start2):
-        """Segmented sum: a run restarts where ``start`` is set."""
-        return tl.where(start2, v2, v1 + v2), start1 | start2
+        """Segmented sum: a run restarts where ``start`` (int32: 0 or 1) is set."""
+        return tl.where(start2 != 0, v2, v1 + v2), start1 | start2
 
     @triton.jit
     def _segment_sums(
@@ -92,7 +92,7 @@ if triton is not None:
         src = tl.load(order + pos, mask=valid, other=0)
         tile = src[:, None] * D + cols[None, :]
         v = tl.load(dy + tile, mask=valid[:, None] & in_cols[None, :], other=0.0).to(tl.float32)
-        starts2 = tl.broadcast_to(starts[:, None], (CH, BD))
+        starts2 = tl.broadcast_to(starts.to(tl.int32)[:, None], (CH, BD))
         sums, _ = tl.associative_scan((v, starts2), 0, _add_where_new)
         id_first, id_last, from_before, into_after = _chunk_edges(ids, first, N, CH)
         crossing = ((here == id_first) & _where(from_before, CH)) | (
