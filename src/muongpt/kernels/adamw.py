@@ -28,8 +28,7 @@ import warnings
 
 from torch import Tensor
 
-from muongpt.kernels.newton_schulz import interpreting
-from muongpt.kernels.triton_support import failure_reason, tl, triton
+from muongpt.kernels.triton_support import failure_reason, tl, triton, triton_runs_on
 
 BLOCK, WARPS = 4096, 8  # elements per program: 16-byte loads, several in flight per thread
 FAILED: list[str] = []  # why the kernel could not run here (then PyTorch computes it)
@@ -38,10 +37,8 @@ FAILED: list[str] = []  # why the kernel could not run here (then PyTorch comput
 def kernel_usable(*tensors: Tensor) -> bool:
     """Triton present and working; contiguous floating tensors of one size on one CUDA device
     (or CPU under the interpreter)."""
-    if triton is None or FAILED:
-        return False
     first = tensors[0]
-    if not (first.is_cuda or (interpreting() and first.device.type == "cpu")):
+    if FAILED or not triton_runs_on(first):
         return False
     return all(
         t.is_floating_point()

@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from muongpt.kernels.newton_schulz import interpreting
-from muongpt.kernels.triton_support import tl, triton
+from muongpt.kernels.triton_support import tl, triton, triton_runs_on
 
 CHUNK, BLOCK_D = 32, 128  # sorted positions and columns per program
 
@@ -115,15 +114,11 @@ if triton is not None:
         tl.store(out + id_first * D + cols, row.to(tl.bfloat16), mask=keep)
 
 
-def segmented_kernel_usable(grad: Tensor) -> bool:
-    return triton is not None and (grad.is_cuda or (interpreting() and grad.device.type == "cpu"))
-
-
 @torch.library.custom_op("muongpt::segmented_table_grad", mutates_args=())
 def segmented_table_grad(idx: Tensor, grad: Tensor, rows: int) -> Tensor:
     """The table's bf16 gradient from the touched rows only (the module docstring); the dense
     form where the kernels cannot run."""
-    if not segmented_kernel_usable(grad):
+    if not triton_runs_on(grad):
         return dense_table_grad(idx, grad, rows)
     D = grad.size(-1)
     dy = grad.reshape(-1, D).contiguous()

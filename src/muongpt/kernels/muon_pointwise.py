@@ -31,8 +31,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from muongpt.kernels.newton_schulz import interpreting
-from muongpt.kernels.triton_support import failure_reason, tl, triton
+from muongpt.kernels.triton_support import failure_reason, interpreting, tl, triton, triton_runs_on
 
 BLOCK = 64  # a 64 x 64 tile per program (fp32 in, the transposed store stays in registers)
 FAILED: list[str] = []  # why the kernel could not run here (then PyTorch computes it)
@@ -41,9 +40,7 @@ FAILED: list[str] = []  # why the kernel could not run here (then PyTorch comput
 def kernel_usable(stack: Tensor, grads: list[Tensor], bufs: list[Tensor]) -> bool:
     """Triton present; CUDA tensors (or CPU under the interpreter); fp32 contiguous ``grads``
     and ``bufs`` (or weights)."""
-    if triton is None or FAILED:
-        return False
-    if not (stack.is_cuda or (interpreting() and stack.device.type == "cpu")):
+    if FAILED or not triton_runs_on(stack):
         return False
     return all(
         t.dtype == torch.float32 and t.is_contiguous() and t.device == stack.device

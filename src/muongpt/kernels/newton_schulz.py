@@ -28,13 +28,19 @@ at 128 x 128 tiles), so cuBLAS stays the default (``benchmarks/newton_schulz_ker
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 from torch import Tensor
 
-from muongpt.kernels.triton_support import TensorDescriptor, failure_reason, sm_count, tl, triton
+from muongpt.kernels.triton_support import (
+    TensorDescriptor,
+    failure_reason,
+    interpreting,
+    sm_count,
+    tl,
+    triton,
+)
 
 # (BLOCK, BLOCK_K, num_stages, num_warps): 128 x 128 output tiles, the usual Hopper bf16 shape.
 LAUNCH = (128, 64, 4, 8)
@@ -51,10 +57,6 @@ PRODUCTS = ("cublas", "triton")
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) of _poly_times_kernel: the fastest of
 # newton_schulz_kernel.py's five at both d12 shapes
 PRODUCT_LAUNCH = (128, 256, 64, 3, 8)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def kernel_usable(y: Tensor) -> bool:

@@ -4,6 +4,7 @@ Each kernel module imports ``triton``, ``tl`` and ``TensorDescriptor`` from here
 kernels under ``if triton is not None:``; without Triton the plain PyTorch modules stay.
 """
 
+import os
 from functools import cache
 
 try:
@@ -16,6 +17,16 @@ try:  # host-side TMA descriptors: Triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older Triton, or none
     TensorDescriptor = None
+
+
+def interpreting() -> bool:
+    """Triton's interpreter is on (TRITON_INTERPRET=1): kernels run on CPU tensors, for tests."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_runs_on(t) -> bool:
+    """Triton present, and ``t`` on a CUDA device (or on the CPU under the interpreter)."""
+    return triton is not None and (t.is_cuda or (interpreting() and t.device.type == "cpu"))
 
 
 def failure_reason(error: Exception) -> str:
@@ -32,4 +43,12 @@ def sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-__all__ = ["TensorDescriptor", "failure_reason", "sm_count", "tl", "triton"]
+__all__ = [
+    "TensorDescriptor",
+    "failure_reason",
+    "interpreting",
+    "sm_count",
+    "tl",
+    "triton",
+    "triton_runs_on",
+]
