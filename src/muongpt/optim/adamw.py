@@ -14,6 +14,7 @@ from torch.optim.adamw import adamw
 
 from muongpt.kernels.adamw import adamw_step_, kernel_usable
 from muongpt.optim.config import OptimizerError
+from muongpt.optim.muon import run_closure
 
 KERNEL_MIN_NUMEL = 1 << 20  # below this a launch of its own costs more than the step saves
 
@@ -22,19 +23,18 @@ class KernelAdamW(torch.optim.AdamW):
     state_kind = "AdamW"  # what a checkpoint records: torch's AdamW state
 
     def __init__(self, params, **options):
-        unsupported = [k for k in ("amsgrad", "maximize", "capturable") if options.get(k)]
-        if unsupported or options.get("fused") or options.get("differentiable"):
-            raise OptimizerError(
-                f"KernelAdamW: unsupported option(s) {unsupported or ['fused/differentiable']}"
-            )
+        unsupported = [
+            k
+            for k in ("amsgrad", "maximize", "capturable", "fused", "differentiable")
+            if options.get(k)
+        ]
+        if unsupported:
+            raise OptimizerError(f"KernelAdamW: unsupported option(s) {unsupported}")
         super().__init__(params, **{**options, "foreach": True, "fused": None})
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             hyper = dict(
                 lr=group["lr"],
