@@ -57,7 +57,7 @@ class ParamSet(nn.Module):
 
     def __init__(self, n_layer: int, n_embd: int, vocab: int):
         super().__init__()
-        self.config = SimpleNamespace(n_embd=n_embd)
+        self.config = SimpleNamespace(n_embd=n_embd, n_layer=n_layer)
         self.embed = nn.Embedding(vocab, n_embd)
         self.blocks = nn.ModuleList()
         for _ in range(n_layer):
