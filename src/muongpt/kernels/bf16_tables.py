@@ -55,7 +55,7 @@ if triton is not None:
         return id_first, id_last, from_before, into_after
 
     @triton.jit
-    def _where(flag, n: tl.constexpr):
+    def _as_mask(flag, n: tl.constexpr):
         """An int32 scalar flag as a boolean vector of n."""
         return tl.broadcast_to(flag, [n]) != 0
 
@@ -65,8 +65,8 @@ if triton is not None:
         cols = tl.program_id(1) * BD + tl.arange(0, BD)
         id_first, id_last, from_before, into_after = _chunk_edges(ids, first, N, CH)
         zero = tl.zeros([BD], tl.float32)
-        tl.store(acc + id_first * D + cols, zero, mask=(cols < D) & _where(from_before, BD))
-        tl.store(acc + id_last * D + cols, zero, mask=(cols < D) & _where(into_after, BD))
+        tl.store(acc + id_first * D + cols, zero, mask=(cols < D) & _as_mask(from_before, BD))
+        tl.store(acc + id_last * D + cols, zero, mask=(cols < D) & _as_mask(into_after, BD))
 
     @triton.jit
     def _add_where_new(v1, start1, v2, start2):
@@ -94,8 +94,8 @@ if triton is not None:
         starts2 = tl.broadcast_to(starts.to(tl.int32)[:, None], (CH, BD))
         sums, _ = tl.associative_scan((v, starts2), 0, _add_where_new)
         id_first, id_last, from_before, into_after = _chunk_edges(ids, first, N, CH)
-        crossing = ((here == id_first) & _where(from_before, CH)) | (
-            (here == id_last) & _where(into_after, CH)
+        crossing = ((here == id_first) & _as_mask(from_before, CH)) | (
+            (here == id_last) & _as_mask(into_after, CH)
         )
         dst = here[:, None] * D + cols[None, :]
         keep = ends[:, None] & in_cols[None, :]
@@ -109,7 +109,7 @@ if triton is not None:
         cols = tl.program_id(1) * BD + tl.arange(0, BD)
         id_first, id_last, from_before, into_after = _chunk_edges(ids, first, N, CH)
         ends_here = from_before * (1 - (id_last == id_first).to(tl.int32) * into_after)
-        keep = (cols < D) & _where(ends_here, BD)
+        keep = (cols < D) & _as_mask(ends_here, BD)
         row = tl.load(acc + id_first * D + cols, mask=keep, other=0.0)
         tl.store(out + id_first * D + cols, row.to(tl.bfloat16), mask=keep)
 
