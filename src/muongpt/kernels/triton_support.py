@@ -7,6 +7,8 @@ kernels under ``if triton is not None:``; without Triton the plain PyTorch modul
 import os
 from functools import cache
 
+from muongpt import error_line
+
 try:
     import triton
     import triton.language as tl
@@ -31,7 +33,7 @@ def triton_runs_on(t) -> bool:
 
 def failure_reason(error: Exception) -> str:
     """A kernel's build or launch error in one line, for the warning of its PyTorch fallback."""
-    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+    return error_line(error, limit=200)
 
 
 @cache
