@@ -138,7 +138,7 @@ def test_kernel_adamw_refuses_options_it_does_not_implement():
 def test_adamw_kernel_option_steps_the_speedrun_parameters_as_fused_adamw(monkeypatch):
     """``optimizer.adamw_kernel=true`` on CUDA: the side groups' AdamW is KernelAdamW, and three
     steps of the bf16 tables and fp32 side parameters (every one through the kernel here) equal
-    torch's fused AdamW's."""
+    torch's fused AdamW's, up to what the bf16 moments' rounding lets through (below)."""
     monkeypatch.setattr("muongpt.optim.adamw.KERNEL_MIN_NUMEL", 1)
     tables = KernelsConfig(converters=["bf16_tables"])
     models = [apply_converters(speedrun(), tables).cuda() for _ in range(2)]
@@ -149,5 +149,13 @@ def test_adamw_kernel_option_steps_the_speedrun_parameters_as_fused_adamw(monkey
     gen = torch.Generator(device="cuda").manual_seed(3)
     for _ in range(3):
         step_alike(list(zip(models[0].parameters(), models[1].parameters())), opts, gen)
+    lr_of = {p: g["lr"] for o in opts[1].optimizers for g in o.param_groups for p in g["params"]}
     for a, b in zip(models[0].parameters(), models[1].parameters()):
-        close(a.detach(), b.detach(), a.dtype)
+        if a.dtype != torch.bfloat16:
+            close(a.detach(), b.detach(), a.dtype)
+            continue
+        # a bf16 moment rounded the other way (its fp32 value computed in another order: about
+        # 0.1% of elements per step) moves each later update by up to lr * 2^-8, more than a bf16
+        # ulp of p near 0 at the tables' lr (2.9 here): one ulp of p plus that, twice
+        slack = 2 * lr_of[b] * 2**-8
+        torch.testing.assert_close(a.detach().float(), b.detach().float(), rtol=2**-7, atol=slack)
