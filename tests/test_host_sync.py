@@ -198,7 +198,8 @@ def test_compiled_speedrun_steps_on_cuda_never_synchronize(tmp_path):
         "training.seq_len_schedule": "[128,256]",
         "training.attn_window_start": "128",
         "training.checkpoint_every": "0",
-        "kernels.converters": "[flex_attention,fp8_head_loss,fused_mlp,bf16_tables]",
+        "kernels.converters": "[flex_attention,compiled_block_lists,fp8_head_loss,fused_mlp,"
+        "bf16_tables,segmented_table_grads]",
     }
     kept = [o for o in SPEEDRUN_STEP if o.split("=")[0] not in cuda]
     trainer = make_trainer(tmp_path, *kept, *(f"{k}={v}" for k, v in cuda.items()))
