@@ -35,7 +35,8 @@ class SideGroupsConfig:
     # those steps' gradients (accumulated in .grad: the big tables' update costs 1/N as often)
     embed_head_every: int = 1
     # AdamW's large tensors (>= 1M elements) stepped by the Triton kernel of kernels/adamw.py, one
-    # launch each, on CUDA (optim/adamw.py); off: torch's fused AdamW. Off until timed on a GPU
+    # launch each, on CUDA (optim/adamw.py); off: torch's fused AdamW. Off: 0.1 ms off a speed-run
+    # step (H100, 2026-12-05; its own step 1.81 against 2.31 ms, docs/optimizers.md)
     adamw_kernel: bool = False
     # AdamW options of single side groups over the shared ones (betas, eps; weight decay 0), e.g.
     # {head: {betas: [0.5, 0.95], weight_decay: 0.1}}; keys embed | head | scalar
